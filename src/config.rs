@@ -1,0 +1,133 @@
+//! The validated description of one mount, shared by the option parser, the CLI,
+//! the union engine and the FUSE adapter. Every field is already checked: code
+//! that receives a `MountConfig` may rely on the invariants stated per field.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One `C:H:N` triple of `uidmapping=`/`gidmapping=`: ids `container..container+count`
+/// are stored on disk as `host..host+count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMapping {
+    pub container: u32,
+    pub host: u32,
+    pub count: u32,
+}
+
+/// How a graft (volume or bind) is attached at a path of the merged view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraftSource {
+    /// A named volume in the state directory.
+    Volume(String),
+    /// A host directory, used as is.
+    Bind(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraftSpec {
+    pub source: GraftSource,
+    /// Absolute path inside the merged view, normalised (no `.`/`..`, no trailing `/`).
+    pub target: PathBuf,
+    pub read_only: bool,
+    /// Do not populate an empty volume from the image content under `target`.
+    pub nocopy: bool,
+}
+
+/// Standard FUSE/VFS mount flags. `None` means "not given": the mount uses the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FuseFlags {
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub default_permissions: bool,
+    pub read_only: bool,
+    pub suid: Option<bool>,
+    pub dev: Option<bool>,
+    pub exec: Option<bool>,
+    pub atime: Option<bool>,
+    pub max_write: Option<u32>,
+    /// `fsname=` for /proc/mounts; defaults to "stratafs".
+    pub fsname: Option<String>,
+}
+
+/// Everything one mount needs. Built by `options::parse` + `cli`, consumed by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountConfig {
+    /// Lower layers, top-most first. Non-empty; each an existing directory, symlinks resolved.
+    pub lowerdirs: Vec<PathBuf>,
+    /// Writable layer. `None` makes a read-only mount (every change answers EROFS).
+    pub upperdir: Option<PathBuf>,
+    /// Staging area on the upper's filesystem; `Some` exactly when `upperdir` is `Some`.
+    pub workdir: Option<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub uid_mappings: Vec<IdMapping>,
+    pub gid_mappings: Vec<IdMapping>,
+    pub squash_to_uid: Option<u32>,
+    pub squash_to_gid: Option<u32>,
+    /// 0: owners/modes are the real ones; 1: kept in `security.fuseoverlayfs.override_stat`;
+    /// 2: kept in `user.containers.override_stat`.
+    pub xattr_permissions: u8,
+    /// Skip every sync (fuse-overlayfs `volatile`).
+    pub volatile: bool,
+    /// `fsync=0` turns fsync/fdatasync requests into no-ops.
+    pub fsync: bool,
+    /// Kernel writeback cache; disables passthrough when on.
+    pub writeback: bool,
+    /// Entry/attribute cache timeout for layer content. `None`: the engine default.
+    pub timeout: Option<Duration>,
+    /// Worker threads serving requests; 0 means "choose".
+    pub threads: usize,
+    pub static_nlink: bool,
+    pub noacl: bool,
+    pub noxattrs: bool,
+    /// `redirect_dir=off` (and friends) as given; `None` means the default (on).
+    pub redirect_dir: Option<String>,
+    pub xino: Option<String>,
+    pub context: Option<String>,
+    /// Try FUSE passthrough for regular files (off when `writeback` or `passthrough=0`).
+    pub passthrough: bool,
+    pub fuse: FuseFlags,
+    pub grafts: Vec<GraftSpec>,
+    /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl MountConfig {
+    /// A configuration with every option at its default, for the given layers.
+    pub fn new(lowerdirs: Vec<PathBuf>, mountpoint: PathBuf) -> Self {
+        MountConfig {
+            lowerdirs,
+            upperdir: None,
+            workdir: None,
+            mountpoint,
+            uid_mappings: Vec::new(),
+            gid_mappings: Vec::new(),
+            squash_to_uid: None,
+            squash_to_gid: None,
+            xattr_permissions: 0,
+            volatile: false,
+            fsync: true,
+            writeback: false,
+            timeout: None,
+            threads: 0,
+            static_nlink: false,
+            noacl: false,
+            noxattrs: false,
+            redirect_dir: None,
+            xino: None,
+            context: None,
+            passthrough: true,
+            fuse: FuseFlags::default(),
+            grafts: Vec::new(),
+            state_dir: None,
+        }
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.upperdir.is_none() || self.fuse.read_only
+    }
+
+    /// Whether data must reach the disk when a writer asks for it.
+    pub fn syncs(&self) -> bool {
+        self.fsync && !self.volatile
+    }
+}

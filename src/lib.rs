@@ -1,0 +1,17 @@
+//! stratafs: a copy-on-write union filesystem in userspace.
+//!
+//! The crate is layered: [`union`] is the engine (lookup, readdir merge, copy-up,
+//! whiteouts, inode table) and knows nothing of FUSE; [`fuse`] is a thin adapter that
+//! is the only importer of `fuser`; [`sys`] holds every syscall made on layer contents
+//! (fd-relative, never following a symlink out of a layer) and all `unsafe`.
+
+pub mod cli;
+pub mod config;
+pub mod fuse;
+pub mod layer;
+pub mod options;
+pub mod sys;
+pub mod union;
+
+pub use config::MountConfig;
+pub use union::Union;
