@@ -1,1 +1,1160 @@
-//! Placeholder: filled by the CLI work.
+//! Command-line handling: argv -> [`Command`], including validation of a mount's
+//! layers against the filesystem, so that every configuration error is reported as one
+//! line before anything is mounted.
+//!
+//! Only `mount`, `umount`, `demo` and `volume` as the *first* argument select a
+//! subcommand; anything else is the fuse-overlayfs form (`[-f] [-d] -o OPTS MOUNTPOINT`)
+//! or the mount(8) helper form (`SOURCE MOUNTPOINT -o OPTS`, SOURCE ignored).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use clap::{Arg, ArgAction, ArgMatches, ColorChoice, value_parser};
+
+use crate::config::{GraftSource, IdMapping, MountConfig};
+use crate::options::{self, OptionsError, ParsedOptions};
+
+/// What `main` should do.
+// Built once per process; boxing the config would only complicate matching.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Mount a validated configuration. `warnings` are printed to stderr, one per line.
+    /// `debug` is `-d`, `--debug` or `-o debug`; `foreground` is `-f` or `-d`.
+    Mount {
+        config: MountConfig,
+        foreground: bool,
+        debug: bool,
+        warnings: Vec<String>,
+    },
+    Umount {
+        mountpoint: PathBuf,
+    },
+    Demo,
+    /// `--help` / `--version` text for stdout; exit status 0.
+    Print(String),
+}
+
+/// Why the command line was rejected. Display is one line without the `stratafs: ` prefix.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The argument vector itself is malformed (unknown flag, missing MOUNTPOINT, ...).
+    #[error("{0}; try 'stratafs --help'")]
+    Usage(String),
+    /// The `-o` string (or an equivalent flag) does not parse.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// A path given for `what` (an option name) is unusable.
+    #[error("{what} {path:?}: {problem}")]
+    Path {
+        what: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    /// Any other inconsistent configuration.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl CliError {
+    /// 2 for malformed command lines (as getopt-style tools do), 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// fuse-overlayfs prints the FUSE library it runs on; `podman info` shows this text.
+const FUSE_LIBRARY: &str = "fuser 0.18";
+
+pub fn version_text() -> String {
+    format!(
+        "stratafs version {}\nFUSE library version: {FUSE_LIBRARY}\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+pub fn help_text() -> String {
+    format!(
+        r#"stratafs {version} - copy-on-write union filesystem in userspace (overlayfs on-disk format)
+
+Usage:
+  stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
+  stratafs SOURCE MOUNTPOINT -o OPTIONS      mount(8)/fstab helper form; SOURCE is ignored
+  stratafs mount --lower DIR [--lower DIR...] [--upper DIR --work DIR]
+                 [--volume NAME:/PATH[:ro][:nocopy]...] [--bind DIR:/PATH[:ro]...]
+                 [--state-dir DIR] [-o OPTIONS...] [-f] [-d] MOUNTPOINT
+  stratafs umount MOUNTPOINT
+  stratafs demo
+  stratafs -h | --help
+  stratafs -V | --version
+
+Flags:
+  -o OPTIONS         comma-separated mount options (below); may be repeated, later values win
+  -f                 stay in the foreground
+  -d, --debug        log every request (implies -f)
+  -s                 serve requests on a single thread (same as -o threaded=0)
+  --state-dir DIR    volume state directory (default: $STRATAFS_STATE_DIR, else built in)
+  --lower DIR        lower layer; the first one given is the top-most   (mount only)
+  --upper DIR        writable upper layer; needs --work                 (mount only)
+  --work DIR         work directory on the upper layer's filesystem     (mount only)
+  --volume SPEC      same as -o volume=SPEC                             (mount only)
+  --bind SPEC        same as -o bind=SPEC                               (mount only)
+  -h, --help         print this help
+  -V, --version      print the version
+
+Layer options:
+  lowerdir=A:B:C           lower layers, A top-most; '\:' is a ':' inside a path
+  upperdir=DIR             writable layer (without it the mount is read-only)
+  workdir=DIR              staging directory, same filesystem as upperdir
+  volume=NAME:/PATH[:ro][:nocopy]
+                           graft named volume NAME at /PATH (repeatable); nocopy: do not
+                           populate an empty volume from the image content under /PATH
+  bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
+
+Ownership options:
+  uidmapping=C:H:N[:C:H:N...]  container ids C..C+N are host ids H..H+N on disk
+  gidmapping=C:H:N[:C:H:N...]  same for groups
+  squash_to_root           report every file as owned by uid 0 / gid 0
+  squash_to_uid=N          report every file as owned by uid N
+  squash_to_gid=N          report every file as owned by gid N
+  xattr_permissions=0|1|2  1: keep owners/modes in security.fuseoverlayfs.override_stat,
+                           2: in user.containers.override_stat; 0: use the real ones
+
+Behaviour options:
+  volatile                 never sync to disk
+  fsync=0|1                0: fsync/fdatasync requests do nothing
+  writeback=0|1            kernel writeback cache (disables passthrough)
+  passthrough=0|1          FUSE passthrough for regular files (default 1)
+  timeout=S                entry/attribute cache timeout in seconds (may be fractional)
+  threaded=0|1             0: serve requests on a single thread
+  static_nlink             report a link count of 1 for directories
+  noacl                    do not support POSIX ACLs
+  noxattrs=0|1             1: no extended attributes
+  redirect_dir=, xino=, fast_ino=, context=
+                           accepted for compatibility with overlayfs / fuse-overlayfs
+
+Mount options:
+  ro, rw, allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
+  exec, noexec, atime, noatime, max_write=N, fsname=NAME, debug
+  relatime, strictatime, nodiratime, subtype=, defaults, auto, noauto, user, users,
+  nouser, nofail, _netdev, x-*, comment=*: accepted and ignored
+
+Quoting: a comma inside double quotes does not split an option
+  (context="system_u:object_r:container_file_t:s0:c1,c2").
+Unknown options are ignored with a warning.
+"#,
+        version = env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Parses `args` (including the program name at index 0, as from `std::env::args_os`).
+pub fn parse_args(args: Vec<OsString>) -> Result<Command, CliError> {
+    let rest: Vec<OsString> = args.into_iter().skip(1).collect();
+    // Help and version win over any other problem on the line, as users expect.
+    for a in rest.iter().take_while(|a| *a != "--") {
+        if a == "-h" || a == "--help" {
+            return Ok(Command::Print(help_text()));
+        }
+        if a == "-V" || a == "--version" {
+            return Ok(Command::Print(version_text()));
+        }
+    }
+    match rest.first().and_then(|a| a.to_str()) {
+        Some("mount") => mount_subcommand(&rest[1..]),
+        Some("umount") => {
+            let m = get_matches(
+                with_help(base_command("umount")).arg(positional()),
+                &rest[1..],
+            )?;
+            if let Some(c) = print_requested(&m) {
+                return Ok(c);
+            }
+            let mountpoint = single_mountpoint(&m)?;
+            Ok(Command::Umount { mountpoint })
+        }
+        Some("demo") => {
+            let m = get_matches(with_help(base_command("demo")), &rest[1..])?;
+            if let Some(c) = print_requested(&m) {
+                return Ok(c);
+            }
+            Ok(Command::Demo)
+        }
+        Some("volume") => Err(CliError::Usage(
+            "the 'volume' subcommand is not available in this version".to_string(),
+        )),
+        _ => legacy_form(&rest),
+    }
+}
+
+fn base_command(name: &'static str) -> clap::Command {
+    clap::Command::new(name)
+        .no_binary_name(true)
+        .color(ColorChoice::Never)
+        .disable_help_flag(true)
+        .disable_version_flag(true)
+        // A flag given twice (e.g. `-f` from both a script and a wrapper) is harmless.
+        .args_override_self(true)
+}
+
+fn with_help(cmd: clap::Command) -> clap::Command {
+    cmd.arg(
+        Arg::new("help")
+            .short('h')
+            .long("help")
+            .action(ArgAction::SetTrue),
+    )
+    .arg(
+        Arg::new("version")
+            .short('V')
+            .long("version")
+            .action(ArgAction::SetTrue),
+    )
+}
+
+fn positional() -> Arg {
+    Arg::new("args")
+        .action(ArgAction::Append)
+        .value_parser(value_parser!(PathBuf))
+}
+
+/// Flags shared by the fuse-overlayfs form and `stratafs mount`.
+fn mount_flags(cmd: clap::Command) -> clap::Command {
+    with_help(cmd)
+        .arg(
+            Arg::new("options")
+                .short('o')
+                .value_name("OPTIONS")
+                .action(ArgAction::Append)
+                .value_parser(value_parser!(OsString)),
+        )
+        .arg(Arg::new("foreground").short('f').action(ArgAction::SetTrue))
+        .arg(
+            Arg::new("debug")
+                .short('d')
+                .long("debug")
+                .action(ArgAction::SetTrue),
+        )
+        .arg(Arg::new("single").short('s').action(ArgAction::SetTrue))
+        .arg(
+            Arg::new("state_dir")
+                .long("state-dir")
+                .value_parser(value_parser!(PathBuf)),
+        )
+        .arg(positional())
+}
+
+fn get_matches(cmd: clap::Command, args: &[OsString]) -> Result<ArgMatches, CliError> {
+    cmd.try_get_matches_from(args).map_err(|e| {
+        // clap's rendering is several lines (usage, tips); the first carries the problem.
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid arguments");
+        CliError::Usage(first.strip_prefix("error: ").unwrap_or(first).to_string())
+    })
+}
+
+fn print_requested(m: &ArgMatches) -> Option<Command> {
+    if m.get_flag("help") {
+        Some(Command::Print(help_text()))
+    } else if m.get_flag("version") {
+        Some(Command::Print(version_text()))
+    } else {
+        None
+    }
+}
+
+fn single_mountpoint(m: &ArgMatches) -> Result<PathBuf, CliError> {
+    let mut pos: Vec<PathBuf> = m
+        .get_many::<PathBuf>("args")
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    match pos.len() {
+        0 => Err(CliError::Usage("missing MOUNTPOINT".to_string())),
+        1 => Ok(pos.remove(0)),
+        _ => Err(CliError::Usage(format!(
+            "unexpected argument {:?} after MOUNTPOINT",
+            pos[1]
+        ))),
+    }
+}
+
+fn legacy_form(args: &[OsString]) -> Result<Command, CliError> {
+    // mount(8) may call a `mount.TYPE` helper with -n (no mtab), -v (verbose) and
+    // -t TYPE; none of them changes what we do.
+    let cmd = mount_flags(base_command("stratafs"))
+        .arg(
+            Arg::new("no_mtab")
+                .short('n')
+                .action(ArgAction::SetTrue)
+                .hide(true),
+        )
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .action(ArgAction::SetTrue)
+                .hide(true),
+        )
+        .arg(Arg::new("fstype").short('t').hide(true));
+    let m = get_matches(cmd, args)?;
+    if let Some(c) = print_requested(&m) {
+        return Ok(c);
+    }
+    let mut pos: Vec<PathBuf> = m
+        .get_many::<PathBuf>("args")
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let mountpoint = match pos.len() {
+        0 => return Err(CliError::Usage("missing MOUNTPOINT".to_string())),
+        // MOUNTPOINT, or SOURCE MOUNTPOINT from mount(8): the source carries no meaning.
+        1 | 2 => pos.pop().unwrap_or_default(),
+        _ => {
+            return Err(CliError::Usage(format!(
+                "unexpected argument {:?} (expected [SOURCE] MOUNTPOINT)",
+                pos[2]
+            )));
+        }
+    };
+    let opts = parse_o(&m)?;
+    finish_mount(&m, opts, &mountpoint)
+}
+
+fn mount_subcommand(args: &[OsString]) -> Result<Command, CliError> {
+    let path_list = |name: &'static str| {
+        Arg::new(name)
+            .long(name)
+            .value_name("DIR")
+            .action(ArgAction::Append)
+            .value_parser(value_parser!(PathBuf))
+    };
+    let cmd = mount_flags(base_command("mount"))
+        .arg(path_list("lower"))
+        .arg(path_list("upper"))
+        .arg(path_list("work"))
+        .arg(Arg::new("volume").long("volume").action(ArgAction::Append))
+        .arg(Arg::new("bind").long("bind").action(ArgAction::Append));
+    let m = get_matches(cmd, args)?;
+    if let Some(c) = print_requested(&m) {
+        return Ok(c);
+    }
+    let mountpoint = single_mountpoint(&m)?;
+    let mut opts = parse_o(&m)?;
+
+    let given = |name: &str| -> Vec<PathBuf> {
+        m.get_many::<PathBuf>(name)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    let lowers = given("lower");
+    if !lowers.is_empty() {
+        if opts.lowerdirs.is_some() {
+            return Err(CliError::Invalid(
+                "lower layers given both with --lower and -o lowerdir=".to_string(),
+            ));
+        }
+        opts.lowerdirs = Some(lowers);
+    }
+    for (flag, option, slot) in [
+        ("upper", "upperdir", &mut opts.upperdir),
+        ("work", "workdir", &mut opts.workdir),
+    ] {
+        // Last one wins, as for `-o upperdir=` given twice.
+        if let Some(dir) = given(flag).pop() {
+            if slot.is_some() {
+                return Err(CliError::Invalid(format!(
+                    "{option} given both with --{flag} and -o {option}="
+                )));
+            }
+            *slot = Some(dir);
+        }
+    }
+    for spec in m.get_many::<String>("volume").into_iter().flatten() {
+        opts.grafts.push(options::parse_volume(spec)?);
+    }
+    for spec in m.get_many::<String>("bind").into_iter().flatten() {
+        opts.grafts.push(options::parse_bind(spec)?);
+    }
+    finish_mount(&m, opts, &mountpoint)
+}
+
+fn parse_o(m: &ArgMatches) -> Result<ParsedOptions, CliError> {
+    let mut strs = Vec::new();
+    for o in m.get_many::<OsString>("options").into_iter().flatten() {
+        match o.to_str() {
+            Some(s) => strs.push(s),
+            None => {
+                return Err(CliError::Invalid(format!(
+                    "-o {:?}: option string is not valid UTF-8",
+                    o
+                )));
+            }
+        }
+    }
+    Ok(options::parse(&strs)?)
+}
+
+fn finish_mount(
+    m: &ArgMatches,
+    opts: ParsedOptions,
+    mountpoint: &Path,
+) -> Result<Command, CliError> {
+    let mut config = build_config(&opts, mountpoint)?;
+    if m.get_flag("single") {
+        config.threads = 1;
+    }
+    config.state_dir = m.get_one::<PathBuf>("state_dir").cloned().or_else(|| {
+        std::env::var_os("STRATAFS_STATE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    Ok(Command::Mount {
+        config,
+        // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.
+        foreground: m.get_flag("foreground") || m.get_flag("debug"),
+        debug: m.get_flag("debug") || opts.debug,
+        warnings: opts.warnings,
+    })
+}
+
+/// `io::Error`'s Display appends " (os error N)"; the strerror text alone reads better.
+fn os_reason(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Resolves `path` (relative to the current directory, symlinks followed) and checks
+/// that it is a directory. Errors name `what` and the path as the user wrote it.
+fn existing_dir(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
+    let err = |problem: String| CliError::Path {
+        what,
+        path: path.to_path_buf(),
+        problem,
+    };
+    if path.as_os_str().is_empty() {
+        return Err(err("empty path".to_string()));
+    }
+    let canonical = fs::canonicalize(path).map_err(|e| err(os_reason(&e)))?;
+    let meta = fs::metadata(&canonical).map_err(|e| err(os_reason(&e)))?;
+    if !meta.is_dir() {
+        return Err(err(os_reason(&io::Error::from_raw_os_error(libc::ENOTDIR))));
+    }
+    Ok(canonical)
+}
+
+/// Whether `a` is `b` or lies below it. Canonical paths make this a component-wise
+/// prefix test (`/a/bc` is not inside `/a/b`).
+fn within(a: &Path, b: &Path) -> bool {
+    a.starts_with(b)
+}
+
+/// Refuses overlapping container ranges (an id would map two ways) and overlapping
+/// host ranges (a file's owner would read back two ways).
+fn check_mappings(option: &str, maps: &[IdMapping]) -> Result<(), CliError> {
+    for side in [true, false] {
+        let mut ranges: Vec<(u64, u64, &IdMapping)> = maps
+            .iter()
+            .map(|m| {
+                let start = u64::from(if side { m.container } else { m.host });
+                (start, start + u64::from(m.count), m)
+            })
+            .collect();
+        ranges.sort_by_key(|r| r.0);
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                let (a, b) = (w[0].2, w[1].2);
+                return Err(CliError::Invalid(format!(
+                    "{option}: {} ranges of {}:{}:{} and {}:{}:{} overlap",
+                    if side { "container" } else { "host" },
+                    a.container,
+                    a.host,
+                    a.count,
+                    b.container,
+                    b.host,
+                    b.count
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Validates parsed options against the filesystem and builds the mount's configuration.
+/// Everything `MountConfig` promises about its fields is established here.
+pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConfig, CliError> {
+    let lowers = match &opts.lowerdirs {
+        Some(l) if !l.is_empty() => l,
+        _ => {
+            return Err(CliError::Invalid(
+                "no lower layer given: -o lowerdir=DIR[:DIR...] (or --lower DIR) is required"
+                    .to_string(),
+            ));
+        }
+    };
+    let mut lowerdirs = Vec::with_capacity(lowers.len());
+    for l in lowers {
+        lowerdirs.push(existing_dir("lowerdir", l)?);
+    }
+
+    let (upperdir, workdir) = match (&opts.upperdir, &opts.workdir) {
+        (None, None) => (None, None),
+        (Some(u), None) => {
+            return Err(CliError::Path {
+                what: "upperdir",
+                path: u.clone(),
+                problem: "given without workdir".to_string(),
+            });
+        }
+        (None, Some(w)) => {
+            return Err(CliError::Path {
+                what: "workdir",
+                path: w.clone(),
+                problem: "given without upperdir".to_string(),
+            });
+        }
+        (Some(u_given), Some(w_given)) => {
+            let u = existing_dir("upperdir", u_given)?;
+            let w = existing_dir("workdir", w_given)?;
+            let dev = |p: &Path, what, given: &Path| {
+                fs::metadata(p)
+                    .map(|m| m.dev())
+                    .map_err(|e| CliError::Path {
+                        what,
+                        path: given.to_path_buf(),
+                        problem: os_reason(&e),
+                    })
+            };
+            // Copy-up stages files in workdir and renames them into upperdir; rename
+            // cannot cross filesystems.
+            if dev(&u, "upperdir", u_given)? != dev(&w, "workdir", w_given)? {
+                return Err(CliError::Path {
+                    what: "workdir",
+                    path: w_given.clone(),
+                    problem: format!("not on the same filesystem as upperdir {u_given:?}"),
+                });
+            }
+            let nested = |what, path: &PathBuf, other_what: &str, other: &PathBuf| CliError::Path {
+                what,
+                path: path.clone(),
+                problem: format!("must not be inside or the same as {other_what} {other:?}"),
+            };
+            if within(&w, &u) {
+                return Err(nested("workdir", w_given, "upperdir", u_given));
+            }
+            if within(&u, &w) {
+                return Err(nested("upperdir", u_given, "workdir", w_given));
+            }
+            // Writes through the upper layer must never alter a lower layer, and the
+            // merged view must not see its own upper layer as lower content.
+            for (l, l_given) in lowerdirs.iter().zip(lowers) {
+                for (x, x_given, x_what) in [(&u, u_given, "upperdir"), (&w, w_given, "workdir")] {
+                    if within(x, l) {
+                        return Err(nested(x_what, x_given, "lowerdir", l_given));
+                    }
+                    if within(l, x) {
+                        return Err(nested("lowerdir", l_given, x_what, x_given));
+                    }
+                }
+            }
+            (Some(u), Some(w))
+        }
+    };
+
+    let mountpoint = existing_dir("mountpoint", mountpoint)?;
+
+    let mut grafts = opts.grafts.clone();
+    let mut targets = HashSet::new();
+    for g in &mut grafts {
+        if let GraftSource::Bind(src) = &g.source {
+            g.source = GraftSource::Bind(existing_dir("bind", src)?);
+        }
+        if !targets.insert(g.target.clone()) {
+            return Err(CliError::Invalid(format!(
+                "two volumes or binds at {:?}",
+                g.target
+            )));
+        }
+    }
+
+    let uid_mappings = opts.uid_mappings.clone().unwrap_or_default();
+    let gid_mappings = opts.gid_mappings.clone().unwrap_or_default();
+    check_mappings("uidmapping", &uid_mappings)?;
+    check_mappings("gidmapping", &gid_mappings)?;
+
+    let xattr_permissions = opts.xattr_permissions.unwrap_or(0);
+    if xattr_permissions > 2 {
+        return Err(CliError::Invalid(format!(
+            "xattr_permissions={xattr_permissions}: expected 0, 1 or 2"
+        )));
+    }
+
+    // fuser joins mount options with ',' without escaping, so a comma here would be
+    // read by fusermount as the start of another option.
+    if let Some(name) = &opts.fuse.fsname
+        && name.contains(',')
+    {
+        return Err(CliError::Invalid(format!(
+            "fsname {name:?}: must not contain ','"
+        )));
+    }
+
+    let writeback = opts.writeback.unwrap_or(false);
+    let mut config = MountConfig::new(lowerdirs, mountpoint);
+    config.upperdir = upperdir;
+    config.workdir = workdir;
+    config.uid_mappings = uid_mappings;
+    config.gid_mappings = gid_mappings;
+    config.squash_to_uid = opts.squash_to_uid;
+    config.squash_to_gid = opts.squash_to_gid;
+    config.xattr_permissions = xattr_permissions;
+    config.volatile = opts.volatile;
+    config.fsync = opts.fsync.unwrap_or(true);
+    config.writeback = writeback;
+    config.timeout = opts.timeout;
+    config.threads = if opts.threaded == Some(false) { 1 } else { 0 };
+    config.static_nlink = opts.static_nlink;
+    config.noacl = opts.noacl;
+    config.noxattrs = opts.noxattrs.unwrap_or(false);
+    config.redirect_dir = opts.redirect_dir.clone();
+    config.xino = opts.xino.clone();
+    config.context = opts.context.clone();
+    config.passthrough = opts.passthrough != Some(false) && !writeback;
+    config.fuse = opts.fuse.clone();
+    config.grafts = grafts;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    struct Dirs {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+    }
+
+    impl Dirs {
+        fn new() -> Dirs {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let root = fs::canonicalize(tmp.path()).expect("canonicalize");
+            for d in ["l1", "l2", "u", "w", "mnt", "host"] {
+                fs::create_dir(root.join(d)).expect("mkdir");
+            }
+            fs::write(root.join("file"), b"x").expect("write");
+            Dirs { _tmp: tmp, root }
+        }
+        fn p(&self, rel: &str) -> String {
+            self.root.join(rel).to_string_lossy().into_owned()
+        }
+    }
+
+    fn args(v: &[&str]) -> Vec<OsString> {
+        std::iter::once("stratafs")
+            .chain(v.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn run(v: &[&str]) -> Result<Command, CliError> {
+        parse_args(args(v))
+    }
+
+    fn mount(v: &[&str]) -> (MountConfig, bool, bool, Vec<String>) {
+        match run(v) {
+            Ok(Command::Mount {
+                config,
+                foreground,
+                debug,
+                warnings,
+            }) => (config, foreground, debug, warnings),
+            other => panic!("{v:?}: {other:?}"),
+        }
+    }
+
+    fn fail(v: &[&str]) -> CliError {
+        match run(v) {
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'), "{e}");
+                e
+            }
+            Ok(c) => panic!("{v:?} unexpectedly gave {c:?}"),
+        }
+    }
+
+    #[test]
+    fn fuse_overlayfs_form() {
+        let d = Dirs::new();
+        let o = format!(
+            "lowerdir={}:{},upperdir={},workdir={},squash_to_root,threaded=0,writeback=1,foo",
+            d.p("l1"),
+            d.p("l2"),
+            d.p("u"),
+            d.p("w")
+        );
+        let (c, fg, dbg, warnings) = mount(&["-f", "-d", "-o", &o, &d.p("mnt")]);
+        assert!(fg && dbg);
+        assert_eq!(c.lowerdirs, vec![d.root.join("l1"), d.root.join("l2")]);
+        assert_eq!(c.upperdir, Some(d.root.join("u")));
+        assert_eq!(c.workdir, Some(d.root.join("w")));
+        assert_eq!(c.mountpoint, d.root.join("mnt"));
+        assert_eq!((c.squash_to_uid, c.squash_to_gid), (Some(0), Some(0)));
+        assert_eq!(c.threads, 1);
+        assert!(c.writeback && !c.passthrough);
+        assert_eq!(warnings, vec!["unknown option 'foo' ignored"]);
+
+        // Options after the mountpoint, split over several -o.
+        let (c, fg, dbg, _) = mount(&[
+            &d.p("mnt"),
+            "-o",
+            &format!("lowerdir={}", d.p("l1")),
+            "-o",
+            "ro",
+        ]);
+        assert!(!fg && !dbg);
+        let (_, fg, dbg, _) = mount(&["-d", "-o", &format!("lowerdir={}", d.p("l1")), &d.p("mnt")]);
+        assert!(fg && dbg, "-d implies -f");
+        let (_, fg, dbg, _) = mount(&["-o", &format!("lowerdir={},debug", d.p("l1")), &d.p("mnt")]);
+        assert!(!fg && dbg, "-o debug does not");
+        assert!(c.fuse.read_only && c.read_only());
+        assert_eq!(c.threads, 0);
+        assert!(c.passthrough);
+    }
+
+    #[test]
+    fn mount_helper_form() {
+        let d = Dirs::new();
+        let o = format!(
+            "rw,lowerdir={},upperdir={},workdir={},dev,suid",
+            d.p("l1"),
+            d.p("u"),
+            d.p("w")
+        );
+        let (c, ..) = mount(&["stratafs", &d.p("mnt"), "-o", &o]);
+        assert_eq!(c.mountpoint, d.root.join("mnt"));
+        assert_eq!((c.fuse.dev, c.fuse.suid), (Some(true), Some(true)));
+        // With the extra flags mount(8) gives a mount.TYPE helper.
+        let (c, ..) = mount(&[
+            "overlay",
+            &d.p("mnt"),
+            "-n",
+            "-v",
+            "-t",
+            "fuse.stratafs",
+            "-o",
+            &o,
+        ]);
+        assert!(!c.read_only());
+        let e = fail(&["a", "b", "c", "-o", &o]);
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn symlinked_layers_resolved() {
+        // podman's `l/XYZ` links are relative symlinks; the config must hold the target.
+        // (Resolution relative to the working directory is covered by tests/it/cli.rs:
+        // changing this process' directory would disturb concurrently running tests.)
+        let d = Dirs::new();
+        fs::create_dir(d.root.join("l")).expect("mkdir");
+        symlink("../l1", d.root.join("l/ABC")).expect("symlink");
+        symlink("../u", d.root.join("l/UP")).expect("symlink");
+        let o = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d.p("l/ABC"),
+            d.p("l/UP"),
+            d.p("w")
+        );
+        let (c, ..) = mount(&["-o", &o, &d.p("mnt")]);
+        assert_eq!(c.lowerdirs, vec![d.root.join("l1")]);
+        assert_eq!(c.upperdir, Some(d.root.join("u")));
+    }
+
+    #[test]
+    fn mount_subcommand_form() {
+        let d = Dirs::new();
+        let (c, fg, _, _) = mount(&[
+            "mount",
+            "--lower",
+            &d.p("l1"),
+            "--lower",
+            &d.p("l2"),
+            "--upper",
+            &d.p("u"),
+            "--work",
+            &d.p("w"),
+            "--volume",
+            "data:/var/data:ro",
+            "--bind",
+            &format!("{}:/srv", d.p("host")),
+            "-o",
+            "volume=v2:/x:nocopy",
+            "-f",
+            "--state-dir",
+            "/state",
+            &d.p("mnt"),
+        ]);
+        assert!(fg);
+        assert_eq!(c.lowerdirs, vec![d.root.join("l1"), d.root.join("l2")]);
+        assert_eq!(c.state_dir, Some(PathBuf::from("/state")));
+        assert_eq!(c.grafts.len(), 3);
+        assert_eq!(c.grafts[0].source, GraftSource::Volume("v2".into()));
+        assert!(c.grafts[0].nocopy);
+        assert_eq!(c.grafts[1].target, PathBuf::from("/var/data"));
+        assert!(c.grafts[1].read_only);
+        assert_eq!(c.grafts[2].source, GraftSource::Bind(d.root.join("host")));
+
+        let e = fail(&[
+            "mount",
+            "--lower",
+            &d.p("l1"),
+            "-o",
+            &format!("lowerdir={}", d.p("l2")),
+            &d.p("mnt"),
+        ]);
+        assert!(e.to_string().contains("--lower"), "{e}");
+        let e = fail(&[
+            "mount",
+            "--lower",
+            &d.p("l1"),
+            "--upper",
+            &d.p("u"),
+            &d.p("mnt"),
+        ]);
+        assert!(e.to_string().contains("given without workdir"), "{e}");
+        let e = fail(&[
+            "mount",
+            "--lower",
+            &d.p("l1"),
+            "--volume",
+            "bad name:/x",
+            &d.p("mnt"),
+        ]);
+        assert!(e.to_string().contains("'volume'"), "{e}");
+        let e = fail(&[
+            "mount",
+            "--lower",
+            &d.p("l1"),
+            "--bind",
+            &format!("{}:/x", d.p("nope")),
+            &d.p("mnt"),
+        ]);
+        assert!(e.to_string().starts_with("bind \""), "{e}");
+        assert!(e.to_string().contains("No such file"), "{e}");
+        let e = fail(&["mount", "--lower", &d.p("l1")]);
+        assert_eq!(e.exit_code(), 2);
+        let e = fail(&["mount", "--lower", &d.p("l1"), &d.p("mnt"), &d.p("mnt")]);
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn other_subcommands() {
+        assert_eq!(
+            run(&["umount", "/mnt/x"]).ok(),
+            Some(Command::Umount {
+                mountpoint: "/mnt/x".into()
+            })
+        );
+        assert_eq!(run(&["demo"]).ok(), Some(Command::Demo));
+        assert_eq!(fail(&["umount"]).exit_code(), 2);
+        assert_eq!(fail(&["demo", "x"]).exit_code(), 2);
+        assert_eq!(fail(&["volume", "ls"]).exit_code(), 2);
+        // Not the first word: a mountpoint called "mount" in the fuse-overlayfs form.
+        let e = fail(&["-o", "lowerdir=/nonexistent-stratafs", "mount"]);
+        assert!(e.to_string().starts_with("lowerdir"), "{e}");
+    }
+
+    #[test]
+    fn help_and_version() {
+        for a in [
+            &["-h"][..],
+            &["--help"],
+            &["mount", "--help"],
+            &["--bogus", "-h"],
+            &["-o", "x", "--help", "/m"],
+        ] {
+            match run(a) {
+                Ok(Command::Print(t)) => assert!(t.contains("stratafs mount --lower"), "{t}"),
+                other => panic!("{a:?}: {other:?}"),
+            }
+        }
+        for a in [&["-V"][..], &["--version"], &["umount", "-V"]] {
+            match run(a) {
+                Ok(Command::Print(t)) => {
+                    assert!(t.starts_with("stratafs version "), "{t}");
+                    assert!(t.contains("FUSE library version: fuser"), "{t}");
+                }
+                other => panic!("{a:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn usage_errors() {
+        for a in [
+            &[][..],
+            &["-o", "lowerdir=/"],
+            &["--bogus", "/m"],
+            &["-o"],
+            &["-x", "/m"],
+        ] {
+            let e = fail(a);
+            assert_eq!(e.exit_code(), 2, "{a:?}: {e}");
+            assert!(e.to_string().ends_with("try 'stratafs --help'"), "{e}");
+        }
+        assert!(fail(&["--bogus", "/m"]).to_string().contains("--bogus"));
+    }
+
+    #[test]
+    fn validation_errors() {
+        let d = Dirs::new();
+        let (l1, l2, u, w, mnt, file) = (
+            d.p("l1"),
+            d.p("l2"),
+            d.p("u"),
+            d.p("w"),
+            d.p("mnt"),
+            d.p("file"),
+        );
+        let nope = d.p("nope");
+        let check = |o: String, mp: &str, want: String| {
+            let e = fail(&["-o", &o, mp]);
+            assert_eq!(e.exit_code(), 1, "{o}");
+            assert_eq!(e.to_string(), want, "{o}");
+        };
+        check(
+            "upperdir=/u".into(),
+            &mnt,
+            "no lower layer given: -o lowerdir=DIR[:DIR...] (or --lower DIR) is required".into(),
+        );
+        check(
+            format!("lowerdir={nope}"),
+            &mnt,
+            format!("lowerdir {nope:?}: No such file or directory"),
+        );
+        check(
+            format!("lowerdir={l1}:{file}"),
+            &mnt,
+            format!("lowerdir {file:?}: Not a directory"),
+        );
+        check(
+            format!("lowerdir={l1},upperdir={u}"),
+            &mnt,
+            format!("upperdir {u:?}: given without workdir"),
+        );
+        check(
+            format!("lowerdir={l1},workdir={w}"),
+            &mnt,
+            format!("workdir {w:?}: given without upperdir"),
+        );
+        check(
+            format!("lowerdir={l1},upperdir={nope},workdir={w}"),
+            &mnt,
+            format!("upperdir {nope:?}: No such file or directory"),
+        );
+        check(
+            format!("lowerdir={l1},upperdir={u},workdir={file}"),
+            &mnt,
+            format!("workdir {file:?}: Not a directory"),
+        );
+        check(
+            format!("lowerdir={l1},upperdir={u},workdir={u}"),
+            &mnt,
+            format!("workdir {u:?}: must not be inside or the same as upperdir {u:?}"),
+        );
+        let uw = format!("{u}/work");
+        fs::create_dir(&uw).expect("mkdir");
+        check(
+            format!("lowerdir={l1},upperdir={u},workdir={uw}"),
+            &mnt,
+            format!("workdir {uw:?}: must not be inside or the same as upperdir {u:?}"),
+        );
+        let wu = format!("{w}/up");
+        fs::create_dir(&wu).expect("mkdir");
+        check(
+            format!("lowerdir={l1},upperdir={wu},workdir={w}"),
+            &mnt,
+            format!("upperdir {wu:?}: must not be inside or the same as workdir {w:?}"),
+        );
+        let l1u = format!("{l1}/u");
+        fs::create_dir(&l1u).expect("mkdir");
+        check(
+            format!("lowerdir={l2}:{l1},upperdir={l1u},workdir={w}"),
+            &mnt,
+            format!("upperdir {l1u:?}: must not be inside or the same as lowerdir {l1:?}"),
+        );
+        let ul = format!("{u}/lower");
+        fs::create_dir(&ul).expect("mkdir");
+        check(
+            format!("lowerdir={ul},upperdir={u},workdir={w}"),
+            &mnt,
+            format!("lowerdir {ul:?}: must not be inside or the same as upperdir {u:?}"),
+        );
+        // Through a symlink: canonical paths are compared.
+        let link = d.p("link-to-l1");
+        symlink(&l1, &link).expect("symlink");
+        check(
+            format!("lowerdir={link},upperdir={l1u},workdir={w}"),
+            &mnt,
+            format!("upperdir {l1u:?}: must not be inside or the same as lowerdir {link:?}"),
+        );
+        // Component-wise: l1x is not inside l1.
+        let l1x = d.p("l1x");
+        fs::create_dir(&l1x).expect("mkdir");
+        assert!(
+            run(&[
+                "-o",
+                &format!("lowerdir={l1},upperdir={l1x},workdir={w}"),
+                &mnt
+            ])
+            .is_ok()
+        );
+
+        check(
+            format!("lowerdir={l1}"),
+            &nope,
+            format!("mountpoint {nope:?}: No such file or directory"),
+        );
+        check(
+            format!("lowerdir={l1}"),
+            &file,
+            format!("mountpoint {file:?}: Not a directory"),
+        );
+        check(
+            format!("lowerdir={l1},xattr_permissions=3"),
+            &mnt,
+            "option 'xattr_permissions': invalid value \"3\": expected 0, 1 or 2".into(),
+        );
+        check(
+            format!("lowerdir={l1},squash_to_uid=abc"),
+            &mnt,
+            "option 'squash_to_uid': invalid value \"abc\": not a non-negative integer".into(),
+        );
+        check(
+            format!("lowerdir={l1},uidmapping=0:1000:10:5:2000:1"),
+            &mnt,
+            "uidmapping: container ranges of 0:1000:10 and 5:2000:1 overlap".into(),
+        );
+        check(
+            format!("lowerdir={l1},gidmapping=0:1000:10:20:1005:1"),
+            &mnt,
+            "gidmapping: host ranges of 0:1000:10 and 20:1005:1 overlap".into(),
+        );
+        check(
+            format!("lowerdir={l1},volume=a:/x,volume=b:/x/"),
+            &mnt,
+            "two volumes or binds at \"/x\"".into(),
+        );
+        check(
+            format!("lowerdir={l1},\"fsname=a,b\""),
+            &mnt,
+            "fsname \"a,b\": must not contain ','".into(),
+        );
+        check(
+            format!("lowerdir={l1},bind={file}:/x"),
+            &mnt,
+            format!("bind {file:?}: Not a directory"),
+        );
+    }
+
+    #[test]
+    fn workdir_on_other_filesystem() {
+        // /dev/shm (tmpfs) is normally a different filesystem from the temp directory.
+        let d = Dirs::new();
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let (Ok(a), Ok(b)) = (fs::metadata(&d.root), fs::metadata(shm.path())) else {
+            return;
+        };
+        if a.dev() == b.dev() {
+            return;
+        }
+        let w = shm.path().to_string_lossy().into_owned();
+        let e = fail(&[
+            "-o",
+            &format!("lowerdir={},upperdir={},workdir={w}", d.p("l1"), d.p("u")),
+            &d.p("mnt"),
+        ]);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "workdir {w:?}: not on the same filesystem as upperdir {:?}",
+                d.p("u")
+            )
+        );
+    }
+
+    #[test]
+    fn option_defaults_map_to_config_defaults() {
+        let d = Dirs::new();
+        let (c, ..) = mount(&["-o", &format!("lowerdir={}", d.p("l1")), &d.p("mnt")]);
+        let want = MountConfig::new(vec![d.root.join("l1")], d.root.join("mnt"));
+        // The state directory may come from the environment of whoever runs the tests.
+        assert_eq!(
+            MountConfig {
+                state_dir: None,
+                ..c
+            },
+            want
+        );
+    }
+
+    #[test]
+    fn every_option_reaches_config() {
+        let d = Dirs::new();
+        let o = format!(
+            "lowerdir={},uidmapping=0:1000:1,gidmapping=:0:2000:1,squash_to_uid=5,squash_to_gid=6,\
+             xattr_permissions=2,volatile,fsync=0,timeout=1.5,static_nlink,noacl,noxattrs=1,\
+             redirect_dir=off,xino=on,\"context=a:b:c:s0:c1,c2\",passthrough=0,allow_other,\
+             default_permissions,nosuid,nodev,noexec,noatime,max_write=65536,fsname=x",
+            d.p("l1")
+        );
+        let (c, ..) = mount(&["-s", "-o", &o, &d.p("mnt")]);
+        assert_eq!(
+            c.uid_mappings,
+            vec![IdMapping {
+                container: 0,
+                host: 1000,
+                count: 1
+            }]
+        );
+        assert_eq!(
+            c.gid_mappings,
+            vec![IdMapping {
+                container: 0,
+                host: 2000,
+                count: 1
+            }]
+        );
+        assert_eq!((c.squash_to_uid, c.squash_to_gid), (Some(5), Some(6)));
+        assert_eq!(c.xattr_permissions, 2);
+        assert!(c.volatile && !c.fsync && !c.syncs());
+        assert_eq!(c.timeout, Some(std::time::Duration::from_millis(1500)));
+        assert!(c.static_nlink && c.noacl && c.noxattrs && !c.passthrough && !c.writeback);
+        assert_eq!(c.redirect_dir.as_deref(), Some("off"));
+        assert_eq!(c.xino.as_deref(), Some("on"));
+        assert_eq!(c.context.as_deref(), Some("a:b:c:s0:c1,c2"));
+        assert!(c.fuse.allow_other && c.fuse.default_permissions);
+        assert_eq!(
+            (c.fuse.suid, c.fuse.dev, c.fuse.exec, c.fuse.atime),
+            (Some(false), Some(false), Some(false), Some(false))
+        );
+        assert_eq!(c.fuse.max_write, Some(65536));
+        assert_eq!(c.fuse.fsname.as_deref(), Some("x"));
+        assert_eq!(c.threads, 1);
+        assert!(c.read_only());
+    }
+}

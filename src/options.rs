@@ -1,1 +1,1088 @@
-//! Placeholder: filled by the option-parser work.
+//! The `-o` option-string parser: fuse-overlayfs / mount(8) syntax in, [`ParsedOptions`] out.
+//!
+//! Pure (no I/O) and total: every input either parses or yields one [`OptionsError`];
+//! nothing here may panic, because the parser is fuzzed and fed from /etc/fstab.
+//!
+//! # Grammar
+//!
+//! * One `-o` value is a comma-separated list of items. A `"` toggles quoting: commas
+//!   between quotes do not split, and the quote characters themselves are removed.
+//!   Consequently a parsed value never contains `"`. Empty items are skipped.
+//!   The items of several `-o` values are processed in order, as if joined by commas,
+//!   except that a quote never spans two `-o` values.
+//! * An item is `key` or `key=value` (split at the first `=`).
+//! * Colon-separated path lists (`lowerdir=`, `volume=`, `bind=`) use `\` as an escape:
+//!   `\:` is a colon inside a path, `\\` a backslash, `\x` is `x` (as the kernel's
+//!   overlayfs does). A lone trailing `\` is kept literally.
+//! * Scalar options: the last occurrence wins. `volume=`/`bind=` accumulate.
+//! * Unknown items are not errors: each adds one line to [`ParsedOptions::warnings`].
+//!
+//! Whether an item is known, and what it means, depends only on its unquoted text;
+//! [`to_option_string`] relies on that to render an equivalent string such that
+//! `parse([to_option_string(&p)]) == Ok(p)` for every `p` that `parse` returned.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{FuseFlags, GraftSource, GraftSpec, IdMapping};
+
+/// The options as written, checked for syntax only: paths are neither resolved nor
+/// checked for existence (that is `cli`'s job). `None` means "not given".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedOptions {
+    /// `lowerdir=`, top-most first. When `Some`, non-empty and no component is empty.
+    pub lowerdirs: Option<Vec<PathBuf>>,
+    pub upperdir: Option<PathBuf>,
+    pub workdir: Option<PathBuf>,
+    pub uid_mappings: Option<Vec<IdMapping>>,
+    pub gid_mappings: Option<Vec<IdMapping>>,
+    /// `squash_to_root` is folded in here as uid=gid=0, so that "last one wins"
+    /// holds between it and `squash_to_uid=`/`squash_to_gid=`.
+    pub squash_to_uid: Option<u32>,
+    pub squash_to_gid: Option<u32>,
+    /// Always within 0..=2.
+    pub xattr_permissions: Option<u8>,
+    pub volatile: bool,
+    pub fsync: Option<bool>,
+    pub writeback: Option<bool>,
+    pub timeout: Option<Duration>,
+    pub threaded: Option<bool>,
+    pub static_nlink: bool,
+    pub noacl: bool,
+    pub noxattrs: Option<bool>,
+    pub redirect_dir: Option<String>,
+    pub xino: Option<String>,
+    pub context: Option<String>,
+    pub passthrough: Option<bool>,
+    /// libfuse's `-o debug` (same as `-d`).
+    pub debug: bool,
+    pub fuse: FuseFlags,
+    /// In the order given; targets are absolute and normalised.
+    pub grafts: Vec<GraftSpec>,
+    /// Unrecognised items, unquoted, in order. Kept so that rendering preserves them.
+    pub unknown: Vec<String>,
+    /// One human-readable line per unknown item (`unknown option 'foo' ignored`).
+    pub warnings: Vec<String>,
+}
+
+/// A syntax error in an option string. Display is a single line naming the option.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    #[error("unterminated '\"' in option string \"{}\"", .0.escape_debug())]
+    UnterminatedQuote(String),
+    #[error("option string contains a NUL byte")]
+    NulByte,
+    #[error("option '{0}' requires a value")]
+    MissingValue(String),
+    #[error("option '{0}' takes no value")]
+    UnexpectedValue(String),
+    #[error("option '{option}': invalid value \"{}\": {reason}", .value.escape_debug())]
+    InvalidValue {
+        option: String,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(option: &str, value: &str, reason: impl Into<String>) -> OptionsError {
+    OptionsError::InvalidValue {
+        option: option.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses the `-o` values in command-line order.
+pub fn parse<S: AsRef<str>>(opts: &[S]) -> Result<ParsedOptions, OptionsError> {
+    let mut parsed = ParsedOptions::default();
+    for opt in opts {
+        for item in split_items(opt.as_ref())? {
+            apply_item(&mut parsed, &item)?;
+        }
+    }
+    Ok(parsed)
+}
+
+/// Splits one `-o` value into unquoted, non-empty items.
+fn split_items(s: &str) -> Result<Vec<String>, OptionsError> {
+    if s.contains('\0') {
+        return Err(OptionsError::NulByte);
+    }
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                if !cur.is_empty() {
+                    items.push(std::mem::take(&mut cur));
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(OptionsError::UnterminatedQuote(s.to_string()));
+    }
+    if !cur.is_empty() {
+        items.push(cur);
+    }
+    Ok(items)
+}
+
+/// Applies a value-less option; false if `key` is not one. This is the single list of
+/// such options: `is_flag` reuses it, so `volatile=1` and the like are rejected for
+/// exactly the words accepted here.
+fn apply_flag(p: &mut ParsedOptions, key: &str) -> bool {
+    match key {
+        "squash_to_root" => {
+            p.squash_to_uid = Some(0);
+            p.squash_to_gid = Some(0);
+        }
+        "volatile" => p.volatile = true,
+        "static_nlink" => p.static_nlink = true,
+        "noacl" => p.noacl = true,
+        "debug" => p.debug = true,
+        "allow_other" => p.fuse.allow_other = true,
+        "allow_root" => p.fuse.allow_root = true,
+        "default_permissions" => p.fuse.default_permissions = true,
+        "ro" => p.fuse.read_only = true,
+        "rw" => p.fuse.read_only = false,
+        "suid" => p.fuse.suid = Some(true),
+        "nosuid" => p.fuse.suid = Some(false),
+        "dev" => p.fuse.dev = Some(true),
+        "nodev" => p.fuse.dev = Some(false),
+        "exec" => p.fuse.exec = Some(true),
+        "noexec" => p.fuse.exec = Some(false),
+        "atime" => p.fuse.atime = Some(true),
+        "noatime" => p.fuse.atime = Some(false),
+        // Accepted for mount(8)/fstab compatibility; they have no effect on a FUSE mount
+        // that we could honour, and warning about them would be noise on every boot.
+        "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "nodiratime" | "diratime"
+        | "lazytime" | "nolazytime" | "async" | "defaults" | "auto" | "noauto" | "user"
+        | "users" | "nouser" | "owner" | "group" | "nofail" | "_netdev" | "silent" | "loud" => {}
+        _ => return false,
+    }
+    true
+}
+
+fn is_flag(key: &str) -> bool {
+    apply_flag(&mut ParsedOptions::default(), key)
+}
+
+fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
+    let (key, value) = match item.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (item, None),
+    };
+    // mount(8) passes these through to helpers; `user=NAME` comes from user mounts.
+    if key.starts_with("x-") || key == "comment" || (key == "user" && value.is_some()) {
+        return Ok(());
+    }
+    let Some(value) = value else {
+        if apply_flag(p, key) {
+            return Ok(());
+        }
+        return match key {
+            // `noxattrs` alone reads naturally as "on".
+            "noxattrs" => {
+                p.noxattrs = Some(true);
+                Ok(())
+            }
+            _ if takes_value(key) => Err(OptionsError::MissingValue(key.to_string())),
+            _ => {
+                unknown(p, item);
+                Ok(())
+            }
+        };
+    };
+    if is_flag(key) {
+        return Err(OptionsError::UnexpectedValue(key.to_string()));
+    }
+    if !takes_value(key) {
+        unknown(p, item);
+        return Ok(());
+    }
+    if value.is_empty() {
+        return Err(match key {
+            "lowerdir" => invalid(key, value, "no lower layer given"),
+            _ => OptionsError::MissingValue(key.to_string()),
+        });
+    }
+    match key {
+        "lowerdir" => p.lowerdirs = Some(parse_lowerdir(value)?),
+        "upperdir" => p.upperdir = Some(PathBuf::from(value)),
+        "workdir" => p.workdir = Some(PathBuf::from(value)),
+        "uidmapping" => p.uid_mappings = Some(parse_mappings(key, value)?),
+        "gidmapping" => p.gid_mappings = Some(parse_mappings(key, value)?),
+        "squash_to_uid" => p.squash_to_uid = Some(parse_u32(key, value)?),
+        "squash_to_gid" => p.squash_to_gid = Some(parse_u32(key, value)?),
+        "xattr_permissions" => {
+            p.xattr_permissions = Some(match value {
+                "0" => 0,
+                "1" => 1,
+                "2" => 2,
+                _ => return Err(invalid(key, value, "expected 0, 1 or 2")),
+            })
+        }
+        "fsync" => p.fsync = Some(parse_bool(key, value)?),
+        "writeback" => p.writeback = Some(parse_bool(key, value)?),
+        "threaded" => p.threaded = Some(parse_bool(key, value)?),
+        "noxattrs" => p.noxattrs = Some(parse_bool(key, value)?),
+        "passthrough" => p.passthrough = Some(parse_bool(key, value)?),
+        "timeout" => p.timeout = Some(parse_seconds(key, value)?),
+        "redirect_dir" => p.redirect_dir = Some(value.to_string()),
+        "xino" => p.xino = Some(value.to_string()),
+        "context" => p.context = Some(value.to_string()),
+        "volume" => p.grafts.push(parse_volume(value)?),
+        "bind" => p.grafts.push(parse_bind(value)?),
+        "max_write" => {
+            let n = parse_u32(key, value)?;
+            if n == 0 {
+                return Err(invalid(key, value, "must be positive"));
+            }
+            p.fuse.max_write = Some(n);
+        }
+        "fsname" => p.fuse.fsname = Some(value.to_string()),
+        // Accepted without effect: fuse-overlayfs' inode-number tuning has no analogue
+        // here, and the FUSE subtype is always ours.
+        "fast_ino" | "subtype" => {}
+        _ => unknown(p, item),
+    }
+    Ok(())
+}
+
+/// Options whose meaning needs `=value`. Must agree with the arms of `apply_item`.
+fn takes_value(key: &str) -> bool {
+    matches!(
+        key,
+        "lowerdir"
+            | "upperdir"
+            | "workdir"
+            | "uidmapping"
+            | "gidmapping"
+            | "squash_to_uid"
+            | "squash_to_gid"
+            | "xattr_permissions"
+            | "fsync"
+            | "writeback"
+            | "threaded"
+            | "noxattrs"
+            | "passthrough"
+            | "timeout"
+            | "redirect_dir"
+            | "xino"
+            | "context"
+            | "volume"
+            | "bind"
+            | "max_write"
+            | "fsname"
+            | "fast_ino"
+            | "subtype"
+    )
+}
+
+fn unknown(p: &mut ParsedOptions, item: &str) {
+    p.warnings
+        .push(format!("unknown option '{}' ignored", item.escape_debug()));
+    p.unknown.push(item.to_string());
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, OptionsError> {
+    match value {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(invalid(key, value, "expected 0 or 1")),
+    }
+}
+
+fn parse_u32(key: &str, value: &str) -> Result<u32, OptionsError> {
+    // `str::parse` would also accept a leading '+'; plain digits only keeps the
+    // accepted language obvious.
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(key, value, "not a non-negative integer"));
+    }
+    value
+        .parse::<u32>()
+        .map_err(|_| invalid(key, value, "number out of range"))
+}
+
+/// `S`, `S.F`, `.F` or `S.`: decimal seconds, parsed exactly to the nanosecond
+/// (digits past the ninth decimal are truncated) so that rendering round-trips.
+fn parse_seconds(key: &str, value: &str) -> Result<Duration, OptionsError> {
+    let (int, frac) = value.split_once('.').unwrap_or((value, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+        return Err(invalid(key, value, "expected a number of seconds"));
+    }
+    let secs = if int.is_empty() {
+        0
+    } else {
+        int.parse::<u64>()
+            .map_err(|_| invalid(key, value, "number out of range"))?
+    };
+    let mut nanos: u32 = 0;
+    for i in 0..9 {
+        let d = frac.as_bytes().get(i).map_or(0, |b| u32::from(b - b'0'));
+        nanos = nanos * 10 + d;
+    }
+    Ok(Duration::new(secs, nanos))
+}
+
+/// `C:H:N[:C:H:N...]`. containers/storage emits a leading `:`, so empty first and
+/// last fields are tolerated; an empty field in the middle is a typo and rejected.
+fn parse_mappings(key: &str, value: &str) -> Result<Vec<IdMapping>, OptionsError> {
+    let trimmed = value.strip_prefix(':').unwrap_or(value);
+    let trimmed = trimmed.strip_suffix(':').unwrap_or(trimmed);
+    let mut nums = Vec::new();
+    for field in trimmed.split(':') {
+        nums.push(parse_u32(key, field).map_err(|_| {
+            invalid(
+                key,
+                value,
+                format!("\"{}\" is not a valid id", field.escape_debug()),
+            )
+        })?);
+    }
+    if nums.len() % 3 != 0 {
+        return Err(invalid(key, value, "expected container:host:count triples"));
+    }
+    let mut out = Vec::new();
+    for t in nums.chunks_exact(3) {
+        let m = IdMapping {
+            container: t[0],
+            host: t[1],
+            count: t[2],
+        };
+        if m.count == 0 {
+            return Err(invalid(key, value, "a mapping count must be positive"));
+        }
+        // The last id of each range must still be a u32.
+        let limit = 1u64 << 32;
+        if u64::from(m.container) + u64::from(m.count) > limit
+            || u64::from(m.host) + u64::from(m.count) > limit
+        {
+            return Err(invalid(
+                key,
+                value,
+                format!(
+                    "range {}:{}:{} overflows 32-bit ids",
+                    m.container, m.host, m.count
+                ),
+            ));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Splits a colon list with `\` escapes (see the module docs).
+fn split_escaped(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(n) => cur.push(n),
+                None => cur.push('\\'),
+            },
+            ':' => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+fn escape_colons(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' || c == ':' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn parse_lowerdir(value: &str) -> Result<Vec<PathBuf>, OptionsError> {
+    let parts = split_escaped(value);
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(invalid("lowerdir", value, "empty layer path"));
+    }
+    Ok(parts.into_iter().map(PathBuf::from).collect())
+}
+
+/// Whether `name` is acceptable as a volume name: `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most
+/// 255 bytes, so it is always a single, non-hidden file name in the state directory.
+pub fn valid_volume_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 255
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Normalises a graft target: absolute, no `.` or empty components, no trailing `/`.
+/// `..` is refused rather than resolved, because lexical resolution could disagree
+/// with what a symlink in the merged view would make it mean.
+pub fn normalize_target(option: &str, target: &str) -> Result<PathBuf, OptionsError> {
+    if !target.starts_with('/') {
+        return Err(invalid(option, target, "target path must be absolute"));
+    }
+    let mut out = PathBuf::from("/");
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => return Err(invalid(option, target, "target path must not contain '..'")),
+            c => out.push(c),
+        }
+    }
+    if out == Path::new("/") {
+        return Err(invalid(option, target, "cannot graft onto '/'"));
+    }
+    Ok(out)
+}
+
+/// Parses the trailing `:ro`/`:rw`/`:nocopy` flags of a graft, in any order.
+fn graft_flags(
+    option: &str,
+    value: &str,
+    flags: &[String],
+    allow_nocopy: bool,
+) -> Result<(bool, bool), OptionsError> {
+    let (mut ro, mut nocopy) = (false, false);
+    for f in flags {
+        match f.as_str() {
+            "ro" => ro = true,
+            "rw" => ro = false,
+            "nocopy" if allow_nocopy => nocopy = true,
+            _ => {
+                return Err(invalid(
+                    option,
+                    value,
+                    format!("unknown flag \"{}\"", f.escape_debug()),
+                ));
+            }
+        }
+    }
+    Ok((ro, nocopy))
+}
+
+/// `NAME:/path[:ro][:nocopy]`, as for `-o volume=` and `--volume`.
+pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
+    let parts = split_escaped(value);
+    let [name, target, flags @ ..] = parts.as_slice() else {
+        return Err(invalid(
+            "volume",
+            value,
+            "expected NAME:/path[:ro][:nocopy]",
+        ));
+    };
+    if !valid_volume_name(name) {
+        return Err(invalid(
+            "volume",
+            value,
+            "volume name must match [A-Za-z0-9][A-Za-z0-9_.-]*",
+        ));
+    }
+    let target = normalize_target("volume", target)?;
+    let (read_only, nocopy) = graft_flags("volume", value, flags, true)?;
+    Ok(GraftSpec {
+        source: GraftSource::Volume(name.clone()),
+        target,
+        read_only,
+        nocopy,
+    })
+}
+
+/// `/host/dir:/path[:ro]`, as for `-o bind=` and `--bind`.
+pub fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
+    let parts = split_escaped(value);
+    let [source, target, flags @ ..] = parts.as_slice() else {
+        return Err(invalid("bind", value, "expected /host/dir:/path[:ro]"));
+    };
+    if source.is_empty() {
+        return Err(invalid("bind", value, "empty host directory"));
+    }
+    let target = normalize_target("bind", target)?;
+    let (read_only, _) = graft_flags("bind", value, flags, false)?;
+    Ok(GraftSpec {
+        source: GraftSource::Bind(PathBuf::from(source)),
+        target,
+        read_only,
+        nocopy: false,
+    })
+}
+
+/// Renders `p` back into one `-o` value that [`parse`] maps to `p` again.
+///
+/// Holds for anything `parse` produced. Paths are rendered lossily if they are not
+/// UTF-8 (possible only when a caller filled them in from `OsString` arguments).
+pub fn to_option_string(p: &ParsedOptions) -> String {
+    let mut items: Vec<String> = Vec::new();
+    let mut kv = |key: &str, value: &str| items.push(render_item(&format!("{key}={value}")));
+    let lossy = |p: &Path| p.to_string_lossy().into_owned();
+    let bit = |b: bool| if b { "1" } else { "0" };
+
+    if let Some(l) = &p.lowerdirs {
+        let parts: Vec<String> = l.iter().map(|d| escape_colons(&lossy(d))).collect();
+        kv("lowerdir", &parts.join(":"));
+    }
+    if let Some(u) = &p.upperdir {
+        kv("upperdir", &lossy(u));
+    }
+    if let Some(w) = &p.workdir {
+        kv("workdir", &lossy(w));
+    }
+    for (key, maps) in [
+        ("uidmapping", &p.uid_mappings),
+        ("gidmapping", &p.gid_mappings),
+    ] {
+        if let Some(m) = maps {
+            let s: Vec<String> = m
+                .iter()
+                .map(|m| format!("{}:{}:{}", m.container, m.host, m.count))
+                .collect();
+            kv(key, &s.join(":"));
+        }
+    }
+    if let Some(u) = p.squash_to_uid {
+        kv("squash_to_uid", &u.to_string());
+    }
+    if let Some(g) = p.squash_to_gid {
+        kv("squash_to_gid", &g.to_string());
+    }
+    if let Some(x) = p.xattr_permissions {
+        kv("xattr_permissions", &x.to_string());
+    }
+    for (key, v) in [
+        ("fsync", p.fsync),
+        ("writeback", p.writeback),
+        ("threaded", p.threaded),
+        ("noxattrs", p.noxattrs),
+        ("passthrough", p.passthrough),
+    ] {
+        if let Some(b) = v {
+            kv(key, bit(b));
+        }
+    }
+    if let Some(t) = p.timeout {
+        let frac = format!("{:09}", t.subsec_nanos());
+        let frac = frac.trim_end_matches('0');
+        if frac.is_empty() {
+            kv("timeout", &t.as_secs().to_string());
+        } else {
+            kv("timeout", &format!("{}.{}", t.as_secs(), frac));
+        }
+    }
+    for (key, v) in [
+        ("redirect_dir", &p.redirect_dir),
+        ("xino", &p.xino),
+        ("context", &p.context),
+        ("fsname", &p.fuse.fsname),
+    ] {
+        if let Some(s) = v {
+            kv(key, s);
+        }
+    }
+    if let Some(n) = p.fuse.max_write {
+        kv("max_write", &n.to_string());
+    }
+    for g in &p.grafts {
+        let target = escape_colons(&lossy(&g.target));
+        let mut v = match &g.source {
+            GraftSource::Volume(name) => format!("{}:{target}", escape_colons(name)),
+            GraftSource::Bind(src) => format!("{}:{target}", escape_colons(&lossy(src))),
+        };
+        if g.read_only {
+            v.push_str(":ro");
+        }
+        if g.nocopy {
+            v.push_str(":nocopy");
+        }
+        match g.source {
+            GraftSource::Volume(_) => kv("volume", &v),
+            GraftSource::Bind(_) => kv("bind", &v),
+        }
+    }
+
+    let f = &p.fuse;
+    let flags: [(bool, &str); 7] = [
+        (p.volatile, "volatile"),
+        (p.static_nlink, "static_nlink"),
+        (p.noacl, "noacl"),
+        (p.debug, "debug"),
+        (f.allow_other, "allow_other"),
+        (f.allow_root, "allow_root"),
+        (f.default_permissions, "default_permissions"),
+    ];
+    for (on, name) in flags {
+        if on {
+            items.push(name.to_string());
+        }
+    }
+    if f.read_only {
+        items.push("ro".to_string());
+    }
+    for (v, yes, no) in [
+        (f.suid, "suid", "nosuid"),
+        (f.dev, "dev", "nodev"),
+        (f.exec, "exec", "noexec"),
+        (f.atime, "atime", "noatime"),
+    ] {
+        if let Some(b) = v {
+            items.push(if b { yes } else { no }.to_string());
+        }
+    }
+    // Unknown items go last so that they cannot shadow anything; their relative order
+    // is kept, which is all that `warnings` records.
+    for u in &p.unknown {
+        items.push(render_item(u));
+    }
+    items.join(",")
+}
+
+/// Quotes an item if it would otherwise split. Parsed items never contain `"`, so
+/// wrapping in quotes is always enough.
+fn render_item(item: &str) -> String {
+    if item.contains(',') {
+        format!("\"{item}\"")
+    } else {
+        item.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> ParsedOptions {
+        match parse(&[s]) {
+            Ok(p) => p,
+            Err(e) => panic!("parse({s:?}) failed: {e}"),
+        }
+    }
+
+    fn err(s: &str) -> String {
+        match parse(&[s]) {
+            Ok(p) => panic!("parse({s:?}) unexpectedly succeeded: {p:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn paths(v: &[&str]) -> Option<Vec<PathBuf>> {
+        Some(v.iter().map(PathBuf::from).collect())
+    }
+
+    fn roundtrip(o: &ParsedOptions) {
+        let s = to_option_string(o);
+        assert_eq!(parse(&[&s]).as_ref(), Ok(o), "rendered as {s:?}");
+    }
+
+    #[test]
+    fn containers_storage_forms() {
+        let o = p("lowerdir=G/l/TOP:G/l/BASE,upperdir=G/ID/diff,workdir=G/ID/work,");
+        assert_eq!(o.lowerdirs, paths(&["G/l/TOP", "G/l/BASE"]));
+        assert_eq!(o.upperdir, Some(PathBuf::from("G/ID/diff")));
+        assert_eq!(o.workdir, Some(PathBuf::from("G/ID/work")));
+        assert!(o.warnings.is_empty());
+        roundtrip(&o);
+
+        let o = p("lowerdir=G/l/TOP:G/l/BASE,upperdir=G/ID/diff,workdir=G/ID/work,,volatile");
+        assert!(o.volatile);
+        assert_eq!(o.workdir, Some(PathBuf::from("G/ID/work")));
+        roundtrip(&o);
+
+        let o = p("uidmapping=:0:1000:1:1:100000:65536,gidmapping=:0:1000:1:1:100000:65536");
+        let want = vec![
+            IdMapping {
+                container: 0,
+                host: 1000,
+                count: 1,
+            },
+            IdMapping {
+                container: 1,
+                host: 100000,
+                count: 65536,
+            },
+        ];
+        assert_eq!(o.uid_mappings.as_ref(), Some(&want));
+        assert_eq!(o.gid_mappings.as_ref(), Some(&want));
+        roundtrip(&o);
+
+        let o = p("lowerdir=/l,context=\"system_u:object_r:container_file_t:s0:c1,c2\",nodev");
+        assert_eq!(
+            o.context.as_deref(),
+            Some("system_u:object_r:container_file_t:s0:c1,c2")
+        );
+        assert_eq!(o.fuse.dev, Some(false));
+        assert!(o.warnings.is_empty());
+        roundtrip(&o);
+
+        // The mount(8) helper form.
+        let o = p("rw,lowerdir=/a,upperdir=/u,workdir=/w,dev,suid");
+        assert!(!o.fuse.read_only);
+        assert_eq!((o.fuse.dev, o.fuse.suid), (Some(true), Some(true)));
+    }
+
+    #[test]
+    fn quoting_and_empty_items() {
+        assert_eq!(p(",,,"), ParsedOptions::default());
+        assert_eq!(p(""), ParsedOptions::default());
+        assert!(p("\"\",volatile").volatile);
+        // Quotes may cover the whole item or any part of it.
+        assert_eq!(p("\"upperdir=/a,b\"").upperdir, Some(PathBuf::from("/a,b")));
+        assert_eq!(p("upperdir=/a\",\"b").upperdir, Some(PathBuf::from("/a,b")));
+        assert_eq!(p("lowerdir=\"/a,b\":/c").lowerdirs, paths(&["/a,b", "/c"]));
+        let e = err("context=\"abc,volatile");
+        assert!(e.contains("unterminated"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn lowerdir_escapes() {
+        assert_eq!(p("lowerdir=/a\\:b:/c").lowerdirs, paths(&["/a:b", "/c"]));
+        assert_eq!(p("lowerdir=/a\\\\:/c").lowerdirs, paths(&["/a\\", "/c"]));
+        assert_eq!(p("lowerdir=/a\\x").lowerdirs, paths(&["/ax"]));
+        assert_eq!(p("lowerdir=/a\\").lowerdirs, paths(&["/a\\"]));
+        assert_eq!(p("lowerdir=\\:").lowerdirs, paths(&[":"]));
+        let o = p("lowerdir=/a\\:b:/c\\\\d:/e\\");
+        roundtrip(&o);
+    }
+
+    #[test]
+    fn lowerdir_errors() {
+        for bad in [
+            "lowerdir=",
+            "lowerdir=:",
+            "lowerdir=/a:",
+            "lowerdir=:/a",
+            "lowerdir=/a::/b",
+        ] {
+            let e = err(bad);
+            assert!(e.contains("lowerdir"), "{bad}: {e}");
+        }
+        assert_eq!(err("lowerdir"), "option 'lowerdir' requires a value");
+    }
+
+    #[test]
+    fn later_scalar_wins_and_multiple_o() {
+        let o = parse(&["lowerdir=/a,upperdir=/u1", "upperdir=/u2,lowerdir=/b:/c"]).unwrap();
+        assert_eq!(o.lowerdirs, paths(&["/b", "/c"]));
+        assert_eq!(o.upperdir, Some(PathBuf::from("/u2")));
+        let o = p("ro,rw");
+        assert!(!o.fuse.read_only);
+        let o = p("rw,ro");
+        assert!(o.fuse.read_only);
+        let o = p("nosuid,suid,exec,noexec");
+        assert_eq!((o.fuse.suid, o.fuse.exec), (Some(true), Some(false)));
+        // A quote never spans two -o values.
+        assert!(parse(&["context=\"a", "b\""]).is_err());
+    }
+
+    #[test]
+    fn id_mappings() {
+        let m = |c, h, n| IdMapping {
+            container: c,
+            host: h,
+            count: n,
+        };
+        assert_eq!(
+            p("uidmapping=0:1000:1").uid_mappings,
+            Some(vec![m(0, 1000, 1)])
+        );
+        assert_eq!(
+            p("uidmapping=0:1000:1:").uid_mappings,
+            Some(vec![m(0, 1000, 1)])
+        );
+        assert_eq!(
+            p("gidmapping=0:0:4294967295").gid_mappings,
+            Some(vec![m(0, 0, u32::MAX)])
+        );
+        for bad in [
+            "uidmapping=0:1000",
+            "uidmapping=0:1000:1:2",
+            "uidmapping=a:b:c",
+            "uidmapping=0::1000:1",
+            "uidmapping=0:1000:0",
+            "uidmapping=0:4294967296:1",
+            "uidmapping=2:0:4294967295",
+            "uidmapping=0:4294967295:2",
+            "uidmapping=-1:0:1",
+            "uidmapping=:",
+            "uidmapping=",
+        ] {
+            let e = err(bad);
+            let opt = &bad[..10];
+            assert!(e.contains(opt), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn squash() {
+        let o = p("squash_to_root");
+        assert_eq!((o.squash_to_uid, o.squash_to_gid), (Some(0), Some(0)));
+        let o = p("squash_to_root,squash_to_uid=7");
+        assert_eq!((o.squash_to_uid, o.squash_to_gid), (Some(7), Some(0)));
+        let o = p("squash_to_uid=7,squash_to_gid=8,squash_to_root");
+        assert_eq!((o.squash_to_uid, o.squash_to_gid), (Some(0), Some(0)));
+        assert!(err("squash_to_uid=x").contains("squash_to_uid"));
+        assert!(err("squash_to_gid=+1").contains("squash_to_gid"));
+        assert!(err("squash_to_root=1").contains("takes no value"));
+    }
+
+    #[test]
+    fn numeric_and_bool_options() {
+        let o = p("xattr_permissions=2,fsync=0,writeback=1,threaded=0,noxattrs=1,passthrough=0");
+        assert_eq!(o.xattr_permissions, Some(2));
+        assert_eq!(o.fsync, Some(false));
+        assert_eq!(o.writeback, Some(true));
+        assert_eq!(o.threaded, Some(false));
+        assert_eq!(o.noxattrs, Some(true));
+        assert_eq!(o.passthrough, Some(false));
+        roundtrip(&o);
+        assert_eq!(p("noxattrs").noxattrs, Some(true));
+        assert_eq!(p("noxattrs=0").noxattrs, Some(false));
+        for (bad, opt) in [
+            ("xattr_permissions=3", "xattr_permissions"),
+            ("xattr_permissions=x", "xattr_permissions"),
+            ("fsync=yes", "fsync"),
+            ("writeback=2", "writeback"),
+            ("threaded=", "threaded"),
+            ("passthrough=on", "passthrough"),
+            ("max_write=0", "max_write"),
+            ("max_write=4294967296", "max_write"),
+            ("fsync", "fsync"),
+        ] {
+            let e = err(bad);
+            assert!(e.contains(&format!("'{opt}'")), "{bad}: {e}");
+        }
+        assert_eq!(p("max_write=131072").fuse.max_write, Some(131072));
+    }
+
+    #[test]
+    fn timeout() {
+        let t = |s: &str| p(&format!("timeout={s}")).timeout;
+        assert_eq!(t("1"), Some(Duration::from_secs(1)));
+        assert_eq!(t("0"), Some(Duration::ZERO));
+        assert_eq!(t("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(t(".25"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2."), Some(Duration::from_secs(2)));
+        assert_eq!(t("0.0000000019"), Some(Duration::from_nanos(1)));
+        for bad in [
+            "",
+            ".",
+            "-1",
+            "1e3",
+            "abc",
+            "1.2.3",
+            "99999999999999999999999",
+        ] {
+            assert!(parse(&[format!("timeout={bad}")]).is_err(), "{bad}");
+        }
+        roundtrip(&p("timeout=1000000.000000001"));
+        roundtrip(&p("timeout=0.1"));
+    }
+
+    #[test]
+    fn strings_and_flags() {
+        let o = p(
+            "redirect_dir=off,xino=auto,fast_ino=1,static_nlink,noacl,volatile,allow_other,\
+             allow_root,default_permissions,ro,nosuid,nodev,noexec,noatime,fsname=foo,subtype=x,debug",
+        );
+        assert_eq!(o.redirect_dir.as_deref(), Some("off"));
+        assert_eq!(o.xino.as_deref(), Some("auto"));
+        assert!(o.static_nlink && o.noacl && o.volatile && o.debug);
+        let f = &o.fuse;
+        assert!(f.allow_other && f.allow_root && f.default_permissions && f.read_only);
+        assert_eq!(
+            (f.suid, f.dev, f.exec, f.atime),
+            (Some(false), Some(false), Some(false), Some(false))
+        );
+        assert_eq!(f.fsname.as_deref(), Some("foo"));
+        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+        roundtrip(&o);
+        assert!(err("volatile=1").contains("'volatile' takes no value"));
+        assert!(err("ro=0").contains("'ro'"));
+        assert!(err("context=").contains("'context' requires a value"));
+    }
+
+    #[test]
+    fn fstab_words_accepted_silently() {
+        let o = p(
+            "defaults,auto,noauto,user,users,nouser,nofail,_netdev,x-systemd.requires=/x,\
+             x-gvfs-show,comment=systemd.automount,relatime,strictatime,nodiratime,user=bob,async",
+        );
+        assert_eq!(o, ParsedOptions::default());
+    }
+
+    #[test]
+    fn unknown_options_warn() {
+        let o = p("lowerdir=/l,foo,bar=1,\"baz=a,b\"");
+        assert_eq!(
+            o.warnings,
+            vec![
+                "unknown option 'foo' ignored",
+                "unknown option 'bar=1' ignored",
+                "unknown option 'baz=a,b' ignored",
+            ]
+        );
+        roundtrip(&o);
+        // Control characters cannot break the one-line rule.
+        let o = p("fo\no");
+        assert!(!o.warnings[0].contains('\n'));
+    }
+
+    #[test]
+    fn grafts() {
+        let o =
+            p("volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a");
+        assert_eq!(
+            o.grafts,
+            vec![
+                GraftSpec {
+                    source: GraftSource::Volume("data".into()),
+                    target: "/var/lib/data".into(),
+                    read_only: true,
+                    nocopy: true,
+                },
+                GraftSpec {
+                    source: GraftSource::Bind("/host/dir".into()),
+                    target: "/srv/x/y".into(),
+                    read_only: true,
+                    nocopy: false,
+                },
+                GraftSpec {
+                    source: GraftSource::Volume("v2".into()),
+                    target: "/a".into(),
+                    read_only: false,
+                    nocopy: false,
+                },
+            ]
+        );
+        roundtrip(&o);
+        let o = p("bind=/h\\:x:/t\\:y:rw,\"bind=/a,b:/c,d\"");
+        assert_eq!(o.grafts[0].source, GraftSource::Bind("/h:x".into()));
+        assert_eq!(o.grafts[0].target, PathBuf::from("/t:y"));
+        assert_eq!(o.grafts[1].target, PathBuf::from("/c,d"));
+        roundtrip(&o);
+        for bad in [
+            "volume=data",
+            "volume=:/x",
+            "volume=_x:/x",
+            "volume=a/b:/x",
+            "volume=a:rel",
+            "volume=a:/",
+            "volume=a:/x/../y",
+            "volume=a:/x:bogus",
+            "bind=/h",
+            "bind=:/x",
+            "bind=/h:/x:nocopy",
+            "bind=/h:x",
+        ] {
+            let e = err(bad);
+            let opt = bad.split('=').next().unwrap_or("");
+            assert!(e.contains(&format!("'{opt}'")), "{bad}: {e}");
+        }
+        assert!(valid_volume_name("a.b-c_9"));
+        assert!(!valid_volume_name(&"a".repeat(256)));
+    }
+
+    #[test]
+    fn nul_rejected() {
+        assert_eq!(err("lowerdir=/a\0b"), "option string contains a NUL byte");
+    }
+
+    #[test]
+    fn errors_are_single_lines() {
+        for bad in [
+            "uidmapping=\n",
+            "timeout=\n",
+            "volume=\n:/x",
+            "lowerdir=\"\n",
+        ] {
+            let e = err(bad);
+            assert!(!e.contains('\n'), "{bad:?}: {e}");
+        }
+    }
+
+    /// A small deterministic fuzzer: parse never panics, and anything that parses
+    /// round-trips through `to_option_string`.
+    #[test]
+    fn roundtrip_random() {
+        const FRAGS: &[&str] = &[
+            "lowerdir=",
+            "upperdir=",
+            "workdir=",
+            "volume=",
+            "bind=",
+            "context=",
+            "timeout=",
+            "uidmapping=",
+            "gidmapping=",
+            "fsname=",
+            "xino=",
+            "redirect_dir=",
+            "squash_to_uid=",
+            "squash_to_root",
+            "ro",
+            "rw",
+            "nosuid",
+            "dev",
+            "noatime",
+            "volatile",
+            "noxattrs",
+            "noxattrs=",
+            "fsync=",
+            "max_write=",
+            "foo",
+            "x-",
+            "user=",
+            "/",
+            "/a",
+            "b",
+            ":",
+            "\\",
+            "\"",
+            ",",
+            "=",
+            ".",
+            "..",
+            "0",
+            "1",
+            "2",
+            "65536",
+            "4294967295",
+            "ro",
+            "nocopy",
+            "é",
+            " ",
+            "\n",
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut ok = 0;
+        for _ in 0..200_000 {
+            let n = (next() % 12) as usize;
+            let mut s = String::new();
+            for _ in 0..n {
+                s.push_str(FRAGS[(next() % FRAGS.len() as u64) as usize]);
+            }
+            if let Ok(o) = parse(&[&s]) {
+                ok += 1;
+                let r = to_option_string(&o);
+                assert_eq!(parse(&[&r]).as_ref(), Ok(&o), "input {s:?} rendered {r:?}");
+            }
+        }
+        assert!(ok > 1000, "generator too weak: {ok}");
+    }
+}

@@ -1,1 +1,423 @@
-//! (to be written)
+//! The binary's command-line contract: every bad invocation exits non-zero with exactly
+//! one stderr line (`stratafs: ...`) naming the offending path or option, before
+//! anything is mounted, so none of these tests needs FUSE.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
+
+/// Runs the binary in `cwd`. A run that outlives the deadline means validation let a
+/// bad configuration through to the mount; it is killed and reported.
+fn run_in(cwd: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .env_remove("STRATAFS_STATE_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stratafs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!(
+                    "stratafs {args:?} did not exit within 30s; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn run(args: &[&str]) -> Output {
+    run_in(Path::new("/"), args)
+}
+
+/// Asserts a failed run whose stderr is one `stratafs: ` line containing every needle.
+#[track_caller]
+fn assert_fails(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}; stderr: {stderr}",
+        out.status
+    );
+    let text = stderr.trim_end_matches('\n');
+    assert!(
+        !text.is_empty() && !text.contains('\n'),
+        "stderr is not exactly one line: {stderr:?}"
+    );
+    assert!(text.starts_with("stratafs: "), "stderr: {text:?}");
+    for n in needles {
+        assert!(text.contains(n), "stderr {text:?} does not mention {n:?}");
+    }
+}
+
+/// A scratch tree: `l1`, `l2` (lower), `u`, `w` (upper, work), `mnt`, and a regular `file`.
+struct Tree {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = fs::canonicalize(tmp.path()).expect("canonicalize");
+        for d in ["l1", "l2", "u", "w", "mnt"] {
+            fs::create_dir(root.join(d)).expect("mkdir");
+        }
+        fs::write(root.join("file"), b"not a directory").expect("write");
+        Tree { _tmp: tmp, root }
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.root.join(rel).to_string_lossy().into_owned()
+    }
+
+    fn mkdir(&self, rel: &str) -> String {
+        fs::create_dir_all(self.root.join(rel)).expect("mkdir");
+        self.p(rel)
+    }
+
+    /// `-o OPTS MOUNTPOINT` against this tree's `mnt`.
+    fn mount_o(&self, opts: &str) -> Output {
+        run(&["-o", opts, &self.p("mnt")])
+    }
+}
+
+#[test]
+fn help_exits_zero_and_lists_every_form() {
+    for flag in ["--help", "-h"] {
+        let out = run(&[flag]);
+        assert!(out.status.success(), "{flag}: {:?}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for needle in [
+            "-o OPTIONS",
+            "SOURCE MOUNTPOINT",
+            "stratafs mount --lower",
+            "--upper",
+            "--work",
+            "--volume",
+            "--bind",
+            "stratafs umount MOUNTPOINT",
+            "stratafs demo",
+            "--version",
+            "lowerdir=",
+            "upperdir=",
+            "workdir=",
+            "uidmapping=",
+            "squash_to_root",
+            "xattr_permissions=",
+            "volatile",
+            "allow_other",
+        ] {
+            assert!(
+                text.contains(needle),
+                "{flag} output lacks {needle:?}:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn version_exits_zero() {
+    for flag in ["--version", "-V"] {
+        let out = run(&[flag]);
+        assert!(out.status.success(), "{flag}: {:?}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first = text.lines().next().unwrap_or("");
+        assert_eq!(
+            first,
+            format!("stratafs version {}", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(text.contains("FUSE library version: fuser"), "{text}");
+    }
+}
+
+#[test]
+fn usage_errors() {
+    assert_fails(&run(&[]), &["MOUNTPOINT"]);
+    assert_fails(&run(&["-o", "lowerdir=/tmp"]), &["MOUNTPOINT"]);
+    assert_fails(&run(&["--no-such-flag", "/mnt"]), &["--no-such-flag"]);
+    assert_fails(&run(&["/mnt", "-o"]), &["-o"]);
+    assert_fails(
+        &run(&["-o", "lowerdir=/tmp", "a", "b", "extra"]),
+        &["extra"],
+    );
+    assert_fails(&run(&["mount", "--lower", "/tmp"]), &["MOUNTPOINT"]);
+    assert_fails(&run(&["mount", "--lower"]), &["--lower"]);
+    assert_fails(&run(&["umount"]), &["MOUNTPOINT"]);
+    assert_fails(&run(&["demo", "extra"]), &["extra"]);
+}
+
+#[test]
+fn lowerdir_errors() {
+    let t = Tree::new();
+    assert_fails(&t.mount_o("upperdir=/u,workdir=/w"), &["lowerdir"]);
+    assert_fails(&t.mount_o("lowerdir="), &["lowerdir"]);
+    assert_fails(&t.mount_o("lowerdir"), &["lowerdir"]);
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={}:", t.p("l1"))),
+        &["lowerdir"],
+    );
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={}::{}", t.p("l1"), t.p("l2"))),
+        &["lowerdir"],
+    );
+    let nope = t.p("nope");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={}:{nope}", t.p("l1"))),
+        &["lowerdir", &nope, "No such file or directory"],
+    );
+    let file = t.p("file");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={file}")),
+        &["lowerdir", &file, "Not a directory"],
+    );
+}
+
+#[test]
+fn relative_lowerdir_is_resolved_from_the_working_directory() {
+    // podman runs fuse-overlayfs from its storage directory with `l/ID` symlinks.
+    let t = Tree::new();
+    t.mkdir("l");
+    symlink("../l1", t.root.join("l/ABC")).expect("symlink");
+    assert_fails(
+        &run_in(&t.root, &["-o", "lowerdir=l/MISSING", "mnt"]),
+        &["lowerdir", "l/MISSING", "No such file or directory"],
+    );
+    // The symlinked layer is accepted: the first problem found is the mountpoint.
+    assert_fails(
+        &run_in(
+            &t.root,
+            &["-o", "lowerdir=l/ABC:l2,upperdir=u,workdir=w", "no-mnt"],
+        ),
+        &["mountpoint", "no-mnt"],
+    );
+}
+
+#[test]
+fn upper_and_work_errors() {
+    let t = Tree::new();
+    let (l1, u, w) = (t.p("l1"), t.p("u"), t.p("w"));
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={u}")),
+        &["upperdir", &u, "workdir"],
+    );
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},workdir={w}")),
+        &["workdir", &w, "upperdir"],
+    );
+    let nope = t.p("nope");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={nope},workdir={w}")),
+        &["upperdir", &nope, "No such file or directory"],
+    );
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={u},workdir={nope}")),
+        &["workdir", &nope, "No such file or directory"],
+    );
+    let file = t.p("file");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={file},workdir={w}")),
+        &["upperdir", &file, "Not a directory"],
+    );
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={u},workdir={u}")),
+        &["workdir", &u],
+    );
+    let inside_u = t.mkdir("u/work");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={u},workdir={inside_u}")),
+        &["workdir", &inside_u, "upperdir"],
+    );
+    let inside_w = t.mkdir("w/upper");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},upperdir={inside_w},workdir={w}")),
+        &["upperdir", &inside_w, "workdir"],
+    );
+}
+
+#[test]
+fn upper_and_lower_must_not_nest() {
+    let t = Tree::new();
+    let (l1, l2, u, w) = (t.p("l1"), t.p("l2"), t.p("u"), t.p("w"));
+    let upper_in_lower = t.mkdir("l1/upper");
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={l2}:{l1},upperdir={upper_in_lower},workdir={w}"
+        )),
+        &["upperdir", &upper_in_lower, "lowerdir", &l1],
+    );
+    let lower_in_upper = t.mkdir("u/lower");
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={lower_in_upper},upperdir={u},workdir={w}"
+        )),
+        &["lowerdir", &lower_in_upper, "upperdir"],
+    );
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={u},upperdir={u},workdir={w}")),
+        &["upperdir", &u, "lowerdir"],
+    );
+    // Seen through a symlink, the lower layer still contains the upper one.
+    let link = t.p("link");
+    symlink(&l1, &link).expect("symlink");
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={link},upperdir={upper_in_lower},workdir={w}"
+        )),
+        &["upperdir", &upper_in_lower, &link],
+    );
+}
+
+#[test]
+fn workdir_on_another_filesystem() {
+    let t = Tree::new();
+    // /dev/shm is a tmpfs on ordinary systems; skip where it is absent or the same fs.
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let same = match (fs::metadata(&t.root), fs::metadata(shm.path())) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => true,
+    };
+    if same {
+        return;
+    }
+    let w = shm.path().to_string_lossy().into_owned();
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={},upperdir={},workdir={w}",
+            t.p("l1"),
+            t.p("u")
+        )),
+        &["workdir", &w, "same filesystem"],
+    );
+}
+
+#[test]
+fn mountpoint_errors() {
+    let t = Tree::new();
+    let lower = format!("lowerdir={}", t.p("l1"));
+    let nope = t.p("nope");
+    assert_fails(
+        &run(&["-o", &lower, &nope]),
+        &["mountpoint", &nope, "No such file or directory"],
+    );
+    let file = t.p("file");
+    assert_fails(
+        &run(&["-o", &lower, &file]),
+        &["mountpoint", &file, "Not a directory"],
+    );
+    // The mount(8) helper form: SOURCE is ignored, MOUNTPOINT is checked.
+    assert_fails(
+        &run(&["stratafs", &nope, "-o", &format!("rw,{lower},dev,suid")]),
+        &["mountpoint", &nope],
+    );
+}
+
+#[test]
+fn bad_option_values() {
+    let t = Tree::new();
+    let l1 = t.p("l1");
+    for (opt, needle) in [
+        ("xattr_permissions=3", "xattr_permissions"),
+        ("xattr_permissions=x", "xattr_permissions"),
+        ("squash_to_uid=abc", "squash_to_uid"),
+        ("squash_to_gid=-1", "squash_to_gid"),
+        ("uidmapping=0:1000", "uidmapping"),
+        ("uidmapping=0:1000:1:1", "uidmapping"),
+        ("uidmapping=0:x:1", "uidmapping"),
+        ("gidmapping=0:4294967295:2", "gidmapping"),
+        ("uidmapping=0:1000:10:5:2000:1", "uidmapping"),
+        ("timeout=soon", "timeout"),
+        ("fsync=2", "fsync"),
+        ("writeback=yes", "writeback"),
+        ("threaded=x", "threaded"),
+        ("passthrough=2", "passthrough"),
+        ("max_write=0", "max_write"),
+        ("volatile=1", "volatile"),
+        ("context=\"unterminated", "context"),
+        ("volume=bad/name:/x", "volume"),
+        ("volume=data:relative", "volume"),
+        ("volume=data:/a/../b", "volume"),
+        ("volume=a:/x,volume=b:/x", "/x"),
+        ("bind=/only-one-part", "bind"),
+        ("\"fsname=a,b\"", "fsname"),
+    ] {
+        let out = t.mount_o(&format!("lowerdir={l1},{opt}"));
+        assert_fails(&out, &[needle]);
+    }
+    let nope = t.p("nope");
+    assert_fails(
+        &t.mount_o(&format!("lowerdir={l1},bind={nope}:/srv")),
+        &["bind", &nope, "No such file or directory"],
+    );
+}
+
+#[test]
+fn mount_subcommand_errors() {
+    let t = Tree::new();
+    let (l1, u, w, mnt) = (t.p("l1"), t.p("u"), t.p("w"), t.p("mnt"));
+    let nope = t.p("nope");
+    assert_fails(
+        &run(&["mount", "--lower", &nope, &mnt]),
+        &["lowerdir", &nope, "No such file or directory"],
+    );
+    assert_fails(
+        &run(&["mount", "--lower", &l1, "--upper", &u, &mnt]),
+        &["upperdir", &u, "workdir"],
+    );
+    assert_fails(
+        &run(&["mount", "--lower", &l1, "--work", &w, &mnt]),
+        &["workdir", &w, "upperdir"],
+    );
+    assert_fails(
+        &run(&["mount", "--upper", &u, "--work", &w, &mnt]),
+        &["lowerdir"],
+    );
+    assert_fails(
+        &run(&["mount", "--lower", &l1, "--volume", "no colon", &mnt]),
+        &["volume"],
+    );
+    assert_fails(
+        &run(&[
+            "mount",
+            "--lower",
+            &l1,
+            "--bind",
+            &format!("{nope}:/srv"),
+            &mnt,
+        ]),
+        &["bind", &nope],
+    );
+    assert_fails(
+        &run(&["mount", "--lower", &l1, "--frobnicate", &mnt]),
+        &["--frobnicate"],
+    );
+    assert_fails(
+        &run(&[
+            "mount",
+            "--lower",
+            &l1,
+            "-o",
+            &format!("lowerdir={l1}"),
+            &mnt,
+        ]),
+        &["--lower", "lowerdir"],
+    );
+}

@@ -1,0 +1,400 @@
+//! Directory-fd-relative file operations on layer entries. See the module invariants in
+//! `sys/mod.rs`: one component per call, the final component never followed.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, Dev, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+
+pub use rustix::fs::{Stat, StatFs};
+
+use super::{Errno, SysResult};
+
+/// Refuses anything that is not exactly one path component.
+pub fn check_component(name: &OsStr) -> SysResult<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+        return Err(Errno::INVAL);
+    }
+    if bytes.contains(&0) {
+        return Err(Errno::INVAL);
+    }
+    if bytes.len() > 255 {
+        return Err(Errno::NAMETOOLONG);
+    }
+    Ok(())
+}
+
+/// The path through which the kernel reaches the object an fd refers to. Used where a
+/// syscall has no fd-relative form; the magic link resolves to exactly that inode.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    // A decimal number has no interior NUL.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+
+/// Opens a configured layer root. The path comes from the (validated) mount
+/// configuration and is allowed to be reached through symlinks.
+pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
+    rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// An O_PATH handle on a subdirectory; fails with ENOTDIR/ELOOP if `name` is not a
+/// real directory (a symlink to one does not count).
+pub fn open_dir(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<OwnedFd> {
+    check_component(name)?;
+    rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens an entry for I/O. O_NOFOLLOW is always added; O_CREAT gets O_EXCL semantics
+/// only when the caller asks.
+pub fn open_at(dirfd: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> SysResult<File> {
+    check_component(name)?;
+    let fd = rustix::fs::openat(
+        dirfd,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Opens a directory (given by an O_PATH handle) for reading its entries.
+pub fn open_dir_for_listing(dir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Re-opens the object behind an O_PATH handle with real access flags.
+pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> SysResult<File> {
+    let path = proc_fd_path(fd);
+    let fd = rustix::fs::open(
+        path.as_c_str(),
+        (flags | OFlags::CLOEXEC) & !(OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW),
+        Mode::empty(),
+    )?;
+    Ok(File::from(fd))
+}
+
+pub fn stat_at(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<Stat> {
+    check_component(name)?;
+    rustix::fs::statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+pub fn fstat(fd: BorrowedFd<'_>) -> SysResult<Stat> {
+    rustix::fs::fstat(fd)
+}
+
+pub fn fstatfs(fd: BorrowedFd<'_>) -> SysResult<StatFs> {
+    rustix::fs::fstatfs(fd)
+}
+
+pub fn mkdir_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()> {
+    check_component(name)?;
+    rustix::fs::mkdirat(dirfd, name, Mode::from_raw_mode(mode))
+}
+
+/// mknod of any non-directory, non-regular type. `mode` carries the S_IFMT bits.
+pub fn mknod_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> SysResult<()> {
+    check_component(name)?;
+    let kind = FileType::from_raw_mode(mode);
+    rustix::fs::mknodat(
+        dirfd,
+        name,
+        kind,
+        Mode::from_raw_mode(mode & 0o7777),
+        rdev as Dev,
+    )
+}
+
+pub fn symlink_at(target: &OsStr, dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    check_component(name)?;
+    if target.is_empty() || target.as_bytes().contains(&0) {
+        return Err(Errno::NOENT);
+    }
+    rustix::fs::symlinkat(target, dirfd, name)
+}
+
+pub fn readlink_at(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<OsString> {
+    check_component(name)?;
+    let target = rustix::fs::readlinkat(dirfd, name, Vec::new())?;
+    Ok(OsString::from_vec(target.into_bytes()))
+}
+
+pub fn link_at(
+    old_dir: BorrowedFd<'_>,
+    old_name: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new_name: &OsStr,
+) -> SysResult<()> {
+    check_component(old_name)?;
+    check_component(new_name)?;
+    rustix::fs::linkat(old_dir, old_name, new_dir, new_name, AtFlags::empty())
+}
+
+pub fn unlink_at(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    check_component(name)?;
+    rustix::fs::unlinkat(dirfd, name, AtFlags::empty())
+}
+
+pub fn rmdir_at(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
+    check_component(name)?;
+    rustix::fs::unlinkat(dirfd, name, AtFlags::REMOVEDIR)
+}
+
+/// How `rename_at` treats the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameKind {
+    Replace,
+    NoReplace,
+    Exchange,
+    /// Leave a whiteout (char 0/0) at the source; needs CAP_MKNOD.
+    Whiteout,
+}
+
+pub fn rename_at(
+    old_dir: BorrowedFd<'_>,
+    old_name: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new_name: &OsStr,
+    kind: RenameKind,
+) -> SysResult<()> {
+    check_component(old_name)?;
+    check_component(new_name)?;
+    let flags = match kind {
+        RenameKind::Replace => RenameFlags::empty(),
+        RenameKind::NoReplace => RenameFlags::NOREPLACE,
+        RenameKind::Exchange => RenameFlags::EXCHANGE,
+        RenameKind::Whiteout => RenameFlags::WHITEOUT,
+    };
+    rustix::fs::renameat_with(old_dir, old_name, new_dir, new_name, flags)
+}
+
+/// chmod without following a final symlink: Linux has no lchmod, so the entry is
+/// pinned with O_PATH|O_NOFOLLOW, checked not to be a symlink, and changed through
+/// its /proc magic link (which names exactly that inode).
+pub fn chmod_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()> {
+    check_component(name)?;
+    let fd = rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    chmod_fd(fd.as_fd(), mode)
+}
+
+/// chmod of the object behind any fd, O_PATH included; refuses symlinks.
+pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    let st = rustix::fs::fstat(fd)?;
+    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+        return Err(Errno::OPNOTSUPP);
+    }
+    let path = proc_fd_path(fd);
+    rustix::fs::chmod(path.as_c_str(), Mode::from_raw_mode(mode & 0o7777))
+}
+
+pub fn chown_at(
+    dirfd: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> SysResult<()> {
+    check_component(name)?;
+    rustix::fs::chownat(
+        dirfd,
+        name,
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+}
+
+pub fn fchown(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> SysResult<()> {
+    rustix::fs::chownat(
+        fd,
+        "",
+        uid.map(rustix::fs::Uid::from_raw),
+        gid.map(rustix::fs::Gid::from_raw),
+        AtFlags::EMPTY_PATH,
+    )
+}
+
+/// A timestamp for `utimens_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSpec {
+    Omit,
+    Now,
+    At { sec: i64, nsec: u32 },
+}
+
+fn timespec(t: TimeSpec) -> Timespec {
+    match t {
+        TimeSpec::Omit => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        TimeSpec::Now => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        TimeSpec::At { sec, nsec } => Timespec {
+            tv_sec: sec,
+            tv_nsec: nsec.into(),
+        },
+    }
+}
+
+pub fn utimens_at(
+    dirfd: BorrowedFd<'_>,
+    name: &OsStr,
+    atime: TimeSpec,
+    mtime: TimeSpec,
+) -> SysResult<()> {
+    check_component(name)?;
+    let times = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::utimensat(dirfd, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// utimens of the object behind any fd, O_PATH included (futimens refuses those).
+pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> SysResult<()> {
+    let times = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    let path = proc_fd_path(fd);
+    rustix::fs::utimensat(rustix::fs::CWD, path.as_c_str(), &times, AtFlags::empty())
+}
+
+pub fn futimens(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> SysResult<()> {
+    let times = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    rustix::fs::futimens(fd, &times)
+}
+
+/// One raw directory entry as the layer stores it.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub name: OsString,
+    pub ino: u64,
+    /// `S_IF*` bits from d_type; 0 when the filesystem does not report it.
+    pub kind: u32,
+}
+
+/// Reads every entry of a directory (given by an O_PATH handle), `.`/`..` excluded.
+pub fn read_dir(dir: BorrowedFd<'_>) -> SysResult<Vec<RawEntry>> {
+    let fd = open_dir_for_listing(dir)?;
+    let mut out = Vec::new();
+    let mut buf = Vec::with_capacity(32 * 1024);
+    let mut iter = rustix::fs::RawDir::new(&fd, buf.spare_capacity_mut());
+    while let Some(entry) = iter.next() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        out.push(RawEntry {
+            name: OsString::from_vec(name.to_vec()),
+            ino: entry.ino(),
+            kind: file_type_bits(entry.file_type()),
+        });
+    }
+    Ok(out)
+}
+
+fn file_type_bits(kind: FileType) -> u32 {
+    match kind {
+        FileType::RegularFile => libc::S_IFREG,
+        FileType::Directory => libc::S_IFDIR,
+        FileType::Symlink => libc::S_IFLNK,
+        FileType::Fifo => libc::S_IFIFO,
+        FileType::Socket => libc::S_IFSOCK,
+        FileType::CharacterDevice => libc::S_IFCHR,
+        FileType::BlockDevice => libc::S_IFBLK,
+        FileType::Unknown => 0,
+    }
+}
+
+pub fn pread(file: &File, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+    rustix::io::pread(file, buf, offset)
+}
+
+pub fn pwrite(file: &File, buf: &[u8], offset: u64) -> SysResult<usize> {
+    rustix::io::pwrite(file, buf, offset)
+}
+
+pub fn fsync(file: &File, data_only: bool) -> SysResult<()> {
+    if data_only {
+        rustix::fs::fdatasync(file)
+    } else {
+        rustix::fs::fsync(file)
+    }
+}
+
+/// fsync of a directory given by an O_PATH handle (O_PATH fds cannot be synced).
+pub fn fsync_dir(dir: BorrowedFd<'_>) -> SysResult<()> {
+    let fd = open_dir_for_listing(dir)?;
+    rustix::fs::fsync(&fd)
+}
+
+pub fn ftruncate(file: &File, len: u64) -> SysResult<()> {
+    rustix::fs::ftruncate(file, len)
+}
+
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> SysResult<()> {
+    let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+    rustix::fs::fallocate(file, flags, offset, len)
+}
+
+/// lseek for SEEK_SET/CUR/END/DATA/HOLE (`whence` as in lseek(2)).
+pub fn lseek(file: &File, offset: i64, whence: i32) -> SysResult<u64> {
+    use rustix::fs::SeekFrom;
+    let pos = match whence {
+        libc::SEEK_SET => SeekFrom::Start(u64::try_from(offset).map_err(|_| Errno::INVAL)?),
+        libc::SEEK_CUR => SeekFrom::Current(offset),
+        libc::SEEK_END => SeekFrom::End(offset),
+        libc::SEEK_DATA => SeekFrom::Data(u64::try_from(offset).map_err(|_| Errno::NXIO)?),
+        libc::SEEK_HOLE => SeekFrom::Hole(u64::try_from(offset).map_err(|_| Errno::NXIO)?),
+        _ => return Err(Errno::INVAL),
+    };
+    rustix::fs::seek(file, pos)
+}
+
+pub fn copy_file_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: usize,
+) -> SysResult<usize> {
+    let mut src_off = src_off;
+    let mut dst_off = dst_off;
+    rustix::fs::copy_file_range(src, Some(&mut src_off), dst, Some(&mut dst_off), len)
+}
+
+/// Shares the source's extents with the destination (reflink); fails with
+/// EOPNOTSUPP/EXDEV/EINVAL where the filesystem cannot.
+pub fn clone_file(dst: &File, src: &File) -> SysResult<()> {
+    rustix::fs::ioctl_ficlone(dst, src)
+}

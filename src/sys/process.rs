@@ -1,0 +1,167 @@
+//! Process-level calls for the daemon: fork/detach, stdio, limits and signals.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use super::SysResult;
+
+/// Which side of a fork we are on.
+pub enum Forked {
+    /// The original process; carries the read end of the readiness pipe.
+    Parent(File),
+    /// The new process; carries the write end of the readiness pipe.
+    Child(File),
+}
+
+/// Forks the process, connecting parent and child with a pipe through which the
+/// child reports whether the mount came up.
+///
+/// Must be called while the process is single-threaded: after fork only the calling
+/// thread exists in the child, so any other thread's locks would stay held forever.
+pub fn fork_with_pipe() -> SysResult<Forked> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // SAFETY: the caller guarantees no other thread exists, which is the condition
+    // under which fork in a Rust program is sound.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(rustix::io::Errno::from_raw_os_error(errno()));
+    }
+    if pid == 0 {
+        drop(read);
+        Ok(Forked::Child(File::from(write)))
+    } else {
+        drop(write);
+        Ok(Forked::Parent(File::from(read)))
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Reads the child's report: `Ok(())` for "mounted", `Err(message)` otherwise.
+pub fn read_report(mut pipe: File) -> Result<(), String> {
+    let mut text = String::new();
+    let _ = pipe.read_to_string(&mut text);
+    match text.strip_prefix("OK") {
+        Some(_) => Ok(()),
+        None if text.is_empty() => Err("the daemon exited before the mount was ready".into()),
+        None => Err(text.trim_end().to_string()),
+    }
+}
+
+pub fn write_report(mut pipe: File, result: Result<(), &str>) {
+    let msg = match result {
+        Ok(()) => "OK".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let _ = pipe.write_all(msg.as_bytes());
+}
+
+/// Starts a new session so the daemon is not killed with the caller's terminal.
+pub fn detach_session() {
+    let _ = rustix::process::setsid();
+}
+
+/// Points stdin, stdout and stderr at /dev/null. A caller that reads our stderr until
+/// it closes (containers/storage does) then sees EOF once the parent exits.
+pub fn stdio_to_devnull() -> SysResult<()> {
+    let null: OwnedFd = rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    rustix::stdio::dup2_stdin(null.as_fd())?;
+    rustix::stdio::dup2_stdout(null.as_fd())?;
+    rustix::stdio::dup2_stderr(null.as_fd())?;
+    Ok(())
+}
+
+/// Makes sure fds 0-2 are open, so that no file we open later lands on them (fuser
+/// refuses a /dev/fuse fd below 3, and a stray write to "stderr" must not hit a layer).
+pub fn ensure_stdio_open() {
+    for _ in 0..3 {
+        match rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => {
+                use std::os::fd::{AsRawFd, IntoRawFd};
+                if fd.as_raw_fd() > 2 {
+                    return; // dropping closes it
+                }
+                // Keep it: it now fills one of 0, 1, 2.
+                let _ = fd.into_raw_fd();
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Created files must get exactly the mode the kernel sent (it already applied the
+/// caller's umask), so the daemon's own umask is cleared.
+pub fn clear_umask() {
+    rustix::process::umask(rustix::fs::Mode::empty());
+}
+
+/// Raises the open-file soft limit to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in the calling thread (and every thread it creates
+/// afterwards), so they can be taken synchronously by `wait_for_termination_signal`.
+pub fn block_termination_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits until SIGINT, SIGTERM or SIGHUP arrives; returns its number.
+pub fn wait_for_termination_signal() -> i32 {
+    // SAFETY: as above; sigwait only writes the signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let mut sig: libc::c_int = 0;
+        loop {
+            if libc::sigwait(&set, &mut sig) == 0 {
+                return sig;
+            }
+        }
+    }
+}
+
+/// Detaches the mount at `path` (lazy unmount), for shutdown on a signal.
+pub fn lazy_unmount(path: &std::path::Path) -> SysResult<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
+}
+
+/// f_type of the filesystem holding `path` (used to wait for a mount to be live).
+pub fn fs_magic(path: &std::path::Path) -> SysResult<i64> {
+    Ok(rustix::fs::statfs(path)?.f_type as i64)
+}
+
+/// FUSE_SUPER_MAGIC: what statfs reports once a FUSE mount is live.
+pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;

@@ -1,0 +1,107 @@
+//! Attributes: getattr, setattr (which copies up first) and statfs.
+
+use std::os::fd::AsFd;
+
+use rustix::fs::OFlags;
+
+use super::copy_up::CopyData;
+use super::{Attr, Errno, Ino, Result, SetAttr, SetTime, StatFs, UPPER, Union};
+use crate::sys::{self, fs::TimeSpec};
+
+fn time_spec(t: Option<SetTime>) -> TimeSpec {
+    match t {
+        None => TimeSpec::Omit,
+        Some(SetTime::Now) => TimeSpec::Now,
+        Some(SetTime::At(t)) => TimeSpec::At {
+            sec: t.sec,
+            nsec: t.nsec,
+        },
+    }
+}
+
+impl Union {
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        let st = self.stat_inode(&inode)?;
+        Ok(self.attr_of(&inode, &st))
+    }
+
+    /// Changes attributes; a lower entry is copied up first (without its data when
+    /// the change truncates it to zero anyway). `fh` is an open handle on the file,
+    /// used for truncation when given.
+    pub fn setattr(&self, ino: Ino, set: &SetAttr, fh: Option<u64>) -> Result<Attr> {
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        let data = if set.size == Some(0) {
+            CopyData::No
+        } else {
+            CopyData::Yes
+        };
+        self.copy_up(&inode, data)?;
+
+        if let Some(size) = set.size {
+            if inode.kind != libc::S_IFREG {
+                return Err(if inode.is_dir() {
+                    Errno::ISDIR
+                } else {
+                    Errno::INVAL
+                });
+            }
+            match fh.and_then(|fh| self.files.get(&fh).map(|f| f.value().clone())) {
+                Some(handle) if handle.writable => sys::fs::ftruncate(&handle.file, size)?,
+                _ => {
+                    let (pfd, name, _) = self.entry_loc(&inode)?;
+                    let file = sys::fs::open_at(pfd.as_fd(), &name, OFlags::WRONLY, 0)?;
+                    sys::fs::ftruncate(&file, size)?;
+                }
+            }
+        }
+
+        if inode.is_dir() {
+            let fd = self.dir_fd(&inode, UPPER)?;
+            if set.uid.is_some() || set.gid.is_some() {
+                sys::fs::fchown(fd.as_fd(), set.uid, set.gid)?;
+            }
+            if let Some(mode) = set.mode {
+                sys::fs::chmod_fd(fd.as_fd(), mode)?;
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                sys::fs::utimens_fd(fd.as_fd(), time_spec(set.atime), time_spec(set.mtime))?;
+            }
+        } else {
+            let (pfd, name, _) = self.entry_loc(&inode)?;
+            if set.uid.is_some() || set.gid.is_some() {
+                sys::fs::chown_at(pfd.as_fd(), &name, set.uid, set.gid)?;
+            }
+            if let Some(mode) = set.mode {
+                sys::fs::chmod_at(pfd.as_fd(), &name, mode)?;
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                sys::fs::utimens_at(
+                    pfd.as_fd(),
+                    &name,
+                    time_spec(set.atime),
+                    time_spec(set.mtime),
+                )?;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    /// Statistics of the filesystem new data goes to: the upper layer's, or the top
+    /// lower's on a read-only mount.
+    pub fn statfs(&self) -> Result<StatFs> {
+        let layer = self.layer(0)?;
+        let st = sys::fs::fstatfs(layer.root_fd())?;
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: 255,
+            frsize: st.f_frsize as u32,
+        })
+    }
+}

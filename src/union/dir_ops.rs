@@ -1,0 +1,604 @@
+//! Namespace operations (the kernel's dir.c): create, mkdir, mknod, symlink, link,
+//! unlink, rmdir, rename.
+//!
+//! Invariants:
+//! - A new entry over a whiteout is built in the work directory and renamed into
+//!   place, so the whiteout is replaced atomically; a new directory there is opaque
+//!   (it must not show what the whiteout hid).
+//! - Removing or moving away an entry that also exists in a lower layer leaves a
+//!   whiteout in the same step where the filesystem allows it (rename over the
+//!   entry, RENAME_WHITEOUT); with AUFS whiteouts the marker is written first, so a
+//!   crash in between leaves the old entry visible, never the lower one.
+//! - ENOTEMPTY is judged on the merged view.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::fs::OFlags;
+
+use super::copy_up::CopyData;
+use super::inode::Inode;
+use super::lookup::{Found, check_name};
+use super::whiteout::{
+    self, OPAQUE_MARKER, WhiteoutStyle, is_reserved_name, is_whiteout_stat, whiteout_name,
+    whiteout_target,
+};
+use super::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, UPPER, Union};
+use crate::sys::{self, fs::RenameKind};
+
+/// What the upper directory holds at a name.
+enum Slot {
+    Free,
+    CharWhiteout,
+    AufsWhiteout,
+    Occupied,
+}
+
+fn upper_slot(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Slot> {
+    match sys::fs::stat_at(dir, name) {
+        Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => Ok(Slot::CharWhiteout),
+        Ok(_) => Ok(Slot::Occupied),
+        Err(Errno::NOENT) => match sys::fs::stat_at(dir, &whiteout_name(name)) {
+            Ok(_) => Ok(Slot::AufsWhiteout),
+            Err(_) => Ok(Slot::Free),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Owner and extra mode bits of a new entry: the caller's, except that a set-group-ID
+/// directory passes on its group (and, to directories, the set-group-ID bit).
+fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32, u32) {
+    if parent.st_mode & libc::S_ISGID != 0 {
+        (caller.uid, parent.st_gid, if is_dir { libc::S_ISGID } else { 0 })
+    } else {
+        (caller.uid, caller.gid, 0)
+    }
+}
+
+/// Gives a freshly made entry its owner, then its mode (chown clears set-ID bits,
+/// so the mode goes second).
+fn set_owner_and_mode(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+) -> Result<()> {
+    sys::fs::chown_at(dir, name, Some(uid), Some(gid))?;
+    if let Some(mode) = mode {
+        sys::fs::chmod_at(dir, name, mode)?;
+    }
+    Ok(())
+}
+
+impl Union {
+    /// Common checks of every operation that makes a new name; returns the parent,
+    /// copied up.
+    fn prepare_new_name(&self, parent: Ino, name: &OsStr) -> Result<Arc<Inode>> {
+        self.check_writable()?;
+        check_name(name)?;
+        if is_reserved_name(name) {
+            return Err(Errno::INVAL);
+        }
+        let p = self.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
+        if self.resolve(&p, name)?.is_some() {
+            return Err(Errno::EXIST);
+        }
+        self.copy_up(&p, CopyData::Yes)?;
+        Ok(p)
+    }
+
+    /// Publishes a new entry `name` in the upper copy of `parent`. `make` creates it
+    /// (with owner and mode) under the directory and name it is given: in place when
+    /// the name is free, in the work directory when a whiteout must be replaced.
+    fn install(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        is_dir: bool,
+        make: &mut dyn FnMut(BorrowedFd<'_>, &OsStr) -> Result<()>,
+    ) -> Result<()> {
+        let ufd = self.dir_fd(parent, UPPER)?;
+        let slot = upper_slot(ufd.as_fd(), name)?;
+        if let Slot::Occupied = slot {
+            return Err(Errno::EXIST);
+        }
+        if let Slot::Free = slot {
+            return make(ufd.as_fd(), name);
+        }
+        let work = self.work_fd()?.clone();
+        let temp = self.temp_name();
+        let staged = (|| {
+            make(work.as_fd(), &temp)?;
+            if is_dir {
+                whiteout::mark_opaque(sys::fs::open_dir(work.as_fd(), &temp)?.as_fd())?;
+            }
+            match slot {
+                Slot::CharWhiteout if is_dir => {
+                    sys::fs::rename_at(
+                        work.as_fd(),
+                        &temp,
+                        ufd.as_fd(),
+                        name,
+                        RenameKind::Exchange,
+                    )?;
+                    // `temp` is now the old whiteout.
+                    sys::fs::unlink_at(work.as_fd(), &temp)
+                }
+                Slot::CharWhiteout => sys::fs::rename_at(
+                    work.as_fd(),
+                    &temp,
+                    ufd.as_fd(),
+                    name,
+                    RenameKind::Replace,
+                ),
+                _ => {
+                    sys::fs::rename_at(
+                        work.as_fd(),
+                        &temp,
+                        ufd.as_fd(),
+                        name,
+                        RenameKind::NoReplace,
+                    )?;
+                    sys::fs::unlink_at(ufd.as_fd(), &whiteout_name(name))
+                }
+            }
+        })();
+        if staged.is_err() {
+            let _ = super::remove_tree(work.as_fd(), &temp);
+        }
+        staged
+    }
+
+    /// Looks the just-made entry up, giving the kernel its reference.
+    fn entry_after_create(&self, parent: &Inode, name: &OsStr) -> Result<Entry> {
+        let found = self.resolve(parent, name)?.ok_or(Errno::NOENT)?;
+        let inode = self.adopt(parent.ino, name, found)?;
+        let attr = self.getattr(inode.ino)?;
+        Ok(Entry {
+            attr,
+            ttl: self.opts.ttl,
+        })
+    }
+
+    fn parent_upper_stat(&self, parent: &Inode) -> Result<sys::fs::Stat> {
+        sys::fs::fstat(self.dir_fd(parent, UPPER)?.as_fd())
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Entry, u64, Arc<OpenFile>)> {
+        let p = self.prepare_new_name(parent, name)?;
+        let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
+        let perm = mode & 0o7777;
+        let mut opened: Option<File> = None;
+        self.install(&p, name, false, &mut |dir, n| {
+            let file = sys::fs::open_at(
+                dir,
+                n,
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
+                perm,
+            )?;
+            sys::fs::fchown(file.as_fd(), Some(uid), Some(gid))?;
+            if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                sys::fs::chmod_fd(file.as_fd(), perm)?;
+            }
+            opened = Some(file);
+            Ok(())
+        })?;
+        let file = opened.ok_or(Errno::IO)?;
+        let entry = self.entry_after_create(&p, name)?;
+        let (fh, handle) = self.register_file(entry.attr.ino, file, true);
+        let _ = flags;
+        Ok((entry, fh, handle))
+    }
+
+    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Entry> {
+        let p = self.prepare_new_name(parent, name)?;
+        let (uid, gid, extra) = new_owner(caller, &self.parent_upper_stat(&p)?, true);
+        let perm = (mode & 0o7777) | extra;
+        self.install(&p, name, true, &mut |dir, n| {
+            sys::fs::mkdir_at(dir, n, perm)?;
+            set_owner_and_mode(dir, n, uid, gid, Some(perm))
+        })?;
+        self.entry_after_create(&p, name)
+    }
+
+    pub fn mknod(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+    ) -> Result<Entry> {
+        let kind = mode & libc::S_IFMT;
+        // A char device 0/0 is a whiteout in the overlay format: creating one would
+        // make the name vanish. Kernel overlayfs refuses it the same way.
+        if kind == libc::S_IFCHR && rdev == 0 {
+            return Err(Errno::PERM);
+        }
+        let p = self.prepare_new_name(parent, name)?;
+        let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
+        let perm = mode & 0o7777;
+        self.install(&p, name, false, &mut |dir, n| {
+            if kind == libc::S_IFREG || kind == 0 {
+                drop(sys::fs::open_at(
+                    dir,
+                    n,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                    perm,
+                )?);
+            } else {
+                sys::fs::mknod_at(dir, n, kind | perm, rdev)?;
+            }
+            let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
+            set_owner_and_mode(dir, n, uid, gid, setid.then_some(perm))
+        })?;
+        self.entry_after_create(&p, name)
+    }
+
+    pub fn symlink(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        target: &OsStr,
+    ) -> Result<Entry> {
+        let p = self.prepare_new_name(parent, name)?;
+        let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
+        self.install(&p, name, false, &mut |dir, n| {
+            sys::fs::symlink_at(target, dir, n)?;
+            set_owner_and_mode(dir, n, uid, gid, None)
+        })?;
+        self.entry_after_create(&p, name)
+    }
+
+    /// Makes `newname` in `newparent` another name of `ino` (copied up first, so that
+    /// both names share the upper file).
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Entry> {
+        let inode = self.inode(ino)?;
+        if inode.is_dir() {
+            return Err(Errno::PERM);
+        }
+        let p = self.prepare_new_name(newparent, newname)?;
+        self.copy_up(&inode, CopyData::Yes)?;
+        let (src_dir, src_name, _) = self.entry_loc(&inode)?;
+        self.install(&p, newname, false, &mut |dir, n| {
+            sys::fs::link_at(src_dir.as_fd(), &src_name, dir, n)
+        })?;
+        self.entry_after_create(&p, newname)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<std::ffi::OsString> {
+        let inode = self.inode(ino)?;
+        if inode.kind != libc::S_IFLNK {
+            return Err(Errno::INVAL);
+        }
+        let (pfd, name, _) = self.entry_loc(&inode)?;
+        sys::fs::readlink_at(pfd.as_fd(), &name)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, true)
+    }
+
+    fn remove(&self, parent: Ino, name: &OsStr, dir: bool) -> Result<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        let p = self.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
+        let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let is_dir = found.kind == libc::S_IFDIR;
+        match (dir, is_dir) {
+            (true, false) => return Err(Errno::NOTDIR),
+            (false, true) => return Err(Errno::ISDIR),
+            _ => {}
+        }
+        let child = self.inodes.by_identity((found.stat.st_dev, found.stat.st_ino));
+        if is_dir {
+            let scratch;
+            let probe = match &child {
+                Some(c) => c.clone(),
+                None => {
+                    scratch = self.adopt(parent, name, found_clone(&found))?;
+                    self.inodes.forget(scratch.ino, 1);
+                    scratch
+                }
+            };
+            if !self.is_empty_dir(&probe)? {
+                return Err(Errno::NOTEMPTY);
+            }
+        }
+        self.copy_up(&p, CopyData::Yes)?;
+        let pinned = match (&child, is_dir) {
+            (Some(_), false) if found.top_layer() == UPPER && self.upper => {
+                let ufd = self.dir_fd(&p, UPPER)?;
+                sys::fs::open_at(ufd.as_fd(), name, OFlags::PATH, 0)
+                    .ok()
+                    .map(|f| Arc::new(OwnedFd::from(f)))
+            }
+            _ => None,
+        };
+        self.remove_entry(&p, name, &found)?;
+        if let Some(c) = child {
+            let mut st = c.state.write();
+            if st.parent == parent && st.name == name {
+                st.detached = true;
+                st.pinned = pinned;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name` (resolved as `found`) from the merged view of `parent`, whose
+    /// upper copy exists. A directory must already be known to be empty there.
+    fn remove_entry(&self, parent: &Inode, name: &OsStr, found: &Found) -> Result<()> {
+        let ufd = self.dir_fd(parent, UPPER)?;
+        let needs_whiteout = self.lower_has(parent, name)?;
+        let in_upper = found.top_layer() == UPPER;
+        let is_dir = found.kind == libc::S_IFDIR;
+        if !in_upper {
+            return whiteout::write_whiteout(ufd.as_fd(), name, self.whiteout_style);
+        }
+        if needs_whiteout && self.whiteout_style == WhiteoutStyle::CharDevice {
+            let work = self.work_fd()?.clone();
+            let temp = self.temp_name();
+            sys::fs::mknod_at(work.as_fd(), &temp, libc::S_IFCHR, 0)?;
+            let kind = if is_dir {
+                RenameKind::Exchange
+            } else {
+                RenameKind::Replace
+            };
+            if let Err(e) = sys::fs::rename_at(work.as_fd(), &temp, ufd.as_fd(), name, kind) {
+                let _ = sys::fs::unlink_at(work.as_fd(), &temp);
+                return Err(e);
+            }
+            if is_dir {
+                // The emptied directory now sits in the work dir; it holds only
+                // whiteouts and markers.
+                super::remove_tree(work.as_fd(), &temp)?;
+            }
+            return Ok(());
+        }
+        if needs_whiteout {
+            whiteout::write_whiteout(ufd.as_fd(), name, WhiteoutStyle::AufsFile)?;
+        }
+        if is_dir {
+            let sub = sys::fs::open_dir(ufd.as_fd(), name)?;
+            clear_markers(sub.as_fd())?;
+            drop(sub);
+            sys::fs::rmdir_at(ufd.as_fd(), name)
+        } else {
+            sys::fs::unlink_at(ufd.as_fd(), name)
+        }
+    }
+
+    /// Finds the inode of a resolved entry, creating one (with a reference the caller
+    /// must drop) when the kernel does not hold it.
+    fn inode_for(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Arc<Inode>, bool)> {
+        match self.inodes.by_identity((found.stat.st_dev, found.stat.st_ino)) {
+            Some(i) if i.kind == found.kind => Ok((i, false)),
+            _ => Ok((self.adopt(parent, name, found_clone(found))?, true)),
+        }
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        mode: RenameMode,
+    ) -> Result<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        check_name(newname)?;
+        if is_reserved_name(newname) {
+            return Err(Errno::INVAL);
+        }
+        let p = self.inode(parent)?;
+        let q = self.inode(newparent)?;
+        if !p.is_dir() || !q.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
+        let src = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.resolve(&q, newname)?;
+        match (mode, &dst) {
+            (RenameMode::NoReplace, Some(_)) => return Err(Errno::EXIST),
+            (RenameMode::Exchange, None) => return Err(Errno::NOENT),
+            _ => {}
+        }
+        let (src_inode, src_temp) = self.inode_for(parent, name, &src)?;
+        let dst_pair = match &dst {
+            Some(d) => Some(self.inode_for(newparent, newname, d)?),
+            None => None,
+        };
+        let result = self.rename_resolved(&p, name, &q, newname, mode, &src, &src_inode, dst.as_ref(), dst_pair.as_ref().map(|d| &d.0));
+        if src_temp {
+            self.inodes.forget(src_inode.ino, 1);
+        }
+        if let Some((d, true)) = &dst_pair {
+            self.inodes.forget(d.ino, 1);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename_resolved(
+        &self,
+        p: &Inode,
+        name: &OsStr,
+        q: &Inode,
+        newname: &OsStr,
+        mode: RenameMode,
+        src: &Found,
+        src_inode: &Arc<Inode>,
+        dst: Option<&Found>,
+        dst_inode: Option<&Arc<Inode>>,
+    ) -> Result<()> {
+        if Arc::ptr_eq(src_inode, dst_inode.unwrap_or(src_inode)) && dst.is_some() {
+            // Two names of one object (or the same name): rename(2) does nothing.
+            return Ok(());
+        }
+        let src_dir = src.kind == libc::S_IFDIR;
+        let has_lower = |f: &Found| f.layers.iter().any(|l| l.layer != UPPER || !self.upper);
+        // Directories with lower content cannot be moved without a redirect; like
+        // kernel overlayfs with redirect_dir=off, answer EXDEV (mv then copies).
+        if src_dir && has_lower(src) {
+            return Err(Errno::XDEV);
+        }
+        if let (Some(d), Some(di)) = (dst, dst_inode) {
+            let dst_dir = d.kind == libc::S_IFDIR;
+            if mode == RenameMode::Exchange {
+                if dst_dir && has_lower(d) {
+                    return Err(Errno::XDEV);
+                }
+            } else {
+                if src_dir && !dst_dir {
+                    return Err(Errno::NOTDIR);
+                }
+                if !src_dir && dst_dir {
+                    return Err(Errno::ISDIR);
+                }
+                if dst_dir && !self.is_empty_dir(di)? {
+                    return Err(Errno::NOTEMPTY);
+                }
+            }
+        }
+        self.copy_up(src_inode, CopyData::Yes)?;
+        self.copy_up(q, CopyData::Yes)?;
+        if mode == RenameMode::Exchange {
+            if let Some(di) = dst_inode {
+                self.copy_up(di, CopyData::Yes)?;
+            }
+        }
+        let pfd = self.dir_fd(p, UPPER)?;
+        let qfd = self.dir_fd(q, UPPER)?;
+
+        if mode == RenameMode::Exchange {
+            let dst_inode = dst_inode.ok_or(Errno::NOENT)?;
+            if src_dir && self.lower_has(q, newname)? {
+                whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
+            }
+            if dst_inode.is_dir() && self.lower_has(p, name)? {
+                whiteout::mark_opaque(self.dir_fd(dst_inode, UPPER)?.as_fd())?;
+            }
+            sys::fs::rename_at(pfd.as_fd(), name, qfd.as_fd(), newname, RenameKind::Exchange)?;
+            set_name(src_inode, q.ino, newname);
+            set_name(dst_inode, p.ino, name);
+            return Ok(());
+        }
+
+        let src_whiteout = self.lower_has(p, name)?;
+        if src_dir && self.lower_has(q, newname)? {
+            whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
+        }
+        let mut pinned = None;
+        if let (Some(d), Some(di)) = (dst, dst_inode) {
+            if d.top_layer() == UPPER && self.upper {
+                if di.is_dir() {
+                    clear_markers(self.dir_fd(di, UPPER)?.as_fd())?;
+                } else {
+                    pinned = sys::fs::open_at(qfd.as_fd(), newname, OFlags::PATH, 0)
+                        .ok()
+                        .map(|f| Arc::new(OwnedFd::from(f)));
+                }
+            }
+        }
+        match upper_slot(qfd.as_fd(), newname)? {
+            Slot::CharWhiteout if src_dir => {
+                // A directory cannot replace a char device: swap them instead, which
+                // leaves the whiteout at the source, where it is wanted or removed.
+                sys::fs::rename_at(pfd.as_fd(), name, qfd.as_fd(), newname, RenameKind::Exchange)?;
+                if !src_whiteout {
+                    sys::fs::unlink_at(pfd.as_fd(), name)?;
+                }
+            }
+            Slot::AufsWhiteout => {
+                self.move_entry(pfd.as_fd(), name, qfd.as_fd(), newname, src_whiteout)?;
+                sys::fs::unlink_at(qfd.as_fd(), &whiteout_name(newname))?;
+            }
+            _ => self.move_entry(pfd.as_fd(), name, qfd.as_fd(), newname, src_whiteout)?,
+        }
+        set_name(src_inode, q.ino, newname);
+        if let Some(di) = dst_inode {
+            let mut st = di.state.write();
+            st.detached = true;
+            st.pinned = pinned;
+        }
+        Ok(())
+    }
+
+    /// rename(2) in the upper layer, leaving a whiteout at the source when asked.
+    fn move_entry(
+        &self,
+        from_dir: BorrowedFd<'_>,
+        from: &OsStr,
+        to_dir: BorrowedFd<'_>,
+        to: &OsStr,
+        whiteout_source: bool,
+    ) -> Result<()> {
+        if !whiteout_source {
+            return sys::fs::rename_at(from_dir, from, to_dir, to, RenameKind::Replace);
+        }
+        if self.whiteout_style == WhiteoutStyle::CharDevice {
+            match sys::fs::rename_at(from_dir, from, to_dir, to, RenameKind::Whiteout) {
+                Err(Errno::INVAL) | Err(Errno::PERM) | Err(Errno::OPNOTSUPP) => {}
+                other => return other,
+            }
+        }
+        whiteout::write_whiteout(from_dir, from, WhiteoutStyle::AufsFile)?;
+        sys::fs::rename_at(from_dir, from, to_dir, to, RenameKind::Replace)
+    }
+}
+
+fn set_name(inode: &Inode, parent: Ino, name: &OsStr) {
+    let mut st = inode.state.write();
+    st.parent = parent;
+    st.name = name.to_os_string();
+}
+
+fn found_clone(found: &Found) -> Found {
+    Found {
+        kind: found.kind,
+        stat: found.stat,
+        layers: found.layers.clone(),
+    }
+}
+
+/// Empties an upper directory that is empty in the merged view: only whiteouts and
+/// opaque markers may remain in it; anything else means the view was wrong.
+fn clear_markers(dir: BorrowedFd<'_>) -> Result<()> {
+    for entry in sys::fs::read_dir(dir)? {
+        let is_marker = entry.name == OPAQUE_MARKER || whiteout_target(&entry.name).is_some();
+        let is_char_whiteout = !is_marker
+            && (entry.kind == libc::S_IFCHR || entry.kind == 0)
+            && sys::fs::stat_at(dir, &entry.name)
+                .map(|st| is_whiteout_stat(st.st_mode, st.st_rdev))
+                .unwrap_or(false);
+        if !is_marker && !is_char_whiteout {
+            return Err(Errno::NOTEMPTY);
+        }
+        sys::fs::unlink_at(dir, &entry.name)?;
+    }
+    Ok(())
+}

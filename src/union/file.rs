@@ -1,0 +1,173 @@
+//! Open files and their data operations. A handle owns a real fd on the layer file:
+//! upper for writers (copied up at open), the top-most layer's for readers.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::OFlags;
+
+use super::copy_up::CopyData;
+use super::{Errno, Ino, Result, Union};
+use crate::sys;
+
+pub struct OpenFile {
+    pub ino: Ino,
+    /// The real file; handed to the kernel for passthrough by the adapter.
+    pub file: File,
+    pub writable: bool,
+}
+
+/// Access flags the daemon passes on to the real open. O_APPEND is dropped: the
+/// kernel sends explicit offsets for every write, and an O_APPEND fd would ignore
+/// them. O_CREAT/O_EXCL/O_TRUNC are handled by the engine itself.
+fn real_open_flags(flags: i32) -> OFlags {
+    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME | libc::O_DIRECT;
+    OFlags::from_bits_retain((flags & keep) as u32)
+}
+
+fn wants_write(flags: i32) -> bool {
+    let acc = flags & libc::O_ACCMODE;
+    acc == libc::O_WRONLY || acc == libc::O_RDWR || flags & libc::O_TRUNC != 0
+}
+
+impl Union {
+    /// Opens `ino` with open(2) `flags`; writers get a copied-up file.
+    pub fn open(&self, ino: Ino, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
+        let inode = self.inode(ino)?;
+        if inode.is_dir() {
+            return Err(Errno::ISDIR);
+        }
+        let write = wants_write(flags);
+        if write {
+            self.check_writable()?;
+            let data = if flags & libc::O_TRUNC != 0 {
+                CopyData::No
+            } else {
+                CopyData::Yes
+            };
+            self.copy_up(&inode, data)?;
+        }
+        let (pfd, name, _) = self.entry_loc(&inode)?;
+        let mut oflags = real_open_flags(flags);
+        if flags & libc::O_TRUNC != 0 {
+            oflags |= OFlags::TRUNC;
+        }
+        let file = match inode.kind {
+            libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
+            // Special files are served by the kernel (FUSE never sees their I/O);
+            // an O_PATH handle is enough to answer fstat-style requests.
+            _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+        };
+        Ok(self.register_file(ino, file, write))
+    }
+
+    pub(crate) fn register_file(&self, ino: Ino, file: File, writable: bool) -> (u64, Arc<OpenFile>) {
+        let fh = self.new_handle();
+        let handle = Arc::new(OpenFile {
+            ino,
+            file,
+            writable,
+        });
+        if let Some(inode) = self.inodes.get(ino) {
+            inode.open_count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.files.insert(fh, handle.clone());
+        (fh, handle)
+    }
+
+    pub fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        self.files
+            .get(&fh)
+            .map(|f| f.value().clone())
+            .ok_or(Errno::BADF)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let handle = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::fs::pread(&handle.file, &mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let handle = self.file(fh)?;
+        if !handle.writable {
+            return Err(Errno::BADF);
+        }
+        let mut done = 0;
+        while done < data.len() {
+            match sys::fs::pwrite(&handle.file, &data[done..], offset + done as u64) {
+                Ok(0) => return Err(Errno::IO),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => continue,
+                Err(e) if done == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(done)
+    }
+
+    pub fn fsync(&self, fh: u64, data_only: bool) -> Result<()> {
+        let handle = self.file(fh)?;
+        if !self.opts.syncs || !handle.writable {
+            return Ok(());
+        }
+        sys::fs::fsync(&handle.file, data_only)
+    }
+
+    pub fn release(&self, fh: u64) {
+        if let Some((_, handle)) = self.files.remove(&fh) {
+            if let Some(inode) = self.inodes.get(handle.ino) {
+                inode.open_count.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let handle = self.file(fh)?;
+        if !handle.writable {
+            return Err(Errno::BADF);
+        }
+        sys::fs::fallocate(&handle.file, mode, offset, length)
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64> {
+        let handle = self.file(fh)?;
+        sys::fs::lseek(&handle.file, offset, whence)
+    }
+
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<usize> {
+        let src = self.file(fh_in)?;
+        let dst = self.file(fh_out)?;
+        if !dst.writable {
+            return Err(Errno::BADF);
+        }
+        let len = len.min(1 << 30) as usize;
+        match sys::fs::copy_file_range(&src.file, off_in, &dst.file, off_out, len) {
+            // Layers on different filesystems: copy through the daemon.
+            Err(Errno::XDEV) => {
+                let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
+                self.write(fh_out, off_out, &data)
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The union engine: a merged, copy-on-write view of the layers, addressed by inode
+//! number like a FUSE filesystem but with no FUSE types. Every method returns
+//! `Result<T, Errno>`; nothing here panics on any input.
+
+mod attr;
+mod copy_up;
+mod dir_ops;
+mod file;
+pub mod inode;
+mod lookup;
+mod readdir;
+pub mod whiteout;
+mod xattr;
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+pub use crate::sys::Errno;
+use crate::config::MountConfig;
+use crate::layer::{Layer, LayerIdx, assign_ino_bits};
+use crate::sys;
+pub use file::OpenFile;
+pub use inode::{Ino, ROOT_INO};
+pub use readdir::DirEntry;
+use inode::{InodeState, InodeTable, LayerRef};
+use whiteout::WhiteoutStyle;
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// Who is asking: the credentials new entries are created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    pub const ROOT: Caller = Caller {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
+}
+
+/// A timestamp: seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// Attributes of a merged entry, as the kernel should see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    /// Type and permission bits (st_mode).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub blksize: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+}
+
+impl Attr {
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// A looked-up entry: the kernel now holds one more reference on `attr.ino`.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub attr: Attr,
+    /// How long the kernel may cache the name and the attributes.
+    pub ttl: Duration,
+}
+
+/// Which times a setattr changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// rename(2) flavours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    Replace,
+    NoReplace,
+    Exchange,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// Engine settings derived from the mount configuration.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub read_only: bool,
+    /// Whether fsync requests and copy-ups reach the disk.
+    pub syncs: bool,
+    pub ttl: Duration,
+    pub xattrs: bool,
+}
+
+/// Cache lifetime for entries and attributes. Every change to the layers goes
+/// through this daemon, so the kernel's caches stay right for as long as it likes.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(86400);
+
+pub struct Union {
+    /// Top-down; index 0 is the upper layer when `upper` is true.
+    layers: Vec<Layer>,
+    upper: bool,
+    /// `workdir/work`: where copy-ups and new entries are staged. Same filesystem as
+    /// the upper layer, so a rename publishes a staged entry atomically.
+    work: Option<Arc<OwnedFd>>,
+    whiteout_style: WhiteoutStyle,
+    inodes: InodeTable,
+    files: DashMap<u64, Arc<OpenFile>>,
+    dirs: DashMap<u64, Arc<readdir::DirHandle>>,
+    next_handle: AtomicU64,
+    next_temp: AtomicU64,
+    /// Upper bound on cached directory fds; above it fds are opened per use.
+    dir_fd_budget: u64,
+    opts: Options,
+}
+
+pub(crate) const UPPER: LayerIdx = 0;
+
+impl Union {
+    /// Opens the layers of `config` and prepares the work directory. Fails with a
+    /// message naming the path when a layer cannot be used.
+    pub fn new(config: &MountConfig) -> std::result::Result<Union, String> {
+        let mut layers = Vec::new();
+        if let Some(upper) = &config.upperdir {
+            layers.push(
+                Layer::open(upper, true)
+                    .map_err(|e| format!("upperdir {}: {e}", upper.display()))?,
+            );
+        }
+        for lower in &config.lowerdirs {
+            layers.push(
+                Layer::open(lower, false)
+                    .map_err(|e| format!("lowerdir {}: {e}", lower.display()))?,
+            );
+        }
+        if layers.is_empty() {
+            return Err("no layers given".into());
+        }
+        assign_ino_bits(&mut layers);
+        let upper = config.upperdir.is_some();
+        let (work, whiteout_style) = match (&config.upperdir, &config.workdir) {
+            (Some(_), Some(workdir)) => {
+                let (work, style) = prepare_workdir(workdir)
+                    .map_err(|e| format!("workdir {}: {e}", workdir.display()))?;
+                (Some(Arc::new(work)), style)
+            }
+            (Some(_), None) => return Err("upperdir needs a workdir".into()),
+            _ => (None, WhiteoutStyle::CharDevice),
+        };
+        let nofile = sys::process::raise_nofile_limit();
+        let opts = Options {
+            read_only: config.read_only(),
+            syncs: config.syncs(),
+            ttl: config.timeout.unwrap_or(DEFAULT_TTL),
+            xattrs: !config.noxattrs,
+        };
+        let union = Union {
+            layers,
+            upper,
+            work,
+            whiteout_style,
+            inodes: InodeTable::default(),
+            files: DashMap::new(),
+            dirs: DashMap::new(),
+            next_handle: AtomicU64::new(1),
+            next_temp: AtomicU64::new(1),
+            dir_fd_budget: nofile / 2,
+            opts,
+        };
+        union.insert_root().map_err(|e| format!("layer roots: {e}"))?;
+        Ok(union)
+    }
+
+    fn insert_root(&self) -> Result<()> {
+        let mut refs = Vec::new();
+        for (idx, layer) in self.layers.iter().enumerate() {
+            refs.push(LayerRef {
+                layer: idx,
+                fd: Some(layer.root.clone()),
+            });
+            // An opaque lower root hides the layers below it, as for any directory.
+            if idx + 1 < self.layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
+                break;
+            }
+        }
+        let top = &self.layers[0];
+        let st = sys::fs::fstat(top.root_fd())?;
+        let state = InodeState {
+            parent: ROOT_INO,
+            name: Default::default(),
+            layers: refs,
+            keys: vec![(st.st_dev, st.st_ino)],
+            detached: false,
+            pinned: None,
+        };
+        self.inodes.insert(ROOT_INO, libc::S_IFDIR, state);
+        Ok(())
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    pub fn has_upper(&self) -> bool {
+        self.upper
+    }
+
+    /// Number of inodes the kernel currently holds (for tests and diagnostics).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    fn inode(&self, ino: Ino) -> Result<Arc<inode::Inode>> {
+        // The kernel only names inodes it holds; a miss means the table and the
+        // kernel disagree, which is reported rather than trusted.
+        self.inodes.get(ino).ok_or(Errno::STALE)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only || !self.upper {
+            Err(Errno::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn work_fd(&self) -> Result<&Arc<OwnedFd>> {
+        self.work.as_ref().ok_or(Errno::ROFS)
+    }
+
+    /// A fresh name for staging an entry in the work directory.
+    fn temp_name(&self) -> std::ffi::OsString {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        format!("#stratafs-{}-{n:x}", std::process::id()).into()
+    }
+
+    fn new_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn layer(&self, idx: LayerIdx) -> Result<&Layer> {
+        self.layers.get(idx).ok_or(Errno::IO)
+    }
+
+    /// The st_ino a real object of layer `idx` would get.
+    fn derived_ino(&self, idx: LayerIdx, real_ino: u64) -> Ino {
+        let bits = self.layers.get(idx).map(|l| l.ino_bits).unwrap_or(0);
+        let ino = real_ino | bits;
+        if ino == ROOT_INO { ino | (1 << 62) } else { ino }
+    }
+}
+
+/// Creates `workdir/work`, empties it of anything a previous run left (a crash during
+/// a copy-up leaves only staged copies there, never user data), and probes whether
+/// whiteouts can be char devices.
+fn prepare_workdir(workdir: &std::path::Path) -> Result<(OwnedFd, WhiteoutStyle)> {
+    let root = sys::fs::open_root(workdir)?;
+    let name = OsStr::new("work");
+    match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    let work = sys::fs::open_dir(root.as_fd(), name)?;
+    for entry in sys::fs::read_dir(work.as_fd())? {
+        remove_tree(work.as_fd(), &entry.name)?;
+    }
+    let probe = OsStr::new("#stratafs-whiteout-probe");
+    let style = match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
+        Ok(()) => {
+            let _ = sys::fs::unlink_at(work.as_fd(), probe);
+            WhiteoutStyle::CharDevice
+        }
+        Err(_) => WhiteoutStyle::AufsFile,
+    };
+    Ok((work, style))
+}
+
+/// Removes `name` under `dir` recursively without following symlinks.
+pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    match sys::fs::unlink_at(dir, name) {
+        Ok(()) => return Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => {}
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let sub = sys::fs::open_dir(dir, name)?;
+    for entry in sys::fs::read_dir(sub.as_fd())? {
+        remove_tree(sub.as_fd(), &entry.name)?;
+    }
+    drop(sub);
+    sys::fs::rmdir_at(dir, name)
+}
+
+/// Converts a stat into the attributes of an inode numbered `ino`.
+fn attr_from_stat(ino: Ino, st: &sys::fs::Stat) -> Attr {
+    Attr {
+        ino,
+        mode: st.st_mode,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        blksize: st.st_blksize as u32,
+        atime: Time {
+            sec: st.st_atime,
+            nsec: st.st_atime_nsec as u32,
+        },
+        mtime: Time {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        },
+        ctime: Time {
+            sec: st.st_ctime,
+            nsec: st.st_ctime_nsec as u32,
+        },
+    }
+}

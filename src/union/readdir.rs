@@ -1,0 +1,165 @@
+//! Merged directory listings.
+//!
+//! Invariants:
+//! - Each name appears once, from the highest layer that has it; whiteouts (both
+//!   formats), the opaque marker and every `.wh.*` name are never listed; a whiteout
+//!   hides the name only in the layers below its own.
+//! - A listing is a snapshot taken at opendir (and again on a rewind to offset 0);
+//!   the offset of an entry is its position in the snapshot, so offsets are stable
+//!   for the life of the handle and a directory changed while being read can neither
+//!   loop nor skip entries of the snapshot.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::inode::Inode;
+use super::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
+use super::{Errno, Ino, Result, Union};
+use crate::sys;
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: Ino,
+    /// Offset of the entry after this one: what the kernel passes to continue.
+    pub next_offset: u64,
+    /// S_IFMT bits.
+    pub kind: u32,
+    pub name: OsString,
+}
+
+pub struct DirHandle {
+    pub ino: Ino,
+    entries: Mutex<Arc<Vec<DirEntry>>>,
+}
+
+/// A name found in one layer while merging.
+struct Merged {
+    name: OsString,
+    kind: u32,
+    real_ino: u64,
+    layer: usize,
+}
+
+impl Union {
+    /// Lists the merged directory, `.` and `..` excluded.
+    fn merge_listing(&self, inode: &Inode) -> Result<Vec<Merged>> {
+        let refs: Vec<usize> = inode.state.read().layers.iter().map(|l| l.layer).collect();
+        let mut seen: HashSet<OsString> = HashSet::new();
+        let mut out = Vec::new();
+        for idx in refs {
+            let fd = self.dir_fd(inode, idx)?;
+            // Whiteouts of this layer hide names of the layers below only.
+            let mut hidden_below = Vec::new();
+            for raw in sys::fs::read_dir(fd.as_fd())? {
+                if raw.name == OPAQUE_MARKER {
+                    continue;
+                }
+                if let Some(target) = whiteout_target(&raw.name) {
+                    hidden_below.push(target.to_os_string());
+                    continue;
+                }
+                if raw.name.as_encoded_bytes().starts_with(b".wh.") {
+                    continue;
+                }
+                let mut kind = raw.kind;
+                if kind == 0 || kind == libc::S_IFCHR {
+                    match sys::fs::stat_at(fd.as_fd(), &raw.name) {
+                        Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => {
+                            hidden_below.push(raw.name);
+                            continue;
+                        }
+                        Ok(st) => kind = st.st_mode & libc::S_IFMT,
+                        Err(_) => continue, // vanished while listing
+                    }
+                }
+                if seen.insert(raw.name.clone()) {
+                    out.push(Merged {
+                        name: raw.name,
+                        kind,
+                        real_ino: raw.ino,
+                        layer: idx,
+                    });
+                }
+            }
+            seen.extend(hidden_below);
+        }
+        Ok(out)
+    }
+
+    /// Whether the merged directory has no entries.
+    pub(crate) fn is_empty_dir(&self, inode: &Inode) -> Result<bool> {
+        Ok(self.merge_listing(inode)?.is_empty())
+    }
+
+    fn snapshot(&self, inode: &Inode) -> Result<Vec<DirEntry>> {
+        let parent = inode.state.read().parent;
+        let mut entries = vec![
+            DirEntry {
+                ino: inode.ino,
+                next_offset: 1,
+                kind: libc::S_IFDIR,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent,
+                next_offset: 2,
+                kind: libc::S_IFDIR,
+                name: "..".into(),
+            },
+        ];
+        for m in self.merge_listing(inode)? {
+            let dev = self.layer(m.layer)?.dev;
+            // d_ino must equal the st_ino a lookup gives: the live inode's number when
+            // the object is known, else the same derivation lookup uses.
+            let ino = match self.inodes.by_identity((dev, m.real_ino)) {
+                Some(i) => i.ino,
+                None => self.derived_ino(m.layer, m.real_ino),
+            };
+            let next_offset = entries.len() as u64 + 1;
+            entries.push(DirEntry {
+                ino,
+                next_offset,
+                kind: m.kind,
+                name: m.name,
+            });
+        }
+        Ok(entries)
+    }
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let inode = self.inode(ino)?;
+        if !inode.is_dir() {
+            return Err(Errno::NOTDIR);
+        }
+        let entries = self.snapshot(&inode)?;
+        let fh = self.new_handle();
+        self.dirs.insert(
+            fh,
+            Arc::new(DirHandle {
+                ino,
+                entries: Mutex::new(Arc::new(entries)),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// The entries from `offset` on. Offset 0 (a rewind) takes a fresh snapshot.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
+        let handle = self.dirs.get(&fh).map(|h| h.value().clone()).ok_or(Errno::BADF)?;
+        if offset == 0 {
+            let inode = self.inode(handle.ino)?;
+            let fresh = Arc::new(self.snapshot(&inode)?);
+            *handle.entries.lock() = fresh.clone();
+            return Ok(fresh);
+        }
+        Ok(handle.entries.lock().clone())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(&fh);
+    }
+}

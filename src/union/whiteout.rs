@@ -1,0 +1,171 @@
+//! The on-disk markers of the overlay format: whiteouts, opaque directories and
+//! private xattrs. Pure codecs here (fuzzed); the few writes live at the bottom.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use crate::sys::{self, Errno, SysResult, xattr::Target};
+
+/// AUFS-format whiteout prefix used by containers/storage layers: `.wh.NAME` hides NAME.
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+/// AUFS-format opaque marker: a directory containing it hides everything below it.
+pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+
+/// xattrs that mark a directory opaque when their value is "y".
+pub const OPAQUE_XATTRS: [&str; 3] = [
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+];
+
+/// Prefixes of xattrs that belong to the overlay format and are never shown.
+const PRIVATE_XATTR_PREFIXES: [&[u8]; 5] = [
+    b"trusted.overlay.",
+    b"user.overlay.",
+    b"user.fuseoverlayfs.",
+    b"user.stratafs.",
+    b"security.fuseoverlayfs.",
+];
+
+/// The name an AUFS whiteout entry hides, or `None` when `name` is not a whiteout.
+/// Names of the form `.wh..wh.*` are AUFS metadata (the opaque marker, hard-link
+/// dirs), never whiteouts of a name.
+pub fn whiteout_target(name: &OsStr) -> Option<&OsStr> {
+    let rest = name.as_bytes().strip_prefix(WHITEOUT_PREFIX)?;
+    if rest.is_empty() || rest.starts_with(WHITEOUT_PREFIX) {
+        return None;
+    }
+    Some(OsStr::from_bytes(rest))
+}
+
+pub fn whiteout_name(name: &OsStr) -> OsString {
+    let mut v = WHITEOUT_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    OsString::from_vec(v)
+}
+
+/// Names in the `.wh.` namespace are reserved: a file created under such a name in a
+/// layer would be read back as a whiteout, so none can be created through the mount.
+pub fn is_reserved_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WHITEOUT_PREFIX)
+}
+
+/// Whether a stat result is an overlay whiteout (a char device 0/0).
+pub fn is_whiteout_stat(mode: u32, rdev: u64) -> bool {
+    mode & libc::S_IFMT == libc::S_IFCHR && rdev == 0
+}
+
+pub fn is_opaque_value(value: &[u8]) -> bool {
+    value == b"y"
+}
+
+pub fn is_private_xattr(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    PRIVATE_XATTR_PREFIXES.iter().any(|p| b.starts_with(p))
+}
+
+/// Whether the directory behind `dir` is opaque in either format.
+pub fn dir_is_opaque(dir: BorrowedFd<'_>) -> SysResult<bool> {
+    let names = sys::xattr::list(Target::Fd(dir)).unwrap_or_default();
+    for name in &names {
+        if OPAQUE_XATTRS.iter().any(|o| name.as_bytes() == o.as_bytes()) {
+            match sys::xattr::get(Target::Fd(dir), name) {
+                Ok(v) if is_opaque_value(&v) => return Ok(true),
+                _ => {}
+            }
+        }
+    }
+    match sys::fs::stat_at(dir, OsStr::new(OPAQUE_MARKER)) {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// How this mount writes whiteouts: decided once by probing the work directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhiteoutStyle {
+    /// char device 0/0 (needs CAP_MKNOD: root outside a user namespace).
+    CharDevice,
+    /// `.wh.NAME` regular files (rootless).
+    AufsFile,
+}
+
+/// Marks a directory opaque: with the xattr this process may set (trusted.* needs
+/// CAP_SYS_ADMIN, else user.*), plus the AUFS marker file so that readers of either
+/// format agree.
+pub fn mark_opaque(dir: BorrowedFd<'_>) -> SysResult<()> {
+    let mut marked = false;
+    for name in ["trusted.overlay.opaque", "user.overlay.opaque"] {
+        if sys::xattr::set(Target::Fd(dir), OsStr::new(name), b"y", 0).is_ok() {
+            marked = true;
+            break;
+        }
+    }
+    match sys::fs::open_at(
+        dir,
+        OsStr::new(OPAQUE_MARKER),
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE,
+        0o600,
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if marked => {
+            log::warn!("opaque marker file not written ({e}); the xattr stands");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a whiteout for `name` in `dir` in the mount's style. An existing whiteout
+/// counts as success (a crash may have left one behind).
+pub fn write_whiteout(dir: BorrowedFd<'_>, name: &OsStr, style: WhiteoutStyle) -> SysResult<()> {
+    let res = match style {
+        WhiteoutStyle::CharDevice => sys::fs::mknod_at(dir, name, libc::S_IFCHR, 0),
+        WhiteoutStyle::AufsFile => sys::fs::open_at(
+            dir,
+            &whiteout_name(name),
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::EXCL,
+            0,
+        )
+        .map(drop),
+    };
+    match res {
+        Err(Errno::EXIST) if style == WhiteoutStyle::AufsFile => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whiteout_names_round_trip() {
+        let name = OsStr::new("foo.txt");
+        assert_eq!(whiteout_target(&whiteout_name(name)), Some(name));
+        assert_eq!(whiteout_target(OsStr::new("foo")), None);
+        assert_eq!(whiteout_target(OsStr::new(".wh.")), None);
+        assert_eq!(whiteout_target(OsStr::new(OPAQUE_MARKER)), None);
+        assert_eq!(whiteout_target(OsStr::new(".wh..wh.plnk")), None);
+        assert_eq!(whiteout_target(OsStr::new(".wh..hidden")), Some(OsStr::new(".hidden")));
+    }
+
+    #[test]
+    fn private_xattrs_are_recognised() {
+        assert!(is_private_xattr(OsStr::new("trusted.overlay.opaque")));
+        assert!(is_private_xattr(OsStr::new("user.overlay.redirect")));
+        assert!(is_private_xattr(OsStr::new("user.fuseoverlayfs.origin")));
+        assert!(is_private_xattr(OsStr::new("user.stratafs.x")));
+        assert!(!is_private_xattr(OsStr::new("user.mime_type")));
+        assert!(!is_private_xattr(OsStr::new("security.capability")));
+    }
+
+    #[test]
+    fn whiteout_stat_is_char_zero_zero_only() {
+        assert!(is_whiteout_stat(libc::S_IFCHR | 0o644, 0));
+        assert!(!is_whiteout_stat(libc::S_IFCHR | 0o644, 0x0103));
+        assert!(!is_whiteout_stat(libc::S_IFREG | 0o644, 0));
+    }
+}

@@ -1,0 +1,63 @@
+//! Extended attributes through the mount. Private overlay xattrs are invisible:
+//! never listed, never read, never written.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+
+use super::copy_up::CopyData;
+use super::whiteout::is_private_xattr;
+use super::{Errno, Ino, Result, Union};
+use crate::sys::{self, xattr::Target};
+
+impl Union {
+    /// Runs `f` on the xattr target of `ino` in its top-most layer.
+    fn with_xattr_target<T>(&self, ino: Ino, f: impl FnOnce(Target<'_>) -> Result<T>) -> Result<T> {
+        if !self.opts.xattrs {
+            return Err(Errno::OPNOTSUPP);
+        }
+        let inode = self.inode(ino)?;
+        if inode.is_dir() {
+            let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
+            let fd = self.dir_fd(&inode, top)?;
+            f(Target::Fd(fd.as_fd()))
+        } else {
+            let (pfd, name, _) = self.entry_loc(&inode)?;
+            f(Target::Entry(pfd.as_fd(), &name))
+        }
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        if is_private_xattr(name) {
+            return Err(Errno::NODATA);
+        }
+        self.with_xattr_target(ino, |t| sys::xattr::get(t, name))
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<OsString>> {
+        let names = self.with_xattr_target(ino, sys::xattr::list)?;
+        Ok(names.into_iter().filter(|n| !is_private_xattr(n)).collect())
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_private_xattr(name) {
+            return Err(Errno::OPNOTSUPP);
+        }
+        self.check_writable()?;
+        self.copy_up(&*self.inode(ino)?, CopyData::Yes)?;
+        self.with_xattr_target(ino, |t| sys::xattr::set(t, name, value, flags))
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
+        if is_private_xattr(name) {
+            return Err(Errno::OPNOTSUPP);
+        }
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        // Removing an attribute that is not there must not copy the file up.
+        if !self.is_in_upper(&inode) {
+            self.getxattr(ino, name)?;
+        }
+        self.copy_up(&inode, CopyData::Yes)?;
+        self.with_xattr_target(ino, |t| sys::xattr::remove(t, name))
+    }
+}
