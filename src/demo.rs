@@ -28,15 +28,24 @@ fn build_layers(root: &Path) -> std::io::Result<()> {
     }
     fs::write(base.join("etc/hostname"), "base-image\n")?;
     fs::write(base.join("etc/motd"), "Welcome to the base layer.\n")?;
-    fs::write(base.join("usr/share/doc/README"), "documentation from the base layer\n")?;
+    fs::write(
+        base.join("usr/share/doc/README"),
+        "documentation from the base layer\n",
+    )?;
     fs::write(base.join("var/log/old.log"), "stale log line\n")?;
     fs::write(app.join("etc/hostname"), "app-image\n")?;
-    fs::write(app.join("srv/www/index.html"), "<h1>served from the app layer</h1>\n")?;
+    fs::write(
+        app.join("srv/www/index.html"),
+        "<h1>served from the app layer</h1>\n",
+    )?;
     // The app layer deletes the base layer's old log (AUFS-format whiteout, as
     // container images carry them).
     fs::create_dir_all(app.join("var/log"))?;
     fs::write(app.join("var/log/.wh.old.log"), "")?;
-    fs::set_permissions(app.join("srv/www/index.html"), fs::Permissions::from_mode(0o644))?;
+    fs::set_permissions(
+        app.join("srv/www/index.html"),
+        fs::Permissions::from_mode(0o644),
+    )?;
     Ok(())
 }
 
@@ -58,8 +67,14 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let path = e.path();
-        let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
-        let Ok(md) = fs::symlink_metadata(&path) else { continue };
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let Ok(md) = fs::symlink_metadata(&path) else {
+            continue;
+        };
         let ft = md.file_type();
         if ft.is_dir() {
             out.push(format!("{rel}/"));
@@ -129,7 +144,10 @@ fn demo() -> Result<(), String> {
     let result = show(root, &merged);
     if result.is_ok() && std::env::var_os("STRATAFS_DEMO_NONINTERACTIVE").is_none() {
         println!();
-        println!("The mount stays up at {} — explore it from another shell.", merged.display());
+        println!(
+            "The mount stays up at {} — explore it from another shell.",
+            merged.display()
+        );
         println!("Press Ctrl-C to unmount and clean up.");
         let _ = std::io::stdout().flush();
         process::block_termination_signals();
@@ -156,7 +174,10 @@ fn show(root: &Path, merged: &Path) -> Result<(), String> {
     let io = |e: std::io::Error| format!("demo step failed: {e}");
     tree("lower layer 'app' (top)", &root.join("layers/app"));
     tree("lower layer 'base'", &root.join("layers/base"));
-    tree("merged view: app's hostname wins, old.log is whited out", merged);
+    tree(
+        "merged view: app's hostname wins, old.log is whited out",
+        merged,
+    );
     tree("upper dir before any write", &root.join("upper"));
 
     println!("\n>>> echo 'edited through the mount' >> merged/etc/motd   (copy-up)");
@@ -169,7 +190,10 @@ fn show(root: &Path, merged: &Path) -> Result<(), String> {
     println!(">>> rm merged/usr/share/doc/README   (whiteout)");
     fs::remove_file(merged.join("usr/share/doc/README")).map_err(io)?;
 
-    tree("upper dir after: the copied-up motd and a whiteout for README", &root.join("upper"));
+    tree(
+        "upper dir after: the copied-up motd and a whiteout for README",
+        &root.join("upper"),
+    );
     tree("merged view after", merged);
     tree("lower layer 'base' is untouched", &root.join("layers/base"));
     Ok(())

@@ -10,11 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use fuser::{
-    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
-    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
@@ -48,9 +47,20 @@ impl StrataFs {
 fn fail(op: &str, err: union::Errno) -> Errno {
     let code = err.raw_os_error();
     match code {
-        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENODATA | libc::EROFS
-        | libc::EXDEV | libc::EPERM | libc::EACCES | libc::ENOTDIR | libc::EISDIR
-        | libc::EINVAL | libc::ENAMETOOLONG | libc::ERANGE | libc::EOPNOTSUPP => {
+        libc::ENOENT
+        | libc::EEXIST
+        | libc::ENOTEMPTY
+        | libc::ENODATA
+        | libc::EROFS
+        | libc::EXDEV
+        | libc::EPERM
+        | libc::EACCES
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::EINVAL
+        | libc::ENAMETOOLONG
+        | libc::ERANGE
+        | libc::EOPNOTSUPP => {
             log::debug!("{op}: {err}")
         }
         _ => log::warn!("{op}: {err}"),
@@ -130,7 +140,12 @@ fn caller(req: &Request) -> Caller {
 impl StrataFs {
     /// Replies to an open/create with passthrough when the kernel accepted it and the
     /// file is a regular one; falls back to served I/O otherwise.
-    fn backing_for(&self, fh: u64, file: &std::fs::File, open: impl FnOnce(&std::fs::File) -> io::Result<BackingId>) -> Option<()> {
+    fn backing_for(
+        &self,
+        fh: u64,
+        file: &std::fs::File,
+        open: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> Option<()> {
         if !self.passthrough.load(Ordering::Relaxed) {
             return None;
         }
@@ -166,7 +181,11 @@ impl Filesystem for StrataFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
-        if self.writeback && config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_err() {
+        if self.writeback
+            && config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+        {
             log::info!("writeback cache not offered by the kernel");
         }
         if self.want_passthrough
@@ -246,7 +265,10 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.engine.mknod(caller(req), parent.0, name, mode, rdev.into()) {
+        match self
+            .engine
+            .mknod(caller(req), parent.0, name, mode, rdev.into())
+        {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("mknod", e)),
         }
@@ -317,7 +339,10 @@ impl Filesystem for StrataFs {
         } else {
             return reply.error(Errno::EINVAL);
         };
-        match self.engine.rename(parent.0, name, newparent.0, newname, mode) {
+        match self
+            .engine
+            .rename(parent.0, name, newparent.0, newname, mode)
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rename", e)),
         }
@@ -343,7 +368,11 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(fail("open", e)),
         };
         let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if regular && self.backing_for(fh, &handle.file, |f| reply.open_backing(f)).is_some() {
+        if regular
+            && self
+                .backing_for(fh, &handle.file, |f| reply.open_backing(f))
+                .is_some()
+        {
             if let Some(id) = self.backing.get(&fh) {
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
             }
@@ -367,7 +396,10 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(fail("create", e)),
         };
         let attr = file_attr(&entry.attr);
-        if self.backing_for(fh, &handle.file, |f| reply.open_backing(f)).is_some() {
+        if self
+            .backing_for(fh, &handle.file, |f| reply.open_backing(f))
+            .is_some()
+        {
             if let Some(id) = self.backing.get(&fh) {
                 return reply.created_passthrough(
                     &entry.ttl,
@@ -379,7 +411,13 @@ impl Filesystem for StrataFs {
                 );
             }
         }
-        reply.created(&entry.ttl, &attr, Generation(0), FileHandle(fh), self.open_flags());
+        reply.created(
+            &entry.ttl,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            self.open_flags(),
+        );
     }
 
     fn read(
@@ -443,7 +481,14 @@ impl Filesystem for StrataFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.engine.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", e)),
@@ -493,7 +538,8 @@ impl Filesystem for StrataFs {
         for e in entries.iter().skip(offset as usize) {
             // `.` and `..` carry no lookup reference (the kernel does not count them).
             let looked_up = if e.name == "." || e.name == ".." {
-                self.engine.getattr(if e.name == "." { ino.0 } else { e.ino })
+                self.engine
+                    .getattr(if e.name == "." { ino.0 } else { e.ino })
                     .or_else(|_| self.engine.getattr(ino.0))
                     .map(|a| (a, false))
             } else {
@@ -504,7 +550,14 @@ impl Filesystem for StrataFs {
                 // Vanished since the snapshot: leave it out of this batch.
                 Err(_) => continue,
             };
-            if reply.add(INodeNo(attr.ino), e.next_offset, &e.name, &ttl, &file_attr(&attr), Generation(0)) {
+            if reply.add(
+                INodeNo(attr.ino),
+                e.next_offset,
+                &e.name,
+                &ttl,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
                 if counted {
                     // Not sent: give the reference back.
                     self.engine.forget(attr.ino, 1);
@@ -527,13 +580,22 @@ impl Filesystem for StrataFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.engine.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
             Err(e) => reply.error(fail("statfs", e)),
         }
     }

@@ -24,7 +24,13 @@ fn default_threads() -> usize {
 /// fuser's session configuration for a mount.
 pub fn session_config(config: &MountConfig) -> fuser::Config {
     let mut opts = vec![
-        MountOption::FSName(config.fuse.fsname.clone().unwrap_or_else(|| "stratafs".into())),
+        MountOption::FSName(
+            config
+                .fuse
+                .fsname
+                .clone()
+                .unwrap_or_else(|| "stratafs".into()),
+        ),
         MountOption::Subtype("stratafs".into()),
         // Permission checks are the kernel's, on the attributes we report, exactly as
         // for kernel overlayfs; the daemon itself acts with its own credentials.
@@ -113,7 +119,10 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     let mut session = match Session::new(fs, &config.mountpoint, &session_config(config)) {
         Ok(s) => s,
         Err(e) => {
-            return fail(report, format!("mount {}: {e}", config.mountpoint.display()));
+            return fail(
+                report,
+                format!("mount {}: {e}", config.mountpoint.display()),
+            );
         }
     };
     let mut unmounter = session.unmount_callable();

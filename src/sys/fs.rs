@@ -35,7 +35,6 @@ pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
 }
 
-
 /// Opens a configured layer root. The path comes from the (validated) mount
 /// configuration and is allowed to be reached through symlinks.
 pub fn open_root(path: &Path) -> SysResult<OwnedFd> {

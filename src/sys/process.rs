@@ -37,7 +37,9 @@ pub fn fork_with_pipe() -> SysResult<Forked> {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Reads the child's report: `Ok(())` for "mounted", `Err(message)` otherwise.

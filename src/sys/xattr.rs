@@ -40,6 +40,13 @@ fn with_path<T>(
 
 pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
     with_path(target, |path, follow| {
+        let query = || {
+            if follow {
+                rustix::fs::getxattr_query(path, name)
+            } else {
+                rustix::fs::lgetxattr_query(path, name)
+            }
+        };
         let read = |buf: &mut [u8]| {
             if follow {
                 rustix::fs::getxattr(path, name, buf)
@@ -49,7 +56,7 @@ pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
         };
         // The value may grow between the size query and the read: retry on ERANGE.
         for _ in 0..4 {
-            let size = read(&mut [0u8; 0])?;
+            let size = query()?;
             let mut buf = vec![0u8; size];
             match read(&mut buf) {
                 Ok(n) => {
@@ -68,9 +75,9 @@ pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
 pub fn exists(target: Target<'_>, name: &OsStr) -> SysResult<bool> {
     let res = with_path(target, |path, follow| {
         if follow {
-            rustix::fs::getxattr(path, name, &mut [0u8; 0][..])
+            rustix::fs::getxattr_query(path, name)
         } else {
-            rustix::fs::lgetxattr(path, name, &mut [0u8; 0][..])
+            rustix::fs::lgetxattr_query(path, name)
         }
     });
     match res {

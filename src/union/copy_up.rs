@@ -47,7 +47,11 @@ impl Union {
             if st.detached {
                 return Err(Errno::NOENT);
             }
-            (st.parent, st.name.clone(), st.top_layer().ok_or(Errno::STALE)?)
+            (
+                st.parent,
+                st.name.clone(),
+                st.top_layer().ok_or(Errno::STALE)?,
+            )
         };
         let parent = self.inode(parent_ino)?;
         self.copy_up(&parent, CopyData::Yes)?;

@@ -52,7 +52,11 @@ fn upper_slot(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Slot> {
 /// directory passes on its group (and, to directories, the set-group-ID bit).
 fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32, u32) {
     if parent.st_mode & libc::S_ISGID != 0 {
-        (caller.uid, parent.st_gid, if is_dir { libc::S_ISGID } else { 0 })
+        (
+            caller.uid,
+            parent.st_gid,
+            if is_dir { libc::S_ISGID } else { 0 },
+        )
     } else {
         (caller.uid, caller.gid, 0)
     }
@@ -131,13 +135,9 @@ impl Union {
                     // `temp` is now the old whiteout.
                     sys::fs::unlink_at(work.as_fd(), &temp)
                 }
-                Slot::CharWhiteout => sys::fs::rename_at(
-                    work.as_fd(),
-                    &temp,
-                    ufd.as_fd(),
-                    name,
-                    RenameKind::Replace,
-                ),
+                Slot::CharWhiteout => {
+                    sys::fs::rename_at(work.as_fd(), &temp, ufd.as_fd(), name, RenameKind::Replace)
+                }
                 _ => {
                     sys::fs::rename_at(
                         work.as_fd(),
@@ -185,12 +185,8 @@ impl Union {
         let perm = mode & 0o7777;
         let mut opened: Option<File> = None;
         self.install(&p, name, false, &mut |dir, n| {
-            let file = sys::fs::open_at(
-                dir,
-                n,
-                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
-                perm,
-            )?;
+            let file =
+                sys::fs::open_at(dir, n, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL, perm)?;
             sys::fs::fchown(file.as_fd(), Some(uid), Some(gid))?;
             if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
                 sys::fs::chmod_fd(file.as_fd(), perm)?;
@@ -313,7 +309,9 @@ impl Union {
             (false, true) => return Err(Errno::ISDIR),
             _ => {}
         }
-        let child = self.inodes.by_identity((found.stat.st_dev, found.stat.st_ino));
+        let child = self
+            .inodes
+            .by_identity((found.stat.st_dev, found.stat.st_ino));
         if is_dir {
             let scratch;
             let probe = match &child {
@@ -395,7 +393,10 @@ impl Union {
     /// Finds the inode of a resolved entry, creating one (with a reference the caller
     /// must drop) when the kernel does not hold it.
     fn inode_for(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Arc<Inode>, bool)> {
-        match self.inodes.by_identity((found.stat.st_dev, found.stat.st_ino)) {
+        match self
+            .inodes
+            .by_identity((found.stat.st_dev, found.stat.st_ino))
+        {
             Some(i) if i.kind == found.kind => Ok((i, false)),
             _ => Ok((self.adopt(parent, name, found_clone(found))?, true)),
         }
@@ -432,7 +433,17 @@ impl Union {
             Some(d) => Some(self.inode_for(newparent, newname, d)?),
             None => None,
         };
-        let result = self.rename_resolved(&p, name, &q, newname, mode, &src, &src_inode, dst.as_ref(), dst_pair.as_ref().map(|d| &d.0));
+        let result = self.rename_resolved(
+            &p,
+            name,
+            &q,
+            newname,
+            mode,
+            &src,
+            &src_inode,
+            dst.as_ref(),
+            dst_pair.as_ref().map(|d| &d.0),
+        );
         if src_temp {
             self.inodes.forget(src_inode.ino, 1);
         }
@@ -502,7 +513,13 @@ impl Union {
             if dst_inode.is_dir() && self.lower_has(p, name)? {
                 whiteout::mark_opaque(self.dir_fd(dst_inode, UPPER)?.as_fd())?;
             }
-            sys::fs::rename_at(pfd.as_fd(), name, qfd.as_fd(), newname, RenameKind::Exchange)?;
+            sys::fs::rename_at(
+                pfd.as_fd(),
+                name,
+                qfd.as_fd(),
+                newname,
+                RenameKind::Exchange,
+            )?;
             set_name(src_inode, q.ino, newname);
             set_name(dst_inode, p.ino, name);
             return Ok(());
@@ -528,7 +545,13 @@ impl Union {
             Slot::CharWhiteout if src_dir => {
                 // A directory cannot replace a char device: swap them instead, which
                 // leaves the whiteout at the source, where it is wanted or removed.
-                sys::fs::rename_at(pfd.as_fd(), name, qfd.as_fd(), newname, RenameKind::Exchange)?;
+                sys::fs::rename_at(
+                    pfd.as_fd(),
+                    name,
+                    qfd.as_fd(),
+                    newname,
+                    RenameKind::Exchange,
+                )?;
                 if !src_whiteout {
                     sys::fs::unlink_at(pfd.as_fd(), name)?;
                 }

@@ -63,7 +63,12 @@ impl Union {
         Ok(self.register_file(ino, file, write))
     }
 
-    pub(crate) fn register_file(&self, ino: Ino, file: File, writable: bool) -> (u64, Arc<OpenFile>) {
+    pub(crate) fn register_file(
+        &self,
+        ino: Ino,
+        file: File,
+        writable: bool,
+    ) -> (u64, Arc<OpenFile>) {
         let fh = self.new_handle();
         let handle = Arc::new(OpenFile {
             ino,

@@ -106,7 +106,11 @@ impl Union {
             if st.detached {
                 return Err(Errno::NOENT);
             }
-            (st.parent, st.name.clone(), st.top_layer().ok_or(Errno::NOENT)?)
+            (
+                st.parent,
+                st.name.clone(),
+                st.top_layer().ok_or(Errno::NOENT)?,
+            )
         };
         let p = self.inode(parent)?;
         let pfd = self.dir_fd(&p, layer)?;
@@ -166,7 +170,10 @@ impl Union {
     /// whether removing or moving the upper entry must leave a whiteout.
     pub(crate) fn lower_has(&self, parent: &Inode, name: &OsStr) -> Result<bool> {
         let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
-        for idx in refs.into_iter().filter(|i| *i != super::UPPER || !self.upper) {
+        for idx in refs
+            .into_iter()
+            .filter(|i| *i != super::UPPER || !self.upper)
+        {
             let pfd = self.dir_fd(parent, idx)?;
             match probe(&pfd, name)? {
                 Probe::WhitedOut => return Ok(false),

@@ -20,14 +20,14 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-pub use crate::sys::Errno;
 use crate::config::MountConfig;
 use crate::layer::{Layer, LayerIdx, assign_ino_bits};
 use crate::sys;
+pub use crate::sys::Errno;
 pub use file::OpenFile;
 pub use inode::{Ino, ROOT_INO};
-pub use readdir::DirEntry;
 use inode::{InodeState, InodeTable, LayerRef};
+pub use readdir::DirEntry;
 use whiteout::WhiteoutStyle;
 
 pub type Result<T> = std::result::Result<T, Errno>;
@@ -209,7 +209,9 @@ impl Union {
             dir_fd_budget: nofile / 2,
             opts,
         };
-        union.insert_root().map_err(|e| format!("layer roots: {e}"))?;
+        union
+            .insert_root()
+            .map_err(|e| format!("layer roots: {e}"))?;
         Ok(union)
     }
 
@@ -288,7 +290,11 @@ impl Union {
     fn derived_ino(&self, idx: LayerIdx, real_ino: u64) -> Ino {
         let bits = self.layers.get(idx).map(|l| l.ino_bits).unwrap_or(0);
         let ino = real_ino | bits;
-        if ino == ROOT_INO { ino | (1 << 62) } else { ino }
+        if ino == ROOT_INO {
+            ino | (1 << 62)
+        } else {
+            ino
+        }
     }
 }
 

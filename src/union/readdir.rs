@@ -149,7 +149,11 @@ impl Union {
 
     /// The entries from `offset` on. Offset 0 (a rewind) takes a fresh snapshot.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
-        let handle = self.dirs.get(&fh).map(|h| h.value().clone()).ok_or(Errno::BADF)?;
+        let handle = self
+            .dirs
+            .get(&fh)
+            .map(|h| h.value().clone())
+            .ok_or(Errno::BADF)?;
         if offset == 0 {
             let inode = self.inode(handle.ino)?;
             let fresh = Arc::new(self.snapshot(&inode)?);

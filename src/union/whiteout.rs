@@ -69,7 +69,10 @@ pub fn is_private_xattr(name: &OsStr) -> bool {
 pub fn dir_is_opaque(dir: BorrowedFd<'_>) -> SysResult<bool> {
     let names = sys::xattr::list(Target::Fd(dir)).unwrap_or_default();
     for name in &names {
-        if OPAQUE_XATTRS.iter().any(|o| name.as_bytes() == o.as_bytes()) {
+        if OPAQUE_XATTRS
+            .iter()
+            .any(|o| name.as_bytes() == o.as_bytes())
+        {
             match sys::xattr::get(Target::Fd(dir), name) {
                 Ok(v) if is_opaque_value(&v) => return Ok(true),
                 _ => {}
@@ -149,7 +152,10 @@ mod tests {
         assert_eq!(whiteout_target(OsStr::new(".wh.")), None);
         assert_eq!(whiteout_target(OsStr::new(OPAQUE_MARKER)), None);
         assert_eq!(whiteout_target(OsStr::new(".wh..wh.plnk")), None);
-        assert_eq!(whiteout_target(OsStr::new(".wh..hidden")), Some(OsStr::new(".hidden")));
+        assert_eq!(
+            whiteout_target(OsStr::new(".wh..hidden")),
+            Some(OsStr::new(".hidden"))
+        );
     }
 
     #[test]

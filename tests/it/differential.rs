@@ -15,8 +15,8 @@ use std::path::Path;
 use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM, EXDEV};
 
 use crate::fixture::{
-    self, Errno, Format, KernelOverlay, Layers, LayerSpec, Meta, StrataMount, cpath, errno,
-    errno_name, io_errno, kind_of, Kind,
+    self, Errno, Format, KernelOverlay, Kind, LayerSpec, Layers, Meta, StrataMount, cpath, errno,
+    errno_name, io_errno, kind_of,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -206,16 +206,28 @@ struct Step {
 
 impl Op {
     fn ok(self) -> Step {
-        Step { op: self, expect: Expect::Ok }
+        Step {
+            op: self,
+            expect: Expect::Ok,
+        }
     }
     fn gives(self, v: impl Into<String>) -> Step {
-        Step { op: self, expect: Expect::Gives(v.into()) }
+        Step {
+            op: self,
+            expect: Expect::Gives(v.into()),
+        }
     }
     fn fails(self, e: Errno) -> Step {
-        Step { op: self, expect: Expect::Fails(e) }
+        Step {
+            op: self,
+            expect: Expect::Fails(e),
+        }
     }
     fn same(self) -> Step {
-        Step { op: self, expect: Expect::Same }
+        Step {
+            op: self,
+            expect: Expect::Same,
+        }
     }
     /// For reads and getxattr: the exact bytes expected.
     fn is(self, data: &[u8]) -> Step {
@@ -269,12 +281,19 @@ fn assert_no_write_through_symlink(root: &Path, op: &Op) {
     let (paths, follows_last) = op.mutated_paths();
     for rel in paths {
         let comps: Vec<&str> = rel.split('/').collect();
-        let upto = if follows_last { comps.len() } else { comps.len() - 1 };
+        let upto = if follows_last {
+            comps.len()
+        } else {
+            comps.len() - 1
+        };
         let mut p = root.to_path_buf();
         for c in &comps[..upto] {
             p.push(c);
             if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-                panic!("test bug: `{op}` would modify something through the symlink {}", p.display());
+                panic!(
+                    "test bug: `{op}` would modify something through the symlink {}",
+                    p.display()
+                );
             }
         }
     }
@@ -291,18 +310,32 @@ fn describe_stat(md: &fs::Metadata) -> String {
         Kind::BlockDev => "blk",
         Kind::Unreadable => "unreadable",
     };
-    let mut s = format!("{kind} {:04o} {}:{} nlink={}", md.mode() & 0o7777, md.uid(), md.gid(), md.nlink());
+    let mut s = format!(
+        "{kind} {:04o} {}:{} nlink={}",
+        md.mode() & 0o7777,
+        md.uid(),
+        md.gid(),
+        md.nlink()
+    );
     if md.is_file() {
         s += &format!(" size={}", md.size());
     }
     if md.file_type().is_char_device() || md.file_type().is_block_device() {
-        s += &format!(" rdev={}:{}", libc::major(md.rdev()), libc::minor(md.rdev()));
+        s += &format!(
+            " rdev={}:{}",
+            libc::major(md.rdev()),
+            libc::minor(md.rdev())
+        );
     }
     s
 }
 
 fn ret(r: libc::c_int) -> Outcome {
-    if r < 0 { Err(errno()) } else { Ok(String::new()) }
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(String::new())
+    }
 }
 
 fn io<T>(r: std::io::Result<T>) -> Result<T, Errno> {
@@ -311,7 +344,13 @@ fn io<T>(r: std::io::Result<T>) -> Result<T, Errno> {
 
 fn apply(root: &Path, op: &Op) -> Outcome {
     assert_no_write_through_symlink(root, op);
-    let p = |rel: &str| if rel == "." { root.to_path_buf() } else { root.join(rel) };
+    let p = |rel: &str| {
+        if rel == "." {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        }
+    };
     match op {
         Op::Read(f) => Ok(summarize(&io(fs::read(p(f)))?)),
         Op::Readlink(f) => Ok(io(fs::read_link(p(f)))?.to_string_lossy().into_owned()),
@@ -356,8 +395,11 @@ fn apply(root: &Path, op: &Op) -> Outcome {
             ret(unsafe { libc::truncate(c.as_ptr(), *len as libc::off_t) })
         }
         Op::Create(f, mode, d) => {
-            let mut file =
-                io(OpenOptions::new().write(true).create_new(true).mode(*mode).open(p(f)))?;
+            let mut file = io(OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(*mode)
+                .open(p(f)))?;
             io(file.write_all(d))?;
             Ok(String::new())
         }
@@ -422,7 +464,14 @@ fn setup(lowers: &[LayerSpec], strata_fmt: Format) -> Option<Differential> {
     let sl = Layers::build(lowers, None, strata_fmt);
     let kernel = KernelOverlay::new(&kl);
     let strata = StrataMount::new(&sl);
-    Some(Differential { kernel, strata, kl, sl, problems: Vec::new(), steps_run: 0 })
+    Some(Differential {
+        kernel,
+        strata,
+        kl,
+        sl,
+        problems: Vec::new(),
+        steps_run: 0,
+    })
 }
 
 impl Differential {
@@ -452,10 +501,16 @@ impl Differential {
         }
     }
 
-    /// Whether any lower layer of the stack holds anything (whiteouts included) at `rel`:
-    /// only there does an upper directory's opacity change what the merged view shows.
-    fn lower_has(&self, rel: &str) -> bool {
-        self.kl.lowers.iter().any(|l| fs::symlink_metadata(l.join(rel)).is_ok())
+    /// Whether the lower stack alone shows a directory at `rel` (the top-most lower entry
+    /// at that name is a directory, not a whiteout or a non-directory): only then does an
+    /// upper directory's opacity change what the merged view shows.
+    fn lower_shows_dir(&self, rel: &str) -> bool {
+        for l in &self.kl.lowers {
+            if let Ok(md) = fs::symlink_metadata(l.join(rel)) {
+                return md.is_dir();
+            }
+        }
+        false
     }
 
     fn compare(&mut self, stage: &str) {
@@ -470,7 +525,7 @@ impl Differential {
         for snap in [&mut ua, &mut ub] {
             let paths: Vec<String> = snap.entries.keys().cloned().collect();
             for p in paths {
-                if !self.lower_has(&p) {
+                if !self.lower_shows_dir(&p) {
                     snap.entries.get_mut(&p).unwrap().opaque = None;
                 }
             }
@@ -511,15 +566,28 @@ fn copy_up_of_files_in_nested_lower_dirs() {
         .file_with(
             "a/f1",
             "hello f1\n",
-            Meta::new().mode(0o640).owner(1000, 100).xattr("user.tag", "one"),
+            Meta::new()
+                .mode(0o640)
+                .owner(1000, 100)
+                .xattr("user.tag", "one"),
         )
         .file("a/b/f2", "line1\n")
         .file("a/b/c/f3", &f3)
-        .file_with("a/b/c/suid", "#!/bin/sh\necho hi\n", Meta::new().owner(1000, 1000).mode(0o4755))
-        .file_with("a/b/c/sgid", "sgid\n", Meta::new().owner(1000, 50).mode(0o2755))
+        .file_with(
+            "a/b/c/suid",
+            "#!/bin/sh\necho hi\n",
+            Meta::new().owner(1000, 1000).mode(0o4755),
+        )
+        .file_with(
+            "a/b/c/sgid",
+            "sgid\n",
+            Meta::new().owner(1000, 50).mode(0o2755),
+        )
         .file("a/b/c/untouched", "keep")
         .file("top", "top file");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         read("a/f1").is(b"hello f1\n"),
         write("a/f1", 0, b"J").ok(),
@@ -560,7 +628,9 @@ fn delete_lower_entries_then_recreate_as_file_and_dir() {
         .file("e/keep", "k")
         .file("e/gone", "g")
         .file("h/inner", "i");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         unlink("f").ok(),
         stat("f").fails(ENOENT),
@@ -637,7 +707,9 @@ fn lower_whiteouts_and_opaque_dirs(fmt: Format) {
         .file("merge/bottom", "bottom")
         .file("op_empty/hidden", "hidden")
         .file("bottom_only", "b");
-    let Some(mut d) = setup(&[top, bottom], fmt) else { return };
+    let Some(mut d) = setup(&[top, bottom], fmt) else {
+        return;
+    };
     d.run(&[
         stat("w_file").fails(ENOENT),
         read("w_file").fails(ENOENT),
@@ -718,7 +790,9 @@ fn three_lowers_shadowing() {
         .file("v/deep/x", "hidden")
         .file("u/l3", "hidden")
         .file("w/only_l3", "w");
-    let Some(mut d) = setup(&[l1, l2, l3], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[l1, l2, l3], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         read("p").is(b"L1 p is a file"),
         stat("p/inner").fails(ENOTDIR),
@@ -779,7 +853,9 @@ fn rename_files_across_dirs_noreplace_exchange() {
         .file("y", "y")
         .file("dirl/inner", "in")
         .dir("emptyl");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         rename("a/f1", "b/new").ok(),
         read("b/new").is(b"f1"),
@@ -843,7 +919,9 @@ fn rmdir_of_merged_dirs_judged_on_the_merged_view() {
         .file("f/1", "1")
         .dir("g")
         .file("h/1", "1");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         rmdir("f").fails(ENOTEMPTY),
         rmdir("e").fails(ENOTEMPTY),
@@ -884,7 +962,9 @@ fn hard_links_made_through_the_mount() {
         .file("h/pair1", "pair")
         .hardlink("h/pair2", "h/pair1")
         .dir("other");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         stat("h/pair1").gives("file 0644 0:0 nlink=2 size=4"),
         link("h/orig", "h/link1").ok(),
@@ -921,7 +1001,9 @@ fn chmod_chown_truncate_utimes_of_lower_entries() {
         .symlink("m/link", "a")
         .fifo("m/fifo")
         .chardev("m/dev", 1, 3);
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         chmod("m/a", 0o600).ok(),
         stat("m/a").gives("file 0600 0:0 nlink=1 size=4"),
@@ -960,7 +1042,10 @@ fn chmod_chown_truncate_utimes_of_lower_entries() {
 fn symlinks_including_a_hostile_root_link() {
     // `esc` points at a canary directory outside every layer: anything written through a
     // symlink by mistake lands there and is detected. `etc -> /` is only ever read.
-    let canary = tempfile::Builder::new().prefix("stratafs-canary-").tempdir().unwrap();
+    let canary = tempfile::Builder::new()
+        .prefix("stratafs-canary-")
+        .tempdir()
+        .unwrap();
     let canary_dir = canary.path().canonicalize().unwrap();
     fs::write(canary_dir.join("canary"), "safe").unwrap();
     let canary_target = canary_dir.display().to_string();
@@ -979,12 +1064,14 @@ fn symlinks_including_a_hostile_root_link() {
         .symlink("d/up", "../d/target")
         .symlink("dangling", "missing/nowhere");
     let host_passwd = fs::read("/etc/passwd").expect("read /etc/passwd");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         readlink("etc").gives("/"),
         stat("etc").same(),
         // Resolved by the caller's kernel in the caller's namespace, as for any symlink.
-        read("etc/passwd").is(&host_passwd),
+        read("etc/etc/passwd").is(&host_passwd),
         readlink("esc").gives(canary_target.clone()),
         read("esc/canary").is(b"safe"),
         read("rel").is(b"T"),
@@ -1027,11 +1114,17 @@ fn symlinks_including_a_hostile_root_link() {
 fn xattrs_set_get_list_remove_on_lower_entries() {
     let big = vec![b'v'; 4000];
     let lower = LayerSpec::new()
-        .file_with("x/file", "f", Meta::new().xattr("user.a", "1").xattr("user.b", "two"))
+        .file_with(
+            "x/file",
+            "f",
+            Meta::new().xattr("user.a", "1").xattr("user.b", "two"),
+        )
         .file_with("x/file2", "f2", Meta::new().xattr("user.a", "1"))
         .dir_with("x/dir", Meta::new().xattr("user.d", "dir"))
         .file("x/noattr", "n");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         listxattr("x/file").gives("user.a user.b"),
         getxattr("x/file", "user.a").is(b"1"),
@@ -1064,8 +1157,12 @@ fn xattrs_set_get_list_remove_on_lower_entries() {
 
 #[test]
 fn special_files_fifo_socket_devices_and_the_whiteout_device() {
-    let lower = LayerSpec::new().file("dev/existing", "e").fifo("dev/lowerfifo");
-    let Some(mut d) = setup(&[lower], Format::NATIVE) else { return };
+    let lower = LayerSpec::new()
+        .file("dev/existing", "e")
+        .fifo("dev/lowerfifo");
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
     d.run(&[
         mkfifo("dev/fifo", 0o640).ok(),
         stat("dev/fifo").same(),

@@ -43,7 +43,10 @@ pub fn stratafs_bin() -> &'static str {
 // ---------------------------------------------------------------------------------------
 
 fn test_name() -> String {
-    std::thread::current().name().unwrap_or("<unnamed test>").to_string()
+    std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string()
 }
 
 fn is_root() -> bool {
@@ -61,7 +64,10 @@ fn skip_or_fail(missing: &[&str], env: &str, what: &str) -> bool {
     }
     let why = missing.join("; ");
     if env_is_one(env) {
-        eprintln!("skipped: {}: {what} unavailable: {why} ({env}=1)", test_name());
+        eprintln!(
+            "skipped: {}: {what} unavailable: {why} ({env}=1)",
+            test_name()
+        );
         return false;
     }
     panic!(
@@ -82,12 +88,19 @@ pub fn require_fuse() -> bool {
     if !is_root() {
         missing.push("the tests do not run as root");
     }
-    skip_or_fail(&missing, "STRATAFS_SKIP_FUSE_TESTS", "FUSE (/dev/fuse, root)")
+    skip_or_fail(
+        &missing,
+        "STRATAFS_SKIP_FUSE_TESTS",
+        "FUSE (/dev/fuse, root)",
+    )
 }
 
 fn overlay_in_proc_filesystems() -> bool {
     fs::read_to_string("/proc/filesystems")
-        .map(|s| s.lines().any(|l| l.split_whitespace().last() == Some("overlay")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split_whitespace().last() == Some("overlay"))
+        })
         .unwrap_or(false)
 }
 
@@ -97,12 +110,19 @@ pub fn require_kernel_overlay() -> bool {
     if !is_root() {
         missing.push("the tests do not run as root");
     } else if !overlay_in_proc_filesystems() {
-        let _ = Command::new("modprobe").arg("overlay").stderr(Stdio::null()).status();
+        let _ = Command::new("modprobe")
+            .arg("overlay")
+            .stderr(Stdio::null())
+            .status();
         if !overlay_in_proc_filesystems() {
             missing.push("the kernel has no overlay filesystem (not in /proc/filesystems)");
         }
     }
-    skip_or_fail(&missing, "STRATAFS_SKIP_OVERLAY_TESTS", "kernel overlayfs (root)")
+    skip_or_fail(
+        &missing,
+        "STRATAFS_SKIP_OVERLAY_TESTS",
+        "kernel overlayfs (root)",
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -116,11 +136,14 @@ pub fn cpath(p: &Path) -> CString {
 }
 
 pub fn errno() -> Errno {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 pub fn io_errno(e: &io::Error) -> Errno {
-    e.raw_os_error().unwrap_or_else(|| panic!("io error without errno: {e}"))
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("io error without errno: {e}"))
 }
 
 /// "ENOENT (No such file or directory)".
@@ -184,7 +207,13 @@ pub fn statfs_bounded(p: &Path, limit: Duration) -> Option<Result<libc::statfs, 
 
 pub fn mknod(p: &Path, mode: u32, major: u32, minor: u32) -> Result<(), Errno> {
     let c = cpath(p);
-    check(unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, libc::makedev(major, minor)) })
+    check(unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            mode as libc::mode_t,
+            libc::makedev(major, minor),
+        )
+    })
 }
 
 pub fn mkfifo(p: &Path, mode: u32) -> Result<(), Errno> {
@@ -206,18 +235,35 @@ pub fn chmod(p: &Path, mode: u32) -> Result<(), Errno> {
 pub fn lutimes(p: &Path, atime: i64, mtime: i64) -> Result<(), Errno> {
     let c = cpath(p);
     let ts = [
-        libc::timespec { tv_sec: atime as libc::time_t, tv_nsec: 0 },
-        libc::timespec { tv_sec: mtime as libc::time_t, tv_nsec: 0 },
+        libc::timespec {
+            tv_sec: atime as libc::time_t,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: mtime as libc::time_t,
+            tv_nsec: 0,
+        },
     ];
     check(unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     })
 }
 
 pub fn rename2(from: &Path, to: &Path, flags: u32) -> Result<(), Errno> {
     let (a, b) = (cpath(from), cpath(to));
     check(unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     })
 }
 
@@ -225,7 +271,13 @@ pub fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), E
     let c = cpath(p);
     let n = CString::new(name).unwrap();
     check(unsafe {
-        libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     })
 }
 
@@ -294,9 +346,14 @@ pub fn names(dir: &Path) -> Vec<String> {
 
 /// Private xattr namespaces a union filesystem keeps for itself and never shows.
 pub fn is_private_xattr(name: &str) -> bool {
-    ["trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.", "user.stratafs."]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        "trusted.overlay.",
+        "user.overlay.",
+        "user.fuseoverlayfs.",
+        "user.stratafs.",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -317,7 +374,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -333,7 +393,9 @@ pub fn mount_table() -> Vec<MountEntry> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         let pre: Vec<&str> = pre.split(' ').collect();
         let post: Vec<&str> = post.split(' ').collect();
         if pre.len() < 6 || post.len() < 2 {
@@ -353,7 +415,10 @@ pub fn mount_table() -> Vec<MountEntry> {
 
 /// The top-most mount at exactly `mp`, if any.
 pub fn mount_at(mp: &Path) -> Option<MountEntry> {
-    mount_table().into_iter().rev().find(|e| e.mount_point == mp)
+    mount_table()
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == mp)
 }
 
 pub fn fuse_mounted_at(mp: &Path) -> bool {
@@ -449,7 +514,8 @@ impl Meta {
         self
     }
     pub fn xattr(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
-        self.xattrs.push((name.to_string(), value.as_ref().to_vec()));
+        self.xattrs
+            .push((name.to_string(), value.as_ref().to_vec()));
         self
     }
     pub fn mtime(mut self, secs: i64) -> Self {
@@ -460,16 +526,51 @@ impl Meta {
 
 #[derive(Clone, Debug)]
 enum Node {
-    File { path: String, data: Vec<u8>, meta: Meta },
-    Sparse { path: String, size: u64, chunks: Vec<(u64, Vec<u8>)>, meta: Meta },
-    Dir { path: String, meta: Meta },
-    OpaqueDir { path: String, meta: Meta },
-    Symlink { path: String, target: String, meta: Meta },
-    HardLink { path: String, existing: String },
-    Fifo { path: String, meta: Meta },
-    Socket { path: String, meta: Meta },
-    CharDev { path: String, major: u32, minor: u32, meta: Meta },
-    Whiteout { path: String },
+    File {
+        path: String,
+        data: Vec<u8>,
+        meta: Meta,
+    },
+    Sparse {
+        path: String,
+        size: u64,
+        chunks: Vec<(u64, Vec<u8>)>,
+        meta: Meta,
+    },
+    Dir {
+        path: String,
+        meta: Meta,
+    },
+    OpaqueDir {
+        path: String,
+        meta: Meta,
+    },
+    Symlink {
+        path: String,
+        target: String,
+        meta: Meta,
+    },
+    HardLink {
+        path: String,
+        existing: String,
+    },
+    Fifo {
+        path: String,
+        meta: Meta,
+    },
+    Socket {
+        path: String,
+        meta: Meta,
+    },
+    CharDev {
+        path: String,
+        major: u32,
+        minor: u32,
+        meta: Meta,
+    },
+    Whiteout {
+        path: String,
+    },
 }
 
 /// How whiteouts in lower layers are written.
@@ -500,12 +601,18 @@ pub struct Format {
 
 impl Format {
     /// The format kernel overlayfs itself reads and writes as root.
-    pub const NATIVE: Format =
-        Format { whiteout: WhiteoutFormat::CharDev, opaque: OpaqueFormat::TrustedXattr };
-    pub const AUFS: Format =
-        Format { whiteout: WhiteoutFormat::Aufs, opaque: OpaqueFormat::AufsMarker };
-    pub const USER_XATTR: Format =
-        Format { whiteout: WhiteoutFormat::CharDev, opaque: OpaqueFormat::UserXattr };
+    pub const NATIVE: Format = Format {
+        whiteout: WhiteoutFormat::CharDev,
+        opaque: OpaqueFormat::TrustedXattr,
+    };
+    pub const AUFS: Format = Format {
+        whiteout: WhiteoutFormat::Aufs,
+        opaque: OpaqueFormat::AufsMarker,
+    };
+    pub const USER_XATTR: Format = Format {
+        whiteout: WhiteoutFormat::CharDev,
+        opaque: OpaqueFormat::UserXattr,
+    };
 }
 
 /// A declarative description of one layer's content. Parent directories are created as
@@ -524,49 +631,82 @@ impl LayerSpec {
         self.file_with(path, data, Meta::new())
     }
     pub fn file_with(mut self, path: &str, data: impl AsRef<[u8]>, meta: Meta) -> Self {
-        self.nodes.push(Node::File { path: path.into(), data: data.as_ref().to_vec(), meta });
+        self.nodes.push(Node::File {
+            path: path.into(),
+            data: data.as_ref().to_vec(),
+            meta,
+        });
         self
     }
     /// A sparse file of `size` bytes holding only `chunks` (offset, data).
     pub fn sparse(mut self, path: &str, size: u64, chunks: &[(u64, &[u8])], meta: Meta) -> Self {
         let chunks = chunks.iter().map(|(o, d)| (*o, d.to_vec())).collect();
-        self.nodes.push(Node::Sparse { path: path.into(), size, chunks, meta });
+        self.nodes.push(Node::Sparse {
+            path: path.into(),
+            size,
+            chunks,
+            meta,
+        });
         self
     }
     pub fn dir(self, path: &str) -> Self {
         self.dir_with(path, Meta::new())
     }
     pub fn dir_with(mut self, path: &str, meta: Meta) -> Self {
-        self.nodes.push(Node::Dir { path: path.into(), meta });
+        self.nodes.push(Node::Dir {
+            path: path.into(),
+            meta,
+        });
         self
     }
     /// A directory marked opaque (in the layer's [`OpaqueFormat`]).
     pub fn opaque_dir(mut self, path: &str) -> Self {
-        self.nodes.push(Node::OpaqueDir { path: path.into(), meta: Meta::new() });
+        self.nodes.push(Node::OpaqueDir {
+            path: path.into(),
+            meta: Meta::new(),
+        });
         self
     }
     pub fn symlink(self, path: &str, target: &str) -> Self {
         self.symlink_with(path, target, Meta::new())
     }
     pub fn symlink_with(mut self, path: &str, target: &str, meta: Meta) -> Self {
-        self.nodes.push(Node::Symlink { path: path.into(), target: target.into(), meta });
+        self.nodes.push(Node::Symlink {
+            path: path.into(),
+            target: target.into(),
+            meta,
+        });
         self
     }
     /// A hard link at `path` to the entry `existing` of the same layer (made earlier).
     pub fn hardlink(mut self, path: &str, existing: &str) -> Self {
-        self.nodes.push(Node::HardLink { path: path.into(), existing: existing.into() });
+        self.nodes.push(Node::HardLink {
+            path: path.into(),
+            existing: existing.into(),
+        });
         self
     }
     pub fn fifo(mut self, path: &str) -> Self {
-        self.nodes.push(Node::Fifo { path: path.into(), meta: Meta::new() });
+        self.nodes.push(Node::Fifo {
+            path: path.into(),
+            meta: Meta::new(),
+        });
         self
     }
     pub fn socket(mut self, path: &str) -> Self {
-        self.nodes.push(Node::Socket { path: path.into(), meta: Meta::new() });
+        self.nodes.push(Node::Socket {
+            path: path.into(),
+            meta: Meta::new(),
+        });
         self
     }
     pub fn chardev(mut self, path: &str, major: u32, minor: u32) -> Self {
-        self.nodes.push(Node::CharDev { path: path.into(), major, minor, meta: Meta::new() });
+        self.nodes.push(Node::CharDev {
+            path: path.into(),
+            major,
+            minor,
+            meta: Meta::new(),
+        });
         self
     }
     /// A whiteout hiding `path` of the layers below (in the layer's [`WhiteoutFormat`]).
@@ -587,7 +727,12 @@ impl LayerSpec {
                     set_mode(&p, 0o644);
                     (p, meta.clone(), false)
                 }
-                Node::Sparse { path, size, chunks, meta } => {
+                Node::Sparse {
+                    path,
+                    size,
+                    chunks,
+                    meta,
+                } => {
                     let p = prepare(root, path);
                     let f = File::create(&p).unwrap();
                     f.set_len(*size).unwrap();
@@ -646,7 +791,12 @@ impl LayerSpec {
                     mknod(&p, libc::S_IFSOCK | 0o755, 0, 0).unwrap();
                     (p, meta.clone(), false)
                 }
-                Node::CharDev { path, major, minor, meta } => {
+                Node::CharDev {
+                    path,
+                    major,
+                    minor,
+                    meta,
+                } => {
                     let p = prepare(root, path);
                     mknod(&p, libc::S_IFCHR | 0o644, *major, *minor).unwrap();
                     set_mode(&p, 0o644);
@@ -676,8 +826,9 @@ impl LayerSpec {
                 set_mode(&p, m);
             }
             for (n, v) in &meta.xattrs {
-                lsetxattr(&p, n, v, 0)
-                    .unwrap_or_else(|e| panic!("setxattr {n} on {}: {}", p.display(), errno_name(e)));
+                lsetxattr(&p, n, v, 0).unwrap_or_else(|e| {
+                    panic!("setxattr {n} on {}: {}", p.display(), errno_name(e))
+                });
             }
             if let Some(t) = meta.mtime {
                 mtimes.insert(p, t);
@@ -740,26 +891,43 @@ impl Layers {
     }
 
     pub fn build(specs: &[LayerSpec], upper: Option<&LayerSpec>, fmt: Format) -> Self {
-        let tmp = tempfile::Builder::new().prefix("stratafs-it-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("stratafs-it-")
+            .tempdir()
+            .unwrap();
         let root = tmp.path().canonicalize().unwrap();
-        let lowers: Vec<PathBuf> = (0..specs.len()).map(|i| root.join(format!("lower{i}"))).collect();
+        let lowers: Vec<PathBuf> = (0..specs.len())
+            .map(|i| root.join(format!("lower{i}")))
+            .collect();
         for (spec, dir) in specs.iter().zip(&lowers) {
             fs::create_dir(dir).unwrap();
             spec.build(dir, fmt);
         }
-        let (upper, work, merged) = (root.join("upper"), root.join("work"), root.join("merged"));
-        for d in [&upper, &work, &merged] {
+        let (upper_dir, work, merged) =
+            (root.join("upper"), root.join("work"), root.join("merged"));
+        for d in [&upper_dir, &work, &merged] {
             fs::create_dir(d).unwrap();
         }
         if let Some(spec) = upper {
-            spec.build(&upper.clone(), fmt);
+            spec.build(&upper_dir, fmt);
         }
-        Layers { root, lowers, upper, work, merged, _tmp: tmp }
+        Layers {
+            root,
+            lowers,
+            upper: upper_dir,
+            work,
+            merged,
+            _tmp: tmp,
+        }
     }
 
     /// `L1:L2:...` (top-most first).
     pub fn lowerdir(&self) -> String {
-        let v: Vec<String> = self.lowers.iter().map(|p| p.display().to_string()).collect();
+        let v: Vec<String> = self
+            .lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         v.join(":")
     }
 
@@ -931,7 +1099,12 @@ impl StrataMount {
     pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: pid is our own child, not yet reaped (so not recycled).
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig}): {}", errno());
+        assert_eq!(
+            unsafe { libc::kill(pid, sig) },
+            0,
+            "kill({pid}, {sig}): {}",
+            errno()
+        );
         let child = self.child.as_mut().unwrap();
         match wait_bounded(child, EXIT_TIMEOUT) {
             Some(st) => {
@@ -949,7 +1122,9 @@ impl StrataMount {
     fn teardown(&mut self, problems: &mut Vec<String>) -> Option<ExitStatus> {
         if let Some(child) = self.child.as_mut() {
             if let Ok(Some(st)) = child.try_wait() {
-                problems.push(format!("the daemon had already exited ({st}) before the unmount"));
+                problems.push(format!(
+                    "the daemon had already exited ({st}) before the unmount"
+                ));
             }
         }
         unmount_fuse(&self.mountpoint, problems);
@@ -999,24 +1174,30 @@ impl Drop for StrataMount {
 /// PIDs of live (non-zombie) stratafs processes whose command line names `mp`.
 pub fn stratafs_pids_for(mp: &Path) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return out };
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
     let needle = mp.as_os_str().as_bytes();
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_stratafs = args
-            .first()
-            .is_some_and(|a0| a0.ends_with(b"stratafs"))
-            || fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "stratafs");
+        let is_stratafs = args.first().is_some_and(|a0| a0.ends_with(b"stratafs"))
+            || fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "stratafs");
         if !is_stratafs || !args.iter().any(|a| *a == needle) {
             continue;
         }
         let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
             .unwrap_or(true);
         if !zombie {
             out.push(pid);
@@ -1068,7 +1249,10 @@ impl StrataDaemon {
         };
         d.launcher_status = st;
         if !st.success() {
-            panic!("daemon-mode stratafs exited {st}; output:\n{}", read_log(&d.log));
+            panic!(
+                "daemon-mode stratafs exited {st}; output:\n{}",
+                read_log(&d.log)
+            );
         }
         d.daemon_pids = stratafs_pids_for(&mp);
         d
@@ -1085,7 +1269,10 @@ impl StrataDaemon {
     /// `fusermount3 -u`, then waits (bounded) until the mount is gone from the mount table
     /// and no stratafs process for this mountpoint is left. Err describes what lingered.
     pub fn unmount_and_wait(&mut self) -> Result<(), String> {
-        run_cmd("fusermount3", &[OsStr::new("-u"), self.mountpoint.as_os_str()])?;
+        run_cmd(
+            "fusermount3",
+            &[OsStr::new("-u"), self.mountpoint.as_os_str()],
+        )?;
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
             let mounted = mount_at(&self.mountpoint).is_some();
@@ -1114,7 +1301,9 @@ impl Drop for StrataDaemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         for pid in stratafs_pids_for(&self.mountpoint) {
-            problems.push(format!("daemon pid {pid} lingered after the unmount; killed it"));
+            problems.push(format!(
+                "daemon pid {pid} lingered after the unmount; killed it"
+            ));
             // SAFETY: a stratafs process serving our own unique mountpoint: ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -1123,7 +1312,11 @@ impl Drop for StrataDaemon {
             let _ = run_cmd("umount", &[OsStr::new("-l"), self.mountpoint.as_os_str()]);
         }
         if !problems.is_empty() {
-            eprintln!("StrataDaemon drop ({}): {}", self.mountpoint.display(), problems.join("\n"));
+            eprintln!(
+                "StrataDaemon drop ({}): {}",
+                self.mountpoint.display(),
+                problems.join("\n")
+            );
         }
     }
 }
@@ -1171,7 +1364,10 @@ impl KernelOverlay {
         }
         self.mounted = true;
         let st = statfs(&self.mountpoint).unwrap();
-        assert_eq!(st.f_type as i64, OVERLAYFS_SUPER_MAGIC, "kernel overlay not mounted");
+        assert_eq!(
+            st.f_type as i64, OVERLAYFS_SUPER_MAGIC,
+            "kernel overlay not mounted"
+        );
     }
 
     pub fn path(&self) -> &Path {
@@ -1227,7 +1423,9 @@ impl Tmpfs {
             ],
         )
         .unwrap_or_else(|e| panic!("mounting a tmpfs: {e}"));
-        Tmpfs { path: path.to_path_buf() }
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
     }
 }
 
@@ -1281,7 +1479,13 @@ pub struct Content {
 
 impl fmt::Debug for Content {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} bytes, hash {:016x}, starting {:?}", self.len, self.hash, String::from_utf8_lossy(&self.head))
+        write!(
+            f,
+            "{} bytes, hash {:016x}, starting {:?}",
+            self.len,
+            self.hash,
+            String::from_utf8_lossy(&self.head)
+        )
     }
 }
 
@@ -1309,7 +1513,11 @@ pub fn content_of(p: &Path) -> io::Result<Content> {
         }
         len += n as u64;
     }
-    Ok(Content { len, hash: h.finish(), head })
+    Ok(Content {
+        len,
+        hash: h.finish(),
+        head,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1363,7 +1571,10 @@ pub fn snapshot_layer(root: &Path) -> Snapshot {
 fn take_snapshot(root: &Path, mode: SnapMode) -> Snapshot {
     let mut entries = BTreeMap::new();
     walk(root, ".", mode, &mut entries);
-    Snapshot { root: root.to_path_buf(), entries }
+    Snapshot {
+        root: root.to_path_buf(),
+        entries,
+    }
 }
 
 fn walk(p: &Path, rel: &str, mode: SnapMode, out: &mut BTreeMap<String, Entry>) {
@@ -1430,7 +1641,11 @@ fn walk(p: &Path, rel: &str, mode: SnapMode, out: &mut BTreeMap<String, Entry>) 
         target: None,
         rdev: matches!(kind, Kind::CharDev | Kind::BlockDev)
             .then(|| (libc::major(md.rdev()), libc::minor(md.rdev()))),
-        nlink: if mode == SnapMode::RawLayer && is_whiteout { None } else { Some(md.nlink()) },
+        nlink: if mode == SnapMode::RawLayer && is_whiteout {
+            None
+        } else {
+            Some(md.nlink())
+        },
         xattrs,
         mtime: (kind != Kind::Dir).then(|| (md.mtime(), md.mtime_nsec())),
         opaque: None,
@@ -1478,7 +1693,11 @@ fn walk(p: &Path, rel: &str, mode: SnapMode, out: &mut BTreeMap<String, Entry>) 
             }
             out.insert(rel.to_string(), e);
             for c in children {
-                let crel = if rel == "." { c.clone() } else { format!("{rel}/{c}") };
+                let crel = if rel == "." {
+                    c.clone()
+                } else {
+                    format!("{rel}/{c}")
+                };
                 walk(&p.join(&c), &crel, mode, out);
             }
             return;
@@ -1513,24 +1732,52 @@ pub fn diff(la: &str, a: &Snapshot, lb: &str, b: &Snapshot) -> Vec<String> {
         if ea.kind != eb.kind {
             continue;
         }
-        field("mode", format!("{:04o}", ea.mode), format!("{:04o}", eb.mode));
-        field("owner", format!("{}:{}", ea.uid, ea.gid), format!("{}:{}", eb.uid, eb.gid));
+        field(
+            "mode",
+            format!("{:04o}", ea.mode),
+            format!("{:04o}", eb.mode),
+        );
+        field(
+            "owner",
+            format!("{}:{}", ea.uid, ea.gid),
+            format!("{}:{}", eb.uid, eb.gid),
+        );
         field("size", format!("{:?}", ea.size), format!("{:?}", eb.size));
-        field("content", format!("{:?}", ea.content), format!("{:?}", eb.content));
-        field("symlink target", format!("{:?}", ea.target), format!("{:?}", eb.target));
+        field(
+            "content",
+            format!("{:?}", ea.content),
+            format!("{:?}", eb.content),
+        );
+        field(
+            "symlink target",
+            format!("{:?}", ea.target),
+            format!("{:?}", eb.target),
+        );
         field("rdev", format!("{:?}", ea.rdev), format!("{:?}", eb.rdev));
         if let (Some(na), Some(nb)) = (ea.nlink, eb.nlink) {
             field("st_nlink", na.to_string(), nb.to_string());
         }
         field("xattrs", show_xattrs(&ea.xattrs), show_xattrs(&eb.xattrs));
-        field("opaque", format!("{:?}", ea.opaque), format!("{:?}", eb.opaque));
-        field("errors", format!("{:?}", ea.errors), format!("{:?}", eb.errors));
+        field(
+            "opaque",
+            format!("{:?}", ea.opaque),
+            format!("{:?}", eb.opaque),
+        );
+        field(
+            "errors",
+            format!("{:?}", ea.errors),
+            format!("{:?}", eb.errors),
+        );
         if let (Some(ta), Some(tb)) = (ea.mtime, eb.mtime) {
             // Times made by the filesystem itself ("now") differ between two runs;
             // times set by the fixture or a test must be kept exactly.
             let both_fresh = ta.0 >= FRESH_AFTER && tb.0 >= FRESH_AFTER;
             if !both_fresh {
-                field("mtime", format!("{}.{:09}", ta.0, ta.1), format!("{}.{:09}", tb.0, tb.1));
+                field(
+                    "mtime",
+                    format!("{}.{:09}", ta.0, ta.1),
+                    format!("{}.{:09}", tb.0, tb.1),
+                );
             }
         }
     }
@@ -1561,7 +1808,10 @@ pub fn assert_same_tree(la: &str, a: &Snapshot, lb: &str, b: &Snapshot) {
 
 /// A deterministic pseudo-random byte pattern.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
