@@ -1,6 +1,7 @@
 //! The fuser `Filesystem` implementation: one small match per callback, converting
 //! between fuser types and the engine's. No union logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
@@ -15,6 +16,7 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
@@ -25,9 +27,29 @@ pub struct StrataFs {
     /// The kernel agreed to passthrough at init.
     passthrough: AtomicBool,
     writeback: bool,
-    /// Backing files registered for passthrough, by file handle; they must live as
-    /// long as the handle.
-    backing: DashMap<u64, BackingId>,
+    /// How each open inode does I/O. The kernel requires every open of an inode to
+    /// agree while any is open: all passthrough with one backing file, or none.
+    io: Mutex<HashMap<u64, InodeIo>>,
+    /// File handle -> (inode, whether it was opened with passthrough).
+    handles: DashMap<u64, (u64, bool)>,
+}
+
+#[derive(Default)]
+struct InodeIo {
+    backing: Option<Arc<BackingId>>,
+    /// The backing file is the upper copy (read-write) rather than a lower file.
+    backing_upper: bool,
+    passthrough_opens: usize,
+    served_opens: usize,
+}
+
+/// What an open should be answered with.
+enum IoChoice {
+    Passthrough(Arc<BackingId>),
+    Served,
+    /// A lower file is open with passthrough and a writer needs the upper copy: the
+    /// kernel cannot switch an open inode's backing file.
+    Busy,
 }
 
 impl StrataFs {
@@ -37,7 +59,8 @@ impl StrataFs {
             want_passthrough: passthrough && !writeback,
             passthrough: AtomicBool::new(false),
             writeback,
-            backing: DashMap::new(),
+            io: Mutex::new(HashMap::new()),
+            handles: DashMap::new(),
         }
     }
 }
@@ -138,26 +161,77 @@ fn caller(req: &Request) -> Caller {
 }
 
 impl StrataFs {
-    /// Replies to an open/create with passthrough when the kernel accepted it and the
-    /// file is a regular one; falls back to served I/O otherwise.
-    fn backing_for(
+    /// Chooses how an open of `handle` does its I/O and records it.
+    fn choose_io(
         &self,
         fh: u64,
-        file: &std::fs::File,
-        open: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> Option<()> {
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return None;
+        handle: &union::OpenFile,
+        open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
+    ) -> IoChoice {
+        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let mut io = self.io.lock();
+        let state = io.entry(handle.ino).or_default();
+        let choice =
+            if !regular || !self.passthrough.load(Ordering::Relaxed) || state.served_opens > 0 {
+                IoChoice::Served
+            } else if let Some(b) = &state.backing {
+                if state.backing_upper || !handle.in_upper {
+                    IoChoice::Passthrough(b.clone())
+                } else {
+                    IoChoice::Busy
+                }
+            } else {
+                // Upper files get a read-write backing file so that every later open,
+                // reader or writer, can share it.
+                let rdwr = if handle.in_upper {
+                    self.engine.open_upper_rdwr(handle.ino).ok()
+                } else {
+                    None
+                };
+                match open_backing(rdwr.as_ref().unwrap_or(&handle.file)) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        state.backing = Some(id.clone());
+                        state.backing_upper = handle.in_upper;
+                        IoChoice::Passthrough(id)
+                    }
+                    Err(e) => {
+                        log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        IoChoice::Served
+                    }
+                }
+            };
+        match choice {
+            IoChoice::Passthrough(_) => state.passthrough_opens += 1,
+            IoChoice::Served => state.served_opens += 1,
+            IoChoice::Busy => {}
         }
-        match open(file) {
-            Ok(id) => {
-                self.backing.insert(fh, id);
-                Some(())
+        let idle = state.passthrough_opens == 0 && state.served_opens == 0;
+        if matches!(choice, IoChoice::Busy) {
+            if idle {
+                io.remove(&handle.ino);
             }
-            Err(e) => {
-                log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
-                self.passthrough.store(false, Ordering::Relaxed);
-                None
+        } else {
+            let passthrough = matches!(choice, IoChoice::Passthrough(_));
+            self.handles.insert(fh, (handle.ino, passthrough));
+        }
+        choice
+    }
+
+    fn end_io(&self, fh: u64) {
+        let Some((_, (ino, passthrough))) = self.handles.remove(&fh) else {
+            return;
+        };
+        let mut io = self.io.lock();
+        if let Some(state) = io.get_mut(&ino) {
+            if passthrough {
+                state.passthrough_opens = state.passthrough_opens.saturating_sub(1);
+            } else {
+                state.served_opens = state.served_opens.saturating_sub(1);
+            }
+            if state.passthrough_opens == 0 && state.served_opens == 0 {
+                io.remove(&ino);
             }
         }
     }
@@ -367,17 +441,20 @@ impl Filesystem for StrataFs {
             Ok(h) => h,
             Err(e) => return reply.error(fail("open", e)),
         };
-        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if regular
-            && self
-                .backing_for(fh, &handle.file, |f| reply.open_backing(f))
-                .is_some()
-        {
-            if let Some(id) = self.backing.get(&fh) {
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
+            IoChoice::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
+            IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags()),
+            IoChoice::Busy => {
+                self.engine.release(fh);
+                log::info!(
+                    "open of inode {}: busy (lower file open with passthrough)",
+                    ino.0
+                );
+                reply.error(Errno::from_i32(libc::ETXTBSY));
             }
         }
-        reply.opened(FileHandle(fh), self.open_flags());
     }
 
     fn create(
@@ -396,28 +473,23 @@ impl Filesystem for StrataFs {
             Err(e) => return reply.error(fail("create", e)),
         };
         let attr = file_attr(&entry.attr);
-        if self
-            .backing_for(fh, &handle.file, |f| reply.open_backing(f))
-            .is_some()
-        {
-            if let Some(id) = self.backing.get(&fh) {
-                return reply.created_passthrough(
-                    &entry.ttl,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                    &id,
-                );
-            }
+        match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
+            IoChoice::Passthrough(id) => reply.created_passthrough(
+                &entry.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            ),
+            _ => reply.created(
+                &entry.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                self.open_flags(),
+            ),
         }
-        reply.created(
-            &entry.ttl,
-            &attr,
-            Generation(0),
-            FileHandle(fh),
-            self.open_flags(),
-        );
     }
 
     fn read(
@@ -476,7 +548,7 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing.remove(&fh.0);
+        self.end_io(fh.0);
         self.engine.release(fh.0);
         reply.ok();
     }

@@ -39,9 +39,20 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     if config.read_only() {
         opts.push(MountOption::RO);
     }
+    // As root, device nodes and set-ID programs work by default, as on kernel
+    // overlayfs; unprivileged FUSE mounts are always nodev,nosuid anyway.
+    let root_default = process::is_root().then_some(true);
     for (flag, on, off) in [
-        (config.fuse.suid, MountOption::Suid, MountOption::NoSuid),
-        (config.fuse.dev, MountOption::Dev, MountOption::NoDev),
+        (
+            config.fuse.suid.or(root_default),
+            MountOption::Suid,
+            MountOption::NoSuid,
+        ),
+        (
+            config.fuse.dev.or(root_default),
+            MountOption::Dev,
+            MountOption::NoDev,
+        ),
         (config.fuse.exec, MountOption::Exec, MountOption::NoExec),
         (config.fuse.atime, MountOption::Atime, MountOption::NoAtime),
     ] {
@@ -115,7 +126,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     // Signals are taken by one thread (below); every thread started from here on
     // inherits the block.
     process::block_termination_signals();
-    let fs = StrataFs::new(engine, config.passthrough, config.writeback);
+    let fs = StrataFs::new(engine.clone(), config.passthrough, config.writeback);
     let mut session = match Session::new(fs, &config.mountpoint, &session_config(config)) {
         Ok(s) => s,
         Err(e) => {
@@ -125,6 +136,14 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
             );
         }
     };
+    let notifier = session.notifier();
+    engine.on_stale_attrs(Box::new(move |ino| {
+        // Offset -1: attributes only, no page-cache work, so this is safe to send
+        // from inside a request handler.
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+            log::debug!("attribute invalidation of inode {ino}: {e}");
+        }
+    }));
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
     let _ = std::thread::Builder::new()

@@ -98,6 +98,9 @@ impl Union {
         }
         self.inodes
             .add_identity(inode, (upper_stat.st_dev, upper_stat.st_ino));
+        if inode.is_dir() {
+            self.attrs_changed(inode.ino);
+        }
         Ok(())
     }
 

@@ -196,7 +196,7 @@ impl Union {
         })?;
         let file = opened.ok_or(Errno::IO)?;
         let entry = self.entry_after_create(&p, name)?;
-        let (fh, handle) = self.register_file(entry.attr.ino, file, true);
+        let (fh, handle) = self.register_file(entry.attr.ino, file, true, true);
         let _ = flags;
         Ok((entry, fh, handle))
     }

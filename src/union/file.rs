@@ -17,6 +17,8 @@ pub struct OpenFile {
     /// The real file; handed to the kernel for passthrough by the adapter.
     pub file: File,
     pub writable: bool,
+    /// The file is the upper layer's copy (the one all writers share).
+    pub in_upper: bool,
 }
 
 /// Access flags the daemon passes on to the real open. O_APPEND is dropped: the
@@ -60,7 +62,19 @@ impl Union {
             // an O_PATH handle is enough to answer fstat-style requests.
             _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
         };
-        Ok(self.register_file(ino, file, write))
+        let in_upper = self.is_in_upper(&inode);
+        Ok(self.register_file(ino, file, write, in_upper))
+    }
+
+    /// A read-write fd on the upper copy of `ino`, for use as a passthrough backing
+    /// file that every later open of the inode can share.
+    pub fn open_upper_rdwr(&self, ino: Ino) -> Result<File> {
+        let inode = self.inode(ino)?;
+        if !self.is_in_upper(&inode) || inode.kind != libc::S_IFREG {
+            return Err(Errno::INVAL);
+        }
+        let (pfd, name, _) = self.entry_loc(&inode)?;
+        sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDWR, 0)
     }
 
     pub(crate) fn register_file(
@@ -68,12 +82,14 @@ impl Union {
         ino: Ino,
         file: File,
         writable: bool,
+        in_upper: bool,
     ) -> (u64, Arc<OpenFile>) {
         let fh = self.new_handle();
         let handle = Arc::new(OpenFile {
             ino,
             file,
             writable,
+            in_upper,
         });
         if let Some(inode) = self.inodes.get(ino) {
             inode.open_count.fetch_add(1, Ordering::AcqRel);

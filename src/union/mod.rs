@@ -32,6 +32,8 @@ use whiteout::WhiteoutStyle;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
+pub type StaleAttrHook = Box<dyn Fn(Ino) + Send + Sync>;
+
 /// Who is asking: the credentials new entries are created with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
@@ -154,6 +156,10 @@ pub struct Union {
     /// Upper bound on cached directory fds; above it fds are opened per use.
     dir_fd_budget: u64,
     opts: Options,
+    /// Called with an inode whose attributes changed as a side effect (a directory
+    /// becoming merged on copy-up changes its st_nlink), so that the kernel's cached
+    /// copy can be dropped.
+    stale_attr_hook: std::sync::OnceLock<StaleAttrHook>,
 }
 
 pub(crate) const UPPER: LayerIdx = 0;
@@ -208,6 +214,7 @@ impl Union {
             next_temp: AtomicU64::new(1),
             dir_fd_budget: nofile / 2,
             opts,
+            stale_attr_hook: std::sync::OnceLock::new(),
         };
         union
             .insert_root()
@@ -243,6 +250,18 @@ impl Union {
 
     pub fn options(&self) -> &Options {
         &self.opts
+    }
+
+    /// Registers the function told about attributes that changed behind the
+    /// kernel's back (set once, by the FUSE adapter).
+    pub fn on_stale_attrs(&self, hook: StaleAttrHook) {
+        let _ = self.stale_attr_hook.set(hook);
+    }
+
+    fn attrs_changed(&self, ino: Ino) {
+        if let Some(hook) = self.stale_attr_hook.get() {
+            hook(ino);
+        }
     }
 
     pub fn has_upper(&self) -> bool {
