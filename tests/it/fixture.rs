@@ -1034,7 +1034,7 @@ impl StrataMount {
             }
             if fuse_mounted_at(&self.mountpoint) {
                 match statfs_bounded(&self.mountpoint, Duration::from_secs(5)) {
-                    Some(Ok(st)) if st.f_type as i64 == FUSE_SUPER_MAGIC => return,
+                    Some(Ok(st)) if st.f_type == FUSE_SUPER_MAGIC => return,
                     Some(_) => {}
                     None => panic!(
                         "statfs on the stratafs mount {} hangs (>5 s); output:\n{}",
@@ -1191,7 +1191,7 @@ pub fn stratafs_pids_for(mp: &Path) -> Vec<i32> {
         let is_stratafs = args.first().is_some_and(|a0| a0.ends_with(b"stratafs"))
             || fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "stratafs");
-        if !is_stratafs || !args.iter().any(|a| *a == needle) {
+        if !is_stratafs || !args.contains(&needle) {
             continue;
         }
         let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -1367,7 +1367,7 @@ impl KernelOverlay {
         self.mounted = true;
         let st = statfs(&self.mountpoint).unwrap();
         assert_eq!(
-            st.f_type as i64, OVERLAYFS_SUPER_MAGIC,
+            st.f_type, OVERLAYFS_SUPER_MAGIC,
             "kernel overlay not mounted"
         );
     }
@@ -1433,10 +1433,8 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        if mount_at(&self.path).is_some() {
-            if run_cmd("umount", &[self.path.as_os_str()]).is_err() {
-                let _ = run_cmd("umount", &[OsStr::new("-l"), self.path.as_os_str()]);
-            }
+        if mount_at(&self.path).is_some() && run_cmd("umount", &[self.path.as_os_str()]).is_err() {
+            let _ = run_cmd("umount", &[OsStr::new("-l"), self.path.as_os_str()]);
         }
     }
 }

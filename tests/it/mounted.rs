@@ -1032,13 +1032,13 @@ fn statfs_reports_the_upper_filesystem() {
     let low = statvfs(&l.lowers[0]);
     let bytes = |s: &libc::statvfs, n: u64| n as u128 * s.f_frsize as u128;
     assert_ne!(
-        bytes(&up, up.f_blocks as u64),
-        bytes(&low, low.f_blocks as u64),
+        bytes(&up, up.f_blocks),
+        bytes(&low, low.f_blocks),
         "test bug"
     );
     assert_eq!(
         bytes(&merged, merged.f_blocks as u64),
-        bytes(&up, up.f_blocks as u64),
+        bytes(&up, up.f_blocks),
         "total size: merged {} blocks of {} vs upper tmpfs {} blocks of {}",
         merged.f_blocks,
         merged.f_frsize,
@@ -1057,7 +1057,7 @@ fn statfs_reports_the_upper_filesystem() {
     let merged = statvfs(m.path());
     let up = statvfs(&tmpfs.path);
     let free_m = bytes(&merged, merged.f_bfree as u64);
-    let free_u = bytes(&up, up.f_bfree as u64);
+    let free_u = bytes(&up, up.f_bfree);
     assert!(
         free_m.abs_diff(free_u) <= MIB as u128,
         "free space: merged {free_m} vs upper {free_u} bytes"
@@ -1415,7 +1415,7 @@ fn daemon_mode_returns_with_the_mount_live_and_exits_after_unmount() {
     // Live the moment the command returned: no polling allowed here.
     let st = fixture::statfs(d.path()).unwrap();
     assert_eq!(
-        st.f_type as i64, FUSE_SUPER_MAGIC,
+        st.f_type, FUSE_SUPER_MAGIC,
         "mount not live when the command returned"
     );
     assert!(fixture::fuse_mounted_at(d.path()));
@@ -1432,10 +1432,7 @@ fn daemon_mode_returns_with_the_mount_live_and_exits_after_unmount() {
     d.unmount_and_wait()
         .unwrap_or_else(|e| panic!("{e}; output:\n{}", d.output()));
     assert!(fixture::stratafs_pids_for(&l.merged).is_empty());
-    assert_ne!(
-        fixture::statfs(&l.merged).unwrap().f_type as i64,
-        FUSE_SUPER_MAGIC
-    );
+    assert_ne!(fixture::statfs(&l.merged).unwrap().f_type, FUSE_SUPER_MAGIC);
 }
 
 fn signal_unmounts_cleanly(sig: i32) {
@@ -1456,10 +1453,7 @@ fn signal_unmounts_cleanly(sig: i32) {
         fixture::mount_at(&l.merged).is_none(),
         "signal {sig}: the mount is still in the mount table"
     );
-    assert_ne!(
-        fixture::statfs(&l.merged).unwrap().f_type as i64,
-        FUSE_SUPER_MAGIC
-    );
+    assert_ne!(fixture::statfs(&l.merged).unwrap().f_type, FUSE_SUPER_MAGIC);
     assert_eq!(
         fs::read(l.upper.join("written")).unwrap(),
         b"before the signal"
