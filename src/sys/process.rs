@@ -123,29 +123,34 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Blocks SIGINT/SIGTERM/SIGHUP in the calling thread (and every thread it creates
-/// afterwards), so they can be taken synchronously by `wait_for_termination_signal`.
-pub fn block_termination_signals() {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+/// The signals that end the daemon: SIGINT, SIGTERM and SIGHUP.
+fn termination_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before any use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// Blocks the termination signals in the calling thread (and every thread it creates
+/// afterwards), so they can be taken synchronously by `wait_for_termination_signal`.
+pub fn block_termination_signals() {
+    let set = termination_set();
+    // SAFETY: `set` is a valid, initialised signal set; the old mask is not wanted.
+    unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
 /// Waits until SIGINT, SIGTERM or SIGHUP arrives; returns its number.
 pub fn wait_for_termination_signal() -> i32 {
-    // SAFETY: as above; sigwait only writes the signal number.
+    let set = termination_set();
+    // SAFETY: `set` is valid; sigwait only writes the signal number.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
         let mut sig: libc::c_int = 0;
         loop {
             if libc::sigwait(&set, &mut sig) == 0 {

@@ -329,10 +329,7 @@ impl Union {
         self.copy_up(&p, CopyData::Yes)?;
         let pinned = match (&child, is_dir) {
             (Some(_), false) if found.top_layer() == UPPER && self.upper => {
-                let ufd = self.dir_fd(&p, UPPER)?;
-                sys::fs::open_at(ufd.as_fd(), name, OFlags::PATH, 0)
-                    .ok()
-                    .map(|f| Arc::new(OwnedFd::from(f)))
+                pin_entry(self.dir_fd(&p, UPPER)?.as_fd(), name)
             }
             _ => None,
         };
@@ -535,9 +532,7 @@ impl Union {
                 if di.is_dir() {
                     clear_markers(self.dir_fd(di, UPPER)?.as_fd())?;
                 } else {
-                    pinned = sys::fs::open_at(qfd.as_fd(), newname, OFlags::PATH, 0)
-                        .ok()
-                        .map(|f| Arc::new(OwnedFd::from(f)));
+                    pinned = pin_entry(qfd.as_fd(), newname);
                 }
             }
         }
@@ -592,6 +587,14 @@ impl Union {
         whiteout::write_whiteout(from_dir, from, WhiteoutStyle::AufsFile)?;
         sys::fs::rename_at(from_dir, from, to_dir, to, RenameKind::Replace)
     }
+}
+
+/// An O_PATH handle on an upper entry about to lose its name, so that getattr of the
+/// inode still works (and reports nlink 0) while the kernel holds it. Best effort.
+fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd>> {
+    sys::fs::open_at(dir, name, OFlags::PATH, 0)
+        .ok()
+        .map(|f| Arc::new(OwnedFd::from(f)))
 }
 
 fn set_name(inode: &Inode, parent: Ino, name: &OsStr) {
