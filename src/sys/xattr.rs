@@ -71,6 +71,26 @@ pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
     })
 }
 
+/// Reads a value known to be short (markers, numbers, paths) with one syscall;
+/// `None` when the attribute is absent or the filesystem has none. Longer values
+/// fall back to [`get`].
+pub fn get_small(target: Target<'_>, name: &OsStr) -> SysResult<Option<Vec<u8>>> {
+    let mut buf = [0u8; 256];
+    let res = with_path(target, |path, follow| {
+        if follow {
+            rustix::fs::getxattr(path, name, &mut buf[..])
+        } else {
+            rustix::fs::lgetxattr(path, name, &mut buf[..])
+        }
+    });
+    match res {
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
+        Err(Errno::NODATA) | Err(Errno::OPNOTSUPP) => Ok(None),
+        Err(Errno::RANGE) => get(target, name).map(Some),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the attribute exists (without reading it).
 pub fn exists(target: Target<'_>, name: &OsStr) -> SysResult<bool> {
     let res = with_path(target, |path, follow| {

@@ -56,6 +56,12 @@ impl Union {
         let parent = self.inode(parent_ino)?;
         self.copy_up(&parent, CopyData::Yes)?;
         let src_dir = self.dir_fd(&parent, src_layer)?;
+        if !inode.is_dir() && self.index.is_some() {
+            let src = sys::fs::stat_at(src_dir.as_fd(), &name)?;
+            if src.st_nlink > 1 {
+                return self.copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data);
+            }
+        }
         let dst_dir = self.dir_fd(&parent, UPPER)?;
         let work = self.work_fd()?.clone();
         let temp = self.temp_name();
@@ -104,8 +110,9 @@ impl Union {
         Ok(())
     }
 
-    /// Builds the copy of `src_dir/name` as `work/temp`, metadata included.
-    fn stage_copy(
+    /// Builds the copy of `src_dir/name` as `work/temp`, metadata included, marked
+    /// with the number it is shown with (see origin.rs).
+    pub(crate) fn stage_copy(
         &self,
         inode: &Inode,
         src_dir: BorrowedFd<'_>,
@@ -144,6 +151,7 @@ impl Union {
                 sys::fs::fchown(dst.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
                 sys::fs::chmod_fd(dst.as_fd(), mode)?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
+                self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
                 sys::fs::futimens(dst.as_fd(), times.0, times.1)?;
                 if self.opts.syncs {
                     sys::fs::fsync(&dst, false)?;
@@ -155,6 +163,12 @@ impl Union {
                 sys::fs::fchown(dst.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
                 sys::fs::chmod_fd(dst.as_fd(), mode)?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
+                self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
+                // A directory reached through a redirect keeps it: its lower
+                // content is still there, not at its name.
+                if let Some(path) = inode.state.read().redirect.clone() {
+                    self.set_redirect(dst.as_fd(), &path)?;
+                }
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             libc::S_IFLNK => {
@@ -162,6 +176,7 @@ impl Union {
                 sys::fs::symlink_at(&target, work, temp)?;
                 sys::fs::chown_at(work, temp, Some(st.st_uid), Some(st.st_gid))?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
+                self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             kind => {
@@ -169,6 +184,7 @@ impl Union {
                 sys::fs::chown_at(work, temp, Some(st.st_uid), Some(st.st_gid))?;
                 sys::fs::chmod_at(work, temp, mode)?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
+                self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
         }

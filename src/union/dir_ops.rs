@@ -302,12 +302,23 @@ impl Union {
         if !p.is_dir() {
             return Err(Errno::NOTDIR);
         }
-        let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let mut found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         let is_dir = found.kind == libc::S_IFDIR;
         match (dir, is_dir) {
             (true, false) => return Err(Errno::NOTDIR),
             (false, true) => return Err(Errno::ISDIR),
             _ => {}
+        }
+        if !is_dir && found.top_layer() != UPPER && found.stat.st_nlink > 1 {
+            // One name of a lower hard-link group goes: the others must show the
+            // lower count minus one, which only a copied-up group can.
+            let (inode, temp) = self.inode_for(parent, name, &found)?;
+            let copied = self.copy_up(&inode, CopyData::Yes);
+            if temp {
+                self.inodes.forget(inode.ino, 1);
+            }
+            copied?;
+            found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         }
         let child = self
             .inodes
@@ -317,7 +328,7 @@ impl Union {
             let probe = match &child {
                 Some(c) => c.clone(),
                 None => {
-                    scratch = self.adopt(parent, name, found_clone(&found))?;
+                    scratch = self.adopt(parent, name, found.clone())?;
                     self.inodes.forget(scratch.ino, 1);
                     scratch
                 }
@@ -328,9 +339,7 @@ impl Union {
         }
         self.copy_up(&p, CopyData::Yes)?;
         let pinned = match (&child, is_dir) {
-            (Some(_), false) if found.top_layer() == UPPER && self.upper => {
-                pin_entry(self.dir_fd(&p, UPPER)?.as_fd(), name)
-            }
+            (Some(_), false) => pin_entry(self.dir_fd(&p, found.top_layer())?.as_fd(), name),
             _ => None,
         };
         self.remove_entry(&p, name, &found)?;
@@ -395,7 +404,7 @@ impl Union {
             .by_identity((found.stat.st_dev, found.stat.st_ino))
         {
             Some(i) if i.kind == found.kind => Ok((i, false)),
-            _ => Ok((self.adopt(parent, name, found_clone(found))?, true)),
+            _ => Ok((self.adopt(parent, name, found.clone())?, true)),
         }
     }
 
@@ -469,18 +478,14 @@ impl Union {
         }
         let src_dir = src.kind == libc::S_IFDIR;
         let has_lower = |f: &Found| f.layers.iter().any(|l| l.layer != UPPER || !self.upper);
-        // Directories with lower content cannot be moved without a redirect; like
-        // kernel overlayfs with redirect_dir=off, answer EXDEV (mv then copies).
-        if src_dir && has_lower(src) {
-            return Err(Errno::XDEV);
-        }
+        // A directory with lower content moves by its upper copy plus a redirect to
+        // that content; one without needs only to hide what its new name had below.
+        let src_redirect = src_dir && has_lower(src);
+        let dst_redirect = mode == RenameMode::Exchange
+            && dst.is_some_and(|d| d.kind == libc::S_IFDIR && has_lower(d));
         if let (Some(d), Some(di)) = (dst, dst_inode) {
             let dst_dir = d.kind == libc::S_IFDIR;
-            if mode == RenameMode::Exchange {
-                if dst_dir && has_lower(d) {
-                    return Err(Errno::XDEV);
-                }
-            } else {
+            if mode != RenameMode::Exchange {
                 if src_dir && !dst_dir {
                     return Err(Errno::NOTDIR);
                 }
@@ -501,13 +506,21 @@ impl Union {
         }
         let pfd = self.dir_fd(p, UPPER)?;
         let qfd = self.dir_fd(q, UPPER)?;
+        let src_origin = match src_redirect {
+            true => Some(self.redirect_before_move(src_inode)?),
+            false => None,
+        };
 
         if mode == RenameMode::Exchange {
             let dst_inode = dst_inode.ok_or(Errno::NOENT)?;
-            if src_dir && self.lower_has(q, newname)? {
+            let dst_origin = match dst_redirect {
+                true => Some(self.redirect_before_move(dst_inode)?),
+                false => None,
+            };
+            if src_dir && !src_redirect && self.lower_has(q, newname)? {
                 whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
             }
-            if dst_inode.is_dir() && self.lower_has(p, name)? {
+            if dst_inode.is_dir() && !dst_redirect && self.lower_has(p, name)? {
                 whiteout::mark_opaque(self.dir_fd(dst_inode, UPPER)?.as_fd())?;
             }
             sys::fs::rename_at(
@@ -517,13 +530,15 @@ impl Union {
                 newname,
                 RenameKind::Exchange,
             )?;
-            set_name(src_inode, q.ino, newname);
-            set_name(dst_inode, p.ino, name);
+            set_name(src_inode, q.ino, newname, src_origin);
+            set_name(dst_inode, p.ino, name, dst_origin);
+            self.note_moved_in(q, qfd.as_fd(), newname, src_inode);
+            self.note_moved_in(p, pfd.as_fd(), name, dst_inode);
             return Ok(());
         }
 
         let src_whiteout = self.lower_has(p, name)?;
-        if src_dir && self.lower_has(q, newname)? {
+        if src_dir && !src_redirect && self.lower_has(q, newname)? {
             whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
         }
         let mut pinned = None;
@@ -557,13 +572,36 @@ impl Union {
             }
             _ => self.move_entry(pfd.as_fd(), name, qfd.as_fd(), newname, src_whiteout)?,
         }
-        set_name(src_inode, q.ino, newname);
+        set_name(src_inode, q.ino, newname, src_origin);
+        self.note_moved_in(q, qfd.as_fd(), newname, src_inode);
         if let Some(di) = dst_inode {
             let mut st = di.state.write();
             st.detached = true;
             st.pinned = pinned;
         }
         Ok(())
+    }
+
+    /// Writes the redirect a directory with lower content needs before its upper copy
+    /// is renamed; returns it.
+    fn redirect_before_move(&self, dir: &Inode) -> Result<std::ffi::OsString> {
+        let origin = self.lower_path(dir)?;
+        self.set_redirect(self.dir_fd(dir, UPPER)?.as_fd(), &origin)?;
+        Ok(origin)
+    }
+
+    /// An entry shown with its origin's number and moved into an upper-only directory
+    /// makes that directory impure, so that listings read the number (see origin.rs).
+    fn note_moved_in(&self, dir: &Inode, dir_fd: BorrowedFd<'_>, name: &OsStr, moved: &Inode) {
+        if dir.state.read().layers.len() > 1 {
+            return;
+        }
+        let own_number = sys::fs::stat_at(dir_fd, name)
+            .map(|st| self.derived_ino(UPPER, st.st_ino) == moved.ino)
+            .unwrap_or(true);
+        if !own_number {
+            self.mark_impure(dir_fd);
+        }
     }
 
     /// rename(2) in the upper layer, leaving a whiteout at the source when asked.
@@ -597,17 +635,14 @@ fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd>> {
         .map(|f| Arc::new(OwnedFd::from(f)))
 }
 
-fn set_name(inode: &Inode, parent: Ino, name: &OsStr) {
+/// Records an entry's new place; a directory moved by redirect also keeps where its
+/// lower content is.
+fn set_name(inode: &Inode, parent: Ino, name: &OsStr, redirect: Option<std::ffi::OsString>) {
     let mut st = inode.state.write();
     st.parent = parent;
     st.name = name.to_os_string();
-}
-
-fn found_clone(found: &Found) -> Found {
-    Found {
-        kind: found.kind,
-        stat: found.stat,
-        layers: found.layers.clone(),
+    if redirect.is_some() {
+        st.redirect = redirect;
     }
 }
 

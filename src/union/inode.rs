@@ -54,6 +54,10 @@ pub struct InodeState {
     /// fstat-style getattr while the kernel still holds the inode.
     pub detached: bool,
     pub pinned: Option<Arc<OwnedFd>>,
+    /// Directories moved through the mount (or found so): the absolute path, in the
+    /// lower layers, of the content merged under them. Their layers below the top one
+    /// sit at this path rather than at `parent/name`.
+    pub redirect: Option<OsString>,
 }
 
 impl InodeState {

@@ -8,18 +8,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::inode::{Inode, InodeState, LayerRef, ROOT_INO};
+use super::redirect;
 use super::whiteout::{self, is_whiteout_stat};
 use super::{Attr, Entry, Errno, Ino, Result, Union, attr_from_stat};
 use crate::layer::LayerIdx;
-use crate::sys::{self, fs::Stat};
+use crate::sys::{self, fs::Stat, xattr::Target};
 
 /// What a name resolves to in the merged view.
+#[derive(Clone)]
 pub(crate) struct Found {
     pub kind: u32,
     /// The top-most layer's stat: the one the merged entry shows.
     pub stat: Stat,
     /// Directories: every merged layer, each with an open handle. Non-directories: one.
     pub layers: Vec<LayerRef>,
+    /// Directories whose lower layers were reached through a redirect: its
+    /// absolute lower path.
+    pub redirect: Option<OsString>,
 }
 
 impl Found {
@@ -68,7 +73,7 @@ impl Union {
     /// An O_PATH handle on `inode`'s directory in layer `idx`: the cached one, or one
     /// re-opened from the parent's (cached when the fd budget allows).
     pub(crate) fn dir_fd(&self, inode: &Inode, idx: LayerIdx) -> Result<Arc<OwnedFd>> {
-        let (parent, name) = {
+        let (parent, name, redirect) = {
             let st = inode.state.read();
             let r = st
                 .layers
@@ -78,14 +83,24 @@ impl Union {
             if let Some(fd) = &r.fd {
                 return Ok(fd.clone());
             }
-            (st.parent, st.name.clone())
+            // Below the top copy, a redirected directory sits at its redirect path.
+            let redirect = st.redirect.clone().filter(|_| st.top_layer() != Some(idx));
+            (st.parent, st.name.clone(), redirect)
         };
         if inode.ino == ROOT_INO {
             return Ok(self.layer(idx)?.root.clone());
         }
-        let p = self.inode(parent)?;
-        let pfd = self.dir_fd(&p, idx)?;
-        let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), &name)?);
+        let fd = match redirect {
+            Some(path) => match redirect::walk(self.layer(idx)?.root_fd(), &path)? {
+                redirect::Walk::Dir(fd) => Arc::new(fd),
+                _ => return Err(Errno::STALE),
+            },
+            None => {
+                let p = self.inode(parent)?;
+                let pfd = self.dir_fd(&p, idx)?;
+                Arc::new(sys::fs::open_dir(pfd.as_fd(), &name)?)
+            }
+        };
         if self.inodes.dir_fds.load(Ordering::Relaxed) < self.dir_fd_budget {
             let mut st = inode.state.write();
             if let Some(r) = st.layers.iter_mut().find(|l| l.layer == idx) {
@@ -120,9 +135,9 @@ impl Union {
     /// Resolves `name` in the merged directory `parent`; `None` when it does not exist.
     pub(crate) fn resolve(&self, parent: &Inode, name: &OsStr) -> Result<Option<Found>> {
         let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
-        let last = refs.len().saturating_sub(1);
+        let bottom = self.layers.len() - 1;
         let mut found: Option<Found> = None;
-        for (pos, idx) in refs.into_iter().enumerate() {
+        for idx in refs {
             let pfd = self.dir_fd(parent, idx)?;
             let st = match probe(&pfd, name)? {
                 Probe::WhitedOut => break,
@@ -139,31 +154,61 @@ impl Union {
                             layer: idx,
                             fd: None,
                         }],
+                        redirect: None,
                     });
                 }
                 break;
             }
             let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), name)?);
-            let opaque = pos < last && whiteout::dir_is_opaque(fd.as_fd())?;
+            let marks = redirect::dir_marks(fd.as_fd(), idx < bottom)?;
             let r = LayerRef {
                 layer: idx,
                 fd: Some(fd),
             };
             match &mut found {
+                Some(f) => f.layers.push(r),
                 None => {
-                    found = Some(Found {
+                    let mut f = Found {
                         kind,
                         stat: st,
                         layers: vec![r],
-                    })
+                        redirect: None,
+                    };
+                    if let (false, Some(value)) = (marks.opaque, marks.redirect) {
+                        let path = self.absolute_redirect(parent, value)?;
+                        self.follow_redirect(&mut f, idx, &path)?;
+                        f.redirect = Some(path);
+                        return Ok(Some(f));
+                    }
+                    found = Some(f);
                 }
-                Some(f) => f.layers.push(r),
             }
-            if opaque {
+            if marks.opaque {
                 break;
             }
         }
         Ok(found)
+    }
+
+    /// Merges into `found` the directories at `path` in the layers below `top`.
+    fn follow_redirect(&self, found: &mut Found, top: LayerIdx, path: &OsStr) -> Result<()> {
+        let bottom = self.layers.len() - 1;
+        for idx in top + 1..=bottom {
+            let fd = match redirect::walk(self.layer(idx)?.root_fd(), path)? {
+                redirect::Walk::Dir(fd) => fd,
+                redirect::Walk::Missing => continue,
+                redirect::Walk::Stop => break,
+            };
+            let opaque = idx < bottom && whiteout::dir_is_opaque(fd.as_fd())?;
+            found.layers.push(LayerRef {
+                layer: idx,
+                fd: Some(Arc::new(fd)),
+            });
+            if opaque {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `name` exists in the layers of `parent` below the upper one, i.e.
@@ -217,6 +262,8 @@ impl Union {
                 st.detached = false;
                 if !inode.is_dir() {
                     st.layers = found.layers;
+                } else if found.redirect.is_some() {
+                    st.redirect = found.redirect;
                 }
                 return Ok(inode.clone());
             }
@@ -224,7 +271,7 @@ impl Union {
             // old inode is stale; it keeps its number, the new object gets another.
             self.inodes.forget(inode.ino, 1);
         }
-        let preferred = self.derived_ino(found.top_layer(), found.stat.st_ino);
+        let preferred = self.preferred_ino(parent, name, &found)?;
         let cached = found.layers.iter().filter(|l| l.fd.is_some()).count() as u64;
         let layers = if self.inodes.dir_fds.load(Ordering::Relaxed) + cached > self.dir_fd_budget {
             found
@@ -246,8 +293,27 @@ impl Union {
             keys: vec![key],
             detached: false,
             pinned: None,
+            redirect: found.redirect,
         };
         Ok(self.inodes.insert(preferred, found.kind, state))
+    }
+
+    /// The number a newly adopted entry asks for: an upper entry's recorded origin,
+    /// else the one derived from its real inode.
+    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<Ino> {
+        let derived = self.derived_ino(found.top_layer(), found.stat.st_ino);
+        if !self.upper || found.top_layer() != super::UPPER {
+            return Ok(derived);
+        }
+        let origin = match found.layers.first().and_then(|l| l.fd.as_ref()) {
+            Some(fd) => self.origin_ino(Target::Fd(fd.as_fd())),
+            None => {
+                let p = self.inode(parent)?;
+                let pfd = self.dir_fd(&p, super::UPPER)?;
+                self.origin_ino(Target::Entry(pfd.as_fd(), name))
+            }
+        };
+        Ok(origin.unwrap_or(derived))
     }
 
     /// The real object's stat for an inode, from its top-most layer.
@@ -279,8 +345,14 @@ impl Union {
     /// subdirectories across layers is not worth it and `find` accepts 1.
     pub(crate) fn attr_of(&self, inode: &Inode, st: &Stat) -> Attr {
         let mut attr = attr_from_stat(inode.ino, st);
-        if inode.is_dir() && inode.state.read().layers.len() > 1 {
+        let state = inode.state.read();
+        if inode.is_dir() && state.layers.len() > 1 {
             attr.nlink = 1;
+        }
+        // A removed lower entry lives on below its whiteout; to its open handles it
+        // is gone (an upper one's own count already says so).
+        if state.detached && state.top_layer() != Some(super::UPPER) {
+            attr.nlink = 0;
         }
         attr
     }

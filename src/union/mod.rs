@@ -6,9 +6,12 @@ mod attr;
 mod copy_up;
 mod dir_ops;
 mod file;
+mod hardlink;
 pub mod inode;
 mod lookup;
+mod origin;
 mod readdir;
+mod redirect;
 pub mod whiteout;
 mod xattr;
 
@@ -24,11 +27,12 @@ use crate::config::MountConfig;
 use crate::layer::{Layer, LayerIdx, assign_ino_bits};
 use crate::sys;
 pub use crate::sys::Errno;
+use crate::sys::xattr::Target;
 pub use file::OpenFile;
 pub use inode::{Ino, ROOT_INO};
 use inode::{InodeState, InodeTable, LayerRef};
 pub use readdir::DirEntry;
-use whiteout::WhiteoutStyle;
+use whiteout::{WhiteoutStyle, XattrNs};
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
@@ -147,7 +151,13 @@ pub struct Union {
     /// `workdir/work`: where copy-ups and new entries are staged. Same filesystem as
     /// the upper layer, so a rename publishes a staged entry atomically.
     work: Option<Arc<OwnedFd>>,
+    /// `workdir/index` (see [`Workdir::index`]).
+    index: Option<Arc<OwnedFd>>,
     whiteout_style: WhiteoutStyle,
+    /// Where this mount writes redirect, origin and other private markers.
+    xattr_ns: XattrNs,
+    /// Per lower layer: the names of each multiply-linked file, found on first need.
+    hardlinks: hardlink::AliasMaps,
     inodes: InodeTable,
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<readdir::DirHandle>>,
@@ -186,15 +196,23 @@ impl Union {
         }
         assign_ino_bits(&mut layers);
         let upper = config.upperdir.is_some();
-        let (work, whiteout_style) = match (&config.upperdir, &config.workdir) {
-            (Some(_), Some(workdir)) => {
-                let (work, style) = prepare_workdir(workdir)
-                    .map_err(|e| format!("workdir {}: {e}", workdir.display()))?;
-                (Some(Arc::new(work)), style)
-            }
+        let workdir = match (&config.upperdir, &config.workdir) {
+            (Some(_), Some(workdir)) => Some(
+                prepare_workdir(workdir)
+                    .map_err(|e| format!("workdir {}: {e}", workdir.display()))?,
+            ),
             (Some(_), None) => return Err("upperdir needs a workdir".into()),
-            _ => (None, WhiteoutStyle::CharDevice),
+            _ => None,
         };
+        let whiteout_style = workdir
+            .as_ref()
+            .map_or(WhiteoutStyle::CharDevice, |w| w.whiteout_style);
+        let xattr_ns = workdir.as_ref().map_or(XattrNs::User, |w| w.xattr_ns);
+        let (work, index) = match workdir {
+            Some(w) => (Some(Arc::new(w.work)), Some(Arc::new(w.index))),
+            None => (None, None),
+        };
+        let hardlinks = hardlink::AliasMaps::new(layers.len());
         let nofile = sys::process::raise_nofile_limit();
         let opts = Options {
             read_only: config.read_only(),
@@ -206,7 +224,10 @@ impl Union {
             layers,
             upper,
             work,
+            index,
             whiteout_style,
+            xattr_ns,
+            hardlinks,
             inodes: InodeTable::default(),
             files: DashMap::new(),
             dirs: DashMap::new(),
@@ -243,6 +264,7 @@ impl Union {
             keys: vec![(st.st_dev, st.st_ino)],
             detached: false,
             pinned: None,
+            redirect: None,
         };
         self.inodes.insert(ROOT_INO, libc::S_IFDIR, state);
         Ok(())
@@ -317,29 +339,56 @@ impl Union {
     }
 }
 
-/// Creates `workdir/work`, empties it of anything a previous run left (a crash during
-/// a copy-up leaves only staged copies there, never user data), and probes whether
-/// whiteouts can be char devices.
-fn prepare_workdir(workdir: &std::path::Path) -> Result<(OwnedFd, WhiteoutStyle)> {
+/// What the work directory gives a writable mount.
+struct Workdir {
+    /// `workdir/work`: staging for copy-ups and new entries; emptied at mount (a crash
+    /// during a copy-up leaves only staged copies there, never user data).
+    work: OwnedFd,
+    /// `workdir/index`: copies of lower hard-link groups while their names are being
+    /// linked up; kept across mounts so an interrupted link-up is finished later.
+    index: OwnedFd,
+    whiteout_style: WhiteoutStyle,
+    xattr_ns: XattrNs,
+}
+
+/// Prepares `workdir/work` and `workdir/index`, and probes what this process may
+/// write: char-device whiteouts, trusted.* xattrs.
+fn prepare_workdir(workdir: &std::path::Path) -> Result<Workdir> {
     let root = sys::fs::open_root(workdir)?;
-    let name = OsStr::new("work");
-    match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
-        Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(e),
-    }
-    let work = sys::fs::open_dir(root.as_fd(), name)?;
+    let open_sub = |name: &OsStr| -> Result<OwnedFd> {
+        match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e),
+        }
+        sys::fs::open_dir(root.as_fd(), name)
+    };
+    let work = open_sub(OsStr::new("work"))?;
     for entry in sys::fs::read_dir(work.as_fd())? {
         remove_tree(work.as_fd(), &entry.name)?;
     }
+    let index = open_sub(OsStr::new("index"))?;
     let probe = OsStr::new("#stratafs-whiteout-probe");
-    let style = match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
+    let whiteout_style = match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
         Ok(()) => {
             let _ = sys::fs::unlink_at(work.as_fd(), probe);
             WhiteoutStyle::CharDevice
         }
         Err(_) => WhiteoutStyle::AufsFile,
     };
-    Ok((work, style))
+    let trusted_probe = XattrNs::Trusted.own("probe");
+    let xattr_ns = match sys::xattr::set(Target::Fd(work.as_fd()), &trusted_probe, b"y", 0) {
+        Ok(()) => {
+            let _ = sys::xattr::remove(Target::Fd(work.as_fd()), &trusted_probe);
+            XattrNs::Trusted
+        }
+        Err(_) => XattrNs::User,
+    };
+    Ok(Workdir {
+        work,
+        index,
+        whiteout_style,
+        xattr_ns,
+    })
 }
 
 /// Removes `name` under `dir` recursively without following symlinks.

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use super::inode::Inode;
 use super::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
-use super::{Errno, Ino, Result, Union};
+use super::{Errno, Ino, Result, UPPER, Union};
 use crate::sys;
 
 #[derive(Debug, Clone)]
@@ -111,13 +111,25 @@ impl Union {
                 name: "..".into(),
             },
         ];
+        // Upper entries here may carry an origin number: in a directory merged with
+        // lower layers (copy-ups land there) or one marked impure.
+        let upper_fd = match inode.state.read().top_layer() {
+            Some(UPPER) if self.upper => Some(self.dir_fd(inode, UPPER)?),
+            _ => None,
+        };
+        let origins_in = upper_fd
+            .as_ref()
+            .filter(|fd| inode.state.read().layers.len() > 1 || self.is_impure(fd.as_fd()));
         for m in self.merge_listing(inode)? {
             let dev = self.layer(m.layer)?.dev;
             // d_ino must equal the st_ino a lookup gives: the live inode's number when
             // the object is known, else the same derivation lookup uses.
-            let ino = match self.inodes.by_identity((dev, m.real_ino)) {
-                Some(i) => i.ino,
-                None => self.derived_ino(m.layer, m.real_ino),
+            let ino = match (self.inodes.by_identity((dev, m.real_ino)), origins_in) {
+                (Some(i), _) => i.ino,
+                (None, Some(fd)) if m.layer == UPPER => {
+                    self.upper_entry_ino(fd.as_fd(), &m.name, m.real_ino)
+                }
+                (None, _) => self.derived_ino(m.layer, m.real_ino),
             };
             let next_offset = entries.len() as u64 + 1;
             entries.push(DirEntry {

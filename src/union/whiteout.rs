@@ -20,8 +20,9 @@ pub const OPAQUE_XATTRS: [&str; 3] = [
 ];
 
 /// Prefixes of xattrs that belong to the overlay format and are never shown.
-const PRIVATE_XATTR_PREFIXES: [&[u8]; 5] = [
+const PRIVATE_XATTR_PREFIXES: [&[u8]; 6] = [
     b"trusted.overlay.",
+    b"trusted.stratafs.",
     b"user.overlay.",
     b"user.fuseoverlayfs.",
     b"user.stratafs.",
@@ -68,7 +69,12 @@ pub fn is_private_xattr(name: &OsStr) -> bool {
 /// Whether the directory behind `dir` is opaque in either format.
 pub fn dir_is_opaque(dir: BorrowedFd<'_>) -> SysResult<bool> {
     let names = sys::xattr::list(Target::Fd(dir)).unwrap_or_default();
-    for name in &names {
+    dir_is_opaque_given(dir, &names)
+}
+
+/// [`dir_is_opaque`] for a caller that already listed the directory's xattr names.
+pub fn dir_is_opaque_given(dir: BorrowedFd<'_>, xattr_names: &[OsString]) -> SysResult<bool> {
+    for name in xattr_names {
         if OPAQUE_XATTRS
             .iter()
             .any(|o| name.as_bytes() == o.as_bytes())
@@ -83,6 +89,34 @@ pub fn dir_is_opaque(dir: BorrowedFd<'_>) -> SysResult<bool> {
         Ok(_) => Ok(true),
         Err(Errno::NOENT) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// The xattr namespace this mount writes its markers in: trusted.* where the daemon
+/// may set it (CAP_SYS_ADMIN), else user.* (rootless; kernel overlayfs `userxattr`).
+/// Readers accept both, so layers written either way are understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrNs {
+    Trusted,
+    User,
+}
+
+impl XattrNs {
+    fn prefix(self) -> &'static str {
+        match self {
+            XattrNs::Trusted => "trusted",
+            XattrNs::User => "user",
+        }
+    }
+
+    /// A marker of the kernel's format: `<ns>.overlay.<what>`.
+    pub fn overlay(self, what: &str) -> OsString {
+        format!("{}.overlay.{what}", self.prefix()).into()
+    }
+
+    /// A marker of stratafs's own: `<ns>.stratafs.<what>`.
+    pub fn own(self, what: &str) -> OsString {
+        format!("{}.stratafs.{what}", self.prefix()).into()
     }
 }
 

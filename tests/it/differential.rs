@@ -12,7 +12,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM, EXDEV};
+use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM};
 
 use crate::fixture::{
     self, Errno, Format, KernelOverlay, Kind, LayerSpec, Layers, Meta, StrataMount, cpath, errno,
@@ -452,6 +452,8 @@ struct Differential {
     sl: Layers,
     problems: Vec<String>,
     steps_run: usize,
+    /// Whether the upper directories must match too (see `upper_differs_by_design`).
+    compare_upper: bool,
 }
 
 /// Lowers (top-most first) built twice: kernel-native for the kernel, `strata_fmt` for
@@ -471,10 +473,18 @@ fn setup(lowers: &[LayerSpec], strata_fmt: Format) -> Option<Differential> {
         sl,
         problems: Vec::new(),
         steps_run: 0,
+        compare_upper: true,
     })
 }
 
 impl Differential {
+    /// For scenarios where both are right but store it differently: lower hard links
+    /// are linked up lazily name by name by the kernel (its index counts the rest),
+    /// eagerly all at once by stratafs. The merged views must still agree.
+    fn upper_differs_by_design(&mut self) {
+        self.compare_upper = false;
+    }
+
     fn run(&mut self, steps: &[Step]) {
         for step in steps {
             let i = self.steps_run;
@@ -520,6 +530,9 @@ impl Differential {
         for d in fixture::diff("kernel", &a, "stratafs", &b) {
             self.problems.push(format!("[{stage}] merged tree: {d}"));
         }
+        if !self.compare_upper {
+            return;
+        }
         let mut ua = fixture::snapshot_layer(&self.kl.upper);
         let mut ub = fixture::snapshot_layer(&self.sl.upper);
         for snap in [&mut ua, &mut ub] {
@@ -535,12 +548,55 @@ impl Differential {
         }
     }
 
+    /// Inode numbers as users see them: paths sharing a number must be the same set on
+    /// both (hard links), and every d_ino must equal its entry's st_ino.
+    fn compare_inodes(&mut self, stage: &str) {
+        let k = InodeSurvey::take(self.kernel.path());
+        let s = InodeSurvey::take(self.strata.path());
+        let (kg, sg) = (k.link_groups(), s.link_groups());
+        if kg != sg {
+            self.problems.push(format!(
+                "[{stage}] paths sharing an inode: kernel {kg:?} / stratafs {sg:?}"
+            ));
+        }
+        for m in &s.dino_mismatches {
+            if !k.dino_mismatches.contains(m) {
+                self.problems
+                    .push(format!("[{stage}] stratafs d_ino != st_ino: {m}"));
+            }
+        }
+    }
+
     /// Compares, remounts both, compares again, and panics listing every problem found.
+    /// Across the remount, every path whose st_ino the kernel keeps must keep it on
+    /// stratafs too.
     fn finish(mut self) {
         self.compare("after the operations");
+        self.compare_inodes("after the operations");
+        let (k_before, s_before) = (
+            InodeSurvey::take(self.kernel.path()),
+            InodeSurvey::take(self.strata.path()),
+        );
         self.kernel.remount();
         self.strata.remount();
         self.compare("after remounting both");
+        self.compare_inodes("after remounting both");
+        let (k_after, s_after) = (
+            InodeSurvey::take(self.kernel.path()),
+            InodeSurvey::take(self.strata.path()),
+        );
+        for (path, ino) in &k_before.inos {
+            if k_after.inos.get(path) != Some(ino) {
+                continue;
+            }
+            let (b, a) = (s_before.inos.get(path), s_after.inos.get(path));
+            if b != a {
+                self.problems.push(format!(
+                    "st_ino of {path} changed across the remount on stratafs: {b:?} -> {a:?} \
+                     (kernel overlayfs kept it)"
+                ));
+            }
+        }
         if !self.problems.is_empty() {
             panic!(
                 "kernel overlayfs and stratafs disagree ({} problems):\n  {}\nstratafs output:\n{}",
@@ -549,6 +605,60 @@ impl Differential {
                 self.strata.output()
             );
         }
+    }
+}
+
+/// st_ino of every path of a merged tree, and each listing entry whose d_ino differs
+/// from the st_ino of its path.
+struct InodeSurvey {
+    inos: std::collections::BTreeMap<String, u64>,
+    dino_mismatches: Vec<String>,
+}
+
+impl InodeSurvey {
+    fn take(root: &Path) -> InodeSurvey {
+        let mut survey = InodeSurvey {
+            inos: Default::default(),
+            dino_mismatches: Vec::new(),
+        };
+        survey.walk(root, "");
+        survey
+    }
+
+    fn walk(&mut self, dir: &Path, rel: &str) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            use std::os::unix::fs::DirEntryExt;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if e.ino() != md.ino() {
+                self.dino_mismatches.push(path.clone());
+            }
+            self.inos.insert(path.clone(), md.ino());
+            if md.is_dir() {
+                self.walk(&e.path(), &path);
+            }
+        }
+    }
+
+    /// Sets (of two or more paths) that share one inode, sorted.
+    fn link_groups(&self) -> Vec<Vec<String>> {
+        let mut by_ino: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        for (p, i) in &self.inos {
+            by_ino.entry(*i).or_default().push(p.clone());
+        }
+        let mut groups: Vec<Vec<String>> = by_ino.into_values().filter(|g| g.len() > 1).collect();
+        groups.sort();
+        groups
     }
 }
 
@@ -874,8 +984,10 @@ fn rename_files_across_dirs_noreplace_exchange() {
         rename_exchange("y", "nonexistent").fails(ENOENT),
         rename("y", "dirl").fails(EISDIR),
         rename("dirl", "y").fails(ENOTDIR),
-        // A directory with lower content: EXDEV (kernel with redirect_dir=off).
-        rename("dirl", "dirl2").fails(EXDEV),
+        // A directory with lower content moves too (redirect_dir=on).
+        rename("dirl", "dirl2").ok(),
+        read("dirl2/inner").is(b"in"),
+        stat("dirl").fails(ENOENT),
         rename("emptyl", "emptyl2").same(),
         // Upper-only directories move freely.
         mkdir("newdir", 0o755).ok(),
@@ -1177,6 +1289,118 @@ fn special_files_fifo_socket_devices_and_the_whiteout_device() {
         stat("dev/lowerfifo").same(),
         unlink("dev/lowerfifo").ok(),
         readdir("dev").gives("existing fifo| null% sock="),
+    ]);
+    d.finish();
+}
+
+/// Directories with lower content (lower-only and merged) renamed every way a plain
+/// filesystem allows: again, via a parent, over an empty directory, into another
+/// directory, back, exchanged, emptied and removed. The harness then remounts both and
+/// compares again, so the redirects must persist.
+#[test]
+fn rename_of_directories_with_lower_content() {
+    let base = LayerSpec::new()
+        .file("src/a.txt", "a")
+        .file("src/sub/deep.txt", "deep")
+        .dir("src/sub/empty")
+        .file("merged/low.txt", "low")
+        .file("p/child/c.txt", "c")
+        .file("p/other.txt", "o")
+        .dir("target_empty")
+        .file("ex1/one", "1")
+        .file("ex2/two", "2")
+        .file("gone/g.txt", "g")
+        .dir("dest");
+    let top = LayerSpec::new().file("merged/top.txt", "top");
+    let Some(mut d) = setup(&[top, base], Format::NATIVE) else {
+        return;
+    };
+    d.run(&[
+        // A lower-only directory, renamed in place, then again, then moved.
+        rename("src", "src2").ok(),
+        readdir("src2").gives("a.txt sub/"),
+        read("src2/sub/deep.txt").is(b"deep"),
+        stat("src").fails(ENOENT),
+        rename("src2", "src3").ok(),
+        rename("src3", "dest/src4").ok(),
+        readdir("dest/src4/sub").gives("deep.txt empty/"),
+        write("dest/src4/a.txt", 1, b"!").ok(),
+        read("dest/src4/a.txt").is(b"a!"),
+        create("dest/src4/new.txt", 0o644, b"new").ok(),
+        unlink("dest/src4/sub/deep.txt").ok(),
+        readdir("dest/src4/sub").gives("empty/"),
+        // The old name can be used again without showing the moved content.
+        mkdir("src", 0o755).ok(),
+        readdir("src").gives(""),
+        // A directory merged from two lower layers.
+        rename("merged", "m2").ok(),
+        readdir("m2").gives("low.txt top.txt"),
+        // The parent of a moved directory moves.
+        rename("p/child", "p/kid").ok(),
+        rename("p", "q").ok(),
+        read("q/kid/c.txt").is(b"c"),
+        read("q/other.txt").is(b"o"),
+        readdir("q").gives("kid/ other.txt"),
+        // Over an empty lower directory.
+        rename("q/kid", "target_empty").ok(),
+        readdir("target_empty").gives("c.txt"),
+        // Exchange two lower directories.
+        rename_exchange("ex1", "ex2").ok(),
+        readdir("ex1").gives("two"),
+        readdir("ex2").gives("one"),
+        // Moved, emptied and removed.
+        rename("gone", "dest/gone2").ok(),
+        rmdir("dest/gone2").fails(ENOTEMPTY),
+        unlink("dest/gone2/g.txt").ok(),
+        rmdir("dest/gone2").ok(),
+        stat("gone").fails(ENOENT),
+        readdir("dest").gives("src4/"),
+        // And back to where it came from.
+        rename("m2", "merged").ok(),
+        readdir("merged").gives("low.txt top.txt"),
+        readdir(".").gives("dest/ ex1/ ex2/ merged/ q/ src/ target_empty/"),
+    ]);
+    d.finish();
+}
+
+/// A file with several names in a lower layer stays one file once written through any
+/// of them: the data, st_nlink and inode number agree on every name, before and after
+/// the remount the harness does.
+#[test]
+fn hard_links_of_lower_layers_stay_linked() {
+    let lower = LayerSpec::new()
+        .file("h1", "shared")
+        .hardlink("d/h2", "h1")
+        .hardlink("e/h3", "h1")
+        .file("k1", "keep")
+        .hardlink("k2", "k1")
+        .file("u1", "gone")
+        .hardlink("u2", "u1")
+        .hardlink("u3", "u1");
+    let Some(mut d) = setup(&[lower], Format::NATIVE) else {
+        return;
+    };
+    d.upper_differs_by_design();
+    d.run(&[
+        // Directories both copy up, so that both show them merged (st_nlink 1).
+        create("d/marker", 0o644, b"").ok(),
+        create("e/marker", 0o644, b"").ok(),
+        stat("h1").gives("file 0644 0:0 nlink=3 size=6"),
+        write("d/h2", 0, b"SH").ok(),
+        read("h1").is(b"SHared"),
+        read("e/h3").is(b"SHared"),
+        stat("h1").gives("file 0644 0:0 nlink=3 size=6"),
+        stat("e/h3").gives("file 0644 0:0 nlink=3 size=6"),
+        chmod("k2", 0o600).ok(),
+        stat("k1").gives("file 0600 0:0 nlink=2 size=4"),
+        // Removing one name of a lower group: the others count one less.
+        unlink("u2").ok(),
+        stat("u1").gives("file 0644 0:0 nlink=2 size=4"),
+        link("u3", "u4").ok(),
+        stat("u1").gives("file 0644 0:0 nlink=3 size=4"),
+        rename("u3", "d/u5").ok(),
+        read("d/u5").is(b"gone"),
+        stat("u4").gives("file 0644 0:0 nlink=3 size=4"),
     ]);
     d.finish();
 }

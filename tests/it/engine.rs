@@ -273,7 +273,7 @@ fn a_directory_recreated_over_a_whiteout_is_opaque() {
 }
 
 #[test]
-fn rename_of_files_and_upper_only_dirs_works_and_merged_dirs_answer_exdev() {
+fn rename_of_files_and_dirs_with_and_without_lower_content() {
     let l = Layers::new();
     l.write("l2/a", "content a");
     l.write("l2/merged/x", "x");
@@ -288,16 +288,28 @@ fn rename_of_files_and_upper_only_dirs_works_and_merged_dirs_answer_exdev() {
     .unwrap();
     assert_eq!(walk(&u, "a"), Err(Errno::NOENT));
     assert_eq!(read_all(&u, "b").unwrap(), "content a");
-    assert_eq!(
-        u.rename(
-            ROOT_INO,
-            OsStr::new("merged"),
-            ROOT_INO,
-            OsStr::new("m2"),
-            RenameMode::Replace
-        ),
-        Err(Errno::XDEV)
+    // A directory with lower content moves by redirect, without copying its files.
+    u.rename(
+        ROOT_INO,
+        OsStr::new("merged"),
+        ROOT_INO,
+        OsStr::new("m2"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    assert_eq!(read_all(&u, "m2/x").unwrap(), "x");
+    assert!(
+        !l.root.join("upper/m2/x").exists(),
+        "the moved directory's lower files must not be copied"
     );
+    u.rename(
+        ROOT_INO,
+        OsStr::new("m2"),
+        ROOT_INO,
+        OsStr::new("merged"),
+        RenameMode::Replace,
+    )
+    .unwrap();
     u.mkdir(ME, ROOT_INO, OsStr::new("fresh"), 0o755).unwrap();
     u.rename(
         ROOT_INO,
@@ -321,6 +333,7 @@ fn rename_of_files_and_upper_only_dirs_works_and_merged_dirs_answer_exdev() {
     drop(u);
     let u = l.union();
     assert_eq!(list(&u, ""), ["b", "merged", "moved"]);
+    assert_eq!(read_all(&u, "merged/x").unwrap(), "x");
 }
 
 #[test]

@@ -1328,8 +1328,8 @@ impl Drop for StrataDaemon {
 // ---------------------------------------------------------------------------------------
 
 /// A kernel overlayfs mount of the same layout, for differential tests. Mounted with
-/// `redirect_dir=off,index=off,metacopy=off` (renaming a directory with lower content
-/// answers EXDEV, as stratafs does).
+/// `redirect_dir=on,index=on` (directories with lower content can be renamed, lower
+/// hard links stay linked after copy-up), the behaviour stratafs follows.
 pub struct KernelOverlay {
     mountpoint: PathBuf,
     options: String,
@@ -1340,7 +1340,7 @@ impl KernelOverlay {
     pub fn new(l: &Layers) -> Self {
         let mut k = KernelOverlay {
             mountpoint: l.merged.clone(),
-            options: format!("{},redirect_dir=off,index=off,metacopy=off", l.rw_options()),
+            options: format!("{},redirect_dir=on,index=on,metacopy=off", l.rw_options()),
             mounted: false,
         };
         k.mount();

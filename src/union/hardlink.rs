@@ -1,0 +1,229 @@
+//! Hard links of lower layers (kernel overlayfs `index=on` behaviour): a file with
+//! several names in a lower layer stays one file after the first write through any
+//! of them.
+//!
+//! Invariants:
+//! - A lower hard-link group is either wholly below (every visible name shows the
+//!   lower file, with its st_nlink) or wholly copied up: one upper file with one
+//!   upper link per visible name, so st_nlink is the upper count at all times.
+//! - The copy is published as `workdir/index/<key>` before any name links to it, and
+//!   the index entry is removed only once every visible name is linked. After a
+//!   crash in between, the next copy-up of any name of the group finds the index
+//!   entry and links the remaining names to it instead of copying again.
+//! - Names are found by one walk of the lower layer, done on the first copy-up of a
+//!   multiply-linked file of that layer. A name whose path in the merged view leads
+//!   elsewhere (removed, hidden, or under a renamed directory) is not linked.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, OnceLock};
+
+use super::copy_up::CopyData;
+use super::inode::{Inode, LayerRef, ROOT_INO};
+use super::whiteout::whiteout_target;
+use super::{Errno, Result, UPPER, Union};
+use crate::layer::LayerIdx;
+use crate::sys::{self, fs::RenameKind};
+
+/// Lower-layer paths of every multiply-linked non-directory, by st_ino.
+type Aliases = HashMap<u64, Vec<OsString>>;
+
+pub(crate) struct AliasMaps {
+    per_layer: Vec<OnceLock<Aliases>>,
+}
+
+impl AliasMaps {
+    pub fn new(layers: usize) -> AliasMaps {
+        AliasMaps {
+            per_layer: (0..layers).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+/// Collects the multiply-linked non-directories under `root`.
+fn scan_layer(root: BorrowedFd<'_>) -> Result<Aliases> {
+    let mut out = Aliases::new();
+    let mut stack: Vec<(Option<OwnedFd>, OsString)> = vec![(None, OsString::new())];
+    while let Some((fd, path)) = stack.pop() {
+        let dir = fd.as_ref().map_or(root, |f| f.as_fd());
+        for entry in sys::fs::read_dir(dir)? {
+            if whiteout_target(&entry.name).is_some() {
+                continue;
+            }
+            let st = match sys::fs::stat_at(dir, &entry.name) {
+                Ok(st) => st,
+                Err(_) => continue,
+            };
+            let child = super::redirect::join(&path, &entry.name);
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                if let Ok(sub) = sys::fs::open_dir(dir, &entry.name) {
+                    stack.push((Some(sub), child));
+                }
+            } else if st.st_nlink > 1 {
+                out.entry(st.st_ino).or_default().push(child);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The index name of a lower object: its layer counted from the bottom (stable while
+/// the layer list is) and its inode number.
+fn index_key(layer_from_bottom: usize, ino: u64) -> OsString {
+    format!("L{layer_from_bottom}-{ino:x}").into()
+}
+
+impl Union {
+    fn aliases(&self, idx: LayerIdx) -> Result<&Aliases> {
+        let slot = self.hardlinks.per_layer.get(idx).ok_or(Errno::IO)?;
+        if let Some(map) = slot.get() {
+            return Ok(map);
+        }
+        let map = scan_layer(self.layer(idx)?.root_fd())?;
+        Ok(slot.get_or_init(|| map))
+    }
+
+    /// Copies up a lower non-directory that has other names in its layer, and links
+    /// every visible name to the copy. Called with `inode.copy_up` held and the
+    /// parent already copied up.
+    pub(crate) fn copy_up_linked(
+        &self,
+        inode: &Inode,
+        parent: &Inode,
+        name: &OsStr,
+        src_layer: LayerIdx,
+        src_ino: u64,
+        data: CopyData,
+    ) -> Result<()> {
+        let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
+        let key = index_key(self.layers.len() - 1 - src_layer, src_ino);
+        match sys::fs::stat_at(index.as_fd(), &key) {
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                let src_dir = self.dir_fd(parent, src_layer)?;
+                let work = self.work_fd()?.clone();
+                let temp = self.temp_name();
+                let staged = self
+                    .stage_copy(inode, src_dir.as_fd(), name, work.as_fd(), &temp, data)
+                    .and_then(|()| {
+                        sys::fs::rename_at(
+                            work.as_fd(),
+                            &temp,
+                            index.as_fd(),
+                            &key,
+                            RenameKind::NoReplace,
+                        )
+                    });
+                if let Err(e) = staged {
+                    let _ = super::remove_tree(work.as_fd(), &temp);
+                    if e != Errno::EXIST {
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        let copy = sys::fs::stat_at(index.as_fd(), &key)?;
+        let upper = self.dir_fd(parent, UPPER)?;
+        link_or_same(index.as_fd(), &key, upper.as_fd(), name, copy.st_ino)?;
+        {
+            let mut st = inode.state.write();
+            st.layers = vec![LayerRef {
+                layer: UPPER,
+                fd: None,
+            }];
+        }
+        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
+
+        let lower_dev = self.layer(src_layer)?.dev;
+        let paths = self.aliases(src_layer)?.get(&src_ino).cloned();
+        for path in paths.unwrap_or_default() {
+            if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), src_layer, &index, &key)
+            {
+                log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
+            }
+        }
+        sys::fs::unlink_at(index.as_fd(), &key)
+    }
+
+    /// Links the index copy at `path` when that path of the merged view still shows
+    /// the lower object `lower`.
+    fn link_up_alias(
+        &self,
+        path: &OsStr,
+        lower: (u64, u64),
+        src_layer: LayerIdx,
+        index: &Arc<OwnedFd>,
+        key: &OsStr,
+    ) -> Result<()> {
+        let comps: Vec<&OsStr> = path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(OsStr::from_bytes)
+            .collect();
+        let Some((last, dirs)) = comps.split_last() else {
+            return Ok(());
+        };
+        // Each directory adopted on the way holds a reference, dropped at the end.
+        let mut held: Vec<Arc<Inode>> = Vec::new();
+        let result = (|| {
+            let mut cur = self.inode(ROOT_INO)?;
+            for comp in dirs {
+                let Some(found) = self.resolve(&cur, comp)? else {
+                    return Ok(());
+                };
+                if found.kind != libc::S_IFDIR {
+                    return Ok(());
+                }
+                let next = self.adopt(cur.ino, comp, found)?;
+                held.push(next.clone());
+                cur = next;
+            }
+            let Some(found) = self.resolve(&cur, last)? else {
+                return Ok(());
+            };
+            let shows_lower =
+                found.top_layer() == src_layer && (found.stat.st_dev, found.stat.st_ino) == lower;
+            if !shows_lower {
+                return Ok(());
+            }
+            self.copy_up(&cur, CopyData::Yes)?;
+            let upper = self.dir_fd(&cur, UPPER)?;
+            let copy = sys::fs::stat_at(index.as_fd(), key)?;
+            link_or_same(index.as_fd(), key, upper.as_fd(), last, copy.st_ino)
+        })();
+        for inode in held {
+            self.inodes.forget(inode.ino, 1);
+        }
+        result
+    }
+}
+
+/// Links `from_dir/from` as `to_dir/to`; a link already there to the same object
+/// (a link-up interrupted after this step) counts as done.
+fn link_or_same(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+    ino: u64,
+) -> Result<()> {
+    match sys::fs::link_at(from_dir, from, to_dir, to) {
+        Err(Errno::EXIST) if sys::fs::stat_at(to_dir, to).map(|s| s.st_ino) == Ok(ino) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_keys_name_layer_and_inode() {
+        assert_eq!(index_key(0, 255), OsString::from("L0-ff"));
+        assert_ne!(index_key(1, 255), index_key(0, 255));
+    }
+}
