@@ -137,7 +137,11 @@ Behaviour options:
   static_nlink             report a link count of 1 for directories
   noacl                    do not support POSIX ACLs
   noxattrs=0|1             1: no extended attributes
-  redirect_dir=, xino=, fast_ino=, context=
+  redirect_dir=on|off      off: renaming a directory with lower content gives EXDEV
+  metacopy=on|off          on: chmod/chown/utimes of a lower file copy up metadata only
+                           (off by default: tools reading the upper dir directly, e.g.
+                           fuse-overlayfs or an image diff, would see an empty file)
+  xino=, fast_ino=, context=
                            accepted for compatibility with overlayfs / fuse-overlayfs
 
 Mount options:
@@ -629,6 +633,7 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
     config.noacl = opts.noacl;
     config.noxattrs = opts.noxattrs.unwrap_or(false);
     config.redirect_dir = opts.redirect_dir.clone();
+    config.metacopy = opts.metacopy.unwrap_or(false);
     config.xino = opts.xino.clone();
     config.context = opts.context.clone();
     config.passthrough = opts.passthrough != Some(false) && !writeback;

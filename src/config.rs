@@ -81,6 +81,9 @@ pub struct MountConfig {
     pub noxattrs: bool,
     /// `redirect_dir=off` (and friends) as given; `None` means the default (on).
     pub redirect_dir: Option<String>,
+    /// `metacopy=on`: chmod/chown/utimes/setxattr of a lower file copy up its
+    /// metadata only; its data stays below until it is opened for writing.
+    pub metacopy: bool,
     pub xino: Option<String>,
     pub context: Option<String>,
     /// Try FUSE passthrough for regular files (off when `writeback` or `passthrough=0`).
@@ -113,6 +116,7 @@ impl MountConfig {
             noacl: false,
             noxattrs: false,
             redirect_dir: None,
+            metacopy: false,
             xino: None,
             context: None,
             passthrough: true,

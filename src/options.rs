@@ -51,6 +51,8 @@ pub struct ParsedOptions {
     pub noacl: bool,
     pub noxattrs: Option<bool>,
     pub redirect_dir: Option<String>,
+    /// `metacopy=on|off` as given (kernel overlayfs syntax).
+    pub metacopy: Option<bool>,
     pub xino: Option<String>,
     pub context: Option<String>,
     pub passthrough: Option<bool>,
@@ -233,6 +235,13 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
         "passthrough" => p.passthrough = Some(parse_bool(key, value)?),
         "timeout" => p.timeout = Some(parse_seconds(key, value)?),
         "redirect_dir" => p.redirect_dir = Some(value.to_string()),
+        "metacopy" => {
+            p.metacopy = Some(match value {
+                "on" => true,
+                "off" => false,
+                _ => return Err(invalid(key, value, "expected on or off")),
+            })
+        }
         "xino" => p.xino = Some(value.to_string()),
         "context" => p.context = Some(value.to_string()),
         "volume" => p.grafts.push(parse_volume(value)?),
@@ -272,6 +281,7 @@ fn takes_value(key: &str) -> bool {
             | "passthrough"
             | "timeout"
             | "redirect_dir"
+            | "metacopy"
             | "xino"
             | "context"
             | "volume"
@@ -578,6 +588,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
         } else {
             kv("timeout", &format!("{}.{}", t.as_secs(), frac));
         }
+    }
+    if let Some(on) = p.metacopy {
+        kv("metacopy", if on { "on" } else { "off" });
     }
     for (key, v) in [
         ("redirect_dir", &p.redirect_dir),

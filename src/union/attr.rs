@@ -23,7 +23,13 @@ impl Union {
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let st = self.stat_inode(&inode)?;
-        Ok(self.attr_of(&inode, &st))
+        let mut attr = self.attr_of(&inode, &st);
+        if !inode.is_dir() && inode.state.read().layers.len() > 1 {
+            // A metadata-only copy occupies what its data does below.
+            let (dir, name) = self.data_loc(&inode)?;
+            attr.blocks = sys::fs::stat_at(dir.as_fd(), &name)?.st_blocks as u64;
+        }
+        Ok(attr)
     }
 
     /// Changes attributes; a lower entry is copied up first (without its data when
@@ -32,10 +38,10 @@ impl Union {
     pub fn setattr(&self, ino: Ino, set: &SetAttr, fh: Option<u64>) -> Result<Attr> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
-        let data = if set.size == Some(0) {
-            CopyData::No
-        } else {
-            CopyData::Yes
+        let data = match set.size {
+            Some(0) => CopyData::No,
+            Some(_) => CopyData::Yes,
+            None => CopyData::Meta,
         };
         self.copy_up(&inode, data)?;
 

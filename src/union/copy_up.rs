@@ -25,6 +25,9 @@ use crate::sys::{self, fs::RenameKind, fs::TimeSpec, xattr::Target};
 pub(crate) enum CopyData {
     Yes,
     No,
+    /// For a metadata change: metadata only where the mount allows it (metacopy.rs),
+    /// else the data too.
+    Meta,
 }
 
 impl Union {
@@ -32,15 +35,31 @@ impl Union {
         self.upper && inode.state.read().top_layer() == Some(UPPER)
     }
 
+    /// Whether the upper copy holds the data too (it is no metadata-only copy).
+    pub(crate) fn has_upper_data(&self, inode: &Inode) -> bool {
+        let st = inode.state.read();
+        self.upper && st.top_layer() == Some(UPPER) && (inode.is_dir() || st.layers.len() == 1)
+    }
+
+    fn copied_enough(&self, inode: &Inode, data: CopyData) -> bool {
+        match data {
+            CopyData::Meta => self.is_in_upper(inode),
+            _ => self.has_upper_data(inode),
+        }
+    }
+
     /// Ensures `inode` (and its parents) exist in the upper layer.
     pub(crate) fn copy_up(&self, inode: &Inode, data: CopyData) -> Result<()> {
         self.check_writable()?;
-        if self.is_in_upper(inode) {
+        if self.copied_enough(inode, data) {
             return Ok(());
         }
         let _guard = inode.copy_up.lock();
-        if self.is_in_upper(inode) {
+        if self.copied_enough(inode, data) {
             return Ok(());
+        }
+        if self.is_in_upper(inode) {
+            return self.finish_metacopy(inode, data);
         }
         let (parent_ino, name, src_layer) = {
             let st = inode.state.read();
@@ -56,16 +75,35 @@ impl Union {
         let parent = self.inode(parent_ino)?;
         self.copy_up(&parent, CopyData::Yes)?;
         let src_dir = self.dir_fd(&parent, src_layer)?;
-        if !inode.is_dir() && self.index.is_some() {
+        let mut data = data;
+        if !inode.is_dir() {
             let src = sys::fs::stat_at(src_dir.as_fd(), &name)?;
-            if src.st_nlink > 1 {
+            if src.st_nlink > 1 && self.index.is_some() {
+                let data = if data == CopyData::No {
+                    data
+                } else {
+                    CopyData::Yes
+                };
                 return self.copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data);
             }
+            if data == CopyData::Meta && !self.metacopy_allowed(&src) {
+                data = CopyData::Yes;
+            }
+        } else {
+            data = CopyData::Yes;
         }
         let dst_dir = self.dir_fd(&parent, UPPER)?;
         let work = self.work_fd()?.clone();
         let temp = self.temp_name();
-        let staged = self.stage_copy(inode, src_dir.as_fd(), &name, work.as_fd(), &temp, data);
+        let staged = self.stage_copy(
+            inode,
+            src_dir.as_fd(),
+            &name,
+            work.as_fd(),
+            &temp,
+            data,
+            None,
+        );
         if let Err(e) = staged {
             let _ = super::remove_tree(work.as_fd(), &temp);
             return Err(e);
@@ -100,6 +138,13 @@ impl Union {
                     layer: UPPER,
                     fd: None,
                 }];
+                if data == CopyData::Meta {
+                    // The data stays in the source layer until a writer comes.
+                    st.layers.push(LayerRef {
+                        layer: src_layer,
+                        fd: None,
+                    });
+                }
             }
         }
         self.inodes
@@ -111,7 +156,10 @@ impl Union {
     }
 
     /// Builds the copy of `src_dir/name` as `work/temp`, metadata included, marked
-    /// with the number it is shown with (see origin.rs).
+    /// with the number it is shown with (see origin.rs). A regular file's data comes
+    /// from `data_from` when given (completing a metadata-only copy), else from the
+    /// source itself.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn stage_copy(
         &self,
         inode: &Inode,
@@ -120,6 +168,7 @@ impl Union {
         work: BorrowedFd<'_>,
         temp: &OsStr,
         data: CopyData,
+        data_from: Option<&File>,
     ) -> Result<()> {
         let st = sys::fs::stat_at(src_dir, name)?;
         if st.st_mode & libc::S_IFMT != inode.kind {
@@ -145,8 +194,10 @@ impl Union {
                     OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
                     0o600,
                 )?;
-                if data == CopyData::Yes {
-                    copy_data(&src, &dst, st.st_size as u64)?;
+                match data {
+                    CopyData::Yes => copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?,
+                    CopyData::No => {}
+                    CopyData::Meta => self.stage_metacopy(&dst, st.st_size as u64)?,
                 }
                 sys::fs::fchown(dst.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
                 sys::fs::chmod_fd(dst.as_fd(), mode)?;

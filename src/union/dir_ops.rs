@@ -483,6 +483,10 @@ impl Union {
         let src_redirect = src_dir && has_lower(src);
         let dst_redirect = mode == RenameMode::Exchange
             && dst.is_some_and(|d| d.kind == libc::S_IFDIR && has_lower(d));
+        if (src_redirect || dst_redirect) && !self.opts.redirect_dir {
+            // As kernel overlayfs with redirect_dir=off: `mv` then copies.
+            return Err(Errno::XDEV);
+        }
         if let (Some(d), Some(di)) = (dst, dst_inode) {
             let dst_dir = d.kind == libc::S_IFDIR;
             if mode != RenameMode::Exchange {

@@ -51,7 +51,7 @@ impl Union {
             };
             self.copy_up(&inode, data)?;
         }
-        let (pfd, name, _) = self.entry_loc(&inode)?;
+        let (pfd, name) = self.data_loc(&inode)?;
         let mut oflags = real_open_flags(flags);
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
@@ -62,7 +62,7 @@ impl Union {
             // an O_PATH handle is enough to answer fstat-style requests.
             _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
         };
-        let in_upper = self.is_in_upper(&inode);
+        let in_upper = self.has_upper_data(&inode);
         Ok(self.register_file(ino, file, write, in_upper))
     }
 
@@ -70,7 +70,7 @@ impl Union {
     /// file that every later open of the inode can share.
     pub fn open_upper_rdwr(&self, ino: Ino) -> Result<File> {
         let inode = self.inode(ino)?;
-        if !self.is_in_upper(&inode) || inode.kind != libc::S_IFREG {
+        if !self.has_upper_data(&inode) || inode.kind != libc::S_IFREG {
             return Err(Errno::INVAL);
         }
         let (pfd, name, _) = self.entry_loc(&inode)?;

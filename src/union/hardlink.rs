@@ -106,7 +106,15 @@ impl Union {
                 let work = self.work_fd()?.clone();
                 let temp = self.temp_name();
                 let staged = self
-                    .stage_copy(inode, src_dir.as_fd(), name, work.as_fd(), &temp, data)
+                    .stage_copy(
+                        inode,
+                        src_dir.as_fd(),
+                        name,
+                        work.as_fd(),
+                        &temp,
+                        data,
+                        None,
+                    )
                     .and_then(|()| {
                         sys::fs::rename_at(
                             work.as_fd(),

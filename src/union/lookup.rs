@@ -137,7 +137,7 @@ impl Union {
         let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
         let bottom = self.layers.len() - 1;
         let mut found: Option<Found> = None;
-        for idx in refs {
+        for (pos, &idx) in refs.iter().enumerate() {
             let pfd = self.dir_fd(parent, idx)?;
             let st = match probe(&pfd, name)? {
                 Probe::WhitedOut => break,
@@ -147,13 +147,21 @@ impl Union {
             let kind = st.st_mode & libc::S_IFMT;
             if kind != libc::S_IFDIR {
                 if found.is_none() {
+                    let mut layers = vec![LayerRef {
+                        layer: idx,
+                        fd: None,
+                    }];
+                    let upper = self.upper && idx == super::UPPER;
+                    if upper && self.is_metacopy(Target::Entry(pfd.as_fd(), name), &st) {
+                        match self.metacopy_data(parent, &refs[pos + 1..], name)? {
+                            Some(layer) => layers.push(LayerRef { layer, fd: None }),
+                            None => log::warn!("{name:?}: metadata-only copy without data below"),
+                        }
+                    }
                     found = Some(Found {
                         kind,
                         stat: st,
-                        layers: vec![LayerRef {
-                            layer: idx,
-                            fd: None,
-                        }],
+                        layers,
                         redirect: None,
                     });
                 }
@@ -188,6 +196,27 @@ impl Union {
             }
         }
         Ok(found)
+    }
+
+    /// The layer holding the data of a metadata-only copy: the first regular file of
+    /// that name below it.
+    fn metacopy_data(
+        &self,
+        parent: &Inode,
+        below: &[LayerIdx],
+        name: &OsStr,
+    ) -> Result<Option<LayerIdx>> {
+        for &idx in below {
+            let dir = self.dir_fd(parent, idx)?;
+            match probe(&dir, name)? {
+                Probe::Missing => continue,
+                Probe::Entry(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                    return Ok(Some(idx));
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     /// Merges into `found` the directories at `path` in the layers below `top`.

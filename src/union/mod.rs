@@ -9,6 +9,7 @@ mod file;
 mod hardlink;
 pub mod inode;
 mod lookup;
+mod metacopy;
 mod origin;
 mod readdir;
 mod redirect;
@@ -138,6 +139,10 @@ pub struct Options {
     pub syncs: bool,
     pub ttl: Duration,
     pub xattrs: bool,
+    /// Directories with lower content may be renamed (by redirect); off: EXDEV.
+    pub redirect_dir: bool,
+    /// Metadata-only copy-up of lower regular files (see metacopy.rs).
+    pub metacopy: bool,
 }
 
 /// Cache lifetime for entries and attributes. Every change to the layers goes
@@ -219,6 +224,8 @@ impl Union {
             syncs: config.syncs(),
             ttl: config.timeout.unwrap_or(DEFAULT_TTL),
             xattrs: !config.noxattrs,
+            redirect_dir: config.redirect_dir.as_deref() != Some("off"),
+            metacopy: config.metacopy,
         };
         let union = Union {
             layers,

@@ -43,7 +43,7 @@ impl Union {
             return Err(Errno::OPNOTSUPP);
         }
         self.check_writable()?;
-        self.copy_up(&*self.inode(ino)?, CopyData::Yes)?;
+        self.copy_up(&*self.inode(ino)?, CopyData::Meta)?;
         self.with_xattr_target(ino, |t| sys::xattr::set(t, name, value, flags))
     }
 
@@ -57,7 +57,7 @@ impl Union {
         if !self.is_in_upper(&inode) {
             self.getxattr(ino, name)?;
         }
-        self.copy_up(&inode, CopyData::Yes)?;
+        self.copy_up(&inode, CopyData::Meta)?;
         self.with_xattr_target(ino, |t| sys::xattr::remove(t, name))
     }
 }

@@ -459,13 +459,26 @@ struct Differential {
 /// Lowers (top-most first) built twice: kernel-native for the kernel, `strata_fmt` for
 /// stratafs. `None` when the prerequisites are missing and skipping was asked for.
 fn setup(lowers: &[LayerSpec], strata_fmt: Format) -> Option<Differential> {
+    setup_with(lowers, strata_fmt, false)
+}
+
+/// [`setup`], with both mounted `metacopy=on` when asked.
+fn setup_with(lowers: &[LayerSpec], strata_fmt: Format, metacopy: bool) -> Option<Differential> {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return None;
     }
     let kl = Layers::build(lowers, None, Format::NATIVE);
     let sl = Layers::build(lowers, None, strata_fmt);
-    let kernel = KernelOverlay::new(&kl);
-    let strata = StrataMount::new(&sl);
+    let kernel = KernelOverlay::with_metacopy(&kl, metacopy);
+    let strata = if metacopy {
+        StrataMount::with_options(
+            &format!("{},metacopy=on", sl.rw_options()),
+            &sl.merged,
+            &sl.root,
+        )
+    } else {
+        StrataMount::new(&sl)
+    };
     Some(Differential {
         kernel,
         strata,
@@ -1402,5 +1415,45 @@ fn hard_links_of_lower_layers_stay_linked() {
         read("d/u5").is(b"gone"),
         stat("u4").gives("file 0644 0:0 nlink=3 size=4"),
     ]);
+    d.finish();
+}
+
+/// With `metacopy=on`, chmod/chown/utimes/setxattr of a lower file copy up metadata
+/// only: the merged view is as if the data were copied, the upper file holds no data
+/// until a writer comes, and after the remount the data is still found below.
+#[test]
+fn metadata_only_copy_up_with_metacopy_on() {
+    let big = fixture::pattern(3 << 20, 7);
+    let lower = LayerSpec::new()
+        .file("big", &big)
+        .file("d/meta", &big[..2 << 20])
+        .file("written", &big[..(1 << 20) + 5]);
+    let Some(mut d) = setup_with(&[lower], Format::NATIVE, true) else {
+        return;
+    };
+    d.run(&[
+        chmod("big", 0o600).ok(),
+        chown("big", 1000, 1000).ok(),
+        utimes("big", 1_000_000_000, 1_100_000_000).ok(),
+        stat("big").gives("file 0600 1000:1000 nlink=1 size=3145728"),
+        read("big").is(&big),
+        setxattr("d/meta", "user.k", b"v", 0).ok(),
+        getxattr("d/meta", "user.k").is(b"v"),
+        read("d/meta").is(&big[..2 << 20]),
+        chmod("written", 0o640).ok(),
+        write("written", 10, b"NEW").ok(),
+        stat("written").gives("file 0640 0:0 nlink=1 size=1048581"),
+    ]);
+    // At most an xattr block, none of the data.
+    let upper_bytes = |p: &str| fs::symlink_metadata(d.sl.upper.join(p)).unwrap().blocks() * 512;
+    assert!(
+        upper_bytes("big") <= 8192,
+        "chmod copied the data of a 3 MiB file up"
+    );
+    assert!(upper_bytes("d/meta") <= 8192, "setxattr copied the data up");
+    assert!(
+        upper_bytes("written") >= 1 << 20,
+        "a write must copy the data up"
+    );
     d.finish();
 }

@@ -1338,9 +1338,18 @@ pub struct KernelOverlay {
 
 impl KernelOverlay {
     pub fn new(l: &Layers) -> Self {
+        Self::with_metacopy(l, false)
+    }
+
+    /// The same, with `metacopy=on` when asked (metadata-only copy-up).
+    pub fn with_metacopy(l: &Layers, metacopy: bool) -> Self {
+        let metacopy = if metacopy { "on" } else { "off" };
         let mut k = KernelOverlay {
             mountpoint: l.merged.clone(),
-            options: format!("{},redirect_dir=on,index=on,metacopy=off", l.rw_options()),
+            options: format!(
+                "{},redirect_dir=on,index=on,metacopy={metacopy}",
+                l.rw_options()
+            ),
             mounted: false,
         };
         k.mount();
