@@ -5,3 +5,4 @@ mod differential;
 mod engine;
 mod fixture;
 mod mounted;
+mod posix;
