@@ -133,7 +133,7 @@ fn shared_mappings_write_through_a_copied_up_file() {
         "in the upper file"
     );
     assert_eq!(
-        fs::read(&l.lowers[0].join("mapped")).unwrap(),
+        fs::read(l.lowers[0].join("mapped")).unwrap(),
         data,
         "lower untouched"
     );
