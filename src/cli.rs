@@ -119,13 +119,15 @@ Layer options:
   bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
 
 Ownership options:
-  uidmapping=C:H:N[:C:H:N...]  container ids C..C+N are host ids H..H+N on disk
+  uidmapping=C:H:N[:C:H:N...]  ids C..C+N stored in the layers are shown as H..H+N;
+                               other stored ids show as 65534, chown to others: EINVAL
   gidmapping=C:H:N[:C:H:N...]  same for groups
   squash_to_root           report every file as owned by uid 0 / gid 0
   squash_to_uid=N          report every file as owned by uid N
   squash_to_gid=N          report every file as owned by gid N
   xattr_permissions=0|1|2  1: keep owners/modes in security.fuseoverlayfs.override_stat,
                            2: in user.containers.override_stat; 0: use the real ones
+                           (either is read, and user.fuseoverlayfs.override_stat too)
 
 Behaviour options:
   volatile                 never sync to disk

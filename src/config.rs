@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// One `C:H:N` triple of `uidmapping=`/`gidmapping=`: ids `container..container+count`
-/// are stored on disk as `host..host+count`.
+/// One `C:H:N` triple of `uidmapping=`/`gidmapping=`: an id `container+i` stored in a
+/// layer is shown as `host+i` (fuse-overlayfs's direction; containers/storage passes
+/// ContainerID:HostID:Size), and a shown `host+i` is stored back as `container+i`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdMapping {
     pub container: u32,

@@ -8,6 +8,8 @@ mod dir_ops;
 mod file;
 pub mod inode;
 mod lookup;
+pub mod override_stat;
+mod owner;
 mod readdir;
 pub mod whiteout;
 mod xattr;
@@ -156,6 +158,8 @@ pub struct Union {
     /// Upper bound on cached directory fds; above it fds are opened per use.
     dir_fd_budget: u64,
     opts: Options,
+    /// How owners and modes are shown and stored (mappings, squash, override xattrs).
+    owner: owner::OwnerPolicy,
     /// Called with an inode whose attributes changed as a side effect (a directory
     /// becoming merged on copy-up changes its st_nlink), so that the kernel's cached
     /// copy can be dropped.
@@ -202,6 +206,7 @@ impl Union {
             ttl: config.timeout.unwrap_or(DEFAULT_TTL),
             xattrs: !config.noxattrs,
         };
+        let owner = owner::OwnerPolicy::new(config, &layers);
         let union = Union {
             layers,
             upper,
@@ -214,6 +219,7 @@ impl Union {
             next_temp: AtomicU64::new(1),
             dir_fd_budget: nofile / 2,
             opts,
+            owner,
             stale_attr_hook: std::sync::OnceLock::new(),
         };
         union
