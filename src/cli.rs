@@ -415,6 +415,8 @@ fn finish_mount(
     if m.get_flag("single") {
         config.threads = 1;
     }
+    // Callers that set this for fuse-overlayfs get the same from us.
+    config.aufs_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_some();
     config.state_dir = m.get_one::<PathBuf>("state_dir").cloned().or_else(|| {
         std::env::var_os("STRATAFS_STATE_DIR")
             .filter(|v| !v.is_empty())
@@ -1108,6 +1110,7 @@ mod tests {
         assert_eq!(
             MountConfig {
                 state_dir: None,
+                aufs_whiteouts: false,
                 ..c
             },
             want

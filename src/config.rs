@@ -90,6 +90,9 @@ pub struct MountConfig {
     pub grafts: Vec<GraftSpec>,
     /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
     pub state_dir: Option<PathBuf>,
+    /// Write whiteouts as `.wh.NAME` files even where a char 0/0 could be made
+    /// (fuse-overlayfs's FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT, honoured as is).
+    pub aufs_whiteouts: bool,
 }
 
 impl MountConfig {
@@ -120,6 +123,7 @@ impl MountConfig {
             fuse: FuseFlags::default(),
             grafts: Vec::new(),
             state_dir: None,
+            aufs_whiteouts: false,
         }
     }
 

@@ -192,7 +192,7 @@ impl Union {
         let upper = config.upperdir.is_some();
         let (work, whiteout_style) = match (&config.upperdir, &config.workdir) {
             (Some(_), Some(workdir)) => {
-                let (work, style) = prepare_workdir(workdir)
+                let (work, style) = prepare_workdir(workdir, config.aufs_whiteouts)
                     .map_err(|e| format!("workdir {}: {e}", workdir.display()))?;
                 (Some(Arc::new(work)), style)
             }
@@ -325,8 +325,8 @@ impl Union {
 
 /// Creates `workdir/work`, empties it of anything a previous run left (a crash during
 /// a copy-up leaves only staged copies there, never user data), and probes whether
-/// whiteouts can be char devices.
-fn prepare_workdir(workdir: &std::path::Path) -> Result<(OwnedFd, WhiteoutStyle)> {
+/// whiteouts can be char devices (unless `aufs` asks for `.wh.` files anyway).
+fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> Result<(OwnedFd, WhiteoutStyle)> {
     let root = sys::fs::open_root(workdir)?;
     let name = OsStr::new("work");
     match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
@@ -338,6 +338,9 @@ fn prepare_workdir(workdir: &std::path::Path) -> Result<(OwnedFd, WhiteoutStyle)
         remove_tree(work.as_fd(), &entry.name)?;
     }
     let probe = OsStr::new("#stratafs-whiteout-probe");
+    if aufs {
+        return Ok((work, WhiteoutStyle::AufsFile));
+    }
     let style = match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
         Ok(()) => {
             let _ = sys::fs::unlink_at(work.as_fd(), probe);

@@ -334,6 +334,12 @@ impl OwnerPolicy {
         let ov = self
             .read_override(src)
             .unwrap_or_else(|| override_of_stat(st));
+        // Kept where the daemon may (as root), so the copy reads the same without the
+        // override too; an unprivileged daemon keeps its own.
+        match real_chown(dst, Some(st.st_uid), Some(st.st_gid)) {
+            Ok(()) | Err(Errno::PERM) | Err(Errno::INVAL) => {}
+            Err(e) => return Err(e),
+        }
         if chmod {
             real_chmod(dst, Self::daemon_mode(st.st_mode & libc::S_IFMT, mode))?;
         }
