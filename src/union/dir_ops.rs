@@ -152,8 +152,12 @@ impl Union {
         })
     }
 
+    /// The upper parent's stat with its stored owner and mode (override included), for
+    /// the set-group-ID inheritance of new entries.
     fn parent_upper_stat(&self, parent: &Inode) -> Result<sys::fs::Stat> {
-        sys::fs::fstat(self.dir_fd(parent, UPPER)?.as_fd())
+        let fd = self.dir_fd(parent, UPPER)?;
+        let st = sys::fs::fstat(fd.as_fd())?;
+        Ok(self.owner.stored_stat(Target::Fd(fd.as_fd()), st))
     }
 
     /// Creates and opens a regular file.

@@ -206,6 +206,17 @@ impl OwnerPolicy {
         (mode & 0o777) | own
     }
 
+    /// `st` with the owner and permission bits its override records, if any (ids stay
+    /// in the stored space).
+    pub fn stored_stat(&self, t: Target<'_>, mut st: Stat) -> Stat {
+        if let Some(ov) = self.read_override(t) {
+            st.st_uid = ov.uid;
+            st.st_gid = ov.gid;
+            st.st_mode = (st.st_mode & libc::S_IFMT) | ov.mode;
+        }
+        st
+    }
+
     /// Applies the override, mapping and squashing to attributes read from the layer.
     fn show(&self, attr: &mut Attr, ov: Option<OverrideStat>) {
         if let Some(ov) = ov {

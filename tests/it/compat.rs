@@ -452,6 +452,14 @@ fn xattr_permissions_2_keeps_owner_and_mode_in_the_xattr() {
         lgetxattr(&l.upper.join("newdir"), name).unwrap(),
         b"0:0:0750:dir"
     );
+    // A set-group-ID directory whose group lives in the override passes it on.
+    lchown(&m.join("newdir"), 0, 7).unwrap();
+    chmod(&m.join("newdir"), 0o2775).unwrap();
+    fs::write(m.join("newdir/f"), "f").unwrap();
+    fs::create_dir(m.join("newdir/sub")).unwrap();
+    assert_eq!(owner_of(&m.join("newdir/f")), (0, 7));
+    let sub = lstat(&m.join("newdir/sub")).unwrap();
+    assert_eq!((sub.gid(), sub.mode() & 0o2000), (7, 0o2000));
     // The xattr is private: not listed, not readable, not settable through the mount.
     assert_eq!(lgetxattr(&m.join("root-owned"), name), Err(libc::ENODATA));
     assert!(
