@@ -151,6 +151,10 @@ Mount options:
 Quoting: a comma inside double quotes does not split an option
   (context="system_u:object_r:container_file_t:s0:c1,c2").
 Unknown options are ignored with a warning.
+
+Environment:
+  FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT  if set, whiteouts are `.wh.NAME` files, never
+                                       char 0/0 devices (as for fuse-overlayfs)
 "#,
         version = env!("CARGO_PKG_VERSION")
     )
