@@ -260,8 +260,20 @@ fn quoted_context_leading_colon_mappings_and_xattr_permissions() {
     );
     let m = PipedMount::run(&s.root, &["-o", &opts, &s.p("ctr/merged")], &s.merged());
     m.assert_live();
-    let md = lstat(&s.merged().join("etc/os-release")).unwrap();
+    let f = s.merged().join("etc/os-release");
+    let md = lstat(&f).unwrap();
     assert_eq!((md.uid(), md.gid()), (1000, 2000));
+    // The override records stored ids: shown 1005:2006 is stored as 5:6.
+    lchown(&f, 1005, 2006).unwrap();
+    assert_eq!(owner_of(&f), (1005, 2006));
+    assert_eq!(
+        lgetxattr(
+            &s.root.join("ctr/diff/etc/os-release"),
+            "user.containers.override_stat"
+        )
+        .unwrap(),
+        b"5:6:0644:file"
+    );
     m.unmount();
 }
 
