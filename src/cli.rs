@@ -119,13 +119,15 @@ Layer options:
   bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
 
 Ownership options:
-  uidmapping=C:H:N[:C:H:N...]  container ids C..C+N are host ids H..H+N on disk
+  uidmapping=C:H:N[:C:H:N...]  ids C..C+N stored in the layers are shown as H..H+N;
+                               other stored ids show as 65534, chown to others: EINVAL
   gidmapping=C:H:N[:C:H:N...]  same for groups
   squash_to_root           report every file as owned by uid 0 / gid 0
   squash_to_uid=N          report every file as owned by uid N
   squash_to_gid=N          report every file as owned by gid N
   xattr_permissions=0|1|2  1: keep owners/modes in security.fuseoverlayfs.override_stat,
                            2: in user.containers.override_stat; 0: use the real ones
+                           (either is read, and user.fuseoverlayfs.override_stat too)
 
 Behaviour options:
   volatile                 never sync to disk
@@ -153,6 +155,10 @@ Mount options:
 Quoting: a comma inside double quotes does not split an option
   (context="system_u:object_r:container_file_t:s0:c1,c2").
 Unknown options are ignored with a warning.
+
+Environment:
+  FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT  if set, whiteouts are `.wh.NAME` files, never
+                                       char 0/0 devices (as for fuse-overlayfs)
 "#,
         version = env!("CARGO_PKG_VERSION")
     )
@@ -417,6 +423,8 @@ fn finish_mount(
     if m.get_flag("single") {
         config.threads = 1;
     }
+    // Callers that set this for fuse-overlayfs get the same from us.
+    config.aufs_whiteouts = std::env::var_os("FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT").is_some();
     config.state_dir = m.get_one::<PathBuf>("state_dir").cloned().or_else(|| {
         std::env::var_os("STRATAFS_STATE_DIR")
             .filter(|v| !v.is_empty())
@@ -1111,6 +1119,7 @@ mod tests {
         assert_eq!(
             MountConfig {
                 state_dir: None,
+                aufs_whiteouts: false,
                 ..c
             },
             want

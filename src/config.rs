@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// One `C:H:N` triple of `uidmapping=`/`gidmapping=`: ids `container..container+count`
-/// are stored on disk as `host..host+count`.
+/// One `C:H:N` triple of `uidmapping=`/`gidmapping=`: an id `container+i` stored in a
+/// layer is shown as `host+i` (fuse-overlayfs's direction; containers/storage passes
+/// ContainerID:HostID:Size), and a shown `host+i` is stored back as `container+i`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdMapping {
     pub container: u32,
@@ -92,6 +93,9 @@ pub struct MountConfig {
     pub grafts: Vec<GraftSpec>,
     /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
     pub state_dir: Option<PathBuf>,
+    /// Write whiteouts as `.wh.NAME` files even where a char 0/0 could be made
+    /// (fuse-overlayfs's FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT, honoured as is).
+    pub aufs_whiteouts: bool,
 }
 
 impl MountConfig {
@@ -123,6 +127,7 @@ impl MountConfig {
             fuse: FuseFlags::default(),
             grafts: Vec::new(),
             state_dir: None,
+            aufs_whiteouts: false,
         }
     }
 

@@ -172,3 +172,15 @@ pub fn fs_magic(path: &std::path::Path) -> SysResult<i64> {
 
 /// FUSE_SUPER_MAGIC: what statfs reports once a FUSE mount is live.
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// The kernel's overflow uid and gid (what an unmappable id is shown as); 65534 when
+/// /proc does not say.
+pub fn overflow_ids() -> (u32, u32) {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(65534)
+    };
+    (read("overflowuid"), read("overflowgid"))
+}

@@ -6,7 +6,7 @@ use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
 use super::{Attr, Errno, Ino, Result, SetAttr, SetTime, StatFs, UPPER, Union};
-use crate::sys::{self, fs::TimeSpec};
+use crate::sys::{self, fs::TimeSpec, xattr::Target};
 
 fn time_spec(t: Option<SetTime>) -> TimeSpec {
     match t {
@@ -23,7 +23,7 @@ impl Union {
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let st = self.stat_inode(&inode)?;
-        let mut attr = self.attr_of(&inode, &st);
+        let mut attr = self.shown_attr(&inode, self.attr_of(&inode, &st));
         if !inode.is_dir() && inode.state.read().layers.len() > 1 {
             // A metadata-only copy occupies what its data does below.
             let (dir, name) = self.data_loc(&inode)?;
@@ -65,23 +65,19 @@ impl Union {
 
         if inode.is_dir() {
             let fd = self.dir_fd(&inode, UPPER)?;
-            if set.uid.is_some() || set.gid.is_some() {
-                sys::fs::fchown(fd.as_fd(), set.uid, set.gid)?;
-            }
-            if let Some(mode) = set.mode {
-                sys::fs::chmod_fd(fd.as_fd(), mode)?;
-            }
+            self.owner
+                .change(Target::Fd(fd.as_fd()), set.uid, set.gid, set.mode)?;
             if set.atime.is_some() || set.mtime.is_some() {
                 sys::fs::utimens_fd(fd.as_fd(), time_spec(set.atime), time_spec(set.mtime))?;
             }
         } else {
             let (pfd, name, _) = self.entry_loc(&inode)?;
-            if set.uid.is_some() || set.gid.is_some() {
-                sys::fs::chown_at(pfd.as_fd(), &name, set.uid, set.gid)?;
-            }
-            if let Some(mode) = set.mode {
-                sys::fs::chmod_at(pfd.as_fd(), &name, mode)?;
-            }
+            self.owner.change(
+                Target::Entry(pfd.as_fd(), &name),
+                set.uid,
+                set.gid,
+                set.mode,
+            )?;
             if set.atime.is_some() || set.mtime.is_some() {
                 sys::fs::utimens_at(
                     pfd.as_fd(),

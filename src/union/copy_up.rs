@@ -16,6 +16,7 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::inode::{Inode, LayerRef};
+use super::override_stat;
 use super::whiteout::is_private_xattr;
 use super::{Errno, Result, UPPER, Union};
 use crate::sys::{self, fs::RenameKind, fs::TimeSpec, xattr::Target};
@@ -199,8 +200,12 @@ impl Union {
                     CopyData::No => {}
                     CopyData::Meta => self.stage_metacopy(&dst, st.st_size as u64)?,
                 }
-                sys::fs::fchown(dst.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
-                sys::fs::chmod_fd(dst.as_fd(), mode)?;
+                self.owner.copy(
+                    Target::Entry(src_dir, name),
+                    Target::Fd(dst.as_fd()),
+                    &st,
+                    true,
+                )?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
                 self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
                 sys::fs::futimens(dst.as_fd(), times.0, times.1)?;
@@ -211,8 +216,12 @@ impl Union {
             libc::S_IFDIR => {
                 sys::fs::mkdir_at(work, temp, 0o700)?;
                 let dst = sys::fs::open_dir(work, temp)?;
-                sys::fs::fchown(dst.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
-                sys::fs::chmod_fd(dst.as_fd(), mode)?;
+                self.owner.copy(
+                    Target::Entry(src_dir, name),
+                    Target::Fd(dst.as_fd()),
+                    &st,
+                    true,
+                )?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
                 self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
                 // A directory reached through a redirect keeps it: its lower
@@ -225,15 +234,24 @@ impl Union {
             libc::S_IFLNK => {
                 let target = sys::fs::readlink_at(src_dir, name)?;
                 sys::fs::symlink_at(&target, work, temp)?;
-                sys::fs::chown_at(work, temp, Some(st.st_uid), Some(st.st_gid))?;
+                self.owner.copy(
+                    Target::Entry(src_dir, name),
+                    Target::Entry(work, temp),
+                    &st,
+                    false,
+                )?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
                 self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             kind => {
                 sys::fs::mknod_at(work, temp, kind | mode, st.st_rdev)?;
-                sys::fs::chown_at(work, temp, Some(st.st_uid), Some(st.st_gid))?;
-                sys::fs::chmod_at(work, temp, mode)?;
+                self.owner.copy(
+                    Target::Entry(src_dir, name),
+                    Target::Entry(work, temp),
+                    &st,
+                    true,
+                )?;
                 copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
                 self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
@@ -315,7 +333,8 @@ pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> Result<()> {
         Err(e) => return Err(e),
     };
     for name in names {
-        if is_private_xattr(&name) {
+        // Override xattrs are the file's owner and mode: they travel with it.
+        if is_private_xattr(&name) && !override_stat::is_override_name(name.as_encoded_bytes()) {
             continue;
         }
         let value = match sys::xattr::get(src, &name) {

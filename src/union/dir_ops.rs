@@ -21,12 +21,13 @@ use rustix::fs::OFlags;
 use super::copy_up::CopyData;
 use super::inode::Inode;
 use super::lookup::{Found, check_name};
+use super::override_stat::Kind;
 use super::whiteout::{
     self, OPAQUE_MARKER, WhiteoutStyle, is_reserved_name, is_whiteout_stat, whiteout_name,
     whiteout_target,
 };
 use super::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, UPPER, Union};
-use crate::sys::{self, fs::RenameKind};
+use crate::sys::{self, fs::RenameKind, xattr::Target};
 
 /// What the upper directory holds at a name.
 enum Slot {
@@ -60,22 +61,6 @@ fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32,
     } else {
         (caller.uid, caller.gid, 0)
     }
-}
-
-/// Gives a freshly made entry its owner, then its mode (chown clears set-ID bits,
-/// so the mode goes second).
-fn set_owner_and_mode(
-    dir: BorrowedFd<'_>,
-    name: &OsStr,
-    uid: u32,
-    gid: u32,
-    mode: Option<u32>,
-) -> Result<()> {
-    sys::fs::chown_at(dir, name, Some(uid), Some(gid))?;
-    if let Some(mode) = mode {
-        sys::fs::chmod_at(dir, name, mode)?;
-    }
-    Ok(())
 }
 
 impl Union {
@@ -167,8 +152,12 @@ impl Union {
         })
     }
 
+    /// The upper parent's stat with its stored owner and mode (override included), for
+    /// the set-group-ID inheritance of new entries.
     fn parent_upper_stat(&self, parent: &Inode) -> Result<sys::fs::Stat> {
-        sys::fs::fstat(self.dir_fd(parent, UPPER)?.as_fd())
+        let fd = self.dir_fd(parent, UPPER)?;
+        let st = sys::fs::fstat(fd.as_fd())?;
+        Ok(self.owner.stored_stat(Target::Fd(fd.as_fd()), st))
     }
 
     /// Creates and opens a regular file.
@@ -181,16 +170,16 @@ impl Union {
         flags: i32,
     ) -> Result<(Entry, u64, Arc<OpenFile>)> {
         let p = self.prepare_new_name(parent, name)?;
+        let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
         let perm = mode & 0o7777;
         let mut opened: Option<File> = None;
         self.install(&p, name, false, &mut |dir, n| {
             let file =
                 sys::fs::open_at(dir, n, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL, perm)?;
-            sys::fs::fchown(file.as_fd(), Some(uid), Some(gid))?;
-            if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                sys::fs::chmod_fd(file.as_fd(), perm)?;
-            }
+            let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
+            self.owner
+                .give(Target::Fd(file.as_fd()), uid, gid, perm, setid, None)?;
             opened = Some(file);
             Ok(())
         })?;
@@ -203,11 +192,13 @@ impl Union {
 
     pub fn mkdir(&self, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Entry> {
         let p = self.prepare_new_name(parent, name)?;
+        let caller = self.owner.stored_caller(caller);
         let (uid, gid, extra) = new_owner(caller, &self.parent_upper_stat(&p)?, true);
         let perm = (mode & 0o7777) | extra;
         self.install(&p, name, true, &mut |dir, n| {
             sys::fs::mkdir_at(dir, n, perm)?;
-            set_owner_and_mode(dir, n, uid, gid, Some(perm))
+            self.owner
+                .give(Target::Entry(dir, n), uid, gid, perm, true, None)
         })?;
         self.entry_after_create(&p, name)
     }
@@ -227,21 +218,31 @@ impl Union {
             return Err(Errno::PERM);
         }
         let p = self.prepare_new_name(parent, name)?;
+        let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
         let perm = mode & 0o7777;
+        let regular = |dir: BorrowedFd<'_>, n: &OsStr| {
+            sys::fs::open_at(dir, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, perm).map(drop)
+        };
         self.install(&p, name, false, &mut |dir, n| {
+            let mut stands_for = None;
             if kind == libc::S_IFREG || kind == 0 {
-                drop(sys::fs::open_at(
-                    dir,
-                    n,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                    perm,
-                )?);
+                regular(dir, n)?;
             } else {
-                sys::fs::mknod_at(dir, n, kind | perm, rdev)?;
+                match sys::fs::mknod_at(dir, n, kind | perm, rdev) {
+                    Ok(()) => {}
+                    // Without CAP_MKNOD a device is kept as a regular file whose
+                    // override xattr records what it stands for.
+                    Err(Errno::PERM) if self.owner.writes_overrides() => {
+                        regular(dir, n)?;
+                        stands_for = Kind::from_mode(kind, rdev);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
-            set_owner_and_mode(dir, n, uid, gid, setid.then_some(perm))
+            self.owner
+                .give(Target::Entry(dir, n), uid, gid, perm, setid, stands_for)
         })?;
         self.entry_after_create(&p, name)
     }
@@ -254,10 +255,12 @@ impl Union {
         target: &OsStr,
     ) -> Result<Entry> {
         let p = self.prepare_new_name(parent, name)?;
+        let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
         self.install(&p, name, false, &mut |dir, n| {
             sys::fs::symlink_at(target, dir, n)?;
-            set_owner_and_mode(dir, n, uid, gid, None)
+            self.owner
+                .give(Target::Entry(dir, n), uid, gid, 0o777, false, None)
         })?;
         self.entry_after_create(&p, name)
     }

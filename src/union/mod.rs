@@ -11,6 +11,8 @@ pub mod inode;
 mod lookup;
 mod metacopy;
 mod origin;
+pub mod override_stat;
+mod owner;
 mod readdir;
 mod redirect;
 pub mod whiteout;
@@ -171,6 +173,8 @@ pub struct Union {
     /// Upper bound on cached directory fds; above it fds are opened per use.
     dir_fd_budget: u64,
     opts: Options,
+    /// How owners and modes are shown and stored (mappings, squash, override xattrs).
+    owner: owner::OwnerPolicy,
     /// Called with an inode whose attributes changed as a side effect (a directory
     /// becoming merged on copy-up changes its st_nlink), so that the kernel's cached
     /// copy can be dropped.
@@ -203,7 +207,7 @@ impl Union {
         let upper = config.upperdir.is_some();
         let workdir = match (&config.upperdir, &config.workdir) {
             (Some(_), Some(workdir)) => Some(
-                prepare_workdir(workdir)
+                prepare_workdir(workdir, config.aufs_whiteouts)
                     .map_err(|e| format!("workdir {}: {e}", workdir.display()))?,
             ),
             (Some(_), None) => return Err("upperdir needs a workdir".into()),
@@ -227,6 +231,7 @@ impl Union {
             redirect_dir: config.redirect_dir.as_deref() != Some("off"),
             metacopy: config.metacopy,
         };
+        let owner = owner::OwnerPolicy::new(config, &layers);
         let union = Union {
             layers,
             upper,
@@ -242,6 +247,7 @@ impl Union {
             next_temp: AtomicU64::new(1),
             dir_fd_budget: nofile / 2,
             opts,
+            owner,
             stale_attr_hook: std::sync::OnceLock::new(),
         };
         union
@@ -359,8 +365,9 @@ struct Workdir {
 }
 
 /// Prepares `workdir/work` and `workdir/index`, and probes what this process may
-/// write: char-device whiteouts, trusted.* xattrs.
-fn prepare_workdir(workdir: &std::path::Path) -> Result<Workdir> {
+/// write: char-device whiteouts (unless `aufs` asks for `.wh.` files anyway),
+/// trusted.* xattrs.
+fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> Result<Workdir> {
     let root = sys::fs::open_root(workdir)?;
     let open_sub = |name: &OsStr| -> Result<OwnedFd> {
         match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
@@ -375,12 +382,16 @@ fn prepare_workdir(workdir: &std::path::Path) -> Result<Workdir> {
     }
     let index = open_sub(OsStr::new("index"))?;
     let probe = OsStr::new("#stratafs-whiteout-probe");
-    let whiteout_style = match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
-        Ok(()) => {
-            let _ = sys::fs::unlink_at(work.as_fd(), probe);
-            WhiteoutStyle::CharDevice
+    let whiteout_style = if aufs {
+        WhiteoutStyle::AufsFile
+    } else {
+        match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
+            Ok(()) => {
+                let _ = sys::fs::unlink_at(work.as_fd(), probe);
+                WhiteoutStyle::CharDevice
+            }
+            Err(_) => WhiteoutStyle::AufsFile,
         }
-        Err(_) => WhiteoutStyle::AufsFile,
     };
     let trusted_probe = XattrNs::Trusted.own("probe");
     let xattr_ns = match sys::xattr::set(Target::Fd(work.as_fd()), &trusted_probe, b"y", 0) {

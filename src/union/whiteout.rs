@@ -20,13 +20,15 @@ pub const OPAQUE_XATTRS: [&str; 3] = [
 ];
 
 /// Prefixes of xattrs that belong to the overlay format and are never shown.
-const PRIVATE_XATTR_PREFIXES: [&[u8]; 6] = [
+const PRIVATE_XATTR_PREFIXES: [&[u8]; 7] = [
     b"trusted.overlay.",
     b"trusted.stratafs.",
     b"user.overlay.",
     b"user.fuseoverlayfs.",
     b"user.stratafs.",
     b"security.fuseoverlayfs.",
+    // containers/storage's owner/mode record (`xattr_permissions=2`).
+    b"user.containers.override_stat",
 ];
 
 /// The name an AUFS whiteout entry hides, or `None` when `name` is not a whiteout.
@@ -198,6 +200,12 @@ mod tests {
         assert!(is_private_xattr(OsStr::new("user.overlay.redirect")));
         assert!(is_private_xattr(OsStr::new("user.fuseoverlayfs.origin")));
         assert!(is_private_xattr(OsStr::new("user.stratafs.x")));
+        assert!(is_private_xattr(OsStr::new(
+            "user.containers.override_stat"
+        )));
+        assert!(is_private_xattr(OsStr::new(
+            "security.fuseoverlayfs.override_stat"
+        )));
         assert!(!is_private_xattr(OsStr::new("user.mime_type")));
         assert!(!is_private_xattr(OsStr::new("security.capability")));
     }

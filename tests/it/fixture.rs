@@ -466,7 +466,7 @@ fn unmount_fuse(mp: &Path, problems: &mut Vec<String>) {
     }
 }
 
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {

@@ -1,6 +1,7 @@
 //! One integration test binary (ripgrep style): shared fixtures in `fixture`, one module per concern.
 
 mod cli;
+mod compat;
 mod differential;
 mod engine;
 mod fixture;
