@@ -807,3 +807,60 @@ test "$(stat -c '%a' "$MNT/etc/passwd")" = "2755"
         assert_eq!(mode & 0o7000, 0, "{f}: set-ID bit on the real inode");
     }
 }
+
+/// Rootless, the correctness features of the kernel's format still work: a directory
+/// with lower content is renamed by a `user.overlay.redirect` (no trusted.* there),
+/// which is followed again after a remount in a fresh namespace; lower hard links stay
+/// linked; copied-up files keep their st_ino through `user.stratafs.origin`.
+#[test]
+fn rootless_directory_rename_hard_links_and_inode_numbers() {
+    if !require_fuse() {
+        return;
+    }
+    let l = Layers::build(
+        &[LayerSpec::new()
+            .file("tree/a/deep.txt", "deep")
+            .file("tree/top.txt", "top")
+            .file("h1", "linked")
+            .hardlink("h2", "h1")],
+        None,
+        Format::AUFS,
+    );
+    let body = r#"
+ino_before=$(stat -c %i "$MNT/tree/top.txt")
+mv "$MNT/tree" "$MNT/moved"
+test "$(cat "$MNT/moved/a/deep.txt")" = deep
+test ! -e "$MNT/tree"
+echo more >> "$MNT/moved/top.txt"
+test "$(stat -c %i "$MNT/moved/top.txt")" = "$ino_before"
+echo "$ino_before" > "$MNT/ino"
+echo X >> "$MNT/h2"
+test "$(cat "$MNT/h1")" = linkedX
+test "$(stat -c %h "$MNT/h1")" = 2
+"#;
+    let (st, out, log) = in_user_namespace(&l, &l.rw_options(), &[], body);
+    assert!(st.success(), "script failed ({st}):\n{out}\ndaemon:\n{log}");
+    assert_eq!(
+        lgetxattr(&l.upper.join("moved"), "user.overlay.redirect").unwrap(),
+        b"/tree"
+    );
+    assert_eq!(
+        lgetxattr(&l.upper.join("moved"), "trusted.overlay.redirect"),
+        Err(libc::ENODATA)
+    );
+    assert!(
+        !l.upper.join("moved/a").exists(),
+        "the moved directory's content was copied"
+    );
+    let again = r#"
+test "$(cat "$MNT/moved/a/deep.txt")" = deep
+test "$(stat -c %i "$MNT/moved/top.txt")" = "$(cat "$MNT/ino")"
+test "$(stat -c %h "$MNT/h2")" = 2
+test "$(stat -c %i "$MNT/h1")" = "$(stat -c %i "$MNT/h2")"
+"#;
+    let (st, out, log) = in_user_namespace(&l, &l.rw_options(), &[], again);
+    assert!(
+        st.success(),
+        "after a remount ({st}):\n{out}\ndaemon:\n{log}"
+    );
+}
