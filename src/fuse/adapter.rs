@@ -569,7 +569,13 @@ impl Filesystem for StrataFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.engine.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // Every change to a directory's listing arrives as a request on it, which
+            // makes the kernel drop its cached copy: the listing may be cached and
+            // kept across opens.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(fail("opendir", e)),
         }
     }

@@ -201,6 +201,11 @@ pub fn chmod_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()>
 
 /// chmod of the object behind any fd, O_PATH included; refuses symlinks.
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    // An fd open for I/O takes fchmod (and is never a symlink); O_PATH answers EBADF.
+    match rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)) {
+        Err(Errno::BADF) => {}
+        other => return other,
+    }
     let st = rustix::fs::fstat(fd)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
         return Err(Errno::OPNOTSUPP);

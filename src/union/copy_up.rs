@@ -196,7 +196,9 @@ impl Union {
                     0o600,
                 )?;
                 match data {
-                    CopyData::Yes => copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?,
+                    CopyData::Yes => {
+                        self.copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?
+                    }
                     CopyData::No => {}
                     CopyData::Meta => self.stage_metacopy(&dst, st.st_size as u64)?,
                 }
@@ -261,11 +263,36 @@ impl Union {
     }
 }
 
-/// Copies every data extent of `src` into `dst` and sets its size; holes stay holes.
-pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
-    if size > 0 && sys::fs::clone_file(dst, src).is_ok() {
-        return Ok(());
+/// Files up to this size are copied in one range: looking for holes in them costs
+/// more syscalls than the few blocks a hole could save.
+const DENSE_COPY_MAX: u64 = 64 << 10;
+
+impl Union {
+    /// Copies every data extent of `src` into `dst` and sets its size; holes stay
+    /// holes. A reflink is tried until the upper filesystem has refused one.
+    fn copy_data(&self, src: &File, dst: &File, size: u64) -> Result<()> {
+        if size > 0 && self.reflink.load(std::sync::atomic::Ordering::Relaxed) {
+            match sys::fs::clone_file(dst, src) {
+                Ok(()) => return Ok(()),
+                Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::INVAL | Errno::NOTTY) => {
+                    self.reflink
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(_) => {}
+            }
+        }
+        if size <= DENSE_COPY_MAX {
+            return match copy_range(src, dst, 0, size)? {
+                reached if reached == size => Ok(()),
+                _ => sys::fs::ftruncate(dst, size),
+            };
+        }
+        copy_extents(src, dst, size)
     }
+}
+
+/// [`Union::copy_data`] for a file that may have holes.
+fn copy_extents(src: &File, dst: &File, size: u64) -> Result<()> {
     let mut offset = 0u64;
     while offset < size {
         let start = match sys::fs::lseek(src, offset as i64, libc::SEEK_DATA) {
@@ -288,8 +315,9 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
     sys::fs::ftruncate(dst, size)
 }
 
-/// Copies bytes [start, end) at the same offsets, in kernel where possible.
-fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<()> {
+/// Copies bytes [start, end) at the same offsets, in kernel where possible; returns
+/// the offset reached (short of `end` when the source shrank under us).
+fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<u64> {
     let mut pos = start;
     while pos < end {
         let len = (end - pos).min(1 << 30) as usize;
@@ -303,10 +331,10 @@ fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(pos)
 }
 
-fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> Result<()> {
+fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     while pos < end {
         let want = ((end - pos) as usize).min(buf.len());
@@ -320,7 +348,7 @@ fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> Result<
         }
         pos += n as u64;
     }
-    Ok(())
+    Ok(pos)
 }
 
 /// Copies user-visible xattrs. Private overlay xattrs stay behind: they describe the

@@ -170,6 +170,11 @@ pub struct Union {
     dirs: DashMap<u64, Arc<readdir::DirHandle>>,
     next_handle: AtomicU64,
     next_temp: AtomicU64,
+    /// Whether reflinks (FICLONE) may work on the upper filesystem: cleared on the
+    /// first refusal so that later copy-ups do not ask again.
+    reflink: std::sync::atomic::AtomicBool,
+    /// This daemon's pid, part of staged names (the process may fork before use).
+    pid: u32,
     /// Upper bound on cached directory fds; above it fds are opened per use.
     dir_fd_budget: u64,
     opts: Options,
@@ -245,6 +250,8 @@ impl Union {
             dirs: DashMap::new(),
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
+            reflink: std::sync::atomic::AtomicBool::new(true),
+            pid: std::process::id(),
             dir_fd_budget: nofile / 2,
             opts,
             owner,
@@ -329,7 +336,7 @@ impl Union {
     /// A fresh name for staging an entry in the work directory.
     fn temp_name(&self) -> std::ffi::OsString {
         let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
-        format!("#stratafs-{}-{n:x}", std::process::id()).into()
+        format!("#stratafs-{}-{n:x}", self.pid).into()
     }
 
     fn new_handle(&self) -> u64 {
