@@ -29,12 +29,18 @@ pub(crate) enum CopyData {
 
 impl Union {
     pub(crate) fn is_in_upper(&self, inode: &Inode) -> bool {
+        if let Some(in_place) = self.graft_in_place(inode) {
+            return in_place;
+        }
         self.upper && inode.state.read().top_layer() == Some(UPPER)
     }
 
     /// Ensures `inode` (and its parents) exist in the upper layer.
     pub(crate) fn copy_up(&self, inode: &Inode, data: CopyData) -> Result<()> {
         self.check_writable()?;
+        if let Some(r) = self.graft_copy_up(inode) {
+            return r;
+        }
         if self.is_in_upper(inode) {
             return Ok(());
         }

@@ -187,6 +187,9 @@ impl Union {
     /// Looks `name` up in `parent` and takes a kernel reference on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Entry> {
         check_name(name)?;
+        if let Some(r) = self.graft_lookup(parent, name) {
+            return r;
+        }
         if whiteout::is_reserved_name(name) {
             return Err(Errno::NOENT);
         }

@@ -6,6 +6,7 @@ mod attr;
 mod copy_up;
 mod dir_ops;
 mod file;
+mod graft;
 pub mod inode;
 mod lookup;
 mod readdir;
@@ -25,6 +26,7 @@ use crate::layer::{Layer, LayerIdx, assign_ino_bits};
 use crate::sys;
 pub use crate::sys::Errno;
 pub use file::OpenFile;
+pub use graft::GRAFT_TTL;
 pub use inode::{Ino, ROOT_INO};
 use inode::{InodeState, InodeTable, LayerRef};
 pub use readdir::DirEntry;
@@ -160,6 +162,7 @@ pub struct Union {
     /// becoming merged on copy-up changes its st_nlink), so that the kernel's cached
     /// copy can be dropped.
     stale_attr_hook: std::sync::OnceLock<StaleAttrHook>,
+    grafts: graft::Grafts,
 }
 
 pub(crate) const UPPER: LayerIdx = 0;
@@ -184,6 +187,10 @@ impl Union {
         if layers.is_empty() {
             return Err("no layers given".into());
         }
+        let mut prepared = graft::prepare(config)?;
+        layers.extend(prepared.scaffold.take());
+        let graft_base = layers.len();
+        layers.append(&mut prepared.layers);
         assign_ino_bits(&mut layers);
         let upper = config.upperdir.is_some();
         let (work, whiteout_style) = match (&config.upperdir, &config.workdir) {
@@ -202,7 +209,7 @@ impl Union {
             ttl: config.timeout.unwrap_or(DEFAULT_TTL),
             xattrs: !config.noxattrs,
         };
-        let union = Union {
+        let mut union = Union {
             layers,
             upper,
             work,
@@ -215,22 +222,26 @@ impl Union {
             dir_fd_budget: nofile / 2,
             opts,
             stale_attr_hook: std::sync::OnceLock::new(),
+            grafts: graft::Grafts::new(graft_base),
         };
         union
             .insert_root()
             .map_err(|e| format!("layer roots: {e}"))?;
+        union.install_grafts(config, prepared)?;
         Ok(union)
     }
 
     fn insert_root(&self) -> Result<()> {
         let mut refs = Vec::new();
-        for (idx, layer) in self.layers.iter().enumerate() {
+        // Graft layers are not part of the merged tree; they hang off graft points.
+        let union_layers = &self.layers[..self.grafts.base];
+        for (idx, layer) in union_layers.iter().enumerate() {
             refs.push(LayerRef {
                 layer: idx,
                 fd: Some(layer.root.clone()),
             });
             // An opaque lower root hides the layers below it, as for any directory.
-            if idx + 1 < self.layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
+            if idx + 1 < union_layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
                 break;
             }
         }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -244,9 +244,12 @@ impl Store {
             exclusive: spec.exclusive,
         };
         let build = || -> Result<(), VolumeError> {
-            fs::create_dir(&staged).map_err(|e| io_err(&staged, e))?;
+            // Explicit modes: the daemon runs with umask 0.
+            let mut dirs = fs::DirBuilder::new();
+            dirs.mode(0o755);
+            dirs.create(&staged).map_err(|e| io_err(&staged, e))?;
             let data = staged.join(DATA);
-            fs::create_dir(&data).map_err(|e| io_err(&data, e))?;
+            dirs.create(&data).map_err(|e| io_err(&data, e))?;
             write_meta(&staged, &meta)?;
             let vfd = sys::fs::open_root(&vols).map_err(|e| errno_err(&vols, e))?;
             sys::fs::rename_at(
