@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,9 +123,28 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
     if config.grafts.is_empty() {
         return Ok(prepared);
     }
+    for (i, a) in config.grafts.iter().enumerate() {
+        // Checked before any volume lock is taken: locking one volume twice would wait
+        // on ourselves.
+        if config.grafts[..i].iter().any(|b| b.source == a.source) {
+            return Err(format!(
+                "{}: grafted twice in one mount",
+                graft_name(&a.source)
+            ));
+        }
+        for b in &config.grafts {
+            if a.target != b.target && b.target.starts_with(&a.target) {
+                return Err(format!(
+                    "{}: {} lies inside the graft at {}; nested grafts are not supported",
+                    graft_name(&b.source),
+                    b.target.display(),
+                    a.target.display()
+                ));
+            }
+        }
+    }
     let writable_mount = !config.read_only();
     let mut store = None;
-    let mut sources: Vec<PathBuf> = Vec::new();
     for spec in &config.grafts {
         let what = graft_name(&spec.source);
         let (path, volume) = match &spec.source {
@@ -151,10 +169,6 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
                 (vol.data_dir(), Some((vol, lock)))
             }
         };
-        if sources.contains(&path) {
-            return Err(format!("{what}: grafted twice in one mount"));
-        }
-        sources.push(path.clone());
         let layer = Layer::open(&path, writable_mount && !spec.read_only)
             .map_err(|e| format!("{what}: {}: {e}", path.display()))?;
         prepared.layers.push(layer);

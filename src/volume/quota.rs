@@ -31,9 +31,11 @@ use crate::sys::{self, Errno, SysResult};
 /// Name of the ledger file in a volume's directory.
 pub const LEDGER: &str = "usage";
 
-/// A refused write triggers a rescan at most this often (a writer retrying after
-/// ENOSPC must not make every attempt walk the whole volume).
-const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// A write that does not fit triggers a rescan only when at least this many times
+/// the last scan's duration has passed since it: a writer retrying after ENOSPC then
+/// spends at most a tenth of its time walking the volume, however large it is, while
+/// a small volume is recounted at once.
+const RESCAN_SPACING: u32 = 10;
 
 /// Apparent bytes used under `root` (see the module notes), symlinks not followed.
 pub fn scan_usage(root: BorrowedFd<'_>) -> SysResult<u64> {
@@ -56,10 +58,10 @@ fn scan_dir(dir: BorrowedFd<'_>, seen: &mut HashSet<(u64, u64)>) -> SysResult<u6
                 Err(Errno::NOENT) => {}
                 Err(e) => return Err(e),
             },
-            libc::S_IFREG | libc::S_IFLNK => {
-                if st.st_nlink <= 1 || seen.insert((st.st_dev, st.st_ino)) {
-                    total += st.st_size as u64;
-                }
+            libc::S_IFREG | libc::S_IFLNK
+                if st.st_nlink <= 1 || seen.insert((st.st_dev, st.st_ino)) =>
+            {
+                total += st.st_size as u64;
             }
             _ => {}
         }
@@ -75,7 +77,8 @@ pub struct Quota {
     /// Serialises the growing operations of this daemon on the volume, so that the
     /// size change observed around one is that operation's alone.
     serial: Arc<Mutex<()>>,
-    last_rescan: Mutex<Option<Instant>>,
+    /// When the last scan ended and how long it took.
+    last_rescan: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Quota {
@@ -135,8 +138,9 @@ impl Quota {
 
     /// Recounts the volume and stores the result.
     pub fn rescan(&self) -> SysResult<u64> {
+        let start = Instant::now();
         let used = self.update(|_| scan_usage(self.root.as_fd()))?;
-        *self.last_rescan.lock() = Some(Instant::now());
+        *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
         Ok(used)
     }
 
@@ -160,15 +164,12 @@ impl Quota {
         if taken {
             return Ok(());
         }
-        let may_rescan = {
-            let mut last = self.last_rescan.lock();
-            let due = last.is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        if may_rescan {
+        let due = self
+            .last_rescan
+            .lock()
+            .is_none_or(|(at, took)| at.elapsed() >= took * RESCAN_SPACING);
+        if due {
+            let start = Instant::now();
             self.update(|_| {
                 let used = scan_usage(self.root.as_fd())?;
                 Ok(match used.checked_add(grow).filter(|n| *n <= limit) {
@@ -179,6 +180,7 @@ impl Quota {
                     None => used,
                 })
             })?;
+            *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
         }
         if taken { Ok(()) } else { Err(Errno::NOSPC) }
     }

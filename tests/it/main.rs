@@ -4,4 +4,7 @@ mod cli;
 mod differential;
 mod engine;
 mod fixture;
+mod graft_engine;
 mod mounted;
+mod volume_cli;
+mod volumes;
