@@ -144,19 +144,31 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
         }
     }
     let writable_mount = !config.read_only();
-    let mut store = None;
+    // Volume locks are taken in name order, so that two mounts of the same volumes
+    // listed in different orders cannot wait on each other.
+    let mut locked = HashMap::new();
+    let mut names: Vec<&String> = config
+        .grafts
+        .iter()
+        .filter_map(|g| match &g.source {
+            GraftSource::Volume(n) => Some(n),
+            GraftSource::Bind(_) => None,
+        })
+        .collect();
+    names.sort();
+    if !names.is_empty() {
+        let store = Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?;
+        for name in names {
+            let held = store.lock_volume(name).map_err(|e| e.to_string())?;
+            locked.insert(name.clone(), held);
+        }
+    }
     for spec in &config.grafts {
         let what = graft_name(&spec.source);
         let (path, volume) = match &spec.source {
             GraftSource::Bind(p) => (p.clone(), None),
             GraftSource::Volume(name) => {
-                if store.is_none() {
-                    store =
-                        Some(Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?);
-                }
-                let store = store.as_ref().ok_or("no volume store")?;
-                let vol = store.get_or_create(name).map_err(|e| e.to_string())?;
-                let lock = vol.lock().map_err(|e| e.to_string())?;
+                let (vol, lock) = locked.remove(name).ok_or("volume lock lost")?;
                 let who = MountUse {
                     pid: std::process::id(),
                     mountpoint: config.mountpoint.clone(),

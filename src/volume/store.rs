@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -291,8 +291,7 @@ impl Store {
         })
     }
 
-    /// The volume, created with default settings when it does not exist (as a
-    /// mount naming it does).
+    /// The volume, created with default settings when it does not exist.
     pub fn get_or_create(&self, name: &str) -> Result<Volume, VolumeError> {
         match self.get(name) {
             Err(VolumeError::NotFound(_)) => match self.create(name, &CreateSpec::default()) {
@@ -300,6 +299,26 @@ impl Store {
                 other => other,
             },
             other => other,
+        }
+    }
+
+    /// The volume (created when missing, as a mount naming it does), with its lock
+    /// held. A volume removed between the lookup and the lock is looked up again, so
+    /// the lock returned is always the one of the volume now under that name.
+    pub fn lock_volume(&self, name: &str) -> Result<(Volume, File), VolumeError> {
+        loop {
+            let vol = self.get_or_create(name)?;
+            let lock = vol.lock()?;
+            let path = vol.dir.join(LOCK);
+            let held = lock.metadata().map_err(|e| io_err(&path, e))?;
+            match fs::metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
+                    return Ok((vol, lock));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
         }
     }
 
