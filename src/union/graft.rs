@@ -301,6 +301,9 @@ impl Union {
 
     /// The graft `inode` lies in, if any.
     fn graft_index(&self, inode: &Inode) -> Option<usize> {
+        if self.grafts.list.is_empty() {
+            return None;
+        }
         let top = inode.state.read().top_layer()?;
         top.checked_sub(self.grafts.base)
             .filter(|i| *i < self.grafts.list.len())

@@ -221,3 +221,62 @@ fn state_dir_comes_from_the_flag_or_the_environment() {
     assert!(s.data("f").is_dir() && !env_dir.join("volumes/f").exists());
     assert!(Path::new(&s.dir).join("volumes/f/meta.json").is_file());
 }
+
+/// Plays a live mount using `volume`: a claim record held under flock by this test
+/// process, exactly as a daemon holds its own. Dropping it ends the "mount".
+struct FakeUser {
+    _file: fs::File,
+}
+
+impl FakeUser {
+    fn new(s: &State, volume: &str, pid: u32, mountpoint: &str) -> FakeUser {
+        use std::os::fd::AsRawFd;
+        let dir = s.dir.join("volumes").join(volume).join("mounts");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(pid.to_string());
+        let record = format!(
+            r#"{{"pid":{pid},"mountpoint":"{mountpoint}","target":"/data","read_only":false}}"#
+        );
+        fs::write(&path, record).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        // SAFETY: flock on an fd we own.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        FakeUser { _file: file }
+    }
+}
+
+#[test]
+fn volumes_in_use_are_kept_unless_forced_and_dead_users_are_swept() {
+    let s = State::new();
+    s.ok(&["create", "busy"]);
+    s.ok(&["create", "idle"]);
+    let user = FakeUser::new(&s, "busy", 4242, "/containers/c1/merged");
+    s.fails(
+        &["rm", "busy"],
+        &[
+            "busy",
+            "in use",
+            "pid 4242 at /containers/c1/merged",
+            "--force",
+        ],
+    );
+    let out = s.ok(&["prune"]);
+    assert!(
+        out.contains("Deleted: idle") && !out.contains("busy"),
+        "{out}"
+    );
+    let info = json(&s.ok(&["inspect", "busy"]));
+    assert_eq!(info["mounts"][0]["pid"], 4242);
+    assert_eq!(info["mounts"][0]["mountpoint"], "/containers/c1/merged");
+    assert!(s.ok(&["ls"]).lines().nth(1).unwrap().contains("  1  "));
+
+    // The holder is gone (its lock with it): its record no longer counts and is removed.
+    drop(user);
+    let info = json(&s.ok(&["inspect", "busy"]));
+    assert_eq!(info["mounts"], Value::Array(vec![]));
+    assert!(!s.dir.join("volumes/busy/mounts/4242").exists());
+
+    let _again = FakeUser::new(&s, "busy", 4243, "/m");
+    assert_eq!(s.ok(&["rm", "--force", "busy"]), "busy\n");
+    assert!(!s.dir.join("volumes/busy").exists());
+}

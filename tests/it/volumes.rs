@@ -357,16 +357,15 @@ fn empty_volume_is_filled_from_the_image_unless_nocopy() {
     assert_eq!(fs::read_to_string(m2.join("x/conf")).unwrap(), "from image");
 }
 
-#[test]
-fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
-    if !fixture::require_fuse() {
-        return;
-    }
-    let s = Scene::new(LayerSpec::new());
-    let a = s.mount("a", "volume=shared:/data");
-    let b = s.mount("b", "volume=shared:/srv/data");
+/// Two mounts and the host use `volume`; every change is seen at once by the others.
+fn share_without_stale_caches(s: &Scene, volume: &str) {
+    let a = s.mount(&format!("{volume}-a"), &format!("volume={volume}:/data"));
+    let b = s.mount(
+        &format!("{volume}-b"),
+        &format!("volume={volume}:/srv/data"),
+    );
     let (fa, fb) = (a.join("data/f"), b.join("srv/data/f"));
-    let host = s.data("shared").join("f");
+    let host = s.data(volume).join("f");
 
     fs::write(&fa, "first").unwrap();
     assert_eq!(fs::read_to_string(&fb).unwrap(), "first");
@@ -393,7 +392,7 @@ fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
     fs::write(&host, "host").unwrap();
     assert_eq!(fs::read_to_string(&fa).unwrap(), "host");
     assert_eq!(fs::metadata(&fb).unwrap().len(), 4);
-    fs::write(s.data("shared").join("new"), "n").unwrap();
+    fs::write(s.data(volume).join("new"), "n").unwrap();
     assert_eq!(files_in(&a.join("data")), ["f", "new"]);
     fs::remove_file(b.join("srv/data/new")).unwrap();
     assert_errno(
@@ -402,7 +401,7 @@ fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
         ENOENT,
     );
 
-    let (ok, out, err) = s.cli(&["volume", "inspect", "shared"]);
+    let (ok, out, err) = s.cli(&["volume", "inspect", volume]);
     assert!(ok, "{err}");
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     let pids: Vec<u64> = info["mounts"]
@@ -413,12 +412,26 @@ fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
         .collect();
     assert_eq!(pids.len(), 2, "{out}");
     assert!(pids.contains(&u64::from(a.pid())) && pids.contains(&u64::from(b.pid())));
-    // In use: rm is refused, naming the users; --force is not needed for the test.
-    let (ok, _, err) = s.cli(&["volume", "rm", "shared"]);
+    // In use: rm is refused, naming the users.
+    let (ok, _, err) = s.cli(&["volume", "rm", volume]);
     assert!(
         !ok && err.contains("in use") && err.contains(&a.pid().to_string()),
         "{err}"
     );
+}
+
+#[test]
+fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    // Unlimited: files may use passthrough. Size-limited: every write goes through the
+    // daemon (served I/O), which must not leave a stale page cache either.
+    let (ok, _, err) = s.cli(&["volume", "create", "limited", "--size", "1G"]);
+    assert!(ok, "{err}");
+    share_without_stale_caches(&s, "limited");
+    share_without_stale_caches(&s, "shared");
 }
 
 #[test]
