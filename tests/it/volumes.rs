@@ -527,6 +527,32 @@ fn size_limit_gives_enospc_and_usage_survives_remounts_and_host_changes() {
     assert_eq!(info["size_limit"].as_u64(), Some(64 << 10), "{out}");
 }
 
+#[test]
+fn mounts_sharing_a_size_limited_volume_share_its_budget() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    let (ok, _, err) = s.cli(&["volume", "create", "budget", "--size", "64K"]);
+    assert!(ok, "{err}");
+    // Both mounted (and their counts taken) before either writes.
+    let a = s.mount("a", "volume=budget:/data");
+    let b = s.mount("b", "volume=budget:/data");
+    write_at_end(&a.join("data/from-a"), 40 << 10).unwrap();
+    assert_errno(
+        "the other mount's write past the shared limit",
+        write_at_end(&b.join("data/from-b"), 40 << 10),
+        ENOSPC,
+    );
+    write_at_end(&b.join("data/from-b"), 20 << 10).unwrap();
+    fs::remove_file(a.join("data/from-a")).unwrap();
+    write_at_end(&b.join("data/from-b"), 40 << 10).unwrap();
+    assert_eq!(
+        fs::metadata(s.data("budget").join("from-b")).unwrap().len(),
+        60 << 10
+    );
+}
+
 /// `mount --bind` of a path inside the stratafs mount, undone on drop.
 struct BindMount(PathBuf);
 
