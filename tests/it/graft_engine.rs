@@ -161,3 +161,44 @@ fn mount_time_refusals_name_the_graft() {
     ]);
     assert!(e.contains("twice"), "{e}");
 }
+
+fn names(u: &Union, dir: Ino) -> Vec<String> {
+    let fh = u.opendir(dir).unwrap();
+    let mut v: Vec<String> = u
+        .readdir(fh, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string_lossy().into_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    u.releasedir(fh);
+    v.sort();
+    v
+}
+
+#[test]
+fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
+    let s = Scene::new();
+    let mut c = s.config(vec![graft(
+        GraftSource::Volume("v".into()),
+        "/new/deep/v",
+        false,
+    )]);
+    c.upperdir = None;
+    c.workdir = None;
+    let u = Union::new(&c).unwrap();
+    assert_eq!(names(&u, ROOT_INO), ["etc", "new"]);
+    let deep = walk(&u, "new/deep").unwrap();
+    assert_eq!(names(&u, deep), ["v"]);
+    let v = walk(&u, "new/deep/v").unwrap();
+    assert_eq!(u.getattr(v).unwrap().mode & libc::S_IFMT, libc::S_IFDIR);
+    fs::write(s.p("state/volumes/v/_data/from-host"), "h").unwrap();
+    // A name that looks like a whiteout is an ordinary file inside a volume.
+    fs::write(s.p("state/volumes/v/_data/.wh.plain"), "w").unwrap();
+    assert_eq!(names(&u, v), [".wh.plain", "from-host"]);
+    assert!(u.lookup(v, os(".wh.plain")).is_ok());
+    assert_eq!(
+        u.create(Caller::ROOT, v, os("f"), 0o644, 0).err(),
+        Some(Errno::ROFS)
+    );
+}
