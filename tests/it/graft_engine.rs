@@ -202,3 +202,44 @@ fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
         Some(Errno::ROFS)
     );
 }
+
+#[test]
+fn scaffolds_left_by_dead_daemons_are_swept_and_live_ones_kept() {
+    use std::os::fd::AsRawFd;
+    let s = Scene::new();
+    let tmp = std::env::temp_dir();
+    let make = |tag: &str| {
+        let d = tempfile::Builder::new()
+            .prefix(&format!("stratafs-grafts-{tag}-"))
+            .tempdir_in(&tmp)
+            .unwrap()
+            .keep();
+        fs::create_dir_all(d.join("a/b")).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::open(&d).unwrap().set_modified(old).unwrap();
+        d
+    };
+    let dead = make("dead");
+    let live = make("live");
+    let with_file = make("file");
+    fs::write(with_file.join("a/keep"), "not ours to delete").unwrap();
+    fs::File::open(&with_file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    let holder = fs::File::open(&live).unwrap();
+    // SAFETY: flock on an fd we own.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+
+    let u = Union::new(&s.config(vec![graft(GraftSource::Volume("v".into()), "/v", false)]));
+    assert!(u.is_ok());
+    assert!(!dead.exists(), "stale scaffold left behind");
+    assert!(live.join("a/b").is_dir(), "a live scaffold was touched");
+    assert!(
+        with_file.join("a/keep").is_file(),
+        "a non-empty directory was touched"
+    );
+    drop(holder);
+    fs::remove_dir_all(&live).unwrap();
+    fs::remove_dir_all(&with_file).unwrap();
+}

@@ -22,11 +22,11 @@
 mod fill;
 mod ops;
 mod quota;
+mod scaffold;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ pub(crate) struct Grafts {
     points: HashMap<Ino, Vec<(OsString, usize)>>,
     /// (directory, name) of every ancestor of a graft point.
     anchors: HashMap<Ino, Vec<OsString>>,
-    _scaffold: Option<tempfile::TempDir>,
+    _scaffold: Option<scaffold::Scaffold>,
     _claims: Vec<Claim>,
 }
 
@@ -94,7 +94,7 @@ impl Grafts {
 pub(crate) struct Prepared {
     pub scaffold: Option<Layer>,
     pub layers: Vec<Layer>,
-    scaffold_dir: Option<tempfile::TempDir>,
+    scaffold_dir: Option<scaffold::Scaffold>,
     claims: Vec<Claim>,
     /// Per graft: the volume (named volumes only) and its held lock.
     volumes: Vec<Option<(Volume, std::fs::File)>>,
@@ -184,21 +184,9 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
         prepared.layers.push(layer);
         prepared.volumes.push(volume);
     }
-    let dir = tempfile::Builder::new()
-        .prefix("stratafs-grafts-")
-        .tempdir()
-        .map_err(|e| format!("graft scaffold: {e}"))?;
-    for spec in &config.grafts {
-        let rel = spec.target.strip_prefix("/").unwrap_or(&spec.target);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir.path().join(rel))
-            .map_err(|e| format!("graft scaffold for {}: {e}", spec.target.display()))?;
-    }
-    prepared.scaffold =
-        Some(Layer::open(dir.path(), false).map_err(|e| format!("graft scaffold: {e}"))?);
-    prepared.scaffold_dir = Some(dir);
+    let (layer, guard) = scaffold::Scaffold::build(config)?;
+    prepared.scaffold = Some(layer);
+    prepared.scaffold_dir = Some(guard);
     Ok(prepared)
 }
 
