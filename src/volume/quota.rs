@@ -31,10 +31,12 @@ use crate::sys::{self, Errno, SysResult};
 /// Name of the ledger file in a volume's directory.
 pub const LEDGER: &str = "usage";
 
-/// A write that does not fit triggers a rescan only when at least this many times
-/// the last scan's duration has passed since it: a writer retrying after ENOSPC then
-/// spends at most a tenth of its time walking the volume, however large it is, while
-/// a small volume is recounted at once.
+/// A write that does not fit triggers a rescan, so that space freed behind the
+/// ledger's back (by the host) is found. A scan shorter than `CHEAP_SCAN` is always
+/// redone; a longer one only once `RESCAN_SPACING` times its duration has passed, so
+/// that a writer retrying after ENOSPC on a huge volume spends at most a tenth of its
+/// time walking it.
+const CHEAP_SCAN: Duration = Duration::from_millis(20);
 const RESCAN_SPACING: u32 = 10;
 
 /// Apparent bytes used under `root` (see the module notes), symlinks not followed.
@@ -167,7 +169,7 @@ impl Quota {
         let due = self
             .last_rescan
             .lock()
-            .is_none_or(|(at, took)| at.elapsed() >= took * RESCAN_SPACING);
+            .is_none_or(|(at, took)| took < CHEAP_SCAN || at.elapsed() >= took * RESCAN_SPACING);
         if due {
             let start = Instant::now();
             self.update(|_| {

@@ -101,3 +101,46 @@ fn remove_empty_tree(path: &Path) {
     }
     let _ = fs::remove_dir(path);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn old_scaffold(tmp: &Path, tag: &str) -> std::path::PathBuf {
+        let d = tmp.join(format!("{PREFIX}{tag}"));
+        fs::create_dir_all(d.join("a/b")).expect("mkdir");
+        File::open(&d)
+            .and_then(|f| f.set_modified(UNIX_EPOCH))
+            .expect("set mtime");
+        d
+    }
+
+    #[test]
+    fn sweeps_dead_scaffolds_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dead = old_scaffold(tmp.path(), "dead");
+        let live = old_scaffold(tmp.path(), "live");
+        let holder = File::open(&live).expect("open");
+        sys::lock::lock_exclusive(&holder).expect("lock");
+        let full = old_scaffold(tmp.path(), "full");
+        fs::write(full.join("a/keep"), "x").expect("write");
+        let young = tmp.path().join(format!("{PREFIX}young"));
+        fs::create_dir(&young).expect("mkdir");
+        let stranger = tmp.path().join("other");
+        fs::create_dir(&stranger).expect("mkdir");
+        File::open(&stranger)
+            .and_then(|f| f.set_modified(UNIX_EPOCH))
+            .expect("set mtime");
+
+        sweep_stale(tmp.path());
+        assert!(!dead.exists(), "a dead daemon's scaffold stayed");
+        assert!(live.join("a/b").is_dir(), "a live scaffold was touched");
+        assert!(
+            full.join("a/keep").is_file(),
+            "a non-empty tree was touched"
+        );
+        assert!(young.is_dir(), "a scaffold being set up was removed");
+        assert!(stranger.is_dir(), "a foreign directory was removed");
+    }
+}
