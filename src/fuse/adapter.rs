@@ -168,43 +168,43 @@ impl StrataFs {
         handle: &union::OpenFile,
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
     ) -> IoChoice {
-        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        // A file of a size-limited volume counts as not passthrough-able: every write
+        // to it must be seen (and charged) by the daemon.
+        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
+            && !self.engine.io_needs_daemon(handle.ino);
         let mut io = self.io.lock();
         let state = io.entry(handle.ino).or_default();
-        let choice = if !regular
-            || !self.passthrough.load(Ordering::Relaxed)
-            || state.served_opens > 0
-            || self.engine.io_needs_daemon(handle.ino)
-        {
-            IoChoice::Served
-        } else if let Some(b) = &state.backing {
-            if state.backing_upper || !handle.in_upper {
-                IoChoice::Passthrough(b.clone())
+        let choice =
+            if !regular || !self.passthrough.load(Ordering::Relaxed) || state.served_opens > 0 {
+                IoChoice::Served
+            } else if let Some(b) = &state.backing {
+                if state.backing_upper || !handle.in_upper {
+                    IoChoice::Passthrough(b.clone())
+                } else {
+                    IoChoice::Busy
+                }
             } else {
-                IoChoice::Busy
-            }
-        } else {
-            // Upper files get a read-write backing file so that every later open,
-            // reader or writer, can share it.
-            let rdwr = if handle.in_upper {
-                self.engine.open_upper_rdwr(handle.ino).ok()
-            } else {
-                None
+                // Upper files get a read-write backing file so that every later open,
+                // reader or writer, can share it.
+                let rdwr = if handle.in_upper {
+                    self.engine.open_upper_rdwr(handle.ino).ok()
+                } else {
+                    None
+                };
+                match open_backing(rdwr.as_ref().unwrap_or(&handle.file)) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        state.backing = Some(id.clone());
+                        state.backing_upper = handle.in_upper;
+                        IoChoice::Passthrough(id)
+                    }
+                    Err(e) => {
+                        log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        IoChoice::Served
+                    }
+                }
             };
-            match open_backing(rdwr.as_ref().unwrap_or(&handle.file)) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    state.backing = Some(id.clone());
-                    state.backing_upper = handle.in_upper;
-                    IoChoice::Passthrough(id)
-                }
-                Err(e) => {
-                    log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
-                    self.passthrough.store(false, Ordering::Relaxed);
-                    IoChoice::Served
-                }
-            }
-        };
         match choice {
             IoChoice::Passthrough(_) => state.passthrough_opens += 1,
             IoChoice::Served => state.served_opens += 1,
