@@ -624,3 +624,91 @@ fn bad_volume_names_are_refused_before_mounting() {
     assert!(err.contains("volume"), "{err}");
     assert!(!s.state.join("volumes").exists() || files_in(&s.state.join("volumes")).is_empty());
 }
+
+/// A daemon-mode mount made with `stratafs mount ...`; unmounted (and its daemon
+/// waited for, killed by PID only if it lingers) on drop.
+struct SubcommandMount {
+    mountpoint: PathBuf,
+}
+
+impl Drop for SubcommandMount {
+    fn drop(&mut self) {
+        if mount_at(&self.mountpoint).is_some() {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        let deadline = std::time::Instant::now() + fixture::EXIT_TIMEOUT;
+        while !fixture::stratafs_pids_for(&self.mountpoint).is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for pid in fixture::stratafs_pids_for(&self.mountpoint) {
+            // SAFETY: the daemon serving our own unique mountpoint, started by this test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if mount_at(&self.mountpoint).is_some() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn subcommand_form_grafts_volumes_and_binds_in_daemon_mode() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new().file("etc/os", "image"));
+    let (u, w, m) = s.container("sub");
+    let host = s.l.root.join("host");
+    fs::create_dir(&host).unwrap();
+    let out = Command::new(stratafs_bin())
+        .arg("--state-dir")
+        .arg(&s.state)
+        .arg("mount")
+        .args(["--lower", &s.l.lowerdir()])
+        .arg("--upper")
+        .arg(&u)
+        .arg("--work")
+        .arg(&w)
+        .args(["--volume", "appdata:/var/app"])
+        .arg("--bind")
+        .arg(format!("{}:/mnt/host:ro", host.display()))
+        .arg(&m)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _guard = SubcommandMount {
+        mountpoint: m.clone(),
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(m.join("var/app/state"), "kept").unwrap();
+    assert_eq!(
+        fs::read_to_string(s.data("appdata").join("state")).unwrap(),
+        "kept"
+    );
+    assert_errno(
+        "write to a :ro bind",
+        res(fs::write(m.join("mnt/host/x"), "x")),
+        EROFS,
+    );
+    // The claim is the daemon's (the forked child), not the launcher's.
+    let (ok, info, err) = s.cli(&["volume", "inspect", "appdata"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let daemons = fixture::stratafs_pids_for(&m);
+    assert_eq!(daemons.len(), 1);
+    assert_eq!(
+        info["mounts"][0]["pid"].as_i64(),
+        Some(i64::from(daemons[0]))
+    );
+}
