@@ -35,6 +35,8 @@ pub enum Command {
         mountpoint: PathBuf,
     },
     Demo,
+    /// `stratafs volume ...`.
+    Volume(crate::volume::cli::VolumeArgs),
     /// `--help` / `--version` text for stdout; exit status 0.
     Print(String),
 }
@@ -91,6 +93,7 @@ Usage:
                  [--volume NAME:/PATH[:ro][:nocopy]...] [--bind DIR:/PATH[:ro]...]
                  [--state-dir DIR] [-o OPTIONS...] [-f] [-d] MOUNTPOINT
   stratafs umount MOUNTPOINT
+  stratafs volume create|ls|inspect|rm|prune ...   (stratafs volume --help)
   stratafs demo
   stratafs -h | --help
   stratafs -V | --version
@@ -166,10 +169,13 @@ Environment:
 
 /// Parses `args` (including the program name at index 0, as from `std::env::args_os`).
 pub fn parse_args(args: Vec<OsString>) -> Result<Command, CliError> {
-    let rest: Vec<OsString> = args.into_iter().skip(1).collect();
+    let rest = hoist_state_dir(args.into_iter().skip(1).collect());
     // Help and version win over any other problem on the line, as users expect.
     for a in rest.iter().take_while(|a| *a != "--") {
         if a == "-h" || a == "--help" {
+            if rest.first().is_some_and(|c| c == "volume") {
+                return Ok(Command::Print(crate::volume::cli::USAGE.to_string()));
+            }
             return Ok(Command::Print(help_text()));
         }
         if a == "-V" || a == "--version" {
@@ -196,11 +202,27 @@ pub fn parse_args(args: Vec<OsString>) -> Result<Command, CliError> {
             }
             Ok(Command::Demo)
         }
-        Some("volume") => Err(CliError::Usage(
-            "the 'volume' subcommand is not available in this version".to_string(),
-        )),
+        Some("volume") => crate::volume::cli::parse(&rest[1..]).map(Command::Volume),
         _ => legacy_form(&rest),
     }
+}
+
+/// `--state-dir DIR` is global: given before a subcommand (`stratafs --state-dir D
+/// volume ls`), it is moved behind it, where the subcommand's parser takes it.
+fn hoist_state_dir(mut rest: Vec<OsString>) -> Vec<OsString> {
+    let width = match rest.first().and_then(|a| a.to_str()) {
+        Some("--state-dir") => 2,
+        Some(a) if a.starts_with("--state-dir=") => 1,
+        _ => return rest,
+    };
+    let is_sub = rest
+        .get(width)
+        .is_some_and(|a| a == "volume" || a == "mount");
+    if is_sub {
+        let flag: Vec<OsString> = rest.drain(..width).collect();
+        rest.extend(flag);
+    }
+    rest
 }
 
 fn base_command(name: &'static str) -> clap::Command {
@@ -883,7 +905,13 @@ mod tests {
         assert_eq!(run(&["demo"]).ok(), Some(Command::Demo));
         assert_eq!(fail(&["umount"]).exit_code(), 2);
         assert_eq!(fail(&["demo", "x"]).exit_code(), 2);
-        assert_eq!(fail(&["volume", "ls"]).exit_code(), 2);
+        assert!(matches!(
+            run(&["--state-dir", "/s", "volume", "ls"]),
+            Ok(Command::Volume(v)) if v.state_dir.as_deref() == Some(Path::new("/s"))
+        ));
+        assert_eq!(fail(&["volume"]).exit_code(), 2);
+        assert_eq!(fail(&["volume", "frobnicate"]).exit_code(), 2);
+        assert_eq!(fail(&["volume", "create", "a/b"]).exit_code(), 1);
         // Not the first word: a mountpoint called "mount" in the fuse-overlayfs form.
         let e = fail(&["-o", "lowerdir=/nonexistent-stratafs", "mount"]);
         assert!(e.to_string().starts_with("lowerdir"), "{e}");

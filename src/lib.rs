@@ -12,6 +12,7 @@ pub mod layer;
 pub mod options;
 pub mod sys;
 pub mod union;
+pub mod volume;
 
 pub use config::MountConfig;
 pub use union::Union;

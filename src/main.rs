@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             stratafs::fuse::run(&config, foreground || debug)
         }
         Ok(Command::Umount { mountpoint }) => stratafs::fuse::unmount(&mountpoint),
+        Ok(Command::Volume(args)) => stratafs::volume::cli::run(&args),
         Ok(Command::Demo) => {
             init_logging(false);
             demo::run()

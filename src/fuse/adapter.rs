@@ -168,7 +168,10 @@ impl StrataFs {
         handle: &union::OpenFile,
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
     ) -> IoChoice {
-        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        // A file of a size-limited volume counts as not passthrough-able: every write
+        // to it must be seen (and charged) by the daemon.
+        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
+            && !self.engine.io_needs_daemon(handle.ino);
         let mut io = self.io.lock();
         let state = io.entry(handle.ino).or_default();
         let choice =
@@ -236,9 +239,14 @@ impl StrataFs {
         }
     }
 
-    fn open_flags(&self) -> FopenFlags {
-        // All changes to file data pass through this kernel mount, so its page cache
-        // stays valid across opens.
+    fn open_flags(&self, ino: u64) -> FopenFlags {
+        if self.engine.is_grafted(ino) {
+            // Volumes change behind this mount (other mounts, the host): no page
+            // cache that could go stale.
+            return FopenFlags::FOPEN_DIRECT_IO;
+        }
+        // All changes to layer file data pass through this kernel mount, so its page
+        // cache stays valid across opens.
         FopenFlags::FOPEN_KEEP_CACHE
     }
 }
@@ -252,6 +260,8 @@ impl Filesystem for StrataFs {
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_MAX_PAGES,
+            // Shared mmap of volume files, which are opened with direct I/O.
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -285,7 +295,7 @@ impl Filesystem for StrataFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.engine.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.engine.options().ttl, &file_attr(&a)),
+            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
@@ -317,7 +327,7 @@ impl Filesystem for StrataFs {
             mtime: mtime.map(engine_time),
         };
         match self.engine.setattr(ino.0, &set, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.engine.options().ttl, &file_attr(&a)),
+            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
@@ -445,7 +455,7 @@ impl Filesystem for StrataFs {
             IoChoice::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags()),
+            IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags(ino.0)),
             IoChoice::Busy => {
                 self.engine.release(fh);
                 log::info!(
@@ -487,7 +497,7 @@ impl Filesystem for StrataFs {
                 &attr,
                 Generation(0),
                 FileHandle(fh),
-                self.open_flags(),
+                self.open_flags(entry.attr.ino),
             ),
         }
     }
@@ -569,9 +579,13 @@ impl Filesystem for StrataFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.engine.opendir(ino.0) {
-            // Every change to a directory's listing arrives as a request on it, which
-            // makes the kernel drop its cached copy: the listing may be cached and
-            // kept across opens.
+            // Every change to a layered directory's listing arrives as a request on
+            // it, which makes the kernel drop its cached copy: the listing may be
+            // cached and kept across opens. Grafted directories change behind the
+            // kernel's back (the host, other mounts) and are listed afresh.
+            Ok(fh) if self.engine.is_grafted(ino.0) => {
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Ok(fh) => reply.opened(
                 FileHandle(fh),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
@@ -612,18 +626,19 @@ impl Filesystem for StrataFs {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdirplus", e)),
         };
-        let ttl = self.engine.options().ttl;
         for e in entries.iter().skip(offset as usize) {
             // `.` and `..` carry no lookup reference (the kernel does not count them).
             let looked_up = if e.name == "." || e.name == ".." {
                 self.engine
                     .getattr(if e.name == "." { ino.0 } else { e.ino })
                     .or_else(|_| self.engine.getattr(ino.0))
-                    .map(|a| (a, false))
+                    .map(|a| (a, self.engine.attr_ttl(a.ino), false))
             } else {
-                self.engine.lookup(ino.0, &e.name).map(|en| (en.attr, true))
+                self.engine
+                    .lookup(ino.0, &e.name)
+                    .map(|en| (en.attr, en.ttl, true))
             };
-            let (attr, counted) = match looked_up {
+            let (attr, ttl, counted) = match looked_up {
                 Ok(x) => x,
                 // Vanished since the snapshot: leave it out of this batch.
                 Err(_) => continue,
@@ -669,8 +684,8 @@ impl Filesystem for StrataFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.engine.statfs() {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.engine.statfs_at(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),

@@ -10,6 +10,7 @@
 //! - File descriptors are close-on-exec.
 
 pub mod fs;
+pub mod lock;
 pub mod process;
 pub mod xattr;
 

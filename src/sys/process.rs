@@ -119,6 +119,14 @@ pub fn raise_nofile_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)
 }
 
+/// The effective user and group ids of the process.
+pub fn ids() -> (u32, u32) {
+    (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    )
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }

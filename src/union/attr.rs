@@ -46,6 +46,7 @@ impl Union {
         self.copy_up(&inode, data)?;
 
         if let Some(size) = set.size {
+            let _charge = self.quota_charge(ino, |_| size)?;
             if inode.kind != libc::S_IFREG {
                 return Err(if inode.is_dir() {
                     Errno::ISDIR
@@ -64,7 +65,9 @@ impl Union {
         }
 
         if inode.is_dir() {
-            let fd = self.dir_fd(&inode, UPPER)?;
+            // The writable copy: upper, or the graft's directory.
+            let top = inode.state.read().top_layer().unwrap_or(UPPER);
+            let fd = self.dir_fd(&inode, top)?;
             self.owner
                 .change(Target::Fd(fd.as_fd()), set.uid, set.gid, set.mode)?;
             if set.atime.is_some() || set.mtime.is_some() {

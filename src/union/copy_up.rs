@@ -33,6 +33,9 @@ pub(crate) enum CopyData {
 
 impl Union {
     pub(crate) fn is_in_upper(&self, inode: &Inode) -> bool {
+        if let Some(in_place) = self.graft_in_place(inode) {
+            return in_place;
+        }
         self.upper && inode.state.read().top_layer() == Some(UPPER)
     }
 
@@ -52,6 +55,9 @@ impl Union {
     /// Ensures `inode` (and its parents) exist in the upper layer.
     pub(crate) fn copy_up(&self, inode: &Inode, data: CopyData) -> Result<()> {
         self.check_writable()?;
+        if let Some(r) = self.graft_copy_up(inode) {
+            return r;
+        }
         if self.copied_enough(inode, data) {
             return Ok(());
         }
@@ -270,7 +276,7 @@ const DENSE_COPY_MAX: u64 = 64 << 10;
 impl Union {
     /// Copies every data extent of `src` into `dst` and sets its size; holes stay
     /// holes. A reflink is tried until the upper filesystem has refused one.
-    fn copy_data(&self, src: &File, dst: &File, size: u64) -> Result<()> {
+    pub(crate) fn copy_data(&self, src: &File, dst: &File, size: u64) -> Result<()> {
         if size > 0 && self.reflink.load(std::sync::atomic::Ordering::Relaxed) {
             match sys::fs::clone_file(dst, src) {
                 Ok(()) => return Ok(()),

@@ -51,7 +51,7 @@ fn upper_slot(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Slot> {
 
 /// Owner and extra mode bits of a new entry: the caller's, except that a set-group-ID
 /// directory passes on its group (and, to directories, the set-group-ID bit).
-fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32, u32) {
+pub(crate) fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32, u32) {
     if parent.st_mode & libc::S_ISGID != 0 {
         (
             caller.uid,
@@ -61,6 +61,22 @@ fn new_owner(caller: Caller, parent: &sys::fs::Stat, is_dir: bool) -> (u32, u32,
     } else {
         (caller.uid, caller.gid, 0)
     }
+}
+
+/// Gives a freshly made entry its owner, then its mode (chown clears set-ID bits,
+/// so the mode goes second).
+pub(crate) fn set_owner_and_mode(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    uid: u32,
+    gid: u32,
+    mode: Option<u32>,
+) -> Result<()> {
+    sys::fs::chown_at(dir, name, Some(uid), Some(gid))?;
+    if let Some(mode) = mode {
+        sys::fs::chmod_at(dir, name, mode)?;
+    }
+    Ok(())
 }
 
 impl Union {
@@ -169,6 +185,9 @@ impl Union {
         mode: u32,
         flags: i32,
     ) -> Result<(Entry, u64, Arc<OpenFile>)> {
+        if let Some(r) = self.graft_create(caller, parent, name, mode) {
+            return r;
+        }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
@@ -191,6 +210,9 @@ impl Union {
     }
 
     pub fn mkdir(&self, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Entry> {
+        if let Some(r) = self.graft_mkdir(caller, parent, name, mode) {
+            return r;
+        }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, extra) = new_owner(caller, &self.parent_upper_stat(&p)?, true);
@@ -211,6 +233,9 @@ impl Union {
         mode: u32,
         rdev: u64,
     ) -> Result<Entry> {
+        if let Some(r) = self.graft_mknod(caller, parent, name, mode, rdev) {
+            return r;
+        }
         let kind = mode & libc::S_IFMT;
         // A char device 0/0 is a whiteout in the overlay format: creating one would
         // make the name vanish. Kernel overlayfs refuses it the same way.
@@ -254,6 +279,9 @@ impl Union {
         name: &OsStr,
         target: &OsStr,
     ) -> Result<Entry> {
+        if let Some(r) = self.graft_symlink(caller, parent, name, target) {
+            return r;
+        }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
@@ -268,6 +296,9 @@ impl Union {
     /// Makes `newname` in `newparent` another name of `ino` (copied up first, so that
     /// both names share the upper file).
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Entry> {
+        if let Some(r) = self.graft_link(ino, newparent, newname) {
+            return r;
+        }
         let inode = self.inode(ino)?;
         if inode.is_dir() {
             return Err(Errno::PERM);
@@ -299,6 +330,9 @@ impl Union {
     }
 
     fn remove(&self, parent: Ino, name: &OsStr, dir: bool) -> Result<()> {
+        if let Some(r) = self.graft_remove(parent, name, dir) {
+            return r;
+        }
         self.check_writable()?;
         check_name(name)?;
         let p = self.inode(parent)?;
@@ -419,6 +453,9 @@ impl Union {
         newname: &OsStr,
         mode: RenameMode,
     ) -> Result<()> {
+        if let Some(r) = self.graft_rename(parent, name, newparent, newname, mode) {
+            return r;
+        }
         self.check_writable()?;
         check_name(name)?;
         check_name(newname)?;
@@ -636,7 +673,7 @@ impl Union {
 
 /// An O_PATH handle on an upper entry about to lose its name, so that getattr of the
 /// inode still works (and reports nlink 0) while the kernel holds it. Best effort.
-fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd>> {
+pub(crate) fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd>> {
     sys::fs::open_at(dir, name, OFlags::PATH, 0)
         .ok()
         .map(|f| Arc::new(OwnedFd::from(f)))
@@ -644,7 +681,12 @@ fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd>> {
 
 /// Records an entry's new place; a directory moved by redirect also keeps where its
 /// lower content is.
-fn set_name(inode: &Inode, parent: Ino, name: &OsStr, redirect: Option<std::ffi::OsString>) {
+pub(crate) fn set_name(
+    inode: &Inode,
+    parent: Ino,
+    name: &OsStr,
+    redirect: Option<std::ffi::OsString>,
+) {
     let mut st = inode.state.write();
     st.parent = parent;
     st.name = name.to_os_string();

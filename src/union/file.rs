@@ -52,6 +52,11 @@ impl Union {
             self.copy_up(&inode, data)?;
         }
         let (pfd, name) = self.data_loc(&inode)?;
+        let _charge = if flags & libc::O_TRUNC != 0 {
+            self.quota_charge(ino, |_| 0)?
+        } else {
+            None
+        };
         let mut oflags = real_open_flags(flags);
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
@@ -126,6 +131,8 @@ impl Union {
         if !handle.writable {
             return Err(Errno::BADF);
         }
+        let end = offset.saturating_add(data.len() as u64);
+        let _charge = self.quota_charge(handle.ino, |old| old.max(end))?;
         let mut done = 0;
         while done < data.len() {
             match sys::fs::pwrite(&handle.file, &data[done..], offset + done as u64) {
@@ -160,6 +167,7 @@ impl Union {
         if !handle.writable {
             return Err(Errno::BADF);
         }
+        let _charge = self.quota_fallocate(handle.ino, offset, length, mode)?;
         sys::fs::fallocate(&handle.file, mode, offset, length)
     }
 
@@ -182,7 +190,12 @@ impl Union {
             return Err(Errno::BADF);
         }
         let len = len.min(1 << 30) as usize;
-        match sys::fs::copy_file_range(&src.file, off_in, &dst.file, off_out, len) {
+        let copied = {
+            let end = off_out.saturating_add(len as u64);
+            let _charge = self.quota_charge(dst.ino, |old| old.max(end))?;
+            sys::fs::copy_file_range(&src.file, off_in, &dst.file, off_out, len)
+        };
+        match copied {
             // Layers on different filesystems: copy through the daemon.
             Err(Errno::XDEV) => {
                 let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;

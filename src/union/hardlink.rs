@@ -98,7 +98,7 @@ impl Union {
         data: CopyData,
     ) -> Result<()> {
         let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
-        let key = index_key(self.layers.len() - 1 - src_layer, src_ino);
+        let key = index_key(self.bottom_layer() - src_layer, src_ino);
         match sys::fs::stat_at(index.as_fd(), &key) {
             Ok(_) => {}
             Err(Errno::NOENT) => {

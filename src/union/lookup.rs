@@ -135,7 +135,7 @@ impl Union {
     /// Resolves `name` in the merged directory `parent`; `None` when it does not exist.
     pub(crate) fn resolve(&self, parent: &Inode, name: &OsStr) -> Result<Option<Found>> {
         let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
-        let bottom = self.layers.len() - 1;
+        let bottom = self.bottom_layer();
         let mut found: Option<Found> = None;
         for (pos, &idx) in refs.iter().enumerate() {
             let pfd = self.dir_fd(parent, idx)?;
@@ -221,7 +221,7 @@ impl Union {
 
     /// Merges into `found` the directories at `path` in the layers below `top`.
     fn follow_redirect(&self, found: &mut Found, top: LayerIdx, path: &OsStr) -> Result<()> {
-        let bottom = self.layers.len() - 1;
+        let bottom = self.bottom_layer();
         for idx in top + 1..=bottom {
             let fd = match redirect::walk(self.layer(idx)?.root_fd(), path)? {
                 redirect::Walk::Dir(fd) => fd,
@@ -261,6 +261,9 @@ impl Union {
     /// Looks `name` up in `parent` and takes a kernel reference on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Entry> {
         check_name(name)?;
+        if let Some(r) = self.graft_lookup(parent, name) {
+            return r;
+        }
         if whiteout::is_reserved_name(name) {
             return Err(Errno::NOENT);
         }

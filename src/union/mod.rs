@@ -6,6 +6,7 @@ mod attr;
 mod copy_up;
 mod dir_ops;
 mod file;
+mod graft;
 mod hardlink;
 pub mod inode;
 mod lookup;
@@ -32,6 +33,7 @@ use crate::sys;
 pub use crate::sys::Errno;
 use crate::sys::xattr::Target;
 pub use file::OpenFile;
+pub use graft::GRAFT_TTL;
 pub use inode::{Ino, ROOT_INO};
 use inode::{InodeState, InodeTable, LayerRef};
 pub use readdir::DirEntry;
@@ -184,6 +186,7 @@ pub struct Union {
     /// becoming merged on copy-up changes its st_nlink), so that the kernel's cached
     /// copy can be dropped.
     stale_attr_hook: std::sync::OnceLock<StaleAttrHook>,
+    grafts: graft::Grafts,
 }
 
 pub(crate) const UPPER: LayerIdx = 0;
@@ -208,6 +211,10 @@ impl Union {
         if layers.is_empty() {
             return Err("no layers given".into());
         }
+        let mut prepared = graft::prepare(config)?;
+        layers.extend(prepared.scaffold.take());
+        let graft_base = layers.len();
+        layers.append(&mut prepared.layers);
         assign_ino_bits(&mut layers);
         let upper = config.upperdir.is_some();
         let workdir = match (&config.upperdir, &config.workdir) {
@@ -237,7 +244,7 @@ impl Union {
             metacopy: config.metacopy,
         };
         let owner = owner::OwnerPolicy::new(config, &layers);
-        let union = Union {
+        let mut union = Union {
             layers,
             upper,
             work,
@@ -256,22 +263,26 @@ impl Union {
             opts,
             owner,
             stale_attr_hook: std::sync::OnceLock::new(),
+            grafts: graft::Grafts::new(graft_base),
         };
         union
             .insert_root()
             .map_err(|e| format!("layer roots: {e}"))?;
+        union.install_grafts(config, prepared)?;
         Ok(union)
     }
 
     fn insert_root(&self) -> Result<()> {
         let mut refs = Vec::new();
-        for (idx, layer) in self.layers.iter().enumerate() {
+        // Graft layers are not part of the merged tree; they hang off graft points.
+        let union_layers = &self.layers[..self.grafts.base];
+        for (idx, layer) in union_layers.iter().enumerate() {
             refs.push(LayerRef {
                 layer: idx,
                 fd: Some(layer.root.clone()),
             });
             // An opaque lower root hides the layers below it, as for any directory.
-            if idx + 1 < self.layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
+            if idx + 1 < union_layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
                 break;
             }
         }
@@ -345,6 +356,12 @@ impl Union {
 
     fn layer(&self, idx: LayerIdx) -> Result<&Layer> {
         self.layers.get(idx).ok_or(Errno::IO)
+    }
+
+    /// The lowest layer of the merged tree (graft layers come after it and only hang
+    /// off their graft points).
+    fn bottom_layer(&self) -> LayerIdx {
+        self.grafts.base - 1
     }
 
     /// The st_ino a real object of layer `idx` would get.

@@ -96,6 +96,9 @@ impl Union {
     }
 
     fn snapshot(&self, inode: &Inode) -> Result<Vec<DirEntry>> {
+        if let Some(r) = self.graft_snapshot(inode) {
+            return r;
+        }
         let parent = inode.state.read().parent;
         let mut entries = vec![
             DirEntry {
@@ -139,6 +142,7 @@ impl Union {
                 name: m.name,
             });
         }
+        self.graft_fix_listing(inode.ino, &mut entries);
         Ok(entries)
     }
 

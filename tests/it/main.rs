@@ -5,5 +5,8 @@ mod compat;
 mod differential;
 mod engine;
 mod fixture;
+mod graft_engine;
 mod mounted;
 mod posix;
+mod volume_cli;
+mod volumes;

@@ -1,0 +1,88 @@
+//! Filling an empty named volume from the image content it is grafted over, as
+//! docker does: data, owners, modes, xattrs and times are kept.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use rustix::fs::OFlags;
+
+use crate::sys::{self, fs::TimeSpec, xattr::Target};
+use crate::union::{Attr, Ino, Result, Time, Union};
+
+impl Union {
+    /// Fills an empty volume from the merged directory `src` it is grafted over; the
+    /// volume's root takes that directory's owner and mode, as with docker.
+    pub(super) fn populate_root(&self, src: Ino, root: BorrowedFd<'_>) -> Result<()> {
+        self.populate_dir(src, root)?;
+        let attr = self.getattr(src)?;
+        sys::fs::fchown(root, Some(attr.uid), Some(attr.gid))?;
+        sys::fs::chmod_fd(root, attr.mode & 0o7777)
+    }
+
+    /// Copies the merged directory `src` into the (empty) volume directory `dst`:
+    /// data, owners, modes, xattrs and times.
+    fn populate_dir(&self, src: Ino, dst: BorrowedFd<'_>) -> Result<()> {
+        let fh = self.opendir(src)?;
+        let listing = self.readdir(fh, 0);
+        self.releasedir(fh);
+        for e in listing?.iter().filter(|e| e.name != "." && e.name != "..") {
+            let entry = self.lookup(src, &e.name)?;
+            let copied = self.populate_entry(&entry.attr, &e.name, dst);
+            self.forget(entry.attr.ino, 1);
+            copied?;
+        }
+        Ok(())
+    }
+
+    fn populate_entry(&self, attr: &Attr, name: &OsStr, dst: BorrowedFd<'_>) -> Result<()> {
+        let perm = attr.mode & 0o7777;
+        match attr.kind() {
+            libc::S_IFDIR => {
+                sys::fs::mkdir_at(dst, name, 0o700)?;
+                let sub = sys::fs::open_dir(dst, name)?;
+                self.populate_dir(attr.ino, sub.as_fd())?;
+            }
+            libc::S_IFREG => {
+                let inode = self.inode(attr.ino)?;
+                let (pfd, real) = self.data_loc(&inode)?;
+                let from = sys::fs::open_at(pfd.as_fd(), &real, OFlags::RDONLY, 0)?;
+                let to = sys::fs::open_at(
+                    dst,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                    0o600,
+                )?;
+                self.copy_data(&from, &to, attr.size)?;
+            }
+            libc::S_IFLNK => {
+                let target = self.readlink(attr.ino)?;
+                sys::fs::symlink_at(&target, dst, name)?;
+            }
+            kind => sys::fs::mknod_at(dst, name, kind | perm, attr.rdev)?,
+        }
+        sys::fs::chown_at(dst, name, Some(attr.uid), Some(attr.gid))?;
+        if attr.kind() != libc::S_IFLNK {
+            sys::fs::chmod_at(dst, name, perm)?;
+        }
+        if self.opts.xattrs {
+            for x in self.listxattr(attr.ino).unwrap_or_default() {
+                let Ok(value) = self.getxattr(attr.ino, &x) else {
+                    continue;
+                };
+                if let Err(e) = sys::xattr::set(Target::Entry(dst, name), &x, &value, 0) {
+                    log::warn!("filling a volume: xattr {x:?} of {name:?} not copied: {e}");
+                }
+            }
+        }
+        let at = |t: Time| TimeSpec::At {
+            sec: t.sec,
+            nsec: t.nsec,
+        };
+        sys::fs::utimens_at(dst, name, at(attr.atime), at(attr.mtime))
+    }
+}
+
+/// Whether a directory has no entries.
+pub(super) fn is_empty(dir: BorrowedFd<'_>) -> Result<bool> {
+    Ok(sys::fs::read_dir(dir)?.is_empty())
+}

@@ -1,0 +1,531 @@
+//! Grafts: named volumes and host directories attached at paths of the merged view.
+//!
+//! Each graft source is opened as one extra layer after the union's own layers (index
+//! `Grafts::base` and up). An inode under a graft has exactly one `LayerRef`, into its
+//! graft's layer; every operation on it is a plain fd-relative syscall in that
+//! directory — no copy-up, no whiteouts, nothing written to the upper layer.
+//!
+//! Invariants:
+//! - The directories leading to a graft point exist in the merged view: a private
+//!   scaffold directory holding just the target paths is the bottom-most lower layer,
+//!   and a missing ancestor hidden by a whiteout is made in the upper layer at mount.
+//!   Those ancestors are looked up once at mount and their references are never
+//!   dropped, so their inode numbers (the keys of `points` and `anchors`) stay valid.
+//! - A graft point and its ancestors can be neither removed nor moved (EBUSY); nothing
+//!   is renamed or linked across a graft boundary (EXDEV).
+//! - Identity keys of graft entries carry the graft layer in the top bits of the
+//!   device number, so a graft of a directory that is also in a layer never shares an
+//!   inode with the layer's copy.
+//! - Entries and attributes under a graft are cached by the kernel for `GRAFT_TTL`
+//!   (zero): other mounts and the host change volumes behind this daemon's back.
+
+mod fill;
+mod ops;
+mod quota;
+mod scaffold;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::inode::{Inode, InodeState, LayerRef};
+use super::lookup::{Found, check_name};
+use super::readdir::DirEntry;
+use super::{Caller, Entry, Errno, Ino, ROOT_INO, Result, StatFs, Union};
+use crate::config::{GraftSource, MountConfig};
+use crate::layer::{Layer, LayerIdx};
+use crate::sys::{self, fs::Stat};
+use crate::volume::claims::{self, Claim, MountUse};
+use crate::volume::quota::Quota;
+use crate::volume::{Store, Volume};
+
+/// How long the kernel may cache entries and attributes under a graft.
+pub const GRAFT_TTL: Duration = Duration::ZERO;
+
+pub(crate) struct Graft {
+    pub layer: LayerIdx,
+    pub read_only: bool,
+    pub quota: Option<Quota>,
+}
+
+/// The grafts of a mount. Empty (and `base` = number of layers) without any.
+#[derive(Default)]
+pub(crate) struct Grafts {
+    pub base: LayerIdx,
+    pub list: Vec<Graft>,
+    /// Union directory -> names in it that are graft points (and which graft).
+    points: HashMap<Ino, Vec<(OsString, usize)>>,
+    /// (directory, name) of every ancestor of a graft point.
+    anchors: HashMap<Ino, Vec<OsString>>,
+    _scaffold: Option<scaffold::Scaffold>,
+    _claims: Vec<Claim>,
+}
+
+impl Grafts {
+    pub fn new(base: LayerIdx) -> Grafts {
+        Grafts {
+            base,
+            ..Grafts::default()
+        }
+    }
+
+    fn point(&self, parent: Ino, name: &OsStr) -> Option<usize> {
+        self.points
+            .get(&parent)?
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, g)| *g)
+    }
+
+    /// Whether `name` in `parent` is a graft point or leads to one.
+    fn pinned(&self, parent: Ino, name: &OsStr) -> bool {
+        self.point(parent, name).is_some()
+            || self
+                .anchors
+                .get(&parent)
+                .is_some_and(|v| v.iter().any(|n| n == name))
+    }
+}
+
+/// What `prepare` opened before the union exists: the extra layers and the locks
+/// that must be held while the mount runs (claims) or until it is set up (volume locks).
+pub(crate) struct Prepared {
+    pub scaffold: Option<Layer>,
+    pub layers: Vec<Layer>,
+    scaffold_dir: Option<scaffold::Scaffold>,
+    claims: Vec<Claim>,
+    /// Per graft: the volume (named volumes only) and its held lock.
+    volumes: Vec<Option<(Volume, std::fs::File)>>,
+}
+
+fn graft_name(source: &GraftSource) -> String {
+    match source {
+        GraftSource::Volume(n) => format!("volume {n}"),
+        GraftSource::Bind(p) => format!("bind {}", p.display()),
+    }
+}
+
+/// Opens the sources of the grafts of `config`: creates missing named volumes, takes
+/// their claims (failing when an exclusive one is held elsewhere), and builds the
+/// scaffold layer. Nothing is mounted yet, so a failure here leaves no trace.
+pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, String> {
+    let mut prepared = Prepared {
+        scaffold: None,
+        layers: Vec::new(),
+        scaffold_dir: None,
+        claims: Vec::new(),
+        volumes: Vec::new(),
+    };
+    if config.grafts.is_empty() {
+        return Ok(prepared);
+    }
+    for (i, a) in config.grafts.iter().enumerate() {
+        // Checked before any volume lock is taken: locking one volume twice would wait
+        // on ourselves.
+        if config.grafts[..i].iter().any(|b| b.source == a.source) {
+            return Err(format!(
+                "{}: grafted twice in one mount",
+                graft_name(&a.source)
+            ));
+        }
+        for b in &config.grafts {
+            if a.target != b.target && b.target.starts_with(&a.target) {
+                return Err(format!(
+                    "{}: {} lies inside the graft at {}; nested grafts are not supported",
+                    graft_name(&b.source),
+                    b.target.display(),
+                    a.target.display()
+                ));
+            }
+        }
+    }
+    let writable_mount = !config.read_only();
+    // Volume locks are taken in name order, so that two mounts of the same volumes
+    // listed in different orders cannot wait on each other.
+    let mut locked = HashMap::new();
+    let mut names: Vec<&String> = config
+        .grafts
+        .iter()
+        .filter_map(|g| match &g.source {
+            GraftSource::Volume(n) => Some(n),
+            GraftSource::Bind(_) => None,
+        })
+        .collect();
+    names.sort();
+    if !names.is_empty() {
+        let store = Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?;
+        for name in names {
+            let held = store.lock_volume(name).map_err(|e| e.to_string())?;
+            locked.insert(name.clone(), held);
+        }
+    }
+    for spec in &config.grafts {
+        let what = graft_name(&spec.source);
+        let (path, volume) = match &spec.source {
+            GraftSource::Bind(p) => (p.clone(), None),
+            GraftSource::Volume(name) => {
+                let (vol, lock) = locked.remove(name).ok_or("volume lock lost")?;
+                let who = MountUse {
+                    pid: std::process::id(),
+                    mountpoint: config.mountpoint.clone(),
+                    target: spec.target.clone(),
+                    read_only: spec.read_only || !writable_mount,
+                };
+                let claim = claims::claim(name, &vol.dir, &who, vol.meta.exclusive)
+                    .map_err(|e| e.to_string())?;
+                prepared.claims.push(claim);
+                (vol.data_dir(), Some((vol, lock)))
+            }
+        };
+        let layer = Layer::open(&path, writable_mount && !spec.read_only)
+            .map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+        prepared.layers.push(layer);
+        prepared.volumes.push(volume);
+    }
+    let (layer, guard) = scaffold::Scaffold::build(config)?;
+    prepared.scaffold = Some(layer);
+    prepared.scaffold_dir = Some(guard);
+    Ok(prepared)
+}
+
+fn tagged_key(layer: LayerIdx, st: &Stat) -> (u64, u64) {
+    (st.st_dev ^ ((layer as u64 + 1) << 56), st.st_ino)
+}
+
+impl Union {
+    /// Attaches the prepared grafts: makes sure each target's ancestors exist, fills
+    /// empty named volumes from the content they cover, pins the ancestors, and opens
+    /// the quotas. Called once from `Union::new`, before anything is served.
+    pub(crate) fn install_grafts(
+        &mut self,
+        config: &MountConfig,
+        prepared: Prepared,
+    ) -> std::result::Result<(), String> {
+        let Prepared {
+            scaffold_dir,
+            claims,
+            volumes,
+            ..
+        } = prepared;
+        let mut list = Vec::new();
+        let mut points: HashMap<Ino, Vec<(OsString, usize)>> = HashMap::new();
+        let mut anchors: HashMap<Ino, Vec<OsString>> = HashMap::new();
+        for (gi, (spec, volume)) in config.grafts.iter().zip(volumes).enumerate() {
+            let what = graft_name(&spec.source);
+            let target = spec.target.display();
+            let layer = self.grafts.base + gi;
+            let mut parent = ROOT_INO;
+            let comps: Vec<&OsStr> = spec.target.iter().skip(1).collect();
+            let Some((last, ancestors)) = comps.split_last() else {
+                return Err(format!("{what}: cannot graft onto /"));
+            };
+            for comp in ancestors {
+                let e = match self.lookup(parent, comp) {
+                    Ok(e) => e,
+                    // Hidden by a whiteout or an opaque directory above the scaffold.
+                    Err(Errno::NOENT) if self.upper => self
+                        .mkdir(daemon_caller(), parent, comp, 0o755)
+                        .map_err(|e| format!("{what}: creating {target}: {e}"))?,
+                    Err(e) => return Err(format!("{what}: {target}: {e}")),
+                };
+                if e.attr.kind() != libc::S_IFDIR {
+                    self.forget(e.attr.ino, 1);
+                    return Err(format!(
+                        "{what}: {target}: a path component is not a directory"
+                    ));
+                }
+                anchors.entry(parent).or_default().push(comp.to_os_string());
+                // The reference is kept for the life of the mount (see module notes).
+                parent = e.attr.ino;
+            }
+            let covered = match self.lookup(parent, last) {
+                Ok(e) if e.attr.kind() == libc::S_IFDIR => Some(e.attr.ino),
+                Ok(e) => {
+                    self.forget(e.attr.ino, 1);
+                    return Err(format!("{what}: {target} is not a directory in the layers"));
+                }
+                Err(Errno::NOENT) => None,
+                Err(e) => return Err(format!("{what}: {target}: {e}")),
+            };
+            let root = self.layer(layer).map_err(|e| e.to_string())?.root.clone();
+            if let (Some(src), Some((vol, _lock))) = (covered, &volume) {
+                if !spec.nocopy && fill::is_empty(root.as_fd()).map_err(|e| e.to_string())? {
+                    self.populate_root(src, root.as_fd())
+                        .map_err(|e| format!("{what}: filling it from {target}: {e}"))?;
+                    log::info!("volume {} filled from {target}", vol.name);
+                }
+            }
+            if let Some(ino) = covered {
+                self.forget(ino, 1);
+            }
+            points
+                .entry(parent)
+                .or_default()
+                .push((last.to_os_string(), gi));
+            let quota = match &volume {
+                Some((vol, _)) => match vol.meta.size_limit {
+                    Some(limit) => Some(Quota::open(&vol.dir, root.clone(), limit)?),
+                    None => None,
+                },
+                None => None,
+            };
+            list.push(Graft {
+                layer,
+                read_only: spec.read_only || self.opts.read_only,
+                quota,
+            });
+        }
+        self.grafts.list = list;
+        self.grafts.points = points;
+        self.grafts.anchors = anchors;
+        self.grafts._scaffold = scaffold_dir;
+        self.grafts._claims = claims;
+        Ok(())
+    }
+
+    /// The graft `inode` lies in, if any.
+    fn graft_index(&self, inode: &Inode) -> Option<usize> {
+        if self.grafts.list.is_empty() {
+            return None;
+        }
+        let top = inode.state.read().top_layer()?;
+        top.checked_sub(self.grafts.base)
+            .filter(|i| *i < self.grafts.list.len())
+    }
+
+    fn graft_dir(&self, ino: Ino) -> Option<(Arc<Inode>, usize)> {
+        if self.grafts.list.is_empty() {
+            return None;
+        }
+        let inode = self.inode(ino).ok()?;
+        let gi = self.graft_index(&inode)?;
+        Some((inode, gi))
+    }
+
+    fn graft_check_writable(&self, gi: usize) -> Result<()> {
+        if self.grafts.list[gi].read_only {
+            Err(Errno::ROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Cache lifetime of `ino`'s attributes.
+    pub fn attr_ttl(&self, ino: Ino) -> Duration {
+        match self.graft_dir(ino) {
+            Some(_) => GRAFT_TTL,
+            None => self.opts.ttl,
+        }
+    }
+
+    /// Whether `ino` lies under a graft (its data may change behind the kernel's back).
+    pub fn is_grafted(&self, ino: Ino) -> bool {
+        self.graft_dir(ino).is_some()
+    }
+
+    /// Whether every write to `ino` must reach the daemon (it is size-limited), so
+    /// that it cannot be opened with passthrough.
+    pub fn io_needs_daemon(&self, ino: Ino) -> bool {
+        self.graft_dir(ino)
+            .is_some_and(|(_, gi)| self.grafts.list[gi].quota.is_some())
+    }
+
+    /// copy_up hook: a graft entry is written in place; `Some` for graft inodes.
+    pub(crate) fn graft_copy_up(&self, inode: &Inode) -> Option<Result<()>> {
+        let gi = self.graft_index(inode)?;
+        Some(self.graft_check_writable(gi))
+    }
+
+    /// is_in_upper hook: a writable graft entry is the copy all writers share.
+    pub(crate) fn graft_in_place(&self, inode: &Inode) -> Option<bool> {
+        let gi = self.graft_index(inode)?;
+        Some(!self.grafts.list[gi].read_only)
+    }
+
+    /// lookup hook: names in a graft directory, and graft points themselves.
+    pub(crate) fn graft_lookup(&self, parent: Ino, name: &OsStr) -> Option<Result<Entry>> {
+        if let Some((p, _)) = self.graft_dir(parent) {
+            return Some(self.graft_child(&p, name));
+        }
+        let gi = self.grafts.point(parent, name)?;
+        Some(self.graft_root_entry(gi, parent, name))
+    }
+
+    fn graft_root_entry(&self, gi: usize, parent: Ino, name: &OsStr) -> Result<Entry> {
+        let layer_idx = self.grafts.list[gi].layer;
+        let layer = self.layer(layer_idx)?;
+        let st = sys::fs::fstat(layer.root_fd())?;
+        let key = tagged_key(layer_idx, &st);
+        let inode = match self.inodes.reference_by_identity(key) {
+            Some(inode) => inode,
+            None => {
+                // The root keeps its fd whatever the budget: it cannot be re-opened
+                // from its parent, which is not in the graft's layer.
+                self.inodes
+                    .dir_fds
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let state = InodeState {
+                    parent,
+                    name: name.to_os_string(),
+                    layers: vec![LayerRef {
+                        layer: layer_idx,
+                        fd: Some(layer.root.clone()),
+                    }],
+                    keys: vec![key],
+                    detached: false,
+                    pinned: None,
+                    redirect: None,
+                };
+                self.inodes
+                    .insert(self.derived_ino(layer_idx, st.st_ino), libc::S_IFDIR, state)
+            }
+        };
+        Ok(Entry {
+            attr: self.getattr(inode.ino)?,
+            ttl: GRAFT_TTL,
+        })
+    }
+
+    /// Looks `name` up in the graft directory `p`, taking a kernel reference.
+    fn graft_child(&self, p: &Inode, name: &OsStr) -> Result<Entry> {
+        check_name(name)?;
+        let layer = p.state.read().top_layer().ok_or(Errno::STALE)?;
+        let pfd = self.dir_fd(p, layer)?;
+        let mut stat = sys::fs::stat_at(pfd.as_fd(), name)?;
+        let kind = stat.st_mode & libc::S_IFMT;
+        let fd = if kind == libc::S_IFDIR {
+            Some(Arc::new(sys::fs::open_dir(pfd.as_fd(), name)?))
+        } else {
+            None
+        };
+        stat.st_dev = tagged_key(layer, &stat).0;
+        let found = Found {
+            kind,
+            stat,
+            layers: vec![LayerRef { layer, fd }],
+            redirect: None,
+        };
+        let inode = self.adopt(p.ino, name, found)?;
+        Ok(Entry {
+            attr: self.getattr(inode.ino)?,
+            ttl: GRAFT_TTL,
+        })
+    }
+
+    /// readdir hook for a graft directory: its plain listing (no whiteout logic).
+    pub(crate) fn graft_snapshot(&self, inode: &Inode) -> Option<Result<Vec<DirEntry>>> {
+        let gi = self.graft_index(inode)?;
+        Some((|| {
+            let layer = self.grafts.list[gi].layer;
+            let fd = self.dir_fd(inode, layer)?;
+            let dev = self.layer(layer)?.dev;
+            let parent = inode.state.read().parent;
+            let mut entries = vec![
+                DirEntry {
+                    ino: inode.ino,
+                    next_offset: 1,
+                    kind: libc::S_IFDIR,
+                    name: ".".into(),
+                },
+                DirEntry {
+                    ino: parent,
+                    next_offset: 2,
+                    kind: libc::S_IFDIR,
+                    name: "..".into(),
+                },
+            ];
+            for raw in sys::fs::read_dir(fd.as_fd())? {
+                let key = (dev ^ ((layer as u64 + 1) << 56), raw.ino);
+                let ino = match self.inodes.by_identity(key) {
+                    Some(i) => i.ino,
+                    None => self.derived_ino(layer, raw.ino),
+                };
+                let kind = match raw.kind {
+                    0 => match sys::fs::stat_at(fd.as_fd(), &raw.name) {
+                        Ok(st) => st.st_mode & libc::S_IFMT,
+                        Err(_) => continue,
+                    },
+                    k => k,
+                };
+                let next_offset = entries.len() as u64 + 1;
+                entries.push(DirEntry {
+                    ino,
+                    next_offset,
+                    kind,
+                    name: raw.name,
+                });
+            }
+            Ok(entries)
+        })())
+    }
+
+    /// readdir hook for a union directory holding graft points: each is listed (even
+    /// where the layers hide the scaffold's entry) with the graft root's number.
+    pub(crate) fn graft_fix_listing(&self, dir: Ino, entries: &mut Vec<DirEntry>) {
+        let Some(points) = self.grafts.points.get(&dir) else {
+            return;
+        };
+        for (name, gi) in points {
+            let layer = self.grafts.list[*gi].layer;
+            let Ok(l) = self.layer(layer) else { continue };
+            let Ok(st) = sys::fs::fstat(l.root_fd()) else {
+                continue;
+            };
+            let ino = match self.inodes.by_identity(tagged_key(layer, &st)) {
+                Some(i) => i.ino,
+                None => self.derived_ino(layer, st.st_ino),
+            };
+            match entries.iter_mut().find(|e| &e.name == name) {
+                Some(e) => {
+                    e.ino = ino;
+                    e.kind = libc::S_IFDIR;
+                }
+                None => {
+                    let next_offset = entries.len() as u64 + 1;
+                    entries.push(DirEntry {
+                        ino,
+                        next_offset,
+                        kind: libc::S_IFDIR,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// statfs as seen from `ino`: under a graft, the volume's filesystem, its blocks
+    /// capped by the size limit when there is one; elsewhere the union's.
+    pub fn statfs_at(&self, ino: Ino) -> Result<StatFs> {
+        let Some((_, gi)) = self.graft_dir(ino) else {
+            return self.statfs();
+        };
+        let graft = &self.grafts.list[gi];
+        let st = sys::fs::fstatfs(self.layer(graft.layer)?.root_fd())?;
+        let mut out = StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: 255,
+            frsize: st.f_frsize as u32,
+        };
+        if let Some(q) = &graft.quota {
+            let unit = u64::from(out.frsize.max(1));
+            let free = q.limit().saturating_sub(q.used()) / unit;
+            out.blocks = q.limit() / unit;
+            out.bfree = out.bfree.min(free);
+            out.bavail = out.bavail.min(free);
+        }
+        Ok(out)
+    }
+}
+
+/// The daemon's own credentials, for directories it makes at mount time.
+fn daemon_caller() -> Caller {
+    let (uid, gid) = sys::process::ids();
+    Caller { uid, gid, pid: 0 }
+}

@@ -1,0 +1,170 @@
+//! Which mounts use a volume now, and exclusive (ReadWriteOnce) claims.
+//!
+//! Every mount that grafts a volume keeps `mounts/PID` in the volume's directory
+//! open with an exclusive flock for as long as it runs; the file says which mount it
+//! is. A lock ends with its holder (unmount, crash or kill -9), so a file whose lock
+//! can be taken by someone else belongs to a dead mount and is swept away by whoever
+//! notices. An exclusive volume mounted read-write additionally has its `exclusive`
+//! file locked by the holder: a second read-write mount finds the lock taken and
+//! fails before mounting, naming the holder recorded in that file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::VolumeError;
+use crate::sys;
+
+const MOUNTS_DIR: &str = "mounts";
+const EXCLUSIVE_FILE: &str = "exclusive";
+
+/// One live use of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountUse {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+    /// Where in the merged view the volume is grafted.
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+impl MountUse {
+    pub fn describe(&self) -> String {
+        format!(
+            "pid {} at {} ({}{})",
+            self.pid,
+            self.mountpoint.display(),
+            self.target.display(),
+            if self.read_only { ", read-only" } else { "" }
+        )
+    }
+}
+
+/// A mount's hold on a volume; dropping it (or the process dying) ends the claim.
+pub struct Claim {
+    record: PathBuf,
+    _record_lock: File,
+    _exclusive_lock: Option<File>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Remove before the lock goes with the file: a reader never sees a record of
+        // ours that is unlocked while we live.
+        let _ = fs::remove_file(&self.record);
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> VolumeError {
+    VolumeError::Io {
+        path: path.to_path_buf(),
+        err: e,
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File, VolumeError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)
+        .map_err(|e| io_err(path, e))
+}
+
+fn write_record(file: &mut File, path: &Path, who: &MountUse) -> Result<(), VolumeError> {
+    let text = serde_json::to_string(who).map_err(|e| VolumeError::Invalid(e.to_string()))?;
+    file.set_len(0).map_err(|e| io_err(path, e))?;
+    file.write_all(text.as_bytes()).map_err(|e| io_err(path, e))
+}
+
+fn read_record(path: &Path) -> Option<MountUse> {
+    let mut text = String::new();
+    File::open(path).ok()?.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Records `who` as a user of the volume in `volume_dir`; with `exclusive`, also
+/// takes the volume's read-write claim, failing when another live mount has it.
+pub fn claim(
+    volume: &str,
+    volume_dir: &Path,
+    who: &MountUse,
+    exclusive: bool,
+) -> Result<Claim, VolumeError> {
+    let exclusive_lock = if exclusive && !who.read_only {
+        let path = volume_dir.join(EXCLUSIVE_FILE);
+        let mut file = open_rw(&path)?;
+        let got = sys::lock::try_lock_exclusive(&file)
+            .map_err(|e| io_err(&path, std::io::Error::from(e)))?;
+        if !got {
+            let holder = read_record(&path)
+                .map(|h| h.describe())
+                .unwrap_or_else(|| "another mount".to_string());
+            return Err(VolumeError::ExclusiveHeld {
+                name: volume.to_string(),
+                holder,
+            });
+        }
+        write_record(&mut file, &path, who)?;
+        Some(file)
+    } else {
+        None
+    };
+    let dir = volume_dir.join(MOUNTS_DIR);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(&dir, e)),
+    }
+    // Built under a temporary name and renamed into place already locked, so that a
+    // reader never finds a record of a live mount without its lock.
+    let record = dir.join(who.pid.to_string());
+    let staged = dir.join(format!(".{}.new", who.pid));
+    let mut file = open_rw(&staged)?;
+    sys::lock::lock_exclusive(&file).map_err(|e| io_err(&staged, std::io::Error::from(e)))?;
+    write_record(&mut file, &staged, who)?;
+    fs::rename(&staged, &record).map_err(|e| io_err(&record, e))?;
+    Ok(Claim {
+        record,
+        _record_lock: file,
+        _exclusive_lock: exclusive_lock,
+    })
+}
+
+/// The live mounts using the volume in `volume_dir`. Records of dead mounts are
+/// removed on the way.
+pub fn users(volume_dir: &Path) -> Vec<MountUse> {
+    let dir = volume_dir.join(MOUNTS_DIR);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        match sys::lock::try_lock_shared(&file) {
+            // Nobody holds it: the mount that wrote it is gone.
+            Ok(true) => {
+                let _ = fs::remove_file(&path);
+            }
+            Ok(false) => {
+                if let Some(u) = read_record(&path) {
+                    out.push(u);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    out.sort_by_key(|u| u.pid);
+    out
+}

@@ -1,0 +1,219 @@
+//! `--size` enforcement for a volume.
+//!
+//! Accounting (decided here, documented in the README):
+//! - "Bytes used" is the sum of the apparent sizes (st_size) of the regular files and
+//!   symlinks in the volume, each inode counted once however many links it has;
+//!   directories and special files count 0. Apparent size, not st_blocks, because the
+//!   effect of a write on it is known *before* the write (the new end of file), so a
+//!   write can be refused up front instead of undone after; holes count as used, so
+//!   the limit errs on the safe side.
+//! - The count lives in a ledger file (`usage`) in the volume's directory, updated
+//!   under flock by every mount using the volume, so two mounts writing at once share
+//!   one budget. It is recomputed from the directory (a scan) at every mount, and again
+//!   before any write would be refused, so files the host removed behind our back free
+//!   their space; `volume inspect` always scans.
+//! - A growing operation first reserves its growth (refused with ENOSPC when the
+//!   ledger would pass the limit, leaving the file untouched), then settles the
+//!   difference between the reservation and the size change actually observed.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::sys::{self, Errno, SysResult};
+
+/// Name of the ledger file in a volume's directory.
+pub const LEDGER: &str = "usage";
+
+/// A write that does not fit triggers a rescan, so that space freed behind the
+/// ledger's back (by the host) is found. A scan shorter than `CHEAP_SCAN` is always
+/// redone; a longer one only once `RESCAN_SPACING` times its duration has passed, so
+/// that a writer retrying after ENOSPC on a huge volume spends at most a tenth of its
+/// time walking it.
+const CHEAP_SCAN: Duration = Duration::from_millis(20);
+const RESCAN_SPACING: u32 = 10;
+
+/// Apparent bytes used under `root` (see the module notes), symlinks not followed.
+pub fn scan_usage(root: BorrowedFd<'_>) -> SysResult<u64> {
+    let mut seen = HashSet::new();
+    scan_dir(root, &mut seen)
+}
+
+fn scan_dir(dir: BorrowedFd<'_>, seen: &mut HashSet<(u64, u64)>) -> SysResult<u64> {
+    let mut total = 0u64;
+    for entry in sys::fs::read_dir(dir)? {
+        let st = match sys::fs::stat_at(dir, &entry.name) {
+            Ok(st) => st,
+            // Removed while we were looking: it uses nothing now.
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => match sys::fs::open_dir(dir, &entry.name) {
+                Ok(sub) => total += scan_dir(sub.as_fd(), seen)?,
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            },
+            libc::S_IFREG | libc::S_IFLNK
+                if st.st_nlink <= 1 || seen.insert((st.st_dev, st.st_ino)) =>
+            {
+                total += st.st_size as u64;
+            }
+            _ => {}
+        }
+    }
+    Ok(total)
+}
+
+/// The size limit of one mounted volume and its shared ledger.
+pub struct Quota {
+    limit: u64,
+    root: Arc<OwnedFd>,
+    ledger: Mutex<File>,
+    /// Serialises the growing operations of this daemon on the volume, so that the
+    /// size change observed around one is that operation's alone.
+    serial: Arc<Mutex<()>>,
+    /// When the last scan ended and how long it took.
+    last_rescan: Mutex<Option<(Instant, Duration)>>,
+}
+
+impl Quota {
+    /// Opens (creating) the ledger in `volume_dir` and fills it from a scan of `root`.
+    pub fn open(volume_dir: &Path, root: Arc<OwnedFd>, limit: u64) -> Result<Quota, String> {
+        let path = volume_dir.join(LEDGER);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let quota = Quota {
+            limit,
+            root,
+            ledger: Mutex::new(file),
+            serial: Arc::new(Mutex::new(())),
+            last_rescan: Mutex::new(None),
+        };
+        quota
+            .rescan()
+            .map_err(|e| format!("{}: counting bytes used: {e}", volume_dir.display()))?;
+        Ok(quota)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Holds off this daemon's other growing operations on the volume.
+    pub fn serialize(&self) -> parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()> {
+        self.serial.lock_arc()
+    }
+
+    /// Runs `f` on the ledger value with the ledger locked against every mount, and
+    /// stores what it returns.
+    fn update(&self, f: impl FnOnce(u64) -> SysResult<u64>) -> SysResult<u64> {
+        let mut file = self.ledger.lock();
+        sys::lock::lock_exclusive(file.as_fd())?;
+        let result = (|| {
+            let old = read_ledger(&mut file)?;
+            let new = f(old)?;
+            if new != old {
+                write_ledger(&mut file, new)?;
+            }
+            Ok(new)
+        })();
+        let _ = sys::lock::unlock(file.as_fd());
+        result
+    }
+
+    /// Bytes used according to the ledger.
+    pub fn used(&self) -> u64 {
+        self.update(Ok).unwrap_or(0)
+    }
+
+    /// Recounts the volume and stores the result.
+    pub fn rescan(&self) -> SysResult<u64> {
+        let start = Instant::now();
+        let used = self.update(|_| scan_usage(self.root.as_fd()))?;
+        *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
+        Ok(used)
+    }
+
+    /// Reserves `grow` bytes, or fails with ENOSPC when that would pass the limit
+    /// (after a recount, in case files were removed behind the ledger's back).
+    pub fn reserve(&self, grow: u64) -> SysResult<()> {
+        if grow == 0 {
+            return Ok(());
+        }
+        let limit = self.limit;
+        let mut taken = false;
+        self.update(
+            |used| match used.checked_add(grow).filter(|n| *n <= limit) {
+                Some(n) => {
+                    taken = true;
+                    Ok(n)
+                }
+                None => Ok(used),
+            },
+        )?;
+        if taken {
+            return Ok(());
+        }
+        let due = self
+            .last_rescan
+            .lock()
+            .is_none_or(|(at, took)| took < CHEAP_SCAN || at.elapsed() >= took * RESCAN_SPACING);
+        if due {
+            let start = Instant::now();
+            self.update(|_| {
+                let used = scan_usage(self.root.as_fd())?;
+                Ok(match used.checked_add(grow).filter(|n| *n <= limit) {
+                    Some(n) => {
+                        taken = true;
+                        n
+                    }
+                    None => used,
+                })
+            })?;
+            *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
+        }
+        if taken { Ok(()) } else { Err(Errno::NOSPC) }
+    }
+
+    /// Counts bytes that appeared (or, negative, vanished) beyond what was reserved:
+    /// the difference between a reservation and the change actually observed.
+    pub fn adjust(&self, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let _ = self.update(|used| Ok(used.saturating_add_signed(delta)));
+    }
+}
+
+fn read_ledger(file: &mut File) -> SysResult<u64> {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| sys::errno_of(&e))?;
+    file.read_to_string(&mut text)
+        .map_err(|e| sys::errno_of(&e))?;
+    // An unreadable ledger (new, or damaged by hand) counts as empty until a rescan.
+    Ok(text.trim().parse().unwrap_or(0))
+}
+
+fn write_ledger(file: &mut File, used: u64) -> SysResult<()> {
+    // Fixed width: the file never shrinks, so an overwrite never leaves a stale tail.
+    let text = format!("{used:>20}\n");
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| sys::errno_of(&e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| sys::errno_of(&e))?;
+    file.set_len(text.len() as u64)
+        .map_err(|e| sys::errno_of(&e))
+}

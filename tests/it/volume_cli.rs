@@ -1,0 +1,282 @@
+//! `stratafs volume ...` against a state directory in a tempdir (never the real
+//! /var/lib/stratafs): the commands, their output, and their errors. No FUSE needed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
+
+struct State {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl State {
+    fn new() -> State {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        State { _tmp: tmp, dir }
+    }
+
+    /// `stratafs volume --state-dir DIR ARGS`.
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("volume")
+            .arg("--state-dir")
+            .arg(&self.dir)
+            .args(args)
+            .env_remove("STRATAFS_STATE_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    #[track_caller]
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "volume {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A failure with exactly one `stratafs: ` stderr line containing every needle.
+    #[track_caller]
+    fn fails(&self, args: &[&str], needles: &[&str]) -> Output {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "volume {args:?} should fail");
+        let line = err.trim_end();
+        assert!(
+            line.starts_with("stratafs: ") && !line.contains('\n'),
+            "{err:?}"
+        );
+        for n in needles {
+            assert!(line.contains(n), "volume {args:?}: {line:?} lacks {n:?}");
+        }
+        out
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.dir.join("volumes").join(name).join("_data")
+    }
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn create_inspect_ls_rm_round_trip() {
+    let s = State::new();
+    assert_eq!(
+        s.ok(&[
+            "create",
+            "web-data",
+            "--size",
+            "10M",
+            "--label",
+            "app=web",
+            "--label",
+            "tier=db",
+            "--exclusive"
+        ]),
+        "web-data\n"
+    );
+    s.ok(&["create", "plain"]);
+    fs::write(s.data("plain").join("f"), vec![0u8; 3000]).unwrap();
+
+    let info = json(&s.ok(&["inspect", "web-data"]));
+    assert_eq!(info["name"], "web-data");
+    assert_eq!(info["data"], s.data("web-data").to_str().unwrap());
+    assert_eq!(info["size_limit"], 10 << 20);
+    assert_eq!(info["bytes_used"], 0);
+    assert_eq!(info["labels"]["app"], "web");
+    assert_eq!(info["labels"]["tier"], "db");
+    assert_eq!(info["exclusive"], true);
+    assert_eq!(info["mounts"], Value::Array(vec![]));
+    assert!(info["created"].as_str().unwrap().ends_with('Z'));
+
+    let table = s.ok(&["ls"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(
+        lines[1].starts_with("plain ") && lines[1].contains("2.9KiB"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("web-data ") && lines[2].contains("10.0MiB"),
+        "{table}"
+    );
+    let all = json(&s.ok(&["ls", "--json"]));
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["plain", "web-data"]);
+    assert_eq!(all[0]["bytes_used"], 3000);
+
+    assert_eq!(s.ok(&["rm", "plain", "web-data"]), "plain\nweb-data\n");
+    assert!(!s.dir.join("volumes/plain").exists());
+    assert_eq!(s.ok(&["ls", "--json"]).trim(), "[]");
+}
+
+#[test]
+fn prune_removes_unused_volumes_and_reports_the_space() {
+    let s = State::new();
+    s.ok(&["create", "a"]);
+    s.ok(&["create", "b"]);
+    fs::write(s.data("a").join("f"), vec![1u8; 2048]).unwrap();
+    let out = s.ok(&["prune"]);
+    assert!(out.contains("Deleted: a (2.0KiB)"), "{out}");
+    assert!(out.contains("Deleted: b (0B)"), "{out}");
+    assert!(out.contains("(2048 bytes)"), "{out}");
+    assert_eq!(s.ok(&["ls"]).lines().count(), 1);
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let s = State::new();
+    s.ok(&["create", "taken"]);
+    s.fails(&["create", "taken"], &["taken", "already exists"]);
+    for bad in ["..", ".", "a/b", "/", "-rf", "_x", ".hidden", "sp ace", "ü"] {
+        s.fails(&["create", "--", bad], &["invalid volume name"]);
+    }
+    s.fails(&["create", ""], &["invalid volume name", "empty"]);
+    s.fails(&["create", &"n".repeat(256)], &["longer than 255"]);
+    s.ok(&["create", &"n".repeat(255)]);
+    s.fails(&["inspect", "missing"], &["no such volume: missing"]);
+    s.fails(&["rm", "missing"], &["no such volume: missing"]);
+    s.fails(&["inspect", "../etc"], &["invalid volume name"]);
+    s.fails(&["create", "x", "--size", "lots"], &["size", "lots"]);
+    s.fails(&["create", "x", "--size", "0"], &["size"]);
+    s.fails(
+        &["create", "x", "--label", "novalue"],
+        &["label", "KEY=VALUE"],
+    );
+    s.fails(&["create", "x", "--label", "=v"], &["label"]);
+    s.fails(&["frobnicate"], &[]);
+    let out = s.fails(&["create"], &[]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    // Nothing was created by the failures.
+    let names = json(&s.ok(&["ls", "--json"]));
+    assert_eq!(names.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn racing_creates_leave_exactly_one_volume() {
+    let s = State::new();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(BIN)
+                .args(["volume", "create", "raced", "--state-dir"])
+                .arg(&s.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let wins = children
+        .into_iter()
+        .map(|mut c| c.wait().unwrap().success())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(wins, 1);
+    let entries: Vec<_> = fs::read_dir(s.dir.join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["raced"], "one volume, no temporaries");
+}
+
+#[test]
+fn state_dir_comes_from_the_flag_or_the_environment() {
+    let s = State::new();
+    let env_dir = s.dir.with_file_name("from-env");
+    let out = Command::new(BIN)
+        .args(["volume", "create", "e"])
+        .env("STRATAFS_STATE_DIR", &env_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(env_dir.join("volumes/e/_data").is_dir());
+    // The flag wins over the environment, and may come before the subcommand.
+    let out = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(&s.dir)
+        .args(["volume", "create", "f"])
+        .env("STRATAFS_STATE_DIR", &env_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(s.data("f").is_dir() && !env_dir.join("volumes/f").exists());
+    assert!(Path::new(&s.dir).join("volumes/f/meta.json").is_file());
+}
+
+/// Plays a live mount using `volume`: a claim record held under flock by this test
+/// process, exactly as a daemon holds its own. Dropping it ends the "mount".
+struct FakeUser {
+    _file: fs::File,
+}
+
+impl FakeUser {
+    fn new(s: &State, volume: &str, pid: u32, mountpoint: &str) -> FakeUser {
+        use std::os::fd::AsRawFd;
+        let dir = s.dir.join("volumes").join(volume).join("mounts");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(pid.to_string());
+        let record = format!(
+            r#"{{"pid":{pid},"mountpoint":"{mountpoint}","target":"/data","read_only":false}}"#
+        );
+        fs::write(&path, record).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        // SAFETY: flock on an fd we own.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        FakeUser { _file: file }
+    }
+}
+
+#[test]
+fn volumes_in_use_are_kept_unless_forced_and_dead_users_are_swept() {
+    let s = State::new();
+    s.ok(&["create", "busy"]);
+    s.ok(&["create", "idle"]);
+    let user = FakeUser::new(&s, "busy", 4242, "/containers/c1/merged");
+    s.fails(
+        &["rm", "busy"],
+        &[
+            "busy",
+            "in use",
+            "pid 4242 at /containers/c1/merged",
+            "--force",
+        ],
+    );
+    let out = s.ok(&["prune"]);
+    assert!(
+        out.contains("Deleted: idle") && !out.contains("busy"),
+        "{out}"
+    );
+    let info = json(&s.ok(&["inspect", "busy"]));
+    assert_eq!(info["mounts"][0]["pid"], 4242);
+    assert_eq!(info["mounts"][0]["mountpoint"], "/containers/c1/merged");
+    assert!(s.ok(&["ls"]).lines().nth(1).unwrap().contains("  1  "));
+
+    // The holder is gone (its lock with it): its record no longer counts and is removed.
+    drop(user);
+    let info = json(&s.ok(&["inspect", "busy"]));
+    assert_eq!(info["mounts"], Value::Array(vec![]));
+    assert!(!s.dir.join("volumes/busy/mounts/4242").exists());
+
+    let _again = FakeUser::new(&s, "busy", 4243, "/m");
+    assert_eq!(s.ok(&["rm", "--force", "busy"]), "busy\n");
+    assert!(!s.dir.join("volumes/busy").exists());
+}
