@@ -96,8 +96,14 @@ impl Union {
     /// Statistics of the filesystem new data goes to: the upper layer's, or the top
     /// lower's on a read-only mount.
     pub fn statfs(&self) -> Result<StatFs> {
-        let layer = self.layer(0)?;
-        let st = sys::fs::fstatfs(layer.root_fd())?;
+        StatFs::of(self.layer(0)?.root_fd())
+    }
+}
+
+impl StatFs {
+    /// The statistics of the filesystem holding `dir`.
+    pub(crate) fn of(dir: std::os::fd::BorrowedFd<'_>) -> Result<StatFs> {
+        let st = sys::fs::fstatfs(dir)?;
         Ok(StatFs {
             blocks: st.f_blocks,
             bfree: st.f_bfree,

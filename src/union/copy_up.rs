@@ -100,31 +100,12 @@ impl Union {
             data = CopyData::Yes;
         }
         let dst_dir = self.dir_fd(&parent, UPPER)?;
-        let work = self.work_fd()?.clone();
-        let temp = self.temp_name();
-        let staged = self.stage_copy(
-            inode,
-            src_dir.as_fd(),
-            &name,
-            work.as_fd(),
-            &temp,
-            data,
-            None,
-        );
-        if let Err(e) = staged {
-            let _ = super::remove_tree(work.as_fd(), &temp);
-            return Err(e);
-        }
-        if let Err(e) = sys::fs::rename_at(
-            work.as_fd(),
-            &temp,
+        self.publish_from_work(
+            |work, temp| self.stage_copy(inode, src_dir.as_fd(), &name, work, temp, data, None),
             dst_dir.as_fd(),
             &name,
             RenameKind::NoReplace,
-        ) {
-            let _ = super::remove_tree(work.as_fd(), &temp);
-            return Err(e);
-        }
+        )?;
         let upper_stat = sys::fs::stat_at(dst_dir.as_fd(), &name)?;
         {
             let mut st = inode.state.write();
@@ -160,6 +141,26 @@ impl Union {
             self.attrs_changed(inode.ino);
         }
         Ok(())
+    }
+
+    /// Builds an entry under a fresh name in the work directory with `build`, then
+    /// renames it to `dst_dir/dst_name`; on any failure nothing is left in the work
+    /// directory and the error is returned.
+    pub(crate) fn publish_from_work(
+        &self,
+        build: impl FnOnce(BorrowedFd<'_>, &OsStr) -> Result<()>,
+        dst_dir: BorrowedFd<'_>,
+        dst_name: &OsStr,
+        kind: RenameKind,
+    ) -> Result<()> {
+        let work = self.work_fd()?.clone();
+        let temp = self.temp_name();
+        let done = build(work.as_fd(), &temp)
+            .and_then(|()| sys::fs::rename_at(work.as_fd(), &temp, dst_dir, dst_name, kind));
+        if done.is_err() {
+            let _ = super::remove_tree(work.as_fd(), &temp);
+        }
+        done
     }
 
     /// Builds the copy of `src_dir/name` as `work/temp`, metadata included, marked

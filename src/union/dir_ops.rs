@@ -381,11 +381,7 @@ impl Union {
         };
         self.remove_entry(&p, name, &found)?;
         if let Some(c) = child {
-            let mut st = c.state.write();
-            if st.parent == parent && st.name == name {
-                st.detached = true;
-                st.pinned = pinned;
-            }
+            c.detach_if_named(parent, name, pinned);
         }
         Ok(())
     }

@@ -103,32 +103,18 @@ impl Union {
             Ok(_) => {}
             Err(Errno::NOENT) => {
                 let src_dir = self.dir_fd(parent, src_layer)?;
-                let work = self.work_fd()?.clone();
-                let temp = self.temp_name();
-                let staged = self
-                    .stage_copy(
-                        inode,
-                        src_dir.as_fd(),
-                        name,
-                        work.as_fd(),
-                        &temp,
-                        data,
-                        None,
-                    )
-                    .and_then(|()| {
-                        sys::fs::rename_at(
-                            work.as_fd(),
-                            &temp,
-                            index.as_fd(),
-                            &key,
-                            RenameKind::NoReplace,
-                        )
-                    });
-                if let Err(e) = staged {
-                    let _ = super::remove_tree(work.as_fd(), &temp);
-                    if e != Errno::EXIST {
-                        return Err(e);
-                    }
+                let published = self.publish_from_work(
+                    |work, temp| {
+                        self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)
+                    },
+                    index.as_fd(),
+                    &key,
+                    RenameKind::NoReplace,
+                );
+                // EXIST: another name of the group published it first.
+                match published {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(e),
                 }
             }
             Err(e) => return Err(e),

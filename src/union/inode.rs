@@ -81,6 +81,21 @@ impl Inode {
     pub fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
+
+    /// Records that `parent/name` was removed, if that is the name this inode was
+    /// last reached by; `pinned` keeps the object reachable for fstat-style getattr.
+    pub fn detach_if_named(
+        &self,
+        parent: Ino,
+        name: &std::ffi::OsStr,
+        pinned: Option<Arc<OwnedFd>>,
+    ) {
+        let mut st = self.state.write();
+        if st.parent == parent && st.name == name {
+            st.detached = true;
+            st.pinned = pinned;
+        }
+    }
 }
 
 #[derive(Default)]

@@ -93,31 +93,14 @@ impl Union {
         } else {
             CopyData::Yes
         };
-        let work = self.work_fd()?.clone();
-        let temp = self.temp_name();
-        let staged = self
-            .stage_copy(
-                inode,
-                upper.as_fd(),
-                &name,
-                work.as_fd(),
-                &temp,
-                data,
-                Some(&source),
-            )
-            .and_then(|()| {
-                sys::fs::rename_at(
-                    work.as_fd(),
-                    &temp,
-                    upper.as_fd(),
-                    &name,
-                    RenameKind::Replace,
-                )
-            });
-        if let Err(e) = staged {
-            let _ = super::remove_tree(work.as_fd(), &temp);
-            return Err(e);
-        }
+        self.publish_from_work(
+            |work, temp| {
+                self.stage_copy(inode, upper.as_fd(), &name, work, temp, data, Some(&source))
+            },
+            upper.as_fd(),
+            &name,
+            RenameKind::Replace,
+        )?;
         let full = sys::fs::stat_at(upper.as_fd(), &name)?;
         inode.state.write().layers = vec![LayerRef {
             layer: UPPER,

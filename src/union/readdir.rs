@@ -44,6 +44,25 @@ struct Merged {
     layer: usize,
 }
 
+/// The `.` and `..` entries every listing starts with (offsets 1 and 2).
+pub(crate) fn dot_entries(inode: &Inode) -> Vec<DirEntry> {
+    let parent = inode.state.read().parent;
+    vec![
+        DirEntry {
+            ino: inode.ino,
+            next_offset: 1,
+            kind: libc::S_IFDIR,
+            name: ".".into(),
+        },
+        DirEntry {
+            ino: parent,
+            next_offset: 2,
+            kind: libc::S_IFDIR,
+            name: "..".into(),
+        },
+    ]
+}
+
 impl Union {
     /// Lists the merged directory, `.` and `..` excluded.
     fn merge_listing(&self, inode: &Inode) -> Result<Vec<Merged>> {
@@ -99,21 +118,7 @@ impl Union {
         if let Some(r) = self.graft_snapshot(inode) {
             return r;
         }
-        let parent = inode.state.read().parent;
-        let mut entries = vec![
-            DirEntry {
-                ino: inode.ino,
-                next_offset: 1,
-                kind: libc::S_IFDIR,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: parent,
-                next_offset: 2,
-                kind: libc::S_IFDIR,
-                name: "..".into(),
-            },
-        ];
+        let mut entries = dot_entries(inode);
         // Upper entries here may carry an origin number: in a directory merged with
         // lower layers (copy-ups land there) or one marked impure.
         let upper_fd = match inode.state.read().top_layer() {

@@ -421,21 +421,7 @@ impl Union {
             let layer = self.grafts.list[gi].layer;
             let fd = self.dir_fd(inode, layer)?;
             let dev = self.layer(layer)?.dev;
-            let parent = inode.state.read().parent;
-            let mut entries = vec![
-                DirEntry {
-                    ino: inode.ino,
-                    next_offset: 1,
-                    kind: libc::S_IFDIR,
-                    name: ".".into(),
-                },
-                DirEntry {
-                    ino: parent,
-                    next_offset: 2,
-                    kind: libc::S_IFDIR,
-                    name: "..".into(),
-                },
-            ];
+            let mut entries = super::readdir::dot_entries(inode);
             for raw in sys::fs::read_dir(fd.as_fd())? {
                 let key = (dev ^ ((layer as u64 + 1) << 56), raw.ino);
                 let ino = match self.inodes.by_identity(key) {
@@ -502,17 +488,7 @@ impl Union {
             return self.statfs();
         };
         let graft = &self.grafts.list[gi];
-        let st = sys::fs::fstatfs(self.layer(graft.layer)?.root_fd())?;
-        let mut out = StatFs {
-            blocks: st.f_blocks,
-            bfree: st.f_bfree,
-            bavail: st.f_bavail,
-            files: st.f_files,
-            ffree: st.f_ffree,
-            bsize: st.f_bsize as u32,
-            namelen: 255,
-            frsize: st.f_frsize as u32,
-        };
+        let mut out = StatFs::of(self.layer(graft.layer)?.root_fd())?;
         if let Some(q) = &graft.quota {
             let unit = u64::from(out.frsize.max(1));
             let free = q.limit().saturating_sub(q.used()) / unit;

@@ -182,11 +182,7 @@ impl Union {
                 self.graft_release_space(gi, &st);
             }
             if let Some(c) = child {
-                let mut cs = c.state.write();
-                if cs.parent == parent && cs.name == name {
-                    cs.detached = true;
-                    cs.pinned = pinned;
-                }
+                c.detach_if_named(parent, name, pinned);
             }
             Ok(())
         })())
