@@ -143,6 +143,22 @@ impl Union {
         Ok(())
     }
 
+    /// Gives a staged copy its source's owner and mode (through the owner policy),
+    /// its xattrs, and the number it is shown with. `chmod` is false for symlinks.
+    fn copy_metadata(
+        &self,
+        inode: &Inode,
+        src: Target<'_>,
+        dst: Target<'_>,
+        st: &sys::fs::Stat,
+        chmod: bool,
+    ) -> Result<()> {
+        self.owner.copy(src, dst, st, chmod)?;
+        copy_xattrs(src, dst)?;
+        self.set_origin(dst, inode.ino);
+        Ok(())
+    }
+
     /// Builds an entry under a fresh name in the work directory with `build`, then
     /// renames it to `dst_dir/dst_name`; on any failure nothing is left in the work
     /// directory and the error is returned.
@@ -209,14 +225,13 @@ impl Union {
                     CopyData::No => {}
                     CopyData::Meta => self.stage_metacopy(&dst, st.st_size as u64)?,
                 }
-                self.owner.copy(
+                self.copy_metadata(
+                    inode,
                     Target::Entry(src_dir, name),
                     Target::Fd(dst.as_fd()),
                     &st,
                     true,
                 )?;
-                copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
-                self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
                 sys::fs::futimens(dst.as_fd(), times.0, times.1)?;
                 if self.opts.syncs {
                     sys::fs::fsync(&dst, false)?;
@@ -225,14 +240,13 @@ impl Union {
             libc::S_IFDIR => {
                 sys::fs::mkdir_at(work, temp, 0o700)?;
                 let dst = sys::fs::open_dir(work, temp)?;
-                self.owner.copy(
+                self.copy_metadata(
+                    inode,
                     Target::Entry(src_dir, name),
                     Target::Fd(dst.as_fd()),
                     &st,
                     true,
                 )?;
-                copy_xattrs(Target::Entry(src_dir, name), Target::Fd(dst.as_fd()))?;
-                self.set_origin(Target::Fd(dst.as_fd()), inode.ino);
                 // A directory reached through a redirect keeps it: its lower
                 // content is still there, not at its name.
                 if let Some(path) = inode.state.read().redirect.clone() {
@@ -243,26 +257,24 @@ impl Union {
             libc::S_IFLNK => {
                 let target = sys::fs::readlink_at(src_dir, name)?;
                 sys::fs::symlink_at(&target, work, temp)?;
-                self.owner.copy(
+                self.copy_metadata(
+                    inode,
                     Target::Entry(src_dir, name),
                     Target::Entry(work, temp),
                     &st,
                     false,
                 )?;
-                copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
-                self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             kind => {
                 sys::fs::mknod_at(work, temp, kind | mode, st.st_rdev)?;
-                self.owner.copy(
+                self.copy_metadata(
+                    inode,
                     Target::Entry(src_dir, name),
                     Target::Entry(work, temp),
                     &st,
                     true,
                 )?;
-                copy_xattrs(Target::Entry(src_dir, name), Target::Entry(work, temp))?;
-                self.set_origin(Target::Entry(work, temp), inode.ino);
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
         }
