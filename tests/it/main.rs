@@ -4,4 +4,5 @@ mod cli;
 mod differential;
 mod engine;
 mod fixture;
+mod model;
 mod mounted;
