@@ -19,6 +19,10 @@ pub struct OpenFile {
     pub writable: bool,
     /// The file is the upper layer's copy (the one all writers share).
     pub in_upper: bool,
+    /// For a reader opened on a lower file that was copied up since: the upper copy,
+    /// opened on first use, so that the reader sees what writers wrote since (as
+    /// with kernel overlayfs). Set once, never replaced.
+    upper_copy: std::sync::OnceLock<File>,
 }
 
 /// Access flags the daemon passes on to the real open. O_APPEND is dropped: the
@@ -90,6 +94,7 @@ impl Union {
             file,
             writable,
             in_upper,
+            upper_copy: std::sync::OnceLock::new(),
         });
         if let Some(inode) = self.inodes.get(ino) {
             inode.open_count.fetch_add(1, Ordering::AcqRel);
@@ -105,12 +110,42 @@ impl Union {
             .ok_or(Errno::BADF)
     }
 
+    /// The file a handle reads: its own, or the upper copy once a lower file it was
+    /// opened on has been copied up (then only the copy has the current data).
+    fn readable<'a>(&self, handle: &'a OpenFile) -> Result<&'a File> {
+        if handle.in_upper || handle.writable {
+            return Ok(&handle.file);
+        }
+        if let Some(copy) = handle.upper_copy.get() {
+            return Ok(copy);
+        }
+        let Some(inode) = self.inodes.get(handle.ino) else {
+            return Ok(&handle.file);
+        };
+        if inode.kind != libc::S_IFREG || !self.is_in_upper(&inode) {
+            return Ok(&handle.file);
+        }
+        let pinned = {
+            let st = inode.state.read();
+            if st.detached { st.pinned.clone() } else { None }
+        };
+        let copy = match pinned {
+            Some(fd) => sys::fs::reopen(fd.as_fd(), OFlags::RDONLY)?,
+            None => {
+                let (pfd, name, _) = self.entry_loc(&inode)?;
+                sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDONLY, 0)?
+            }
+        };
+        Ok(handle.upper_copy.get_or_init(|| copy))
+    }
+
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let handle = self.file(fh)?;
+        let file = self.readable(&handle)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            match sys::fs::pread(&handle.file, &mut buf[done..], offset + done as u64) {
+            match sys::fs::pread(file, &mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
@@ -165,7 +200,7 @@ impl Union {
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64> {
         let handle = self.file(fh)?;
-        sys::fs::lseek(&handle.file, offset, whence)
+        sys::fs::lseek(self.readable(&handle)?, offset, whence)
     }
 
     pub fn copy_file_range(
@@ -182,7 +217,7 @@ impl Union {
             return Err(Errno::BADF);
         }
         let len = len.min(1 << 30) as usize;
-        match sys::fs::copy_file_range(&src.file, off_in, &dst.file, off_out, len) {
+        match sys::fs::copy_file_range(self.readable(&src)?, off_in, &dst.file, off_out, len) {
             // Layers on different filesystems: copy through the daemon.
             Err(Errno::XDEV) => {
                 let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
