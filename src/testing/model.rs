@@ -21,6 +21,15 @@ pub enum Outcome {
     Names(Vec<String>),
     Stat(StatView),
     Target(String),
+    /// The model does not define the answer (see [`FdTarget::Unspecified`]).
+    Unspecified,
+}
+
+impl Outcome {
+    /// Whether `got` is an acceptable answer where the model expects `self`.
+    pub fn accepts(expected: &OpResult, got: &OpResult) -> bool {
+        matches!(expected, Ok(Outcome::Unspecified)) || expected == got
+    }
 }
 
 pub type OpResult = Result<Outcome, Errno>;
@@ -94,6 +103,26 @@ pub enum Node {
 pub struct Model {
     pub root: Dir,
     pub objs: Vec<Obj>,
+    /// Open descriptors by slot.
+    pub fds: [Option<Fd>; ops::FD_SLOTS],
+}
+
+/// An open descriptor: on an object (whatever names it has by now) or a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fd {
+    pub target: FdTarget,
+    pub write: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdTarget {
+    Obj(ObjId),
+    Dir,
+    /// A read-only descriptor on one of several lower hard links whose name was then
+    /// copied up: which copy it reads is the implementation's business (kernel
+    /// overlayfs follows the name it was opened by; stratafs keeps one inode for all
+    /// the links). Reads through it match any answer.
+    Unspecified,
 }
 
 /// One entry of a whole-tree snapshot: everything a user can read about it.
@@ -125,6 +154,7 @@ impl Model {
                 has_lower: true,
             },
             objs: Vec::new(),
+            fds: [None; ops::FD_SLOTS],
         };
         let all: Vec<usize> = (0..scenario.lowers.len()).collect();
         let mut ids: BTreeMap<(usize, Vec<&'static str>), ObjId> = BTreeMap::new();
@@ -335,6 +365,18 @@ impl Model {
         copy.nlink = 1;
         self.objs.push(copy);
         let new = self.objs.len() - 1;
+        // A descriptor opened before the copy-up reads the copy from now on (as with
+        // kernel overlayfs since 4.19), when there is no doubt which copy that is.
+        let single = self.objs[id].nlink == 1;
+        for fd in self.fds.iter_mut().flatten() {
+            if fd.target == FdTarget::Obj(id) {
+                fd.target = if single {
+                    FdTarget::Obj(new)
+                } else {
+                    FdTarget::Unspecified
+                };
+            }
+        }
         if let Some(n) = self.node_mut(path) {
             *n = Node::Obj(new);
         }
@@ -430,14 +472,7 @@ impl Model {
                 self.copy_up(path);
                 let data = Op::write_data(*len, *byte);
                 let off = ops::write_offset(*offset) as usize;
-                self.with_file(path, |f| {
-                    if f.len() < off + data.len() && !data.is_empty() {
-                        f.resize(off + data.len(), 0);
-                    }
-                    if !data.is_empty() {
-                        f[off..off + data.len()].copy_from_slice(&data);
-                    }
-                });
+                self.with_file(path, |f| write_at(f, off, &data));
                 Ok(Outcome::Done)
             }
             Op::Truncate { path, size } => {
@@ -525,7 +560,70 @@ impl Model {
                 }
                 Ok(Outcome::Done)
             }
-            Op::Remount => Ok(Outcome::Done),
+            Op::Open { slot, path, write } => {
+                let slot = ops::slot_of(*slot);
+                self.fds[slot] = None;
+                let target = match self.node_follow(path)? {
+                    Node::Dir(_) if *write => return Err(Errno::ISDIR),
+                    Node::Dir(_) => FdTarget::Dir,
+                    Node::Obj(_) => {
+                        if *write {
+                            self.copy_up(path);
+                        }
+                        match self.node_follow(path)? {
+                            Node::Obj(id) => FdTarget::Obj(*id),
+                            Node::Dir(_) => FdTarget::Dir,
+                        }
+                    }
+                };
+                self.fds[slot] = Some(Fd {
+                    target,
+                    write: *write,
+                });
+                Ok(Outcome::Done)
+            }
+            Op::FdWrite {
+                slot,
+                offset,
+                len,
+                byte,
+            } => {
+                let fd = self.fds[ops::slot_of(*slot)].ok_or(Errno::BADF)?;
+                let FdTarget::Obj(id) = fd.target else {
+                    return Err(Errno::BADF);
+                };
+                if !fd.write {
+                    return Err(Errno::BADF);
+                }
+                let data = Op::write_data(*len, *byte);
+                let off = ops::write_offset(*offset) as usize;
+                if let Content::File(f) = &mut self.objs[id].content {
+                    write_at(f, off, &data);
+                }
+                Ok(Outcome::Done)
+            }
+            Op::FdRead { slot } => {
+                let fd = self.fds[ops::slot_of(*slot)].ok_or(Errno::BADF)?;
+                if fd.write {
+                    return Err(Errno::BADF);
+                }
+                match fd.target {
+                    FdTarget::Dir => Err(Errno::ISDIR),
+                    FdTarget::Unspecified => Ok(Outcome::Unspecified),
+                    FdTarget::Obj(id) => match &self.objs[id].content {
+                        Content::File(d) => Ok(Outcome::Data(d.clone())),
+                        Content::Symlink(_) => Err(Errno::IO),
+                    },
+                }
+            }
+            Op::Close { slot } => self.fds[ops::slot_of(*slot)]
+                .take()
+                .map(|_| Outcome::Done)
+                .ok_or(Errno::BADF),
+            Op::Remount => {
+                self.fds = [None; ops::FD_SLOTS];
+                Ok(Outcome::Done)
+            }
         }
     }
 
@@ -728,6 +826,18 @@ impl Model {
             }
         }
     }
+}
+
+/// pwrite(2) on file content: extends with zeros as needed; writing nothing changes
+/// nothing.
+fn write_at(f: &mut Vec<u8>, off: usize, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    if f.len() < off + data.len() {
+        f.resize(off + data.len(), 0);
+    }
+    f[off..off + data.len()].copy_from_slice(data);
 }
 
 fn rel(comps: &[&str]) -> RelPath {

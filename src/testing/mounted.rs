@@ -23,6 +23,7 @@ pub struct MountedSubject {
     workdir: PathBuf,
     remount: Remount,
     kernel_overlay: bool,
+    fds: [Option<fs::File>; ops::FD_SLOTS],
 }
 
 impl MountedSubject {
@@ -35,6 +36,7 @@ impl MountedSubject {
             workdir: workdir.to_path_buf(),
             remount,
             kernel_overlay: false,
+            fds: [const { None }; ops::FD_SLOTS],
         }
     }
 
@@ -178,9 +180,48 @@ impl Subject for MountedSubject {
                 rustix::fs::lremovexattr(self.at(path), ops::xattr_name_of(*name))
                     .map_err(io::Error::from),
             ),
-            Op::Remount => (self.remount)()
+            Op::Open { slot, path, write } => {
+                let slot = ops::slot_of(*slot);
+                self.fds[slot] = None;
+                let f = OpenOptions::new()
+                    .read(!*write)
+                    .write(*write)
+                    .open(self.at(path))
+                    .map_err(errno)?;
+                self.fds[slot] = Some(f);
+                Ok(Outcome::Done)
+            }
+            Op::FdWrite {
+                slot,
+                offset,
+                len,
+                byte,
+            } => {
+                let f = self.fds[ops::slot_of(*slot)].as_ref().ok_or(Errno::BADF)?;
+                done(f.write_all_at(&Op::write_data(*len, *byte), ops::write_offset(*offset)))
+            }
+            Op::FdRead { slot } => {
+                let f = self.fds[ops::slot_of(*slot)].as_ref().ok_or(Errno::BADF)?;
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = f.read_at(&mut buf, data.len() as u64).map_err(errno)?;
+                    if n == 0 {
+                        return Ok(Outcome::Data(data));
+                    }
+                    data.extend_from_slice(&buf[..n]);
+                }
+            }
+            Op::Close { slot } => self.fds[ops::slot_of(*slot)]
+                .take()
                 .map(|_| Outcome::Done)
-                .map_err(|_| Errno::IO),
+                .ok_or(Errno::BADF),
+            Op::Remount => {
+                self.fds = [const { None }; ops::FD_SLOTS];
+                (self.remount)()
+                    .map(|_| Outcome::Done)
+                    .map_err(|_| Errno::IO)
+            }
         }
     }
 

@@ -30,6 +30,12 @@ pub const XATTR_VALUES: [&[u8]; 3] = [b"v0", b"value-1", b""];
 pub const MAX_OFFSET: u8 = 24;
 pub const MAX_WRITE: u8 = 8;
 pub const MAX_SIZE: u8 = 32;
+/// Descriptors an operation sequence may hold open at once.
+pub const FD_SLOTS: usize = 2;
+
+pub fn slot_of(slot: u8) -> usize {
+    slot as usize % FD_SLOTS
+}
 
 /// A relative path of 1..=MAX_DEPTH components, each an index into [`NAMES`].
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -191,7 +197,28 @@ pub enum Op {
         path: RelPath,
         name: u8,
     },
-    /// Unmount and mount the same directories again.
+    /// open(2) into descriptor slot `slot` (closing what it held): O_WRONLY when
+    /// `write`, else O_RDONLY (which a directory accepts too).
+    Open {
+        slot: u8,
+        path: RelPath,
+        write: bool,
+    },
+    /// pwrite through a slot.
+    FdWrite {
+        slot: u8,
+        offset: u8,
+        len: u8,
+        byte: u8,
+    },
+    /// Read a slot's file to the end with pread.
+    FdRead {
+        slot: u8,
+    },
+    Close {
+        slot: u8,
+    },
+    /// Close every descriptor, unmount and mount the same directories again.
     Remount,
 }
 
@@ -270,6 +297,12 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => (rel_path(), any::<u8>(), any::<u8>())
             .prop_map(|(path, name, value)| Op::SetXattr { path, name, value }),
         1 => (rel_path(), any::<u8>()).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
+        2 => (any::<u8>(), rel_path(), any::<bool>())
+            .prop_map(|(slot, path, write)| Op::Open { slot, path, write }),
+        2 => (any::<u8>(), 0..=MAX_OFFSET, 0..=MAX_WRITE, any::<u8>())
+            .prop_map(|(slot, offset, len, byte)| Op::FdWrite { slot, offset, len, byte }),
+        2 => any::<u8>().prop_map(|slot| Op::FdRead { slot }),
+        1 => any::<u8>().prop_map(|slot| Op::Close { slot }),
         1 => Just(Op::Remount),
     ]
 }

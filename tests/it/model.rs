@@ -91,6 +91,47 @@ fn pinned(lowers: Vec<LayerSpec>, ops: &[Op]) {
     }
 }
 
+/// Found by the model test: a reader that opened a lower file before a writer
+/// copied it up kept reading the lower data (the engine read from the fd it opened
+/// on the lower layer). It must see the upper copy, as with kernel overlayfs.
+#[test]
+fn reader_opened_before_copy_up_sees_the_copy() {
+    pinned(
+        vec![layer(&[("a", file(0, 0))])],
+        &[
+            Op::Open {
+                slot: 0,
+                path: p("a"),
+                write: false,
+            },
+            Op::Truncate {
+                path: p("a"),
+                size: 1,
+            },
+            Op::FdRead { slot: 0 },
+        ],
+    );
+    // The same after the name is gone: the reader reads the removed copy.
+    pinned(
+        vec![layer(&[("a/b", file(3, 1))])],
+        &[
+            Op::Open {
+                slot: 1,
+                path: p("a/b"),
+                write: false,
+            },
+            Op::Write {
+                path: p("a/b"),
+                offset: 1,
+                len: 4,
+                byte: 7,
+            },
+            Op::Unlink { path: p("a/b") },
+            Op::FdRead { slot: 1 },
+        ],
+    );
+}
+
 /// The model's own sanity: the layer merge it starts from, with both marker formats.
 #[test]
 fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
@@ -187,9 +228,7 @@ fn stratafs_mount_matches_model() {
         |s| s.normalized(true, false),
         Checks {
             tree_every_op: false,
-            // Not yet: a copied-up entry the kernel holds keeps its lower-derived
-            // st_ino until the remount, then gets one derived from its upper copy
-            // (the engine keeps no origin). The engine run (no kernel cache) checks it.
+            // Not yet kept by stratafs (see `Checks::stable_ino_across_remount`).
             stable_ino_across_remount: false,
         },
         false,
