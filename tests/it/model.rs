@@ -58,6 +58,39 @@ fn engine_matches_model_on_random_sequences() {
     }
 }
 
+/// The engine run again as root of a user namespace (`unshare -Ur`), as rootless
+/// podman runs it: no trusted.* xattrs, so lower layers carry AUFS-format markers and
+/// the engine marks opaque directories with user.overlay.opaque.
+#[test]
+fn engine_matches_model_in_a_user_namespace() {
+    if std::env::var_os("STRATAFS_MODEL_IN_USERNS").is_some() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new("unshare")
+        .arg("-Ur")
+        .arg(&exe)
+        .args([
+            "--exact",
+            "model::engine_matches_model_on_random_sequences",
+            "--test-threads=1",
+        ])
+        .env("STRATAFS_MODEL_IN_USERNS", "1")
+        .env("STRATAFS_MODEL_CASES", "600")
+        .output()
+        .expect("run unshare (util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "the model test in a user namespace failed ({}):\n{text}",
+        out.status
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Regressions: shrunk failures, pinned
 // ---------------------------------------------------------------------------------------
