@@ -61,6 +61,16 @@ fn done(r: io::Result<()>) -> OpResult {
     r.map(|_| Outcome::Done).map_err(errno)
 }
 
+/// One pwrite(2), even of nothing (`write_all_at` skips the call for an empty buffer,
+/// and with it the kernel's descriptor checks).
+fn pwrite(f: &fs::File, data: &[u8], offset: u64) -> OpResult {
+    match f.write_at(data, offset) {
+        Ok(n) if n == data.len() => Ok(Outcome::Done),
+        Ok(_) => Err(Errno::IO),
+        Err(e) => Err(errno(e)),
+    }
+}
+
 fn xattrs_at(p: &Path) -> io::Result<BTreeMap<String, Vec<u8>>> {
     let mut buf = vec![0u8; 4096];
     let n = rustix::fs::llistxattr(p, &mut buf)?;
@@ -104,14 +114,11 @@ impl Subject for MountedSubject {
                 offset,
                 len,
                 byte,
-            } => done(
-                OpenOptions::new()
-                    .write(true)
-                    .open(self.at(path))
-                    .and_then(|f| {
-                        f.write_all_at(&Op::write_data(*len, *byte), ops::write_offset(*offset))
-                    }),
-            ),
+            } => OpenOptions::new()
+                .write(true)
+                .open(self.at(path))
+                .map_err(errno)
+                .and_then(|f| pwrite(&f, &Op::write_data(*len, *byte), ops::write_offset(*offset))),
             // truncate(2) has no std wrapper; open+ftruncate answers the same errnos.
             Op::Truncate { path, size } => done(
                 OpenOptions::new()
@@ -198,7 +205,7 @@ impl Subject for MountedSubject {
                 byte,
             } => {
                 let f = self.fds[ops::slot_of(*slot)].as_ref().ok_or(Errno::BADF)?;
-                done(f.write_all_at(&Op::write_data(*len, *byte), ops::write_offset(*offset)))
+                pwrite(f, &Op::write_data(*len, *byte), ops::write_offset(*offset))
             }
             Op::FdRead { slot } => {
                 let f = self.fds[ops::slot_of(*slot)].as_ref().ok_or(Errno::BADF)?;
