@@ -127,13 +127,14 @@ pub struct EngineSubject {
     ws: Workspace,
     union: Option<Union>,
     held: Vec<Ino>,
-    /// Open descriptors by slot; each keeps one kernel reference on its inode.
+    /// Open descriptors by slot. While any is open nothing is forgotten: the
+    /// kernel's dentry of an open file pins its parents, also the new ones after a
+    /// rename, and keeping every reference is the simplest faithful stand-in.
     fds: [Option<OpenHandle>; ops::FD_SLOTS],
 }
 
 #[derive(Debug, Clone, Copy)]
 struct OpenHandle {
-    ino: Ino,
     fh: u64,
     dir: bool,
     write: bool,
@@ -160,6 +161,9 @@ impl EngineSubject {
     }
 
     fn forget_all(&mut self) {
+        if self.fds.iter().any(|f| f.is_some()) {
+            return;
+        }
         if let Some(u) = &self.union {
             for ino in self.held.drain(..) {
                 u.forget(ino, 1);
@@ -176,7 +180,6 @@ impl EngineSubject {
         } else {
             u.release(h.fh);
         }
-        u.forget(h.ino, 1);
         Ok(())
     }
 
@@ -413,12 +416,7 @@ impl EngineSubject {
                     };
                     u.open(attr.ino, flags)?.0
                 };
-                // The descriptor keeps the walk's reference on its inode.
-                if let Some(i) = self.held.iter().rposition(|h| *h == attr.ino) {
-                    self.held.remove(i);
-                }
                 self.fds[slot] = Some(OpenHandle {
-                    ino: attr.ino,
                     fh,
                     dir,
                     write: *write,
@@ -724,16 +722,12 @@ impl Subject for EngineSubject {
         if !problems.is_empty() {
             return Err(problems.join("\n"));
         }
-        if let Some(u) = &self.union {
-            let open: std::collections::BTreeSet<Ino> =
-                self.fds.iter().flatten().map(|h| h.ino).collect();
-            let allowed = 1 + open.iter().filter(|i| **i != ROOT_INO).count();
-            if u.inode_count() > allowed {
+        let all_closed = self.fds.iter().all(|f| f.is_none());
+        if let (Some(u), true) = (&self.union, all_closed) {
+            if u.inode_count() != 1 {
                 return Err(format!(
-                    "{} inodes remain after every lookup was forgotten (only the root \
-                     and {} open may)",
-                    u.inode_count(),
-                    open.len()
+                    "{} inodes remain after every lookup was forgotten (only the root may)",
+                    u.inode_count()
                 ));
             }
         }
