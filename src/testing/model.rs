@@ -906,7 +906,7 @@ pub fn diff_snapshots(expected: &Snapshot, got: &Snapshot) -> Vec<String> {
         for b in &paths[i + 1..] {
             let want = expected.identity[*a] == expected.identity[*b];
             let have = got.identity[*a] == got.identity[*b];
-            let one_lower_file = expected.lower_origin.get(*a).is_some()
+            let one_lower_file = expected.lower_origin.contains_key(*a)
                 && expected.lower_origin.get(*a) == expected.lower_origin.get(*b);
             if !want && have && one_lower_file && lower_links_may_share_ino() {
                 continue;
