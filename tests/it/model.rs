@@ -20,7 +20,7 @@ use crate::fixture::{self, KernelOverlay, Layers, StrataMount};
 /// `STRATAFS_MODEL_SEED=N` changes it and `STRATAFS_MODEL_CASES=N` sets the count.
 const SEED: [u8; 32] = *b"stratafs-model-test-seed-2026-11";
 /// Cases per run of the engine property test.
-const ENGINE_CASES: u32 = 3000;
+const ENGINE_CASES: u32 = 5000;
 const MAX_OPS: usize = 40;
 
 fn env_u32(name: &str) -> Option<u32> {
@@ -233,6 +233,10 @@ fn root_mode(l: &Layers) -> u32 {
     std::fs::metadata(&l.upper).expect("upper").mode() & 0o7777
 }
 
+/// The two mounted model tests take turns: while one unmounts, a fork of the other
+/// (spawning mount or fusermount3) may briefly hold copies of its descriptors.
+static MOUNTED_MODEL_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs generated cases on a mount made by `mount` (which returns a remount closure).
 fn mounted_cases(
     native_scenario: impl Fn(&Scenario) -> Scenario,
@@ -240,6 +244,9 @@ fn mounted_cases(
     kernel: bool,
     mount: impl Fn(&Layers) -> Box<dyn FnMut() -> Result<(), String>>,
 ) {
+    let _turn = MOUNTED_MODEL_TESTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let result = runner(MOUNT_CASES, 64).run(&case(), |(scenario, ops)| {
         let scenario = native_scenario(&scenario);
         let l = mounted_layers(&scenario);
