@@ -55,16 +55,25 @@ impl Union {
             };
             self.copy_up(&inode, data)?;
         }
-        let (pfd, name, _) = self.entry_loc(&inode)?;
         let mut oflags = real_open_flags(flags);
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
         }
-        let file = match inode.kind {
-            libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
-            // Special files are served by the kernel (FUSE never sees their I/O);
-            // an O_PATH handle is enough to answer fstat-style requests.
-            _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+        let file = match self.entry_loc(&inode) {
+            Ok((pfd, name, _)) => match inode.kind {
+                libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
+                // Special files are served by the kernel (FUSE never sees their I/O);
+                // an O_PATH handle is enough to answer fstat-style requests.
+                _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+            },
+            // The name the inode was last reached by is gone, yet the kernel still
+            // reaches the object: by another hard link whose entry it has cached, or
+            // by reopening a descriptor of it. The pinned handle is that object.
+            Err(Errno::NOENT) if inode.kind == libc::S_IFREG => {
+                let pinned = inode.state.read().pinned_if_detached();
+                sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?
+            }
+            Err(e) => return Err(e),
         };
         let in_upper = self.is_in_upper(&inode);
         Ok(self.register_file(ino, file, write, in_upper))
@@ -125,10 +134,7 @@ impl Union {
         if inode.kind != libc::S_IFREG || !self.is_in_upper(&inode) {
             return Ok(&handle.file);
         }
-        let pinned = {
-            let st = inode.state.read();
-            if st.detached { st.pinned.clone() } else { None }
-        };
+        let pinned = inode.state.read().pinned_if_detached();
         let copy = match pinned {
             Some(fd) => sys::fs::reopen(fd.as_fd(), OFlags::RDONLY)?,
             None => {

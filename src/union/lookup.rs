@@ -256,10 +256,7 @@ impl Union {
             let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
             sys::fs::fstat(self.dir_fd(inode, top)?.as_fd())?
         } else {
-            let pinned = {
-                let st = inode.state.read();
-                if st.detached { st.pinned.clone() } else { None }
-            };
+            let pinned = inode.state.read().pinned_if_detached();
             match pinned {
                 Some(fd) => sys::fs::fstat(fd.as_fd())?,
                 None => {
