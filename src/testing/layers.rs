@@ -69,10 +69,12 @@ pub struct LayerSpec {
     pub entries: BTreeMap<RelPath, LowerEntry>,
 }
 
-/// The lower layers of one run, top-most first. The upper layer starts empty.
+/// The layers one run starts from: lowers top-most first, and what the upper layer
+/// already holds (as after an earlier session: files, whiteouts, opaque dirs).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scenario {
     pub lowers: Vec<LayerSpec>,
+    pub upper: LayerSpec,
 }
 
 pub const MAX_LOWERS: usize = 3;
@@ -96,7 +98,12 @@ impl<'a> Arbitrary<'a> for Scenario {
         for _ in 0..n {
             lowers.push(LayerSpec::arbitrary(u)?);
         }
-        Ok(Scenario { lowers })
+        let upper = if u.ratio(1, 3)? {
+            LayerSpec::arbitrary(u)?
+        } else {
+            LayerSpec::default()
+        };
+        Ok(Scenario { lowers, upper })
     }
 }
 
@@ -126,9 +133,11 @@ fn layer_spec() -> impl Strategy<Value = LayerSpec> {
         .prop_map(|entries| LayerSpec { entries })
 }
 
-/// One to three lower layers.
+/// One to three lower layers; an upper that starts empty two times in three.
 pub fn scenario() -> impl Strategy<Value = Scenario> {
-    prop::collection::vec(layer_spec(), 1..=MAX_LOWERS).prop_map(|lowers| Scenario { lowers })
+    let upper = prop_oneof![2 => Just(LayerSpec::default()), 1 => layer_spec()];
+    (prop::collection::vec(layer_spec(), 1..=MAX_LOWERS), upper)
+        .prop_map(|(lowers, upper)| Scenario { lowers, upper })
 }
 
 impl Scenario {
@@ -144,14 +153,33 @@ impl Scenario {
             .iter()
             .map(|layer| normalize_layer(layer, native_only, rootless))
             .collect();
-        Scenario { lowers }
+        let upper = normalize_layer(&self.upper, native_only, rootless);
+        Scenario { lowers, upper }
+    }
+
+    /// Every layer top-down: the upper (index 0), then the lowers.
+    pub fn layers_top_down(&self) -> Vec<&LayerSpec> {
+        std::iter::once(&self.upper).chain(&self.lowers).collect()
     }
 
     /// Writes lower `i` under `dir` (which must exist and be empty).
     pub fn build_layer(&self, i: usize, dir: &Path) -> io::Result<()> {
-        let Some(layer) = self.lowers.get(i) else {
-            return Ok(());
-        };
+        match self.lowers.get(i) {
+            Some(layer) => layer.build(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the upper layer's initial content under `dir`.
+    pub fn build_upper(&self, dir: &Path) -> io::Result<()> {
+        self.upper.build(dir)
+    }
+}
+
+impl LayerSpec {
+    /// Writes the layer under `dir` (which must exist and be empty).
+    pub fn build(&self, dir: &Path) -> io::Result<()> {
+        let layer = self;
         for (path, entry) in &layer.entries {
             build_entry(dir, path, entry)?;
         }

@@ -76,6 +76,9 @@ pub fn lower_links_may_share_ino() -> bool {
 
 pub type ObjId = usize;
 
+/// Index of the upper layer among the layers [`Model::from_scenario`] merges.
+const UPPER_LAYER: usize = 0;
+
 /// A non-directory: what any of its names shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Obj {
@@ -159,8 +162,8 @@ pub struct Snapshot {
 }
 
 impl Model {
-    /// The merged view of the scenario's lowers under an empty upper. `root_mode` is
-    /// the upper root's permission bits (the merged root shows the upper's).
+    /// The merged view of the scenario's layers. `root_mode` is the upper root's
+    /// permission bits (the merged root shows the upper's).
     pub fn from_scenario(scenario: &Scenario, root_mode: u32) -> Model {
         let mut model = Model {
             root: Dir {
@@ -172,9 +175,11 @@ impl Model {
             objs: Vec::new(),
             fds: [None; ops::FD_SLOTS],
         };
-        let all: Vec<usize> = (0..scenario.lowers.len()).collect();
+        // Layer 0 is the upper layer, the lowers follow.
+        let layers: Vec<LayerSpec> = scenario.layers_top_down().into_iter().cloned().collect();
+        let all: Vec<usize> = (0..layers.len()).collect();
         let mut ids: BTreeMap<(usize, Vec<&'static str>), ObjId> = BTreeMap::new();
-        let children = model.merge_dir(&scenario.lowers, &all, &[], &mut ids);
+        let children = model.merge_dir(&layers, &all, &[], &mut ids);
         model.root.children = children;
         model
     }
@@ -244,7 +249,7 @@ impl Model {
                         children,
                         mode,
                         xattrs: xattr_map(xattr),
-                        has_lower: true,
+                        has_lower: dir_layers.iter().any(|l| *l != UPPER_LAYER),
                     }),
                 );
             } else if let Some((l, entry)) = object {
@@ -313,7 +318,11 @@ impl Model {
         };
         self.objs.push(obj);
         let id = self.objs.len() - 1;
-        self.objs[id].origin = Some(id);
+        if layer == UPPER_LAYER {
+            self.objs[id].lower = false;
+        } else {
+            self.objs[id].origin = Some(id);
+        }
         ids.insert((layer, canonical), id);
         id
     }

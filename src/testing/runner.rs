@@ -104,6 +104,9 @@ impl Workspace {
             fs::set_permissions(d, fs::Permissions::from_mode(0o755))
                 .map_err(|e| format!("{}: {e}", d.display()))?;
         }
+        scenario
+            .build_upper(&upper)
+            .map_err(|e| format!("building the upper layer: {e}"))?;
         Ok(Workspace {
             lowers,
             upper,

@@ -119,7 +119,11 @@ fn dir() -> LowerEntry {
 }
 
 fn pinned(lowers: Vec<LayerSpec>, ops: &[Op]) {
-    if let Err(e) = run_engine(&Scenario { lowers }, ops, Checks::default()) {
+    let scenario = Scenario {
+        lowers,
+        upper: LayerSpec::default(),
+    };
+    if let Err(e) = run_engine(&scenario, ops, Checks::default()) {
         panic!("{e}");
     }
 }
@@ -165,6 +169,63 @@ fn reader_opened_before_copy_up_sees_the_copy() {
     );
 }
 
+/// Found by the mounted model test: with both names cached by the kernel, removing
+/// the name a hard-linked file was last reached by made the other name answer
+/// ENOENT to open (`echo x > a; ln a c; rm c; cat a`). The engine now opens the
+/// object through the handle it pinned at the removal.
+#[test]
+fn other_hard_link_opens_after_the_last_used_name_is_removed() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let ops = [
+        Op::Create {
+            path: p("a"),
+            mode: 0,
+        },
+        Op::Write {
+            path: p("a"),
+            offset: 0,
+            len: 3,
+            byte: b'x',
+        },
+        Op::Link {
+            from: p("a"),
+            to: p("c"),
+        },
+        Op::Unlink { path: p("c") },
+        Op::Read { path: p("a") },
+        Op::Write {
+            path: p("a"),
+            offset: 3,
+            len: 1,
+            byte: b'y',
+        },
+        Op::Read { path: p("a") },
+    ];
+    let scenario = Scenario {
+        lowers: vec![LayerSpec::default()],
+        upper: LayerSpec::default(),
+    };
+    let l = mounted_layers(&scenario);
+    let m = Rc::new(RefCell::new(StrataMount::new(&l)));
+    let remount: Box<dyn FnMut() -> Result<(), String>> = Box::new(move || {
+        m.borrow_mut().remount();
+        Ok(())
+    });
+    let mut subject = MountedSubject::new(&l.merged, &l.upper, &l.work, remount);
+    let mut model = Model::from_scenario(&scenario, root_mode(&l));
+    // No tree walk between operations: its readdirplus would look `a` up again and
+    // so hide the bug.
+    let checks = Checks {
+        tree_every_op: false,
+        stable_ino_across_remount: false,
+    };
+    if let Err(f) = check_sequence(&mut model, &mut subject, &ops, checks) {
+        panic!("{f}");
+    }
+}
+
 /// The model's own sanity: the layer merge it starts from, with both marker formats.
 #[test]
 fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
@@ -192,6 +253,7 @@ fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
         ]);
         let scenario = Scenario {
             lowers: vec![top, bottom],
+            upper: LayerSpec::default(),
         };
         let mut model = Model::from_scenario(&scenario, 0o755);
         let names = |m: &mut Model, path| m.apply(&Op::Readdir { path });
@@ -225,6 +287,7 @@ fn mounted_layers(scenario: &Scenario) -> Layers {
     for (i, dir) in l.lowers.iter().enumerate() {
         scenario.build_layer(i, dir).expect("build layer");
     }
+    scenario.build_upper(&l.upper).expect("build upper");
     l
 }
 
@@ -334,7 +397,10 @@ fn without_lower_hard_links(s: &Scenario) -> Scenario {
                 .collect(),
         })
         .collect();
-    Scenario { lowers }
+    Scenario {
+        lowers,
+        upper: s.upper.clone(),
+    }
 }
 
 /// The scenario without what kernel overlayfs deliberately treats otherwise (lower
@@ -344,36 +410,41 @@ fn without_lower_hard_links(s: &Scenario) -> Scenario {
 /// one below. The kernel lists such a directory straight from its layer, whiteouts
 /// included (it assumes a layer never whites out what no layer below has).
 fn kernel_comparable(s: &Scenario) -> Scenario {
-    let lowers = s
-        .lowers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| LayerSpec {
-            entries: l
-                .entries
-                .iter()
-                .filter(|(path, e)| match e {
-                    LowerEntry::Whiteout(_) => {
-                        let parent = path.parent();
-                        parent.is_empty() || dir_layers(s, &parent) != [i]
-                    }
-                    _ => true,
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        })
-        .collect();
-    Scenario { lowers }
+    let all = s.layers_top_down();
+    let keep = |i: usize, l: &LayerSpec| LayerSpec {
+        entries: l
+            .entries
+            .iter()
+            .filter(|(path, e)| match e {
+                LowerEntry::Whiteout(_) => {
+                    let parent = path.parent();
+                    parent.is_empty() || dir_layers(&all, &parent) != [i]
+                }
+                _ => true,
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    Scenario {
+        upper: keep(0, &s.upper),
+        lowers: s
+            .lowers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| keep(i + 1, l))
+            .collect(),
+    }
 }
 
-/// The lower layers merged into the directory `dir` (top-down), as lookup finds them.
-fn dir_layers(s: &Scenario, dir: &[&str]) -> Vec<usize> {
-    let mut layers: Vec<usize> = (0..s.lowers.len()).collect();
+/// The layers (indices into `layers`, top-down) merged into the directory `dir`, as
+/// lookup finds them.
+fn dir_layers(layers: &[&LayerSpec], dir: &[&str]) -> Vec<usize> {
+    let mut merged: Vec<usize> = (0..layers.len()).collect();
     for depth in 1..=dir.len() {
         let path = p(&dir[..depth].join("/"));
         let mut next = Vec::new();
-        for &l in &layers {
-            match s.lowers[l].entries.get(&path) {
+        for &l in &merged {
+            match layers[l].entries.get(&path) {
                 None => continue,
                 Some(LowerEntry::Dir { opaque, .. }) => {
                     next.push(l);
@@ -384,7 +455,7 @@ fn dir_layers(s: &Scenario, dir: &[&str]) -> Vec<usize> {
                 Some(_) => break,
             }
         }
-        layers = next;
+        merged = next;
     }
-    layers
+    merged
 }
