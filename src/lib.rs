@@ -11,6 +11,8 @@ pub mod fuse;
 pub mod layer;
 pub mod options;
 pub mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod union;
 pub mod volume;
 

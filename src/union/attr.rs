@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
-use super::{Attr, Errno, Ino, Result, SetAttr, SetTime, StatFs, UPPER, Union};
+use super::{Attr, Errno, Ino, Result, SetAttr, SetTime, StatFs, Union};
 use crate::sys::{self, fs::TimeSpec, xattr::Target};
 
 fn time_spec(t: Option<SetTime>) -> TimeSpec {
@@ -64,32 +64,18 @@ impl Union {
             }
         }
 
-        if inode.is_dir() {
-            // The writable copy: upper, or the graft's directory.
-            let top = inode.state.read().top_layer().unwrap_or(UPPER);
-            let fd = self.dir_fd(&inode, top)?;
-            self.owner
-                .change(Target::Fd(fd.as_fd()), set.uid, set.gid, set.mode)?;
-            if set.atime.is_some() || set.mtime.is_some() {
-                sys::fs::utimens_fd(fd.as_fd(), time_spec(set.atime), time_spec(set.mtime))?;
+        // The writable copy (upper, or the graft's directory), by name or by handle.
+        self.object_target(&inode, |t| {
+            self.owner.change(t, set.uid, set.gid, set.mode)?;
+            if set.atime.is_none() && set.mtime.is_none() {
+                return Ok(());
             }
-        } else {
-            let (pfd, name, _) = self.entry_loc(&inode)?;
-            self.owner.change(
-                Target::Entry(pfd.as_fd(), &name),
-                set.uid,
-                set.gid,
-                set.mode,
-            )?;
-            if set.atime.is_some() || set.mtime.is_some() {
-                sys::fs::utimens_at(
-                    pfd.as_fd(),
-                    &name,
-                    time_spec(set.atime),
-                    time_spec(set.mtime),
-                )?;
+            let (atime, mtime) = (time_spec(set.atime), time_spec(set.mtime));
+            match t {
+                Target::Fd(fd) => sys::fs::utimens_fd(fd, atime, mtime),
+                Target::Entry(dir, name) => sys::fs::utimens_at(dir, name, atime, mtime),
             }
-        }
+        })?;
         self.getattr(ino)
     }
 

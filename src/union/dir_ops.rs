@@ -625,6 +625,7 @@ impl Union {
     /// Writes the redirect a directory with lower content needs before its upper copy
     /// is renamed; returns it.
     fn redirect_before_move(&self, dir: &Inode) -> Result<std::ffi::OsString> {
+        self.link_up_groups_under(dir)?;
         let origin = self.lower_path(dir)?;
         self.set_redirect(self.dir_fd(dir, UPPER)?.as_fd(), &origin)?;
         Ok(origin)

@@ -19,6 +19,10 @@ pub struct OpenFile {
     pub writable: bool,
     /// The file is the upper layer's copy (the one all writers share).
     pub in_upper: bool,
+    /// For a reader opened on a lower file that was copied up since: the upper copy,
+    /// opened on first use, so that the reader sees what writers wrote since (as
+    /// with kernel overlayfs). Set once, never replaced.
+    upper_copy: std::sync::OnceLock<File>,
 }
 
 /// Access flags the daemon passes on to the real open. O_APPEND is dropped: the
@@ -51,7 +55,6 @@ impl Union {
             };
             self.copy_up(&inode, data)?;
         }
-        let (pfd, name) = self.data_loc(&inode)?;
         let _charge = if flags & libc::O_TRUNC != 0 {
             self.quota_charge(ino, |_| 0)?
         } else {
@@ -61,11 +64,21 @@ impl Union {
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
         }
-        let file = match inode.kind {
-            libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
-            // Special files are served by the kernel (FUSE never sees their I/O);
-            // an O_PATH handle is enough to answer fstat-style requests.
-            _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+        let file = match self.data_loc(&inode) {
+            Ok((pfd, name)) => match inode.kind {
+                libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
+                // Special files are served by the kernel (FUSE never sees their I/O);
+                // an O_PATH handle is enough to answer fstat-style requests.
+                _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+            },
+            // The name the inode was last reached by is gone, yet the kernel still
+            // reaches the object: by another hard link whose entry it has cached, or
+            // by reopening a descriptor of it. The pinned handle is that object.
+            Err(Errno::NOENT) if inode.kind == libc::S_IFREG => {
+                let pinned = inode.state.read().pinned_if_detached();
+                sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?
+            }
+            Err(e) => return Err(e),
         };
         let in_upper = self.has_upper_data(&inode);
         Ok(self.register_file(ino, file, write, in_upper))
@@ -95,6 +108,7 @@ impl Union {
             file,
             writable,
             in_upper,
+            upper_copy: std::sync::OnceLock::new(),
         });
         if let Some(inode) = self.inodes.get(ino) {
             inode.open_count.fetch_add(1, Ordering::AcqRel);
@@ -110,12 +124,39 @@ impl Union {
             .ok_or(Errno::BADF)
     }
 
+    /// The file a handle reads: its own, or the upper copy once a lower file it was
+    /// opened on has been copied up (then only the copy has the current data).
+    fn readable<'a>(&self, handle: &'a OpenFile) -> Result<&'a File> {
+        if handle.in_upper || handle.writable {
+            return Ok(&handle.file);
+        }
+        if let Some(copy) = handle.upper_copy.get() {
+            return Ok(copy);
+        }
+        let Some(inode) = self.inodes.get(handle.ino) else {
+            return Ok(&handle.file);
+        };
+        if inode.kind != libc::S_IFREG || !self.has_upper_data(&inode) {
+            return Ok(&handle.file);
+        }
+        let pinned = inode.state.read().pinned_if_detached();
+        let copy = match pinned {
+            Some(fd) => sys::fs::reopen(fd.as_fd(), OFlags::RDONLY)?,
+            None => {
+                let (pfd, name, _) = self.entry_loc(&inode)?;
+                sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDONLY, 0)?
+            }
+        };
+        Ok(handle.upper_copy.get_or_init(|| copy))
+    }
+
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let handle = self.file(fh)?;
+        let file = self.readable(&handle)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            match sys::fs::pread(&handle.file, &mut buf[done..], offset + done as u64) {
+            match sys::fs::pread(file, &mut buf[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
@@ -173,7 +214,7 @@ impl Union {
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64> {
         let handle = self.file(fh)?;
-        sys::fs::lseek(&handle.file, offset, whence)
+        sys::fs::lseek(self.readable(&handle)?, offset, whence)
     }
 
     pub fn copy_file_range(
@@ -193,7 +234,7 @@ impl Union {
         let copied = {
             let end = off_out.saturating_add(len as u64);
             let _charge = self.quota_charge(dst.ino, |old| old.max(end))?;
-            sys::fs::copy_file_range(&src.file, off_in, &dst.file, off_out, len)
+            sys::fs::copy_file_range(self.readable(&src)?, off_in, &dst.file, off_out, len)
         };
         match copied {
             // Layers on different filesystems: copy through the daemon.

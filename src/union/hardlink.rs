@@ -11,8 +11,10 @@
 //!   crash in between, the next copy-up of any name of the group finds the index
 //!   entry and links the remaining names to it instead of copying again.
 //! - Names are found by one walk of the lower layer, done on the first copy-up of a
-//!   multiply-linked file of that layer. A name whose path in the merged view leads
-//!   elsewhere (removed, hidden, or under a renamed directory) is not linked.
+//!   multiply-linked file of that layer (or the first move of a directory with lower
+//!   content). A name whose path in the merged view leads elsewhere (removed or
+//!   hidden) is not linked; a directory with lower content links up the groups with
+//!   names inside it before it moves, so that none of their names is left behind.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -152,6 +154,49 @@ impl Union {
         index: &Arc<OwnedFd>,
         key: &OsStr,
     ) -> Result<()> {
+        self.at_lower_alias(path, lower, src_layer, |dir, last, _| {
+            self.copy_up(dir, CopyData::Yes)?;
+            let upper = self.dir_fd(dir, UPPER)?;
+            let copy = sys::fs::stat_at(index.as_fd(), key)?;
+            link_or_same(index.as_fd(), key, upper.as_fd(), last, copy.st_ino)
+        })
+    }
+
+    /// Before a directory with lower content moves, the names inside it stop being
+    /// at their layer paths, where a later group link-up looks for them: so every
+    /// not yet copied-up hard-link group with a name inside it is linked up first.
+    pub(crate) fn link_up_groups_under(&self, dir: &Inode) -> Result<()> {
+        let prefix = super::redirect::join(&self.lower_path(dir)?, OsStr::new(""));
+        let layers: Vec<LayerIdx> = dir.state.read().layers.iter().map(|l| l.layer).collect();
+        for idx in layers.into_iter().filter(|i| *i != UPPER || !self.upper) {
+            let dev = self.layer(idx)?.dev;
+            let inside: Vec<(u64, OsString)> = self
+                .aliases(idx)?
+                .iter()
+                .flat_map(|(ino, paths)| paths.iter().map(move |p| (*ino, p.clone())))
+                .filter(|(_, p)| p.as_bytes().starts_with(prefix.as_bytes()))
+                .collect();
+            for (ino, path) in inside {
+                self.at_lower_alias(&path, (dev, ino), idx, |parent, last, found| {
+                    let inode = self.adopt(parent.ino, last, found)?;
+                    let copied = self.copy_up(&inode, CopyData::Yes);
+                    self.inodes.forget(inode.ino, 1);
+                    copied
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(parent, name, found)` when `path` of the merged view shows the lower
+    /// object `lower` of layer `src_layer`; does nothing otherwise.
+    fn at_lower_alias(
+        &self,
+        path: &OsStr,
+        lower: (u64, u64),
+        src_layer: LayerIdx,
+        f: impl FnOnce(&Arc<Inode>, &OsStr, super::lookup::Found) -> Result<()>,
+    ) -> Result<()> {
         let comps: Vec<&OsStr> = path
             .as_bytes()
             .split(|b| *b == b'/')
@@ -184,10 +229,7 @@ impl Union {
             if !shows_lower {
                 return Ok(());
             }
-            self.copy_up(&cur, CopyData::Yes)?;
-            let upper = self.dir_fd(&cur, UPPER)?;
-            let copy = sys::fs::stat_at(index.as_fd(), key)?;
-            link_or_same(index.as_fd(), key, upper.as_fd(), last, copy.st_ino)
+            f(&cur, last, found)
         })();
         for inode in held {
             self.inodes.forget(inode.ino, 1);

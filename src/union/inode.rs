@@ -61,6 +61,15 @@ pub struct InodeState {
 }
 
 impl InodeState {
+    /// The handle on a detached entry's object, if it was pinned.
+    pub fn pinned_if_detached(&self) -> Option<Arc<OwnedFd>> {
+        if self.detached {
+            self.pinned.clone()
+        } else {
+            None
+        }
+    }
+
     pub fn top_layer(&self) -> Option<LayerIdx> {
         self.layers.first().map(|l| l.layer)
     }

@@ -92,7 +92,7 @@ impl Union {
         }
         let fd = match redirect {
             Some(path) => match redirect::walk(self.layer(idx)?.root_fd(), &path)? {
-                redirect::Walk::Dir(fd) => Arc::new(fd),
+                redirect::Walk::Dir { fd, .. } => Arc::new(fd),
                 _ => return Err(Errno::STALE),
             },
             None => {
@@ -130,6 +130,28 @@ impl Union {
         let p = self.inode(parent)?;
         let pfd = self.dir_fd(&p, layer)?;
         Ok((pfd, name, layer))
+    }
+
+    /// Runs `f` on the object `inode` stands for, named for metadata calls (owner,
+    /// mode, times, xattrs): a directory's top copy; a removed entry's pinned handle
+    /// (the kernel may still reach it by another hard link or an open fd); else its
+    /// name in its layer.
+    pub(crate) fn object_target<T>(
+        &self,
+        inode: &Inode,
+        f: impl FnOnce(Target<'_>) -> Result<T>,
+    ) -> Result<T> {
+        if inode.is_dir() {
+            let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
+            let fd = self.dir_fd(inode, top)?;
+            return f(Target::Fd(fd.as_fd()));
+        }
+        let pinned = inode.state.read().pinned_if_detached();
+        if let Some(fd) = pinned {
+            return f(Target::Fd(fd.as_fd()));
+        }
+        let (pfd, name, _) = self.entry_loc(inode)?;
+        f(Target::Entry(pfd.as_fd(), &name))
     }
 
     /// Resolves `name` in the merged directory `parent`; `None` when it does not exist.
@@ -223,12 +245,11 @@ impl Union {
     fn follow_redirect(&self, found: &mut Found, top: LayerIdx, path: &OsStr) -> Result<()> {
         let bottom = self.bottom_layer();
         for idx in top + 1..=bottom {
-            let fd = match redirect::walk(self.layer(idx)?.root_fd(), path)? {
-                redirect::Walk::Dir(fd) => fd,
+            let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), path)? {
+                redirect::Walk::Dir { fd, opaque } => (fd, opaque),
                 redirect::Walk::Missing => continue,
                 redirect::Walk::Stop => break,
             };
-            let opaque = idx < bottom && whiteout::dir_is_opaque(fd.as_fd())?;
             found.layers.push(LayerRef {
                 layer: idx,
                 fd: Some(Arc::new(fd)),
@@ -354,10 +375,7 @@ impl Union {
             let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
             sys::fs::fstat(self.dir_fd(inode, top)?.as_fd())?
         } else {
-            let pinned = {
-                let st = inode.state.read();
-                if st.detached { st.pinned.clone() } else { None }
-            };
+            let pinned = inode.state.read().pinned_if_detached();
             match pinned {
                 Some(fd) => sys::fs::fstat(fd.as_fd())?,
                 None => {

@@ -17,8 +17,6 @@
 //!   (`xattr_permissions`, or a layer root carrying one, which is how containers/storage
 //!   marks layers it extracted that way).
 
-use std::os::fd::{AsFd, BorrowedFd};
-
 use super::inode::Inode;
 use super::override_stat::{self, Kind, OverrideStat};
 use super::{Attr, Caller, Errno, Result, Union};
@@ -359,32 +357,13 @@ impl OwnerPolicy {
 }
 
 impl Union {
-    /// An xattr target for `inode`'s top-most object, for reading its override.
-    fn override_target<T>(&self, inode: &Inode, f: impl FnOnce(Target<'_>) -> T) -> Result<T> {
-        if inode.is_dir() {
-            let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
-            let fd = self.dir_fd(inode, top)?;
-            return Ok(f(Target::Fd(fd.as_fd())));
-        }
-        let pinned = {
-            let st = inode.state.read();
-            if st.detached { st.pinned.clone() } else { None }
-        };
-        if let Some(fd) = pinned {
-            let b: BorrowedFd<'_> = fd.as_fd();
-            return Ok(f(Target::Fd(b)));
-        }
-        let (pfd, name, _) = self.entry_loc(inode)?;
-        Ok(f(Target::Entry(pfd.as_fd(), &name)))
-    }
-
     /// The attributes the kernel is shown for `inode`, given those of its real object.
     pub(crate) fn shown_attr(&self, inode: &Inode, mut attr: Attr) -> Attr {
         if self.owner.is_plain() {
             return attr;
         }
         let ov = if self.owner.read_xattrs {
-            self.override_target(inode, |t| self.owner.read_override(t))
+            self.object_target(inode, |t| Ok(self.owner.read_override(t)))
                 .ok()
                 .flatten()
         } else {

@@ -65,17 +65,22 @@ pub(crate) fn join(dir: &OsStr, name: &OsStr) -> OsString {
 
 /// Where a path leads in one layer.
 pub(crate) enum Walk {
-    Dir(OwnedFd),
+    /// A directory; `opaque` when it or a directory on the way to it is opaque, so
+    /// that the layers below contribute nothing more.
+    Dir { fd: OwnedFd, opaque: bool },
     /// Nothing there: the layer contributes nothing, the layers below may.
     Missing,
-    /// A whiteout or a non-directory: the layers below are hidden too.
+    /// A whiteout, a non-directory or an opaque directory on the way: this layer
+    /// contributes nothing and hides the layers below.
     Stop,
 }
 
 /// Follows an absolute lower path from a layer's root, one checked component at a
-/// time, never following symlinks.
+/// time, never following symlinks. As in kernel overlayfs, an opaque directory on
+/// the way ends the search in the layers below.
 pub(crate) fn walk(root: BorrowedFd<'_>, path: &OsStr) -> Result<Walk> {
     let mut cur: Option<OwnedFd> = None;
+    let mut opaque = false;
     for comp in path
         .as_bytes()
         .split(|b| *b == b'/')
@@ -86,22 +91,24 @@ pub(crate) fn walk(root: BorrowedFd<'_>, path: &OsStr) -> Result<Walk> {
         let st = match sys::fs::stat_at(dir, name) {
             Ok(st) => st,
             Err(Errno::NOENT) => {
-                return Ok(
-                    match sys::fs::stat_at(dir, &whiteout::whiteout_name(name)) {
-                        Ok(_) => Walk::Stop,
-                        Err(_) => Walk::Missing,
-                    },
-                );
+                let whiteout = sys::fs::stat_at(dir, &whiteout::whiteout_name(name)).is_ok();
+                return Ok(if whiteout || opaque {
+                    Walk::Stop
+                } else {
+                    Walk::Missing
+                });
             }
             Err(e) => return Err(e),
         };
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR || is_whiteout_stat(st.st_mode, st.st_rdev) {
             return Ok(Walk::Stop);
         }
-        cur = Some(sys::fs::open_dir(dir, name)?);
+        let next = sys::fs::open_dir(dir, name)?;
+        opaque |= whiteout::dir_is_opaque(next.as_fd())?;
+        cur = Some(next);
     }
     match cur {
-        Some(fd) => Ok(Walk::Dir(fd)),
+        Some(fd) => Ok(Walk::Dir { fd, opaque }),
         None => Ok(Walk::Missing),
     }
 }

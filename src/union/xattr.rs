@@ -2,7 +2,6 @@
 //! never listed, never read, never written.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::AsFd;
 
 use super::copy_up::CopyData;
 use super::whiteout::is_private_xattr;
@@ -16,14 +15,7 @@ impl Union {
             return Err(Errno::OPNOTSUPP);
         }
         let inode = self.inode(ino)?;
-        if inode.is_dir() {
-            let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
-            let fd = self.dir_fd(&inode, top)?;
-            f(Target::Fd(fd.as_fd()))
-        } else {
-            let (pfd, name, _) = self.entry_loc(&inode)?;
-            f(Target::Entry(pfd.as_fd(), &name))
-        }
+        self.object_target(&inode, f)
     }
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {

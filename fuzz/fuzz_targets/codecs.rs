@@ -1,0 +1,67 @@
+//! The overlay format's name and value codecs: an AUFS whiteout name always names
+//! back the entry it hides, reserved names are exactly the `.wh.` namespace, only
+//! "y" marks a directory opaque, only char 0/0 is a whiteout, and every private xattr
+//! prefix is recognised whatever follows it.
+#![no_main]
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use libfuzzer_sys::fuzz_target;
+use stratafs::union::whiteout::{
+    OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque_value, is_private_xattr, is_reserved_name,
+    is_whiteout_stat, whiteout_name, whiteout_target,
+};
+
+fuzz_target!(|input: (&[u8], u32, u64)| {
+    let (bytes, mode, rdev) = input;
+    let name = OsStr::from_bytes(bytes);
+
+    // A whiteout name is reserved, and names back what it hides unless that is itself
+    // in the reserved namespace (`.wh..wh.*` is AUFS metadata, never a whiteout).
+    let wh = whiteout_name(name);
+    assert!(is_reserved_name(&wh));
+    let target = whiteout_target(&wh);
+    if bytes.is_empty() || is_reserved_name(name) {
+        assert_eq!(target, None, "{wh:?}");
+    } else {
+        assert_eq!(target, Some(name), "{wh:?}");
+    }
+    // Decoding any name: a target exists only under the prefix, and re-encoding it
+    // gives the name back.
+    if let Some(t) = whiteout_target(name) {
+        assert!(bytes.starts_with(WHITEOUT_PREFIX));
+        assert_eq!(whiteout_name(t).as_bytes(), bytes);
+        assert!(!t.is_empty() && !is_reserved_name(t));
+    }
+    assert_eq!(is_reserved_name(name), bytes.starts_with(WHITEOUT_PREFIX));
+    assert!(whiteout_target(OsStr::new(OPAQUE_MARKER)).is_none());
+
+    assert_eq!(is_opaque_value(bytes), bytes == b"y");
+    assert_eq!(
+        is_whiteout_stat(mode, rdev),
+        mode & S_IFMT == S_IFCHR && rdev == 0
+    );
+
+    for prefix in [
+        "trusted.overlay.",
+        "user.overlay.",
+        "user.fuseoverlayfs.",
+        "user.stratafs.",
+    ] {
+        let mut full = prefix.as_bytes().to_vec();
+        full.extend_from_slice(bytes);
+        assert!(is_private_xattr(OsStr::from_bytes(&full)));
+    }
+    if bytes.starts_with(b"user.")
+        && !bytes.starts_with(b"user.overlay.")
+        && !bytes.starts_with(b"user.fuseoverlayfs.")
+        && !bytes.starts_with(b"user.stratafs.")
+    {
+        assert!(!is_private_xattr(name), "{name:?}");
+    }
+});
+
+/// File type bits of st_mode (stat(2)); spelled out to keep libc out of this crate.
+const S_IFMT: u32 = 0o170000;
+const S_IFCHR: u32 = 0o020000;

@@ -1,0 +1,21 @@
+//! Reference-model testing (feature `testing`): random operation sequences applied
+//! to the engine (or to a mount) and to a model of the merged view simple enough to
+//! be obviously right, compared after every operation. Used by the integration
+//! tests (tests/it/model.rs) and the cargo-fuzz targets (fuzz/).
+//!
+//! - [`ops`]: the operations, over a tiny name alphabet so that they collide.
+//! - [`layers`]: generated lower layers, with both whiteout and opaque formats.
+//! - [`model`]: the model and the errno each operation must give.
+//! - [`runner`]: the engine as the system under test, and the comparison loop.
+//! - [`mounted`]: the same operations on a mounted directory (FUSE or kernel overlayfs).
+
+pub mod layers;
+pub mod model;
+pub mod mounted;
+pub mod ops;
+pub mod runner;
+
+pub use layers::Scenario;
+pub use model::Model;
+pub use ops::{Op, RelPath, RenameFlag, p};
+pub use runner::{Checks, EngineSubject, Subject, check_sequence, run_engine};
