@@ -227,6 +227,12 @@ fn other_hard_link_opens_after_the_last_used_name_is_removed() {
             byte: b'y',
         },
         Op::Read { path: p("a") },
+        // Metadata calls too reach the object through the pinned handle.
+        Op::Chmod {
+            path: p("a"),
+            mode: 1,
+        },
+        Op::Stat { path: p("a") },
     ];
     let scenario = Scenario {
         lowers: vec![LayerSpec::default()],
