@@ -1,13 +1,15 @@
 //! The overlay format's name and value codecs: an AUFS whiteout name always names
 //! back the entry it hides, reserved names are exactly the `.wh.` namespace, only
-//! "y" marks a directory opaque, only char 0/0 is a whiteout, and every private xattr
-//! prefix is recognised whatever follows it.
+//! "y" marks a directory opaque, only char 0/0 is a whiteout, every private xattr
+//! prefix is recognised whatever follows it, and an override_stat value
+//! (`uid:gid:mode[:type]`) that parses formats back to one that parses the same.
 #![no_main]
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use libfuzzer_sys::fuzz_target;
+use stratafs::union::override_stat;
 use stratafs::union::whiteout::{
     OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque_value, is_private_xattr, is_reserved_name,
     is_whiteout_stat, whiteout_name, whiteout_target,
@@ -57,8 +59,20 @@ fuzz_target!(|input: (&[u8], u32, u64)| {
         && !bytes.starts_with(b"user.overlay.")
         && !bytes.starts_with(b"user.fuseoverlayfs.")
         && !bytes.starts_with(b"user.stratafs.")
+        && !bytes.starts_with(b"user.containers.override_stat")
     {
         assert!(!is_private_xattr(name), "{name:?}");
+    }
+    // Every override xattr name is private (never shown through the mount).
+    if override_stat::is_override_name(bytes) {
+        assert!(is_private_xattr(name), "{name:?}");
+    }
+
+    if let Ok(parsed) = override_stat::parse(bytes) {
+        let text = override_stat::format(&parsed);
+        let again = override_stat::parse(text.as_bytes())
+            .unwrap_or_else(|e| panic!("{text:?} (from {bytes:?}) does not parse: {e}"));
+        assert_eq!(again, parsed, "{text:?}");
     }
 });
 
