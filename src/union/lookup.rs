@@ -1,6 +1,9 @@
 //! Name resolution across layers (the kernel's namei.c): upper first, then the lowers
 //! top-down; a whiteout stops the search, a non-directory hides everything below it,
-//! an opaque directory hides the directories below it.
+//! an opaque directory hides the directories below it. A directory's redirect sends
+//! the search in the layers below it to another path (redirect.rs); an upper file
+//! marked metacopy takes its data from the first regular file below it (metacopy.rs);
+//! an upper entry's recorded origin gives its inode number (origin.rs).
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
