@@ -706,21 +706,7 @@ impl Model {
         self.dir(&to.parent())?;
         let src = self.node(from)?.clone();
         let dst = self.node(to).ok().cloned();
-        match (flag, &dst) {
-            (RenameFlag::NoReplace, Some(_)) => return Err(Errno::EXIST),
-            (RenameFlag::Exchange, None) => return Err(Errno::NOENT),
-            _ => {}
-        }
-        if from.is_ancestor_of(to) {
-            return Err(Errno::INVAL);
-        }
-        if to.is_ancestor_of(from) {
-            return Err(if flag == RenameFlag::Exchange {
-                Errno::INVAL
-            } else {
-                Errno::NOTEMPTY
-            });
-        }
+        ops::rename_vfs_checks(from, to, flag, dst.is_some())?;
         let same_object = match (&src, &dst) {
             (Node::Obj(a), Some(Node::Obj(b))) => a == b,
             _ => from == to,

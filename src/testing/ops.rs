@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use crate::union::Errno;
 use arbitrary::{Arbitrary, Unstructured};
 use proptest::prelude::*;
 
@@ -41,7 +42,36 @@ pub fn slot_of(slot: u8) -> usize {
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Vec<u8>);
 
-/// The path "a/b/c" (components must be in [`NAMES`]): how regression tests spell paths.
+/// The checks the VFS makes on rename(2)/renameat2(2) once both names are resolved,
+/// before the filesystem is asked: the flags against the destination, then moving a
+/// directory into itself (EINVAL) or over its own ancestor (ENOTEMPTY; EINVAL for an
+/// exchange). Shared by the model and by the runner, which stands in for the VFS.
+pub fn rename_vfs_checks(
+    from: &RelPath,
+    to: &RelPath,
+    flag: RenameFlag,
+    dst_exists: bool,
+) -> Result<(), Errno> {
+    match (flag, dst_exists) {
+        (RenameFlag::NoReplace, true) => return Err(Errno::EXIST),
+        (RenameFlag::Exchange, false) => return Err(Errno::NOENT),
+        _ => {}
+    }
+    if from.is_ancestor_of(to) {
+        return Err(Errno::INVAL);
+    }
+    if to.is_ancestor_of(from) {
+        return Err(if flag == RenameFlag::Exchange {
+            Errno::INVAL
+        } else {
+            Errno::NOTEMPTY
+        });
+    }
+    Ok(())
+}
+
+/// The path "a/b/c" (components must be in [`NAMES`]): how regression tests spell
+/// paths. Test code only: a name outside [`NAMES`] is a bug in the test and panics.
 pub fn p(s: &str) -> RelPath {
     RelPath(
         s.split('/')

@@ -485,21 +485,7 @@ impl EngineSubject {
             Err(Errno::NOENT) => None,
             Err(e) => return Err(e),
         };
-        match (flag, &dst) {
-            (RenameFlag::NoReplace, Some(_)) => return Err(Errno::EXIST),
-            (RenameFlag::Exchange, None) => return Err(Errno::NOENT),
-            _ => {}
-        }
-        if from.is_ancestor_of(to) {
-            return Err(Errno::INVAL);
-        }
-        if to.is_ancestor_of(from) {
-            return Err(if flag == RenameFlag::Exchange {
-                Errno::INVAL
-            } else {
-                Errno::NOTEMPTY
-            });
-        }
+        ops::rename_vfs_checks(from, to, flag, dst.is_some())?;
         if let Some(d) = &dst {
             if d.ino == src.ino {
                 return Ok(Outcome::Done);
