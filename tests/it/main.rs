@@ -9,5 +9,6 @@ mod graft_engine;
 mod model;
 mod mounted;
 mod posix;
+mod regressions;
 mod volume_cli;
 mod volumes;

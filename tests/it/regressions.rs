@@ -1,0 +1,189 @@
+//! Failures reported from outside (real clients, third-party suites), each pinned as
+//! a named test on a mount in the default configuration: passthrough on, lower hard
+//! links in the layers, nothing turned off.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::fixture::{self, LayerSpec, Layers, StrataMount, errno_name, io_errno};
+
+fn nlink(p: &Path) -> u64 {
+    fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+        .nlink()
+}
+
+fn link(from: &Path, to: &Path) {
+    if let Err(e) = fs::hard_link(from, to) {
+        panic!(
+            "ln {} {}: {}",
+            from.display(),
+            to.display(),
+            errno_name(io_errno(&e))
+        );
+    }
+}
+
+/// stress-ng's `link` stressor and package managers: a file gains names and loses
+/// them again, and the kernel keeps reaching it by a name the daemon did not see
+/// last. Every operation must still find it.
+#[test]
+fn a_file_is_linked_again_after_the_names_it_was_last_reached_by_are_gone() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().dir("d")]);
+    let m = StrataMount::new(&l);
+    let f = m.join("d/f");
+    fs::write(&f, b"x\n").unwrap();
+    for round in 0..3 {
+        for i in 1..=8 {
+            link(&f, &m.join(&format!("d/l{i}")));
+        }
+        assert_eq!(nlink(&f), 9, "round {round}");
+        for i in 1..=8 {
+            fs::remove_file(m.join(&format!("d/l{i}"))).unwrap();
+        }
+        link(&f, &m.join("d/l1"));
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(fs::read(m.join("d/l1")).unwrap(), b"x\n", "round {round}");
+        assert_eq!(nlink(&f), 2, "round {round}");
+        fs::remove_file(m.join("d/l1")).unwrap();
+    }
+}
+
+/// containers/storage and package managers on a lower hard-link group: change one
+/// name, remove the other, link it again.
+#[test]
+fn a_lower_hard_link_is_relinked_after_a_metadata_change_and_an_unlink() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    type Change = fn(&Path);
+    let changes: [(&str, Change); 3] = [
+        ("chmod", |p| {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap()
+        }),
+        ("chown", |p| std::os::unix::fs::lchown(p, Some(1), Some(1)).unwrap()),
+        ("touch", |p| {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(std::time::SystemTime::UNIX_EPOCH)
+                .unwrap()
+        }),
+    ];
+    for (what, change) in changes {
+        let l = Layers::new(&[LayerSpec::new()
+            .file("p1", b"shared\n")
+            .hardlink("p2", "p1")
+            .hardlink("p3", "p1")]);
+        let mut m = StrataMount::new(&l);
+        change(&m.join("p1"));
+        fs::remove_file(m.join("p2")).unwrap();
+        link(&m.join("p1"), &m.join("p2"));
+        for name in ["p1", "p2", "p3"] {
+            assert_eq!(
+                fs::read(m.join(name)).unwrap(),
+                b"shared\n",
+                "{what}: {name}"
+            );
+            assert_eq!(nlink(&m.join(name)), 3, "{what}: st_nlink of {name}");
+        }
+        m.remount();
+        let ino = fs::metadata(m.join("p1")).unwrap().ino();
+        for name in ["p2", "p3"] {
+            let md = fs::metadata(m.join(name)).unwrap();
+            assert_eq!((md.ino(), md.nlink()), (ino, 3), "{what}: {name} after remount");
+        }
+    }
+}
+
+/// `exec 3<m/f; echo x >> m/f` on a lower file: kernel overlayfs and fuse-overlayfs
+/// accept the writer, and the reader opened before the copy-up reads the new data.
+#[test]
+fn a_writer_is_accepted_while_a_reader_holds_a_lower_file_and_the_reader_sees_its_data() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("f", b"lower\n").file("g", b"g\n")]);
+    let mut m = StrataMount::new(&l);
+    let mut reader = File::open(m.join("f")).unwrap();
+    let mut first = String::new();
+    reader.read_to_string(&mut first).unwrap();
+    assert_eq!(first, "lower\n");
+    let mut writer = match OpenOptions::new().append(true).open(m.join("f")) {
+        Ok(w) => w,
+        Err(e) => panic!(
+            "open for append while a reader holds the lower file: {}",
+            errno_name(io_errno(&e))
+        ),
+    };
+    writer.write_all(b"appended\n").unwrap();
+    reader.seek(SeekFrom::Start(0)).unwrap();
+    let mut now = String::new();
+    reader.read_to_string(&mut now).unwrap();
+    assert_eq!(now, "lower\nappended\n", "the early reader sees the copy");
+    // A second reader and a second writer, opened meanwhile, agree as well.
+    let mut other = String::new();
+    File::open(m.join("f"))
+        .unwrap()
+        .read_to_string(&mut other)
+        .unwrap();
+    assert_eq!(other, "lower\nappended\n");
+    // The same with truncation while a reader is mapped.
+    let g = File::open(m.join("g")).unwrap();
+    fs::write(m.join("g"), b"new\n").unwrap();
+    let mut gs = String::new();
+    (&g).read_to_string(&mut gs).unwrap();
+    assert_eq!(gs, "new\n");
+    drop((reader, writer, g));
+    m.remount();
+    assert_eq!(fs::read(m.join("f")).unwrap(), b"lower\nappended\n");
+}
+
+/// pjdfstest `open::etxtbsy`: a running executable cannot be opened for writing,
+/// whichever name and whatever earlier history: one file is one kernel inode.
+#[test]
+fn a_running_executable_cannot_be_opened_for_writing() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let sleep = fs::read("/bin/sleep").expect("/bin/sleep");
+    let l = Layers::new(&[LayerSpec::new().file("lower-sleep", &sleep)]);
+    fs::set_permissions(
+        l.lowers[0].join("lower-sleep"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let m = StrataMount::new(&l);
+    // Names come and go around the executable first, as in pjdfstest's run, so that
+    // inode numbers of removed files are reused on the upper filesystem.
+    for round in 0..20 {
+        let p = m.join(&format!("t{round}"));
+        fs::write(&p, b"scratch").unwrap();
+        fs::remove_file(&p).unwrap();
+    }
+    let upper_exe = m.join("upper-sleep");
+    fs::write(&upper_exe, &sleep).unwrap();
+    fs::set_permissions(&upper_exe, fs::Permissions::from_mode(0o755)).unwrap();
+    for exe in [upper_exe, m.join("lower-sleep")] {
+        let mut child = Command::new(&exe)
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("exec {}: {e}", exe.display()));
+        let opened = OpenOptions::new().write(true).open(&exe);
+        let _ = child.kill();
+        let _ = child.wait();
+        match opened {
+            Err(e) if io_errno(&e) == libc::ETXTBSY => {}
+            Err(e) => panic!("{}: expected ETXTBSY, got {e}", exe.display()),
+            Ok(_) => panic!("{}: opened for writing while running", exe.display()),
+        }
+    }
+}
