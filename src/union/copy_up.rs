@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rustix::fs::OFlags;
 
-use super::inode::{Inode, LayerRef};
+use super::inode::{Inode, LayerRef, ROOT_INO};
 use super::override_stat;
 use super::whiteout::is_private_xattr;
 use super::{Errno, Result, UPPER, Union};
@@ -53,20 +53,53 @@ impl Union {
     }
 
     /// Ensures `inode` (and its parents) exist in the upper layer.
+    ///
+    /// Parents are copied iteratively, from the top-most one missing in upper down:
+    /// a lower tree may be thousands of levels deep. The chain is taken again when
+    /// the entry's parent changed meanwhile (a lookup by another hard link moves it
+    /// to a directory that may still be below); a bounded number of times.
     pub(crate) fn copy_up(&self, inode: &Inode, data: CopyData) -> Result<()> {
         self.check_writable()?;
         if let Some(r) = self.graft_copy_up(inode) {
             return r;
         }
+        for _ in 0..8 {
+            if self.copied_enough(inode, data) {
+                return Ok(());
+            }
+            let mut missing = Vec::new();
+            self.walk_up(inode, |i| {
+                if i.ino == inode.ino {
+                    return Ok(None);
+                }
+                if i.ino == ROOT_INO || self.is_in_upper(i) {
+                    return Ok(Some(()));
+                }
+                missing.push(self.inode(i.ino)?);
+                Ok(None)
+            })?;
+            for dir in missing.iter().rev() {
+                self.copy_up_entry(dir, CopyData::Yes)?;
+            }
+            if self.copy_up_entry(inode, data)? {
+                return Ok(());
+            }
+        }
+        log::warn!("copy-up of inode {}: its parent kept changing", inode.ino);
+        Err(Errno::AGAIN)
+    }
+
+    /// Copies up `inode` alone; `false` when its parent is not in upper (any more).
+    fn copy_up_entry(&self, inode: &Inode, data: CopyData) -> Result<bool> {
         if self.copied_enough(inode, data) {
-            return Ok(());
+            return Ok(true);
         }
         let _guard = inode.copy_up.lock();
         if self.copied_enough(inode, data) {
-            return Ok(());
+            return Ok(true);
         }
         if self.is_in_upper(inode) {
-            return self.finish_metacopy(inode, data);
+            return self.finish_metacopy(inode, data).map(|()| true);
         }
         let (parent_ino, name, src_layer) = {
             let st = inode.state.read();
@@ -80,7 +113,9 @@ impl Union {
             )
         };
         let parent = self.inode(parent_ino)?;
-        self.copy_up(&parent, CopyData::Yes)?;
+        if !self.is_in_upper(&parent) {
+            return Ok(false);
+        }
         let src_dir = self.dir_fd(&parent, src_layer)?;
         let mut data = data;
         if !inode.is_dir() {
@@ -91,7 +126,9 @@ impl Union {
                 } else {
                     CopyData::Yes
                 };
-                return self.copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data);
+                return self
+                    .copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data)
+                    .map(|()| true);
             }
             if data == CopyData::Meta && !self.metacopy_allowed(&src) {
                 data = CopyData::Yes;
@@ -140,7 +177,7 @@ impl Union {
         if inode.is_dir() {
             self.attrs_changed(inode.ino);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Gives a staged copy its source's owner and mode (through the owner policy),

@@ -288,15 +288,13 @@ impl Union {
         }
         let top = &self.layers[0];
         let st = sys::fs::fstat(top.root_fd())?;
-        let state = InodeState {
-            parent: ROOT_INO,
-            name: Default::default(),
-            layers: refs,
-            keys: vec![(st.st_dev, st.st_ino)],
-            detached: false,
-            pinned: None,
-            redirect: None,
-        };
+        let state = InodeState::new(
+            ROOT_INO,
+            Default::default(),
+            refs,
+            vec![(st.st_dev, st.st_ino)],
+            None,
+        );
         self.inodes.insert(ROOT_INO, libc::S_IFDIR, state);
         Ok(())
     }
@@ -433,7 +431,10 @@ fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> Result<Workdir> {
     })
 }
 
-/// Removes `name` under `dir` recursively without following symlinks.
+/// Removes `name` under `dir` and everything below it without following symlinks.
+/// Depth-first with an explicit stack of open directories, not by recursion: a
+/// staged or left-over tree may be thousands of levels deep. Each turn removes an
+/// entry or descends into one, so it ends on any finite tree.
 pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     match sys::fs::unlink_at(dir, name) {
         Ok(()) => return Ok(()),
@@ -441,12 +442,35 @@ pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Res
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(e),
     }
-    let sub = sys::fs::open_dir(dir, name)?;
-    for entry in sys::fs::read_dir(sub.as_fd())? {
-        remove_tree(sub.as_fd(), &entry.name)?;
+    let mut stack: Vec<(OwnedFd, std::ffi::OsString)> =
+        vec![(sys::fs::open_dir(dir, name)?, name.to_os_string())];
+    while let Some((fd, _)) = stack.last() {
+        let mut subdir = None;
+        for entry in sys::fs::read_dir(fd.as_fd())? {
+            match sys::fs::unlink_at(fd.as_fd(), &entry.name) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::ISDIR) | Err(Errno::PERM) => {
+                    subdir = Some(entry.name);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match subdir {
+            Some(sub) => {
+                let sub_fd = sys::fs::open_dir(fd.as_fd(), &sub)?;
+                stack.push((sub_fd, sub));
+            }
+            None => {
+                if let Some((done, done_name)) = stack.pop() {
+                    drop(done);
+                    let parent = stack.last().map_or(dir, |(f, _)| f.as_fd());
+                    sys::fs::rmdir_at(parent, &done_name)?;
+                }
+            }
+        }
     }
-    drop(sub);
-    sys::fs::rmdir_at(dir, name)
+    Ok(())
 }
 
 /// Converts a stat into the attributes of an inode numbered `ino`.

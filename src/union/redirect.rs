@@ -117,18 +117,22 @@ impl Union {
     /// The absolute path, in the lower layers, of the content merged under directory
     /// `inode`: its redirect, or its parent's path plus its name.
     pub(crate) fn lower_path(&self, inode: &Inode) -> Result<OsString> {
-        if inode.ino == ROOT_INO {
-            return Ok(OsString::new());
-        }
-        let (parent, name) = {
-            let st = inode.state.read();
-            if let Some(r) = &st.redirect {
-                return Ok(r.clone());
+        let mut names = Vec::new();
+        let base = self.walk_up(inode, |i| {
+            if i.ino == ROOT_INO {
+                return Ok(Some(OsString::new()));
             }
-            (st.parent, st.name.clone())
-        };
-        let p = self.inode(parent)?;
-        Ok(join(&self.lower_path(&p)?, &name))
+            let st = i.state.read();
+            if let Some(r) = &st.redirect {
+                return Ok(Some(r.clone()));
+            }
+            names.push(st.name.clone());
+            Ok(None)
+        })?;
+        Ok(names
+            .iter()
+            .rev()
+            .fold(base, |path, name| join(&path, name)))
     }
 
     /// Turns a redirect value read under directory `parent` into an absolute path.

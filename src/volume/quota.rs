@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,28 +48,45 @@ pub fn scan_usage(root: BorrowedFd<'_>) -> SysResult<u64> {
 
 fn scan_dir(dir: BorrowedFd<'_>, seen: &mut HashSet<(u64, u64)>) -> SysResult<u64> {
     let mut total = 0u64;
-    for entry in sys::fs::read_dir(dir)? {
-        let st = match sys::fs::stat_at(dir, &entry.name) {
-            Ok(st) => st,
-            // Removed while we were looking: it uses nothing now.
-            Err(Errno::NOENT) => continue,
-            Err(e) => return Err(e),
-        };
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFDIR => match sys::fs::open_dir(dir, &entry.name) {
-                Ok(sub) => total += scan_dir(sub.as_fd(), seen)?,
+    // Depth-first with an explicit stack, since a volume's tree may be arbitrarily
+    // deep. A pending directory is its parent's handle and its name: the handles
+    // kept open are those of the directories on the current path, not one per
+    // directory found.
+    let mut pending: Vec<(Option<Rc<OwnedFd>>, std::ffi::OsString)> = Vec::new();
+    let mut cur: Option<Rc<OwnedFd>> = None;
+    loop {
+        let cur_fd = cur.as_ref().map_or(dir, |f| f.as_fd());
+        for entry in sys::fs::read_dir(cur_fd)? {
+            let st = match sys::fs::stat_at(cur_fd, &entry.name) {
+                Ok(st) => st,
+                // Removed while we were looking: it uses nothing now.
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => pending.push((cur.clone(), entry.name)),
+                libc::S_IFREG | libc::S_IFLNK
+                    if st.st_nlink <= 1 || seen.insert((st.st_dev, st.st_ino)) =>
+                {
+                    total += st.st_size as u64;
+                }
+                _ => {}
+            }
+        }
+        loop {
+            let Some((parent, name)) = pending.pop() else {
+                return Ok(total);
+            };
+            match sys::fs::open_dir(parent.as_ref().map_or(dir, |f| f.as_fd()), &name) {
+                Ok(sub) => {
+                    cur = Some(Rc::new(sub));
+                    break;
+                }
                 Err(Errno::NOENT) => {}
                 Err(e) => return Err(e),
-            },
-            libc::S_IFREG | libc::S_IFLNK
-                if st.st_nlink <= 1 || seen.insert((st.st_dev, st.st_ino)) =>
-            {
-                total += st.st_size as u64;
             }
-            _ => {}
         }
     }
-    Ok(total)
 }
 
 /// The size limit of one mounted volume and its shared ledger.
