@@ -147,6 +147,21 @@ pub fn link_at(
     rustix::fs::linkat(old_dir, old_name, new_dir, new_name, AtFlags::empty())
 }
 
+/// Gives the object behind `fd` (an O_PATH handle) the name `new_dir/new_name`:
+/// linkat through its /proc/self/fd entry, which needs no capability (AT_EMPTY_PATH
+/// needs CAP_DAC_READ_SEARCH). ENOENT when the object has no links left.
+pub fn link_fd(fd: BorrowedFd<'_>, new_dir: BorrowedFd<'_>, new_name: &OsStr) -> SysResult<()> {
+    check_component(new_name)?;
+    let path = proc_fd_path(fd);
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        path.as_c_str(),
+        new_dir,
+        new_name,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+}
+
 pub fn unlink_at(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
     check_component(name)?;
     rustix::fs::unlinkat(dirfd, name, AtFlags::empty())

@@ -305,9 +305,27 @@ impl Union {
         }
         let p = self.prepare_new_name(newparent, newname)?;
         self.copy_up(&inode, CopyData::Yes)?;
-        let (src_dir, src_name, _) = self.entry_loc(&inode)?;
-        self.install(&p, newname, false, &mut |dir, n| {
-            sys::fs::link_at(src_dir.as_fd(), &src_name, dir, n)
+        // By a name that leads to the file, or, when the kernel reached it by a name
+        // this daemon never saw (a hard link made outside the mount), by its pinned
+        // handle.
+        enum Source {
+            Name(Arc<OwnedFd>, std::ffi::OsString),
+            Pinned(Arc<OwnedFd>),
+        }
+        let source = match self.entry_loc(&inode) {
+            Ok((dir, name, _)) => Source::Name(dir, name),
+            Err(Errno::NOENT) => Source::Pinned(
+                inode
+                    .state
+                    .read()
+                    .pinned_if_detached()
+                    .ok_or(Errno::NOENT)?,
+            ),
+            Err(e) => return Err(e),
+        };
+        self.install(&p, newname, false, &mut |dir, n| match &source {
+            Source::Name(src_dir, src_name) => sys::fs::link_at(src_dir.as_fd(), src_name, dir, n),
+            Source::Pinned(pinned) => sys::fs::link_fd(pinned.as_fd(), dir, n),
         })?;
         self.entry_after_create(&p, newname)
     }
@@ -570,8 +588,8 @@ impl Union {
                 newname,
                 RenameKind::Exchange,
             )?;
-            set_name(src_inode, q.ino, newname, src_origin);
-            set_name(dst_inode, p.ino, name, dst_origin);
+            src_inode.moved((p.ino, name), (q.ino, newname), src_origin);
+            dst_inode.moved((q.ino, newname), (p.ino, name), dst_origin);
             self.note_moved_in(q, qfd.as_fd(), newname, src_inode);
             self.note_moved_in(p, pfd.as_fd(), name, dst_inode);
             return Ok(());
@@ -612,12 +630,10 @@ impl Union {
             }
             _ => self.move_entry(pfd.as_fd(), name, qfd.as_fd(), newname, src_whiteout)?,
         }
-        set_name(src_inode, q.ino, newname, src_origin);
+        src_inode.moved((p.ino, name), (q.ino, newname), src_origin);
         self.note_moved_in(q, qfd.as_fd(), newname, src_inode);
         if let Some(di) = dst_inode {
-            let mut st = di.state.write();
-            st.detached = true;
-            st.pinned = pinned;
+            di.detach_if_named(q.ino, newname, pinned);
         }
         Ok(())
     }
@@ -674,22 +690,6 @@ pub(crate) fn pin_entry(dir: BorrowedFd<'_>, name: &OsStr) -> Option<Arc<OwnedFd
     sys::fs::open_at(dir, name, OFlags::PATH, 0)
         .ok()
         .map(|f| Arc::new(OwnedFd::from(f)))
-}
-
-/// Records an entry's new place; a directory moved by redirect also keeps where its
-/// lower content is.
-pub(crate) fn set_name(
-    inode: &Inode,
-    parent: Ino,
-    name: &OsStr,
-    redirect: Option<std::ffi::OsString>,
-) {
-    let mut st = inode.state.write();
-    st.parent = parent;
-    st.name = name.to_os_string();
-    if redirect.is_some() {
-        st.redirect = redirect;
-    }
 }
 
 /// Empties an upper directory that is empty in the merged view: only whiteouts and

@@ -58,9 +58,85 @@ pub struct InodeState {
     /// lower layers, of the content merged under them. Their layers below the top one
     /// sit at this path rather than at `parent/name`.
     pub redirect: Option<OsString>,
+    /// Non-directories: the other names (hard links) the kernel reached the entry
+    /// by, besides `parent`/`name`. Each led to the entry when recorded and is kept
+    /// right by every rename and removal through the mount, so when `parent/name`
+    /// goes, one of these takes its place: the kernel may keep reaching the object
+    /// through any of its cached names, and name-relative calls must still find it.
+    /// At most [`MAX_OTHER_NAMES`]; beyond that the oldest is forgotten (the pinned
+    /// handle still reaches the object).
+    other_names: Vec<(Ino, OsString)>,
 }
 
+/// Bound on the names remembered per hard-linked file: a layer or a client may make
+/// thousands of links to one file, and every name costs memory on a hot inode.
+const MAX_OTHER_NAMES: usize = 64;
+
 impl InodeState {
+    pub fn new(
+        parent: Ino,
+        name: OsString,
+        layers: Vec<LayerRef>,
+        keys: Vec<(u64, u64)>,
+        redirect: Option<OsString>,
+    ) -> InodeState {
+        InodeState {
+            parent,
+            name,
+            layers,
+            keys,
+            detached: false,
+            pinned: None,
+            redirect,
+            other_names: Vec::new(),
+        }
+    }
+
+    fn is_named(&self, parent: Ino, name: &std::ffi::OsStr) -> bool {
+        !self.detached && self.parent == parent && self.name == name
+    }
+
+    /// `parent/name` was just found to lead to the entry: it becomes the name used
+    /// from now on, and a non-directory keeps the one it had as another name.
+    fn reached_by(&mut self, is_dir: bool, parent: Ino, name: &std::ffi::OsStr) {
+        if self.is_named(parent, name) {
+            return;
+        }
+        self.other_names
+            .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+        if !is_dir && !self.detached {
+            if self.other_names.len() >= MAX_OTHER_NAMES {
+                self.other_names.remove(0);
+            }
+            let old = std::mem::take(&mut self.name);
+            self.other_names.push((self.parent, old));
+        }
+        self.parent = parent;
+        self.name = name.to_os_string();
+        self.detached = false;
+    }
+
+    /// `parent/name` no longer leads to the entry. Returns true when no known name
+    /// is left (the entry is then detached).
+    fn name_gone(&mut self, parent: Ino, name: &std::ffi::OsStr) -> bool {
+        if !self.is_named(parent, name) {
+            self.other_names
+                .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+            return false;
+        }
+        match self.other_names.pop() {
+            Some((p, n)) => {
+                self.parent = p;
+                self.name = n;
+                false
+            }
+            None => {
+                self.detached = true;
+                true
+            }
+        }
+    }
+
     /// The handle on a detached entry's object, if it was pinned.
     pub fn pinned_if_detached(&self) -> Option<Arc<OwnedFd>> {
         if self.detached {
@@ -91,8 +167,14 @@ impl Inode {
         self.kind == libc::S_IFDIR
     }
 
-    /// Records that `parent/name` was removed, if that is the name this inode was
-    /// last reached by; `pinned` keeps the object reachable for fstat-style getattr.
+    /// Records that `parent/name` was found to lead to this inode.
+    pub fn reached_by(&self, parent: Ino, name: &std::ffi::OsStr) {
+        self.state.write().reached_by(self.is_dir(), parent, name);
+    }
+
+    /// Records that `parent/name` was removed or replaced. When it was the inode's
+    /// last known name, `pinned` keeps the object reachable for fstat-style calls
+    /// and links while the kernel still holds the inode.
     pub fn detach_if_named(
         &self,
         parent: Ino,
@@ -100,9 +182,31 @@ impl Inode {
         pinned: Option<Arc<OwnedFd>>,
     ) {
         let mut st = self.state.write();
-        if st.parent == parent && st.name == name {
-            st.detached = true;
+        if st.name_gone(parent, name) {
             st.pinned = pinned;
+        }
+    }
+
+    /// Records a rename of `from` (a name of this inode) to `to`; a directory moved
+    /// by redirect also keeps where its lower content is.
+    pub fn moved(
+        &self,
+        from: (Ino, &std::ffi::OsStr),
+        to: (Ino, &std::ffi::OsStr),
+        redirect: Option<OsString>,
+    ) {
+        let mut st = self.state.write();
+        if st.is_named(from.0, from.1) {
+            st.other_names
+                .retain(|(p, n)| !(*p == to.0 && n.as_os_str() == to.1));
+            st.parent = to.0;
+            st.name = to.1.to_os_string();
+        } else {
+            st.name_gone(from.0, from.1);
+            st.reached_by(self.is_dir(), to.0, to.1);
+        }
+        if redirect.is_some() {
+            st.redirect = redirect;
         }
     }
 }
@@ -141,28 +245,43 @@ impl InodeTable {
 
     /// Inserts a new inode, preferring `preferred` as its number. The new inode
     /// starts with one lookup (the one that created it).
+    ///
+    /// `preferred` comes from data a layer controls (a real inode number, an origin
+    /// marker), so it is only a hint: it is taken when it is a derivable number
+    /// (not 0, not the root's unless this is the root, below the reserved range)
+    /// and free; otherwise the next reserved number is. Reserved numbers are handed
+    /// out once each and no derived number reaches their range, so the loop ends at
+    /// the latest on its second turn.
     pub fn insert(&self, preferred: Ino, kind: u32, state: InodeState) -> Arc<Inode> {
         let keys = state.keys.clone();
-        let mut ino = preferred;
-        loop {
-            if ino != 0 && ino < RESERVED_BASE || ino == ROOT_INO {
-                if let dashmap::Entry::Vacant(slot) = self.inodes.entry(ino) {
-                    let inode = Arc::new(Inode {
-                        ino,
-                        kind,
-                        lookups: AtomicU64::new(1),
-                        open_count: AtomicU32::new(0),
-                        state: RwLock::new(state),
-                        copy_up: Mutex::new(()),
-                    });
-                    slot.insert(inode.clone());
-                    for key in keys {
-                        self.identity.insert(key, ino);
-                    }
-                    return inode;
-                }
+        let root_free = !self.inodes.contains_key(&ROOT_INO);
+        let usable = |ino: Ino| {
+            if ino == ROOT_INO {
+                root_free
+            } else {
+                ino != 0 && ino < RESERVED_BASE
             }
-            ino = RESERVED_BASE + self.next_reserved.fetch_add(1, Ordering::Relaxed);
+        };
+        let mut candidate = Some(preferred).filter(|ino| usable(*ino));
+        loop {
+            let ino = candidate.take().unwrap_or_else(|| {
+                RESERVED_BASE + self.next_reserved.fetch_add(1, Ordering::Relaxed)
+            });
+            if let dashmap::Entry::Vacant(slot) = self.inodes.entry(ino) {
+                let inode = Arc::new(Inode {
+                    ino,
+                    kind,
+                    lookups: AtomicU64::new(1),
+                    open_count: AtomicU32::new(0),
+                    state: RwLock::new(state),
+                    copy_up: Mutex::new(()),
+                });
+                slot.insert(inode.clone());
+                for key in keys {
+                    self.identity.insert(key, ino);
+                }
+                return inode;
+            }
         }
     }
 
@@ -217,5 +336,41 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.inodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> InodeState {
+        InodeState::new(ROOT_INO, "x".into(), Vec::new(), Vec::new(), None)
+    }
+
+    /// Numbers a layer can hand us (origin markers, real inode numbers) that cannot
+    /// be used as they are still give an inode, each its own.
+    #[test]
+    fn unusable_or_taken_preferred_numbers_get_distinct_reserved_ones() {
+        let table = InodeTable::default();
+        let root = table.insert(ROOT_INO, libc::S_IFDIR, state());
+        assert_eq!(root.ino, ROOT_INO);
+        let mut seen = std::collections::BTreeSet::from([ROOT_INO]);
+        for preferred in [
+            0,
+            ROOT_INO,
+            u64::MAX,
+            RESERVED_BASE,
+            RESERVED_BASE + 1,
+            7,
+            7,
+            7,
+        ] {
+            let inode = table.insert(preferred, libc::S_IFREG, state());
+            assert!(seen.insert(inode.ino), "{preferred} gave a taken number");
+            if preferred == 7 && inode.ino != 7 {
+                assert!(inode.ino >= RESERVED_BASE);
+            }
+        }
+        assert!(seen.contains(&7));
     }
 }

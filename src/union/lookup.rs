@@ -73,47 +73,97 @@ pub(crate) fn check_name(name: &OsStr) -> Result<()> {
 }
 
 impl Union {
+    /// Visits `inode` and then its ancestors, nearest first, until `visit` returns a
+    /// value. Iterative, as a lower tree may be thousands of levels deep; bounded by
+    /// the size of the inode table, since parent links come from names the kernel
+    /// looked up and a cycle among them (a layer changed under us) must end in ELOOP
+    /// rather than a spin. `visit` must return a value at the root.
+    pub(crate) fn walk_up<T>(
+        &self,
+        inode: &Inode,
+        mut visit: impl FnMut(&Inode) -> Result<Option<T>>,
+    ) -> Result<T> {
+        if let Some(t) = visit(inode)? {
+            return Ok(t);
+        }
+        let mut parent = inode.state.read().parent;
+        for _ in 0..=self.inodes.len() {
+            let cur = self.inode(parent)?;
+            if let Some(t) = visit(&cur)? {
+                return Ok(t);
+            }
+            if cur.ino == ROOT_INO {
+                return Err(Errno::IO);
+            }
+            parent = cur.state.read().parent;
+        }
+        Err(Errno::LOOP)
+    }
+
     /// An O_PATH handle on `inode`'s directory in layer `idx`: the cached one, or one
-    /// re-opened from the parent's (cached when the fd budget allows).
+    /// re-opened from the nearest ancestor whose handle is known (each opened on the
+    /// way is cached while the fd budget allows).
     pub(crate) fn dir_fd(&self, inode: &Inode, idx: LayerIdx) -> Result<Arc<OwnedFd>> {
-        let (parent, name, redirect) = {
-            let st = inode.state.read();
+        // Inodes between the known handle and `inode` (included), nearest to it first.
+        let mut below: Vec<(Ino, OsString)> = Vec::new();
+        let (mut fd, opened_for) = self.walk_up(inode, |i| {
+            let st = i.state.read();
             let r = st
                 .layers
                 .iter()
                 .find(|l| l.layer == idx)
                 .ok_or(Errno::NOENT)?;
             if let Some(fd) = &r.fd {
-                return Ok(fd.clone());
+                return Ok(Some((fd.clone(), None)));
+            }
+            if i.ino == ROOT_INO {
+                return Ok(Some((self.layer(idx)?.root.clone(), None)));
             }
             // Below the top copy, a redirected directory sits at its redirect path.
-            let redirect = st.redirect.clone().filter(|_| st.top_layer() != Some(idx));
-            (st.parent, st.name.clone(), redirect)
-        };
-        if inode.ino == ROOT_INO {
-            return Ok(self.layer(idx)?.root.clone());
+            if let Some(path) = st.redirect.as_ref().filter(|_| st.top_layer() != Some(idx)) {
+                return match redirect::walk(self.layer(idx)?.root_fd(), path)? {
+                    redirect::Walk::Dir { fd, .. } => Ok(Some((Arc::new(fd), Some(i.ino)))),
+                    _ => Err(Errno::STALE),
+                };
+            }
+            below.push((i.ino, st.name.clone()));
+            Ok(None)
+        })?;
+        if let Some(ino) = opened_for {
+            self.cache_dir_fd(inode, ino, idx, &fd);
         }
-        let fd = match redirect {
-            Some(path) => match redirect::walk(self.layer(idx)?.root_fd(), &path)? {
-                redirect::Walk::Dir { fd, .. } => Arc::new(fd),
-                _ => return Err(Errno::STALE),
-            },
-            None => {
-                let p = self.inode(parent)?;
-                let pfd = self.dir_fd(&p, idx)?;
-                Arc::new(sys::fs::open_dir(pfd.as_fd(), &name)?)
-            }
-        };
-        if self.inodes.dir_fds.load(Ordering::Relaxed) < self.dir_fd_budget {
-            let mut st = inode.state.write();
-            if let Some(r) = st.layers.iter_mut().find(|l| l.layer == idx) {
-                if r.fd.is_none() {
-                    r.fd = Some(fd.clone());
-                    self.inodes.dir_fds.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+        for (ino, name) in below.into_iter().rev() {
+            fd = Arc::new(sys::fs::open_dir(fd.as_fd(), &name)?);
+            self.cache_dir_fd(inode, ino, idx, &fd);
         }
         Ok(fd)
+    }
+
+    /// Keeps `fd` as inode `ino`'s handle in layer `idx` while the fd budget allows
+    /// (`inode` is the one a caller holds: no table lookup for it).
+    fn cache_dir_fd(&self, inode: &Inode, ino: Ino, idx: LayerIdx, fd: &Arc<OwnedFd>) {
+        if self.inodes.dir_fds.load(Ordering::Relaxed) >= self.dir_fd_budget {
+            return;
+        }
+        let held;
+        let target = if inode.ino == ino {
+            inode
+        } else {
+            match self.inodes.get(ino) {
+                Some(i) => {
+                    held = i;
+                    &*held
+                }
+                None => return,
+            }
+        };
+        let mut st = target.state.write();
+        if let Some(r) = st.layers.iter_mut().find(|l| l.layer == idx) {
+            if r.fd.is_none() {
+                r.fd = Some(fd.clone());
+                self.inodes.dir_fds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Where a non-directory lives: its parent's directory in the entry's layer, and
@@ -310,12 +360,10 @@ impl Union {
         let key = (found.stat.st_dev, found.stat.st_ino);
         if let Some(inode) = self.inodes.reference_by_identity(key) {
             if inode.kind == found.kind {
+                // The name just used certainly leads to the entry: name-relative
+                // operations use it from now on (it may be another hard link).
+                inode.reached_by(parent, name);
                 let mut st = inode.state.write();
-                // The name just used certainly leads to the entry: remember it for
-                // name-relative operations (it may be another hard link).
-                st.parent = parent;
-                st.name = name.to_os_string();
-                st.detached = false;
                 if !inode.is_dir() {
                     st.layers = found.layers;
                 } else if found.redirect.is_some() {
@@ -342,15 +390,13 @@ impl Union {
             self.inodes.dir_fds.fetch_add(cached, Ordering::Relaxed);
             found.layers
         };
-        let state = InodeState {
+        let state = InodeState::new(
             parent,
-            name: name.to_os_string(),
+            name.to_os_string(),
             layers,
-            keys: vec![key],
-            detached: false,
-            pinned: None,
-            redirect: found.redirect,
-        };
+            vec![key],
+            found.redirect,
+        );
         Ok(self.inodes.insert(preferred, found.kind, state))
     }
 

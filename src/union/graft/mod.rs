@@ -366,18 +366,16 @@ impl Union {
                 self.inodes
                     .dir_fds
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let state = InodeState {
+                let state = InodeState::new(
                     parent,
-                    name: name.to_os_string(),
-                    layers: vec![LayerRef {
+                    name.to_os_string(),
+                    vec![LayerRef {
                         layer: layer_idx,
                         fd: Some(layer.root.clone()),
                     }],
-                    keys: vec![key],
-                    detached: false,
-                    pinned: None,
-                    redirect: None,
-                };
+                    vec![key],
+                    None,
+                );
                 self.inodes
                     .insert(self.derived_ino(layer_idx, st.st_ino), libc::S_IFDIR, state)
             }

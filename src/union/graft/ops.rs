@@ -12,7 +12,7 @@ use rustix::fs::OFlags;
 
 use super::tagged_key;
 use crate::sys::{self, fs::RenameKind, fs::Stat};
-use crate::union::dir_ops::{new_owner, pin_entry, set_name, set_owner_and_mode};
+use crate::union::dir_ops::{new_owner, pin_entry, set_owner_and_mode};
 use crate::union::inode::Inode;
 use crate::union::lookup::check_name;
 use crate::union::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, Union};
@@ -263,17 +263,17 @@ impl Union {
                 return Ok(());
             }
             if let Some(s) = &src_inode {
-                set_name(s, newparent, newname, None);
+                s.moved((parent, name), (newparent, newname), None);
             }
             match (mode, dst_inode, &dst_st) {
-                (RenameMode::Exchange, Some(d), _) => set_name(&d, parent, name, None),
+                (RenameMode::Exchange, Some(d), _) => {
+                    d.moved((newparent, newname), (parent, name), None)
+                }
                 (RenameMode::Exchange, None, _) => {}
                 (_, d, Some(st)) => {
                     self.graft_release_space(gi, st);
                     if let Some(d) = d {
-                        let mut ds = d.state.write();
-                        ds.detached = true;
-                        ds.pinned = pinned;
+                        d.detach_if_named(newparent, newname, pinned);
                     }
                 }
                 _ => {}
