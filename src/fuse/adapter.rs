@@ -24,8 +24,12 @@ pub struct StrataFs {
     engine: Arc<Union>,
     /// Passthrough was asked for by the configuration.
     want_passthrough: bool,
-    /// The kernel agreed to passthrough at init.
+    /// The kernel agreed to passthrough at init, and no backing file was refused.
     passthrough: AtomicBool,
+    /// Passthrough was on and then refused: data written through backing files
+    /// since may be missing from the kernel's page cache of those inodes, so served
+    /// opens no longer keep it.
+    passthrough_lost: AtomicBool,
     writeback: bool,
     /// How each open inode does I/O. The kernel requires every open of an inode to
     /// agree while any is open: all passthrough with one backing file, or none.
@@ -34,11 +38,12 @@ pub struct StrataFs {
     handles: DashMap<u64, (u64, bool)>,
 }
 
+/// The opens of one inode. Invariant: `backing` is set exactly while
+/// `passthrough_opens > 0`, and then `served_opens == 0` (the kernel refuses to mix
+/// the two modes on one inode).
 #[derive(Default)]
 struct InodeIo {
     backing: Option<Arc<BackingId>>,
-    /// The backing file is the upper copy (read-write) rather than a lower file.
-    backing_upper: bool,
     passthrough_opens: usize,
     served_opens: usize,
 }
@@ -47,9 +52,6 @@ struct InodeIo {
 enum IoChoice {
     Passthrough(Arc<BackingId>),
     Served,
-    /// A lower file is open with passthrough and a writer needs the upper copy: the
-    /// kernel cannot switch an open inode's backing file.
-    Busy,
 }
 
 impl StrataFs {
@@ -58,6 +60,7 @@ impl StrataFs {
             engine,
             want_passthrough: passthrough && !writeback,
             passthrough: AtomicBool::new(false),
+            passthrough_lost: AtomicBool::new(false),
             writeback,
             io: Mutex::new(HashMap::new()),
             handles: DashMap::new(),
@@ -162,6 +165,16 @@ fn caller(req: &Request) -> Caller {
 
 impl StrataFs {
     /// Chooses how an open of `handle` does its I/O and records it.
+    ///
+    /// Passthrough binds the kernel inode to one backing file for as long as any
+    /// open of it lasts, and readers opened before a copy-up must read the copy (as
+    /// on kernel overlayfs), while no open may ever be refused for the kernel's
+    /// one-mode-per-inode rule. So a file whose data may still move to another real
+    /// file (a lower file on a writable mount, a metadata-only copy) is served by
+    /// the daemon, with the page cache doing the repeated reads; a file whose data
+    /// stays where it is (an upper copy, a volume file, any file of a read-only
+    /// mount) uses passthrough, with one read-write backing file shared by every
+    /// open. While served opens of an inode last, later opens are served too.
     fn choose_io(
         &self,
         fh: u64,
@@ -170,19 +183,16 @@ impl StrataFs {
     ) -> IoChoice {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
-        let regular = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
-            && !self.engine.io_needs_daemon(handle.ino);
+        let fixed_data = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
+            && !self.engine.io_needs_daemon(handle.ino)
+            && !self.engine.data_may_move(handle.ino);
         let mut io = self.io.lock();
         let state = io.entry(handle.ino).or_default();
         let choice =
-            if !regular || !self.passthrough.load(Ordering::Relaxed) || state.served_opens > 0 {
+            if !fixed_data || !self.passthrough.load(Ordering::Relaxed) || state.served_opens > 0 {
                 IoChoice::Served
             } else if let Some(b) = &state.backing {
-                if state.backing_upper || !handle.in_upper {
-                    IoChoice::Passthrough(b.clone())
-                } else {
-                    IoChoice::Busy
-                }
+                IoChoice::Passthrough(b.clone())
             } else {
                 // Upper files get a read-write backing file so that every later open,
                 // reader or writer, can share it.
@@ -195,30 +205,27 @@ impl StrataFs {
                     Ok(id) => {
                         let id = Arc::new(id);
                         state.backing = Some(id.clone());
-                        state.backing_upper = handle.in_upper;
                         IoChoice::Passthrough(id)
                     }
                     Err(e) => {
                         log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
                         self.passthrough.store(false, Ordering::Relaxed);
+                        self.passthrough_lost.store(true, Ordering::Relaxed);
                         IoChoice::Served
                     }
                 }
             };
-        match choice {
-            IoChoice::Passthrough(_) => state.passthrough_opens += 1,
-            IoChoice::Served => state.served_opens += 1,
-            IoChoice::Busy => {}
-        }
-        let idle = state.passthrough_opens == 0 && state.served_opens == 0;
-        if matches!(choice, IoChoice::Busy) {
-            if idle {
-                io.remove(&handle.ino);
+        let passthrough = match choice {
+            IoChoice::Passthrough(_) => {
+                state.passthrough_opens += 1;
+                true
             }
-        } else {
-            let passthrough = matches!(choice, IoChoice::Passthrough(_));
-            self.handles.insert(fh, (handle.ino, passthrough));
-        }
+            IoChoice::Served => {
+                state.served_opens += 1;
+                false
+            }
+        };
+        self.handles.insert(fh, (handle.ino, passthrough));
         choice
     }
 
@@ -233,6 +240,9 @@ impl StrataFs {
             } else {
                 state.served_opens = state.served_opens.saturating_sub(1);
             }
+            if state.passthrough_opens == 0 {
+                state.backing = None;
+            }
             if state.passthrough_opens == 0 && state.served_opens == 0 {
                 io.remove(&ino);
             }
@@ -245,8 +255,12 @@ impl StrataFs {
             // cache that could go stale.
             return FopenFlags::FOPEN_DIRECT_IO;
         }
-        // All changes to layer file data pass through this kernel mount, so its page
-        // cache stays valid across opens.
+        if self.passthrough_lost.load(Ordering::Relaxed) {
+            return FopenFlags::empty();
+        }
+        // All changes to layer file data pass through this kernel mount, and files
+        // written through backing files are never served meanwhile (see
+        // `choose_io`), so its page cache stays valid across opens.
         FopenFlags::FOPEN_KEEP_CACHE
     }
 }
@@ -456,14 +470,6 @@ impl Filesystem for StrataFs {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
             IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags(ino.0)),
-            IoChoice::Busy => {
-                self.engine.release(fh);
-                log::info!(
-                    "open of inode {}: busy (lower file open with passthrough)",
-                    ino.0
-                );
-                reply.error(Errno::from_i32(libc::ETXTBSY));
-            }
         }
     }
 
@@ -492,7 +498,7 @@ impl Filesystem for StrataFs {
                 FopenFlags::empty(),
                 &id,
             ),
-            _ => reply.created(
+            IoChoice::Served => reply.created(
                 &entry.ttl,
                 &attr,
                 Generation(0),

@@ -84,6 +84,19 @@ impl Union {
         Ok(self.register_file(ino, file, write, in_upper))
     }
 
+    /// Whether the data of `ino` may still move to another real file while it is
+    /// open: a lower regular file of a writable mount (a copy-up) or a metadata-only
+    /// copy (its completion). Volume files and upper copies stay where they are.
+    pub fn data_may_move(&self, ino: Ino) -> bool {
+        let Some(inode) = self.inodes.get(ino) else {
+            return true;
+        };
+        inode.kind == libc::S_IFREG
+            && !self.is_grafted(ino)
+            && self.check_writable().is_ok()
+            && !self.has_upper_data(&inode)
+    }
+
     /// A read-write fd on the upper copy of `ino`, for use as a passthrough backing
     /// file that every later open of the inode can share.
     pub fn open_upper_rdwr(&self, ino: Ino) -> Result<File> {
