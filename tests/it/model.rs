@@ -371,13 +371,9 @@ fn stratafs_mount_matches_model() {
         },
         false,
         |l| {
-            // Without passthrough: with it, a reader that opened a lower file before
-            // a copy-up keeps reading the lower file (the kernel cannot switch the
-            // backing file), and a writer opening it meanwhile gets ETXTBSY (README).
-            let options = format!("{},passthrough=0", l.rw_options());
-            let m = Rc::new(RefCell::new(StrataMount::with_options(
-                &options, &l.merged, &l.root,
-            )));
+            // The default configuration: passthrough on, lower hard links in the
+            // scenarios, nothing turned off.
+            let m = Rc::new(RefCell::new(StrataMount::new(l)));
             Box::new(move || {
                 m.borrow_mut().remount();
                 Ok(())
