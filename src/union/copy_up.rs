@@ -127,7 +127,14 @@ impl Union {
                     CopyData::Yes
                 };
                 return self
-                    .copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data)
+                    .copy_up_linked(
+                        inode,
+                        &parent,
+                        &name,
+                        src_layer,
+                        (src.st_ino, src.st_nlink),
+                        data,
+                    )
                     .map(|()| true);
             }
             if data == CopyData::Meta && !self.metacopy_allowed(&src) {

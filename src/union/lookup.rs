@@ -359,7 +359,15 @@ impl Union {
     pub(crate) fn adopt(&self, parent: Ino, name: &OsStr, found: Found) -> Result<Arc<Inode>> {
         let key = (found.stat.st_dev, found.stat.st_ino);
         if let Some(inode) = self.inodes.reference_by_identity(key) {
-            if inode.kind == found.kind {
+            let split =
+                !inode.is_dir() && found.top_layer() != super::UPPER && self.is_in_upper(&inode);
+            if split {
+                // The lower file was copied up through another name, and this name was
+                // not linked to the copy (it was hidden then, or lies where no link-up
+                // looked): from now on it is another file, with an inode of its own,
+                // so that one node id never stands for two files.
+                self.inodes.remove_identity(&inode, key);
+            } else if inode.kind == found.kind {
                 // The name just used certainly leads to the entry: name-relative
                 // operations use it from now on (it may be another hard link).
                 inode.reached_by(parent, name);
@@ -371,8 +379,9 @@ impl Union {
                 }
                 return Ok(inode.clone());
             }
-            // Same (dev, ino) but another type: the layer changed under us and the
-            // old inode is stale; it keeps its number, the new object gets another.
+            // Split off, or the same (dev, ino) with another type (the layer changed
+            // under us and the old inode is stale): the old inode keeps its number and
+            // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
         let preferred = self.preferred_ino(parent, name, &found)?;

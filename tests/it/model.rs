@@ -308,7 +308,7 @@ fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
 // The same runner on real mounts
 // ---------------------------------------------------------------------------------------
 
-const MOUNT_CASES: u32 = 40;
+const MOUNT_CASES: u32 = 500;
 
 /// Builds the scenario's lowers into fixture layers (kernel formats only: kernel
 /// overlayfs reads no AUFS markers).
