@@ -1808,3 +1808,43 @@ fn deep_chain_9000_directories() {
     m.timeout = PROBE_TIMEOUT;
     check_base(&mut m, b"plain\n");
 }
+
+/// An upper layer left by kernel overlayfs with `metacopy=on`: a metadata-only copy
+/// carrying the kernel's markers (not stratafs's origin). Completing its data
+/// through stratafs replaces the stand-in by a full copy; the stand-in's inode is
+/// freed and the filesystem may hand its number to the next new file, which must
+/// still get an st_ino of its own.
+#[test]
+fn kernel_metacopy_upper_completed_then_new_files() {
+    let case = "kernel_metacopy_upper_completed_then_new_files";
+    if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
+        return;
+    }
+    let data = fixture::pattern(2 * MIB as usize, 11);
+    let l = Layers::new(&[base(LayerSpec::new()).file("big", &data)]);
+    {
+        let _k = fixture::KernelOverlay::with_metacopy(&l, true);
+        fixture::chmod(&l.merged.join("big"), 0o600).unwrap();
+    }
+    let up = l.upper.join("big");
+    assert!(
+        fixture::lgetxattr(&up, "trusted.overlay.metacopy").is_ok(),
+        "{case}: kernel overlayfs made no metadata-only copy; the case would test nothing"
+    );
+    let mut m = Bounded::mount(case, &format!("{},metacopy=on", l.rw_options()), &l);
+    let st = must(case, "lookup of \"big\"", m.lstat("big"));
+    assert_eq!(st.mode, 0o600, "{case}: mode of the metadata-only copy");
+    must(case, "append to \"big\"", m.append("big", b"tail"));
+    let got = must(case, "read of \"big\"", m.read("big"));
+    assert!(
+        got.len() == data.len() + 4 && got.starts_with(&data) && got.ends_with(b"tail"),
+        "{case}: \"big\" after the append holds {}",
+        show(&got)
+    );
+    for i in 0..32 {
+        let rel = format!("n{i}");
+        must(case, &format!("create of {rel:?}"), m.create(&rel, b"n\n"));
+        must(case, &format!("lookup of {rel:?}"), m.lstat(&rel));
+    }
+    exercise(&mut m, &[], &[]);
+}
