@@ -242,7 +242,12 @@ impl Bounded {
                 let _ = tx.send(r);
             })
             .expect("spawn a probe thread");
-        match rx.recv_timeout(self.timeout) {
+        let started = std::time::Instant::now();
+        let answer = rx.recv_timeout(self.timeout);
+        if started.elapsed() > Duration::from_secs(2) {
+            eprintln!("{}: {what} took {:?}", self.case, started.elapsed());
+        }
+        match answer {
             Ok(Ok(v)) => {
                 self.check_alive(what);
                 v
