@@ -1916,3 +1916,115 @@ fn kernel_metacopy_upper_completed_then_new_files() {
     }
     exercise(&mut m, &[], &[]);
 }
+
+/// Swaps directories `a` and `b` and moves the new `a` into a new `c`, through a
+/// kernel overlayfs mount of `lowerdir` with `upper`: the kernel records its own
+/// redirects (relative "b", absolute "/b") and binary origin handles there.
+fn kernel_swap(
+    case: &str,
+    lowerdir: &str,
+    upper: &Path,
+    work: &Path,
+    mp: &Path,
+    move_into_c: bool,
+) {
+    let k = KMount::mount(
+        &format!(
+            "lowerdir={lowerdir},upperdir={},workdir={},redirect_dir=on,index=on",
+            upper.display(),
+            work.display()
+        ),
+        mp,
+    )
+    .unwrap_or_else(|e| panic!("{case}: mount -t overlay: {e}"));
+    for (from, to) in [("a", "t"), ("b", "a"), ("t", "b")] {
+        fs::rename(mp.join(from), mp.join(to))
+            .unwrap_or_else(|e| panic!("{case}: mv {from} {to} on kernel overlayfs: {e}"));
+    }
+    if move_into_c {
+        fs::create_dir(mp.join("c")).unwrap();
+        fs::rename(mp.join("a"), mp.join("c/a")).unwrap();
+    }
+    drop(k);
+}
+
+/// Layers written by kernel overlayfs itself after directory renames (as a
+/// container engine commits them): redirects in every layer, the lower ones
+/// chained (a lower directory's redirect applies to the layers below it). Read as
+/// the lowers of a mount, and with the last one as its upper, stratafs must show
+/// what kernel overlayfs shows.
+#[test]
+fn kernel_made_redirects_in_lowers_and_upper() {
+    let case = "kernel_made_redirects_in_lowers_and_upper";
+    if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
+        return;
+    }
+    let l = Layers::new(&[base(LayerSpec::new())
+        .file("a/fa", "fa\n")
+        .file("b/fb", "fb\n")]);
+    let dirs: Vec<PathBuf> = ["u1", "w1", "u2", "w2", "km"]
+        .iter()
+        .map(|d| {
+            let p = l.root.join(d);
+            fs::create_dir(&p).unwrap();
+            p
+        })
+        .collect();
+    let (u1, w1, u2, w2, km) = (&dirs[0], &dirs[1], &dirs[2], &dirs[3], &dirs[4]);
+    let bottom = l.lowers[0].display().to_string();
+    kernel_swap(case, &bottom, u1, w1, km, false);
+    let two = format!("{}:{bottom}", u1.display());
+    kernel_swap(case, &two, u2, w2, km, true);
+    assert_eq!(
+        fixture::lgetxattr(&u2.join("c/a"), "trusted.overlay.redirect").ok(),
+        Some(b"/b".to_vec()),
+        "{case}: kernel overlayfs wrote no absolute redirect; the case would test nothing"
+    );
+    let script = [
+        Op::List(""),
+        Op::List("b"),
+        Op::List("c"),
+        Op::List("c/a"),
+        Op::Read("b/fb"),
+        Op::Read("c/a/fa"),
+        Op::Read("b/fa"),
+        Op::Inos(&["b", "c/a", "c", "plain"]),
+    ];
+    // The kernel-made upper as the upper of both mounts, read-only probes only
+    // (kernel first, then stratafs, so neither sees the other's changes).
+    let mut diffs = Vec::new();
+    let kopts = format!(
+        "lowerdir={two},upperdir={},workdir={},redirect_dir=on,index=on",
+        u2.display(),
+        w2.display()
+    );
+    let want: Vec<String> = {
+        let _k = KMount::mount(&kopts, km).unwrap_or_else(|e| panic!("{case}: {e}"));
+        script.iter().map(|op| run_op(km, op)).collect()
+    };
+    {
+        let sopts = format!(
+            "lowerdir={two},upperdir={},workdir={}",
+            u2.display(),
+            w2.display()
+        );
+        let mut m = Bounded::mount(case, &sopts, &l);
+        for (op, want) in script.iter().zip(&want) {
+            let root = m.mp.clone();
+            let o = op.clone();
+            let got = m.probe(&format!("{op:?}"), move || run_op(&root, &o));
+            if &got != want {
+                diffs.push(format!(
+                    "with the kernel-made upper: {op:?}: kernel overlayfs {want}; stratafs {got}"
+                ));
+            }
+        }
+    }
+    // All three as lowers, each mount with a fresh upper of its own.
+    let three = format!("{}:{two}", u2.display());
+    let (m, more) = versus_kernel(case, &l, &three, &script, PROBE_TIMEOUT)
+        .expect("kernel overlayfs mounts these layers");
+    diffs.extend(more.into_iter().map(|d| format!("as lowers: {d}")));
+    drop(m);
+    assert_like_kernel(case, &diffs);
+}
