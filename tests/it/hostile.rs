@@ -2028,3 +2028,181 @@ fn kernel_made_redirects_in_lowers_and_upper() {
     drop(m);
     assert_like_kernel(case, &diffs);
 }
+
+// ---------------------------------------------------------------------------------------
+// Rootless: origin markers in the user namespace
+// ---------------------------------------------------------------------------------------
+
+/// A rootless mount (inside `unshare --user --map-root-user --mount`, where trusted.*
+/// cannot be written, so stratafs reads `user.stratafs.origin`) over an upper file and
+/// directory carrying origin `value`.
+///
+/// Bounding works as for [`Bounded`], inside the namespace: a FUSE request already
+/// sent to the daemon cannot be interrupted (not even by SIGKILL of the caller), so
+/// `timeout` would wait forever; instead a watchdog records the probe as hung and
+/// SIGKILLs the daemon the script started, which aborts the connection and releases
+/// the probe. From outside, the daemon (same PID namespace) is killed by PID if the
+/// script still does not end.
+fn rootless_origin_case(case: &str, value: &[u8]) {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let upper = LayerSpec::new()
+        .file_with("victim", "victim\n", Meta::new().xattr(USER_ORIGIN, value))
+        .dir_with("vdir", Meta::new().xattr(USER_ORIGIN, value))
+        .file("vdir/x", "x\n");
+    let l = Layers::build(&[base(LayerSpec::new())], Some(&upper), Format::AUFS);
+    let out_dir = l.root.join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let log = l.root.join("userns-daemon.log");
+    let script = r#"
+"$BIN" -f -o "$OPTS" "$MNT" 2>"$LOG" &
+DPID=$!
+echo $DPID > "$OUT/daemon.pid"
+trap 'st=$?; set +e; umount -l "$MNT" 2>/dev/null; kill -9 $DPID 2>/dev/null; wait $DPID; exit $st' EXIT
+i=0
+until grep -q " $MNT fuse" /proc/self/mounts; do
+  i=$((i + 1)); [ $i -lt 500 ] || { echo "mount not live"; exit 1; }
+  sleep 0.02
+done
+probe() {
+  what=$1; shift
+  "$@" > "$OUT/$what" 2>"$OUT/$what.err" &
+  P=$!
+  ( sleep 10; echo "$what" > "$OUT/HUNG"; kill -9 $DPID ) &
+  W=$!
+  wait $P || echo "rc=$?" >> "$OUT/$what.err"
+  kill $W 2>/dev/null; wait $W 2>/dev/null
+  if [ -e "$OUT/HUNG" ]; then echo "HUNG: $(cat "$OUT/HUNG")"; exit 3; fi
+  kill -0 $DPID 2>/dev/null || { echo "DAEMON DIED during $what"; exit 4; }
+}
+probe root_ino stat -c %i "$MNT"
+probe victim_ino stat -c %i "$MNT/victim"
+probe vdir_ino stat -c %i "$MNT/vdir"
+probe plain_ino stat -c %i "$MNT/plain"
+probe victim_data cat "$MNT/victim"
+probe listing ls -a "$MNT"
+probe append sh -c 'echo more >> "$MNT/victim"'
+probe victim_after cat "$MNT/victim"
+probe plain_data cat "$MNT/plain"
+"#;
+    let mut child = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-uc", script])
+        .env("BIN", fixture::stratafs_bin())
+        .env("MNT", &l.merged)
+        .env("OPTS", l.rw_options())
+        .env("LOG", &log)
+        .env("OUT", &out_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let status = fixture::wait_bounded(&mut child, Duration::from_secs(60));
+    // Whatever happened, no daemon of this case outlives it.
+    let daemon_pid: Option<i32> = fs::read_to_string(out_dir.join("daemon.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let lingering: Vec<i32> = fixture::stratafs_pids_for(&l.merged)
+        .into_iter()
+        .filter(|p| Some(*p) == daemon_pid)
+        .collect();
+    for pid in &lingering {
+        // SAFETY: the daemon this case's script started (its PID, recorded by the
+        // script, serving this case's own mountpoint).
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let Some(status) = status else {
+        // SAFETY: our own unreaped child (the shell unshare became).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = child.wait();
+        panic!(
+            "{case}: rootless: the script did not end within 60 s (daemon killed: {lingering:?})"
+        );
+    };
+    assert!(
+        lingering.is_empty(),
+        "{case}: rootless: the daemon {lingering:?} outlived the script"
+    );
+    let mut said = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut said);
+    }
+    let daemon_log = fs::read_to_string(&log).unwrap_or_default();
+    if let Some(what) = said.lines().find_map(|l| l.strip_prefix("HUNG: ")) {
+        panic!(
+            "{case}: rootless: probe {what} hung (> 10 s); the daemon was killed. Daemon \
+             output:\n{daemon_log}"
+        );
+    }
+    assert!(
+        status.success(),
+        "{case}: rootless: the script failed ({status}): {said}\ndaemon:\n{daemon_log}"
+    );
+    let get = |what: &str| fs::read_to_string(out_dir.join(what)).unwrap_or_default();
+    let errs =
+        |what: &str| fs::read_to_string(out_dir.join(format!("{what}.err"))).unwrap_or_default();
+    for what in [
+        "root_ino",
+        "plain_ino",
+        "plain_data",
+        "listing",
+        "append",
+        "victim_after",
+    ] {
+        assert!(
+            errs(what).is_empty(),
+            "{case}: rootless: {what} failed: {}",
+            errs(what)
+        );
+    }
+    assert_eq!(
+        get("plain_data"),
+        "plain\n",
+        "{case}: rootless: data of \"plain\""
+    );
+    assert!(
+        get("victim_after").ends_with("more\n"),
+        "{case}: rootless: the append to \"victim\" is not visible: {:?}",
+        get("victim_after")
+    );
+    let mut inos = BTreeMap::new();
+    for what in ["root_ino", "victim_ino", "vdir_ino", "plain_ino"] {
+        let v = get(what).trim().to_string();
+        if v.is_empty() {
+            continue; // a sane failure of a hostile entry's lookup is allowed
+        }
+        if let Some(other) = inos.insert(v.clone(), what) {
+            panic!("{case}: rootless: {other} and {what} share st_ino {v}");
+        }
+    }
+}
+
+#[test]
+fn rootless_origin_zero() {
+    rootless_origin_case("rootless_origin_zero", b"0");
+}
+
+#[test]
+fn rootless_origin_root_number() {
+    rootless_origin_case("rootless_origin_root_number", b"1");
+}
+
+#[test]
+fn rootless_origin_u64_max() {
+    rootless_origin_case("rootless_origin_u64_max", u64::MAX.to_string().as_bytes());
+}
+
+#[test]
+fn rootless_origin_reserved_range() {
+    rootless_origin_case(
+        "rootless_origin_reserved_range",
+        ((1u64 << 63) + 7).to_string().as_bytes(),
+    );
+}
+
+#[test]
+fn rootless_origin_garbage_bytes() {
+    rootless_origin_case("rootless_origin_garbage_bytes", b"\xff\xfe\x00garbage\x01");
+}
