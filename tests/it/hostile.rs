@@ -1,8 +1,11 @@
 //! Hostile and foreign metadata in the layers: origin markers, redirects, metacopy,
 //! override_stat and opaque markers with values stratafs never writes, lowers whose
 //! inode numbers use the top bits (kernel overlayfs `xino=on`, another union mount),
+//! layers written by kernel overlayfs itself (its redirects and metadata-only copies),
 //! and shapes a plain image never has but a host easily does (a file hard-linked
 //! into two layers, nested layers, mount points inside a layer, a very deep chain).
+//! The origin cases run as root (`trusted.stratafs.origin`) and rootless, in a user
+//! namespace (`user.stratafs.origin`).
 //!
 //! What every case asserts, because a user depends on it:
 //! - the mount answers every probe: nothing hangs, the daemon stays alive, statfs
@@ -19,7 +22,8 @@
 //! lookup stuck in the daemon (e.g. an inode-number allocation that never ends) fails
 //! the test naming the case and the call, after a lazy unmount and a SIGKILL of the
 //! daemon this test started, so that the stuck thread is released and nothing is
-//! left mounted.
+//! left mounted. The report lists the daemon's thread states (a spinning thread shows
+//! as R with many ticks); `STRATAFS_HOSTILE_GDB=1` adds every thread's stack.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
