@@ -162,9 +162,6 @@ impl Union {
                         fd: Some(Arc::new(fd)),
                     },
                 );
-                self.inodes
-                    .dir_fds
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             } else {
                 st.layers = vec![LayerRef {
                     layer: UPPER,
@@ -182,6 +179,9 @@ impl Union {
         self.inodes
             .add_identity(inode, (upper_stat.st_dev, upper_stat.st_ino));
         if inode.is_dir() {
+            if let Some(held) = self.inodes.get(inode.ino) {
+                self.inodes.note_cached_fd(&held, UPPER);
+            }
             self.attrs_changed(inode.ino);
         }
         Ok(true)
