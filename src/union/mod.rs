@@ -202,7 +202,7 @@ impl Union {
         }
         for lower in &config.lowerdirs {
             layers.push(
-                Layer::open(lower, false)
+                Layer::open_lower(lower)
                     .map_err(|e| format!("lowerdir {}: {e}", lower.display()))?,
             );
         }

@@ -1409,11 +1409,18 @@ fn st_line(st: &St) -> String {
 }
 
 /// O_PATH handle on the directory `depth` levels of `d` below `root`, walked one
-/// component at a time (the path is far longer than PATH_MAX).
+/// component at a time (the path is far longer than PATH_MAX). Every descriptor
+/// here is O_CLOEXEC: one inherited by a process another test spawns meanwhile
+/// would keep this test's mount busy at its unmount.
 fn open_deep(root: &Path, depth: usize) -> Result<OwnedFd, Errno> {
     let c = fixture::cpath(root);
     // SAFETY: c is NUL-terminated; the fd returned is owned below.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(errno());
     }
@@ -1426,7 +1433,7 @@ fn open_deep(root: &Path, depth: usize) -> Result<OwnedFd, Errno> {
             libc::openat(
                 cur.as_raw_fd(),
                 d.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             )
         };
         if fd < 0 {
@@ -1442,7 +1449,7 @@ fn deep_file(root: &Path, depth: usize, flags: i32) -> Result<fs::File, Errno> {
     let dir = open_deep(root, depth)?;
     let f = CString::new("f").unwrap();
     // SAFETY: dir is valid, f NUL-terminated.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), f.as_ptr(), flags) };
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), f.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(errno());
     }
@@ -1737,7 +1744,7 @@ fn remove_contents_iteratively(root: &Path) {
         return;
     };
     let open_dir = |at: Option<&OwnedFd>, name: &CString| -> Option<OwnedFd> {
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: name is NUL-terminated; `at` (when given) is a valid fd.
         let fd = unsafe {
             match at {
@@ -1811,8 +1818,12 @@ fn make_chain(root: &Path, depth: usize, data: &[u8]) {
     let d = CString::new("d").unwrap();
     let c = fixture::cpath(root);
     // SAFETY: c NUL-terminated; every fd below is owned by an OwnedFd.
-    let mut cur =
-        unsafe { OwnedFd::from_raw_fd(libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY)) };
+    let mut cur = unsafe {
+        OwnedFd::from_raw_fd(libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        ))
+    };
     for i in 0..depth {
         unsafe {
             assert_eq!(
@@ -1824,7 +1835,7 @@ fn make_chain(root: &Path, depth: usize, data: &[u8]) {
             let fd = libc::openat(
                 cur.as_raw_fd(),
                 d.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
             );
             assert!(fd >= 0, "openat at level {i}: {}", errno_name(errno()));
             cur = OwnedFd::from_raw_fd(fd);
@@ -1836,7 +1847,7 @@ fn make_chain(root: &Path, depth: usize, data: &[u8]) {
         libc::openat(
             cur.as_raw_fd(),
             f.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
             0o644,
         )
     };
