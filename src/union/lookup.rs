@@ -409,20 +409,21 @@ impl Union {
             // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
-        let preferred = self.preferred_ino(parent, name, &found)?;
+        let (preferred, outside_links) = self.preferred_ino(parent, name, &found)?;
         let cached: Vec<LayerIdx> = found
             .layers
             .iter()
             .filter(|l| l.fd.is_some())
             .map(|l| l.layer)
             .collect();
-        let state = InodeState::new(
+        let mut state = InodeState::new(
             parent,
             name.to_os_string(),
             found.layers,
             vec![key],
             found.redirect,
         );
+        state.outside_links = outside_links;
         let inode = self.inodes.insert(preferred, found.kind, state);
         if !found.chained {
             for idx in cached {
@@ -434,20 +435,25 @@ impl Union {
 
     /// The number a newly adopted entry asks for: an upper entry's recorded origin,
     /// else the one derived from its real inode.
-    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<Ino> {
+    /// Also the links its file has outside every layer, from the same marker.
+    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Ino, u32)> {
         let derived = self.derived_ino(found.top_layer(), found.stat.st_ino);
         if !self.upper || found.top_layer() != super::UPPER {
-            return Ok(derived);
+            return Ok((derived, 0));
         }
         let origin = match found.layers.first().and_then(|l| l.fd.as_ref()) {
-            Some(fd) => self.origin_ino(Target::Fd(fd.as_fd())),
+            Some(fd) => self.origin(Target::Fd(fd.as_fd())),
             None => {
                 let p = self.inode(parent)?;
                 let pfd = self.dir_fd(&p, super::UPPER)?;
-                self.origin_ino(Target::Entry(pfd.as_fd(), name))
+                self.origin(Target::Entry(pfd.as_fd(), name))
             }
         };
-        Ok(origin.unwrap_or(derived))
+        Ok(match origin {
+            Some(o) if found.kind != libc::S_IFDIR => (o.ino, o.outside_links),
+            Some(o) => (o.ino, 0),
+            None => (derived, 0),
+        })
     }
 
     /// The real object's stat for an inode, from its top-most layer.
@@ -479,6 +485,9 @@ impl Union {
         let state = inode.state.read();
         if inode.is_dir() && state.layers.len() > 1 {
             attr.nlink = 1;
+        }
+        if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {
+            attr.nlink = attr.nlink.saturating_add(state.outside_links);
         }
         // A removed lower entry lives on below its whiteout; to its open handles it
         // is gone (an upper one's own count already says so).
