@@ -130,7 +130,7 @@ impl Watchdog {
         let threshold = match std::env::var("STRATAFS_WATCHDOG_SECS") {
             Err(_) => Some(DEFAULT_THRESHOLD),
             Ok(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s == 0.0 => None,
+                Ok(0.0) => None,
                 Ok(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
                 _ => {
                     log::warn!(
