@@ -5,7 +5,7 @@
 //! that a plain filesystem would never give (EIO, ESTALE, ENOTCONN, ...), a syscall that
 //! does not return within [`STUCK_AFTER`], a watchdog report or a dead daemon fails the
 //! test. Once the workers stop, the tree must be coherent (every name listed once and
-//! lstat-able, d_ino = st_ino, all names of one inode showing the same data and
+//! lstat-able, d_ino = st_ino, d_type = its type, all names of one inode showing the same data and
 //! st_nlink = the number of names), and the same after a remount.
 //!
 //! `STRATAFS_CONC_SECS` (default 60) is the test's time budget, `STRATAFS_CONC_SEED`
@@ -16,7 +16,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,24 @@ const WORKERS: usize = 5;
 const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// Of the time budget, what the invariant checks and the remount are given.
 const CHECK_RESERVE: Duration = Duration::from_secs(15);
+/// Checks of the quiesced tree during the run (besides the one at its end).
+const PAUSES: u32 = 3;
 
 /// Directories the workers pick from: merged (`m`, `d1`), lower-only (`d0`, `hl`),
 /// opaque (`op`), and new ones (`n0`, `n1`), nested ones to move and remove.
 const DIRS: &[&str] = &[
     "", "m", "m/deep", "d0", "d1", "hl", "op", "n0", "n1", "n0/s",
 ];
-/// Entry names: lower files, hidden ones (`gone` is whited out), the hard-link group
-/// (`h1`, `h2`, `h3`) and fresh names.
+/// Entry names: lower files, hidden ones (`gone` is whited out), hard-link group
+/// members and fresh names.
 const NAMES: &[&str] = &[
     "a", "b", "c", "x", "y", "gone", "h1", "h2", "h3", "f0", "f1",
+];
+/// The names of the lower hard-link groups, picked more often than chance would: the
+/// first copy-up of a group links every name of it, which races with everything else
+/// done to those names.
+const HOT: &[&str] = &[
+    "hl/h1", "hl/h2", "d0/h3", "m/f0", "d1/f0", "hl/f1", "m/a", "d1/a", "m/deep/a",
 ];
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -76,6 +84,8 @@ fn layers() -> Layers {
     let kib = |n: usize, seed: u64| fixture::pattern(n * 1024, seed);
     let mut bottom = LayerSpec::new()
         .file("m/a", kib(8, 1))
+        .hardlink("d1/a", "m/a")
+        .hardlink("m/deep/a", "m/a")
         .file("m/b", kib(4, 2))
         .file("m/deep/c", kib(4, 3))
         .file("d0/a", kib(16, 4))
@@ -85,7 +95,7 @@ fn layers() -> Layers {
         .file("d1/gone", b"hidden by the layer above\n")
         .file("op/a", b"hidden by the opaque directory above\n")
         .file("op/x", b"hidden too\n")
-        // A lower hard-link group across two directories.
+        // Lower hard-link groups across directories (and one in the layer above).
         .file("hl/h1", kib(12, 6))
         .hardlink("hl/h2", "hl/h1")
         .hardlink("d0/h3", "hl/h1");
@@ -95,6 +105,8 @@ fn layers() -> Layers {
     let top = LayerSpec::new()
         .file("m/c", kib(4, 7))
         .file("m/f0", b"m f0\n")
+        .hardlink("d1/f0", "m/f0")
+        .hardlink("hl/f1", "m/f0")
         .whiteout("m/b")
         .whiteout("d1/gone")
         .file("d1/f1", kib(3, 8))
@@ -140,6 +152,10 @@ fn expected(op: &str, e: Errno) -> bool {
 
 impl Worker {
     fn file_path(&mut self) -> PathBuf {
+        if self.rng.below(5) == 0 {
+            let p = self.rng.pick(HOT);
+            return self.root.join(p);
+        }
         let d = self.rng.pick(DIRS);
         let n = self.rng.pick(NAMES);
         self.root.join(d).join(n)
@@ -181,7 +197,7 @@ impl Worker {
         let seed = self.rng.next();
         let len = 1 + self.rng.below(24 * 1024);
         self.buf = fixture::pattern(len, seed);
-        match self.rng.below(16) {
+        match self.rng.below(17) {
             0 => {
                 let p = self.file_path();
                 self.run("create", self.rel(&p), |w| {
@@ -275,6 +291,24 @@ impl Worker {
                 });
             }
             14 => self.read_while_writing(),
+            16 => {
+                // rm -r, racing with everything else: also keeps the tree from growing
+                // without bound (renamed-away directories are out of the namespace).
+                // Not the directories of the lower layers themselves: their content is
+                // what the other operations are meant to race on.
+                let p = if self.rng.below(2) == 0 {
+                    self.root.join(self.rng.pick(&["n0", "n1", "n0/s"]))
+                } else {
+                    let d = self.rng.pick(DIRS);
+                    self.root.join(d).join(self.rng.pick(NAMES))
+                };
+                if self.rng.below(3) == 0 {
+                    self.run("remove_tree", self.rel(&p), |_| fs::remove_dir_all(&p));
+                } else {
+                    let d = self.root.join(self.rng.pick(&DIRS[1..]));
+                    self.run("mkdir", self.rel(&d), |_| fs::create_dir(&d));
+                }
+            }
             _ => unreachable!(),
         }
     }
@@ -333,7 +367,7 @@ struct Seen {
 }
 
 /// Walks the quiesced mount: every name once per directory, lstat on every name,
-/// d_ino = st_ino, names of one inode agree on data and st_nlink = their number.
+/// d_ino = st_ino and d_type = the lstat type, names of one inode agree on data and st_nlink = their number.
 fn check_tree(root: &Path, problems: &mut Vec<String>) -> BTreeMap<String, Seen> {
     let mut seen = BTreeMap::new();
     let mut todo = vec![PathBuf::new()];
@@ -368,6 +402,15 @@ fn check_tree(root: &Path, problems: &mut Vec<String>) -> BTreeMap<String, Seen>
                     continue;
                 }
             };
+            // d_type, which find(1) and ls(1) act on without a stat.
+            match e.file_type() {
+                Ok(t) if t == md.file_type() => {}
+                t => problems.push(format!(
+                    "/{}: d_type {t:?} but lstat says {:?}",
+                    child.display(),
+                    md.file_type()
+                )),
+            }
             if e.ino() != md.ino() {
                 problems.push(format!(
                     "/{}: d_ino {} but st_ino {}",
@@ -452,13 +495,19 @@ fn short_errno(e: Errno) -> String {
     long.split('(').next().unwrap_or(&long).trim().to_string()
 }
 
-fn print_figures(seed: u64, elapsed: Duration, stats: &Stats, tree_names: usize) {
+fn print_figures(seed: u64, elapsed: Duration, stats: &Stats, tree: &BTreeMap<String, Seen>) {
+    let mut names_of: HashMap<u64, usize> = HashMap::new();
+    for s in tree.values().filter(|s| !s.dir) {
+        *names_of.entry(s.ino).or_default() += 1;
+    }
+    let linked = names_of.values().filter(|n| **n > 1).count();
     let total: u64 = stats.ok.values().sum::<u64>() + stats.errors.values().sum::<u64>();
     let mut out = format!(
         "concurrency: seed {seed:#x}, {WORKERS} workers, {:.1} s of operations, {total} \
-         operations ({:.0}/s), {tree_names} names at the end\n",
+         operations ({:.0}/s); at the end {} names, {linked} files with several names\n",
         elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64().max(0.001)
+        total as f64 / elapsed.as_secs_f64().max(0.001),
+        tree.len()
     );
     let mut kinds: Vec<&str> = stats
         .ok
@@ -513,12 +562,16 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
         .max(Duration::from_secs(3));
 
     let stop = Arc::new(AtomicBool::new(false));
+    // Pauses: the workers stop between operations for a check of the quiesced tree
+    // in the middle of the run, while it still holds much of the lower content.
+    let pause = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicUsize::new(0));
     let mut currents = Vec::new();
     let mut handles = Vec::new();
     for id in 0..WORKERS {
         let current: Current = Arc::new(Mutex::new(None));
         currents.push(current.clone());
-        let stop = stop.clone();
+        let (stop, pause, paused) = (stop.clone(), pause.clone(), paused.clone());
         let mut w = Worker {
             id,
             root: m.path().to_path_buf(),
@@ -531,7 +584,15 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
             std::thread::Builder::new()
                 .name(format!("conc-worker-{id}"))
                 .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::SeqCst) {
+                        if pause.load(Ordering::SeqCst) {
+                            paused.fetch_add(1, Ordering::SeqCst);
+                            while pause.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            paused.fetch_sub(1, Ordering::SeqCst);
+                            continue;
+                        }
                         w.step();
                     }
                     w.stats
@@ -543,10 +604,28 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     // The main thread only watches: the deadline, stuck syscalls, the daemon.
     let work_began = Instant::now();
     let mut stats = Stats::default();
+    let mut problems = Vec::new();
+    let mut quiesced_checks = 0;
+    let mut next_check = work_for / (PAUSES + 1);
     while handles.iter().any(Option::is_some) {
         std::thread::sleep(Duration::from_millis(100));
+        if work_began.elapsed() >= next_check && quiesced_checks < PAUSES {
+            pause.store(true, Ordering::SeqCst);
+        }
+        if pause.load(Ordering::SeqCst) && paused.load(Ordering::SeqCst) == WORKERS {
+            quiesced_checks += 1;
+            let mut found = Vec::new();
+            check_tree(m.path(), &mut found);
+            problems.extend(
+                found
+                    .into_iter()
+                    .map(|p| format!("quiesced check {quiesced_checks}: {p}")),
+            );
+            next_check = work_for * (quiesced_checks + 1) / (PAUSES + 1);
+            pause.store(false, Ordering::SeqCst);
+        }
         if work_began.elapsed() >= work_for {
-            stop.store(true, Ordering::Relaxed);
+            stop.store(true, Ordering::SeqCst);
         }
         for (i, c) in currents.iter().enumerate() {
             if let Some((what, since)) = c.lock().unwrap().as_ref() {
@@ -577,15 +656,30 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     }
     let worked = work_began.elapsed();
 
-    let mut problems = Vec::new();
+    let t = Instant::now();
     let before = check_tree(m.path(), &mut problems);
+    let walk1 = t.elapsed();
     daemon_check(&mut m, "after the run");
-    print_figures(seed, worked, &stats, before.len());
+    print_figures(seed, worked, &stats, &before);
     let first_output = m.output();
+    let t = Instant::now();
     m.remount();
+    let remount = t.elapsed();
+    let t = Instant::now();
     let mut after_problems = Vec::new();
     let after = check_tree(m.path(), &mut after_problems);
+    let walk2 = t.elapsed();
     daemon_check(&mut m, "after the remount");
+    let _ = io::stderr().write_all(
+        format!(
+            "concurrency: {quiesced_checks} quiesced tree checks during the run; at its end \
+             tree check {:.1} s, remount {:.1} s, tree check after it {:.1} s\n",
+            walk1.as_secs_f64(),
+            remount.as_secs_f64(),
+            walk2.as_secs_f64()
+        )
+        .as_bytes(),
+    );
     problems.extend(
         after_problems
             .into_iter()
@@ -603,13 +697,6 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     for p in after.keys().filter(|p| !before.contains_key(*p)) {
         problems.push(format!("/{p} appeared with the remount"));
     }
-    let _ = io::stderr().write_all(
-        format!(
-            "concurrency: whole test {:.1} s\n",
-            began.elapsed().as_secs_f64()
-        )
-        .as_bytes(),
-    );
     let failures: Vec<String> = stats.failures.iter().take(30).cloned().collect();
     assert!(
         failures.is_empty() && problems.is_empty(),
@@ -627,6 +714,14 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     );
     // Unmounting checks the daemon's output for watchdog reports.
     m.unmount();
+    drop(l);
+    let _ = io::stderr().write_all(
+        format!(
+            "concurrency: whole test {:.1} s (with the checks, the remount and the clean-up)\n",
+            began.elapsed().as_secs_f64()
+        )
+        .as_bytes(),
+    );
 }
 
 /// Sends SIGCONT to a stopped daemon when dropped, so that a failing assertion never
