@@ -4,9 +4,10 @@
 //! hard-link group. Races may answer ENOENT, EEXIST, ENOTEMPTY and the like; an error
 //! that a plain filesystem would never give (EIO, ESTALE, ENOTCONN, ...), a syscall that
 //! does not return within [`STUCK_AFTER`], a watchdog report or a dead daemon fails the
-//! test. Once the workers stop, the tree must be coherent (every name listed once and
-//! lstat-able, d_ino = st_ino, d_type = its type, all names of one inode showing the same data and
-//! st_nlink = the number of names), and the same after a remount.
+//! test. Whenever the workers pause, and at the end, the tree must be coherent: every
+//! name listed once and lstat-able, every name lstat finds listed, d_ino = st_ino,
+//! d_type = the lstat type, all names of one inode showing the same data with st_nlink =
+//! the number of names; after a remount, the same tree again.
 //!
 //! `STRATAFS_CONC_SECS` (default 60) is the test's time budget, `STRATAFS_CONC_SEED`
 //! the seed of the operation mix; the figures go to stderr.
@@ -26,7 +27,7 @@ const WORKERS: usize = 5;
 /// A syscall of a worker that takes longer than this is a hang.
 const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// Of the time budget, what the invariant checks and the remount are given.
-const CHECK_RESERVE: Duration = Duration::from_secs(15);
+const CHECK_RESERVE: Duration = Duration::from_secs(10);
 /// Checks of the quiesced tree during the run (besides the one at its end).
 const PAUSES: u32 = 3;
 
@@ -480,6 +481,25 @@ fn check_tree(root: &Path, problems: &mut Vec<String>) -> BTreeMap<String, Seen>
     seen
 }
 
+/// The other direction: every name of the workers' namespace that lstat finds is in
+/// its directory's listing (a stale cached listing would leave it out).
+fn check_listed(root: &Path, seen: &BTreeMap<String, Seen>, problems: &mut Vec<String>) {
+    let own: Vec<String> = (0..WORKERS).map(|w| format!("w{w}")).collect();
+    for d in DIRS {
+        for n in NAMES.iter().copied().chain(own.iter().map(String::as_str)) {
+            let rel = Path::new(d).join(n);
+            if fs::symlink_metadata(root.join(&rel)).is_ok()
+                && !seen.contains_key(&rel.display().to_string())
+            {
+                problems.push(format!(
+                    "/{}: lstat finds it, readdir of /{d} does not list it",
+                    rel.display()
+                ));
+            }
+        }
+    }
+}
+
 fn daemon_check(m: &mut StrataMount, when: &str) {
     if let Some(st) = m.daemon_exited() {
         panic!(
@@ -615,7 +635,8 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
         if pause.load(Ordering::SeqCst) && paused.load(Ordering::SeqCst) == WORKERS {
             quiesced_checks += 1;
             let mut found = Vec::new();
-            check_tree(m.path(), &mut found);
+            let seen = check_tree(m.path(), &mut found);
+            check_listed(m.path(), &seen, &mut found);
             problems.extend(
                 found
                     .into_iter()
@@ -658,6 +679,7 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
 
     let t = Instant::now();
     let before = check_tree(m.path(), &mut problems);
+    check_listed(m.path(), &before, &mut problems);
     let walk1 = t.elapsed();
     daemon_check(&mut m, "after the run");
     print_figures(seed, worked, &stats, &before);
@@ -668,6 +690,7 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     let t = Instant::now();
     let mut after_problems = Vec::new();
     let after = check_tree(m.path(), &mut after_problems);
+    check_listed(m.path(), &after, &mut after_problems);
     let walk2 = t.elapsed();
     daemon_check(&mut m, "after the remount");
     let _ = io::stderr().write_all(
