@@ -127,6 +127,24 @@ struct Stats {
 /// What a worker is doing, for the hang check of the main thread.
 type Current = Arc<Mutex<Option<(String, Instant)>>>;
 
+/// The kernel stacks of the threads of `pid` (`self` or a number), for a hang report.
+fn kernel_stacks(pid: &str, only_tid: Option<i32>) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().to_string();
+        if only_tid.is_some_and(|o| o.to_string() != tid) {
+            continue;
+        }
+        let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stack = fs::read_to_string(t.path().join("stack")).unwrap_or_default();
+        out += &format!("--- {pid}/{tid} {}\n{stack}", comm.trim());
+    }
+    out
+}
+
 struct Worker {
     id: usize,
     root: PathBuf,
@@ -134,6 +152,8 @@ struct Worker {
     current: Current,
     stats: Stats,
     buf: Vec<u8>,
+    /// read_while_write rounds done.
+    rw_rounds: u64,
 }
 
 /// Errors a race between workers explains. Everything else is a failure.
@@ -173,6 +193,14 @@ impl Worker {
 
     fn rel(&self, p: &Path) -> String {
         p.strip_prefix(&self.root).unwrap().display().to_string()
+    }
+
+    /// Names the step of a multi-syscall operation, for the hang report.
+    fn note(&self, step: &str) {
+        if let Some((what, _)) = self.current.lock().unwrap().as_mut() {
+            let base = what.split(" | ").next().unwrap_or_default().to_string();
+            *what = format!("{base} | {step}");
+        }
     }
 
     /// Runs one operation, recorded as `what` for the hang check.
@@ -315,14 +343,15 @@ impl Worker {
     }
 
     /// A reader opens the worker's own file (a lower file until something copies it
-    /// up), then a writer opens it and writes: once the write returned, the reader's fd
-    /// must see the new bytes. Only this worker writes its own file, so the check is
-    /// exact.
+    /// up); every other round the file is truncated by path; then a writer opens it and
+    /// writes. Once the truncate or the write returned, the reader's fd must see it.
+    /// Only this worker changes its own file, so the checks are exact.
     fn read_while_writing(&mut self) {
         let p = self.root.join(format!("m/w{}", self.id));
         let what = self.rel(&p);
         let mut stale = None;
         self.run("read_while_write", what.clone(), |w| {
+            w.note("open for reading");
             let r = match fs::File::open(&p) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                     // `m` was renamed or removed by a race: make the file again.
@@ -331,13 +360,41 @@ impl Worker {
                 }
                 x => x?,
             };
+            w.rw_rounds += 1;
+            if w.rw_rounds % 2 == 1 {
+                // Every other round (the first one included, while the file is still
+                // the lower one): truncate(2) by path, as another process would, while
+                // the reader is open. The reader must then find end-of-file at the new
+                // size, as on kernel overlayfs and any plain filesystem.
+                let size = r.metadata()?.len();
+                let cut = size / 2;
+                w.note("truncate(2) by path");
+                truncate_path(&p, cut)?;
+                w.note("read past the new end");
+                if size > cut && fs::metadata(&p)?.ino() == r.metadata()?.ino() {
+                    let mut past = [0u8; 64];
+                    let n = r.read_at(&mut past, cut)?;
+                    if n != 0 {
+                        stale = Some(format!(
+                            "worker {}: read_while_write {what}: after truncate(2) of the \
+                             {size}-byte file to {cut} bytes, a reader opened before it \
+                             still reads {n} bytes at offset {cut}",
+                            w.id
+                        ));
+                        return Ok(());
+                    }
+                }
+            }
+            w.note("open for writing");
             let wr = OpenOptions::new().write(true).open(&p)?;
             if r.metadata()?.ino() != wr.metadata()?.ino() {
                 // Replaced between the two opens (a rename over `m`): nothing to compare.
                 return Ok(());
             }
+            w.note("write");
             wr.write_all_at(&w.buf, 0)?;
             let mut back = vec![0; w.buf.len()];
+            w.note("read back through the reader");
             r.read_exact_at(&mut back, 0)?;
             if back != w.buf {
                 let at = back.iter().zip(&w.buf).position(|(a, b)| a != b);
@@ -353,6 +410,18 @@ impl Worker {
         if let Some(s) = stale {
             self.stats.failures.push(s);
         }
+    }
+}
+
+/// truncate(2): by path, without opening the file (no open for writing, so no copy-up
+/// through an open).
+fn truncate_path(p: &Path, size: u64) -> io::Result<()> {
+    let c = fixture::cpath(p);
+    // SAFETY: c is a NUL-terminated path that outlives the call.
+    if unsafe { libc::truncate(c.as_ptr(), size as libc::off_t) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -587,11 +656,13 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
     let pause = Arc::new(AtomicBool::new(false));
     let paused = Arc::new(AtomicUsize::new(0));
     let mut currents = Vec::new();
+    let tids: Arc<Mutex<Vec<i32>>> = Arc::new(Mutex::new(vec![0; WORKERS]));
     let mut handles = Vec::new();
     for id in 0..WORKERS {
         let current: Current = Arc::new(Mutex::new(None));
         currents.push(current.clone());
         let (stop, pause, paused) = (stop.clone(), pause.clone(), paused.clone());
+        let tids = tids.clone();
         let mut w = Worker {
             id,
             root: m.path().to_path_buf(),
@@ -599,11 +670,14 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
             current,
             stats: Stats::default(),
             buf: Vec::new(),
+            rw_rounds: 0,
         };
         handles.push(Some(
             std::thread::Builder::new()
                 .name(format!("conc-worker-{id}"))
                 .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tids.lock().unwrap()[id] = unsafe { libc::gettid() };
                     while !stop.load(Ordering::SeqCst) {
                         if pause.load(Ordering::SeqCst) {
                             paused.fetch_add(1, Ordering::SeqCst);
@@ -649,13 +723,20 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
             stop.store(true, Ordering::SeqCst);
         }
         for (i, c) in currents.iter().enumerate() {
-            if let Some((what, since)) = c.lock().unwrap().as_ref() {
+            // Copied out: no lock may be held by a panic (the worker would find it
+            // poisoned).
+            let doing = c.lock().unwrap().clone();
+            if let Some((what, since)) = doing {
                 if since.elapsed() > STUCK_AFTER {
+                    let tid = tids.lock().unwrap()[i];
                     // Dropping the mount on the way out aborts the connection, which
                     // lets the stuck thread go.
                     panic!(
-                        "worker {i} stuck for {:?} in `{what}`; daemon output:\n{}",
+                        "worker {i} stuck for {:?} in `{what}`; its kernel stack:\n{}\n\
+                         daemon's kernel stacks:\n{}\ndaemon output:\n{}",
                         since.elapsed(),
+                        kernel_stacks("self", Some(tid)),
+                        kernel_stacks(&m.pid().to_string(), None),
                         m.output()
                     );
                 }
@@ -856,5 +937,28 @@ fn a_request_stuck_in_a_layer_is_reported_once_by_the_watchdog() {
         reports[0].contains("WARN"),
         "a warning line: {}",
         reports[0]
+    );
+}
+
+/// The smallest form of what `read_while_write` checks: a process holds a lower file
+/// open for reading, another truncates it by path (which copies it up). The reader must
+/// see the new size and data, as it does on kernel overlayfs (and on any filesystem).
+#[test]
+fn a_reader_open_on_a_lower_file_sees_a_truncate_by_path() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("f", b"lower data here\n")]);
+    let m = StrataMount::new(&l);
+    let p = m.join("f");
+    let r = fs::File::open(&p).unwrap();
+    truncate_path(&p, 5).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 5);
+    let mut buf = [0u8; 64];
+    let n = r.read_at(&mut buf, 0).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        "lower",
+        "read(2) through a reader opened before truncate(2) by path to 5 bytes"
     );
 }
