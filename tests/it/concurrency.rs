@@ -678,6 +678,8 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tids.lock().unwrap()[id] = unsafe { libc::gettid() };
+                    // First, while the worker's own file is surely still the lower one.
+                    w.read_while_writing();
                     while !stop.load(Ordering::SeqCst) {
                         if pause.load(Ordering::SeqCst) {
                             paused.fetch_add(1, Ordering::SeqCst);
