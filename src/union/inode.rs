@@ -144,8 +144,11 @@ impl InodeTable {
     pub fn insert(&self, preferred: Ino, kind: u32, state: InodeState) -> Arc<Inode> {
         let keys = state.keys.clone();
         let mut ino = preferred;
+        // A derived number is used only below RESERVED_BASE; after a collision every
+        // allocated (reserved) number is usable, or the loop would never end.
+        let mut usable = ino != 0 && ino < RESERVED_BASE || ino == ROOT_INO;
         loop {
-            if ino != 0 && ino < RESERVED_BASE || ino == ROOT_INO {
+            if usable {
                 if let dashmap::Entry::Vacant(slot) = self.inodes.entry(ino) {
                     let inode = Arc::new(Inode {
                         ino,
@@ -163,6 +166,7 @@ impl InodeTable {
                 }
             }
             ino = RESERVED_BASE + self.next_reserved.fetch_add(1, Ordering::Relaxed);
+            usable = true;
         }
     }
 
@@ -217,5 +221,39 @@ impl InodeTable {
 
     pub fn is_empty(&self) -> bool {
         self.inodes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> InodeState {
+        InodeState {
+            parent: ROOT_INO,
+            name: "f".into(),
+            layers: Vec::new(),
+            keys: Vec::new(),
+            detached: false,
+            pinned: None,
+            redirect: None,
+        }
+    }
+
+    /// Two live entries deriving the same number (an upper inode number reused while
+    /// the kernel still holds the old entry): the second gets an allocated number.
+    /// This used to spin forever inside a lookup.
+    #[test]
+    fn a_taken_or_unusable_number_falls_back_to_an_allocated_one() {
+        let t = InodeTable::default();
+        let a = t.insert(42, libc::S_IFREG, state());
+        let b = t.insert(42, libc::S_IFREG, state());
+        let c = t.insert(RESERVED_BASE + 7, libc::S_IFREG, state());
+        let d = t.insert(0, libc::S_IFREG, state());
+        assert_eq!(a.ino, 42);
+        let fallback = [b.ino, c.ino, d.ino];
+        assert!(fallback.iter().all(|i| *i >= RESERVED_BASE), "{fallback:?}");
+        assert!(b.ino != c.ino && c.ino != d.ino && b.ino != d.ino);
+        assert_eq!(t.get(b.ino).unwrap().ino, b.ino);
     }
 }
