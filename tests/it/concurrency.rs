@@ -127,6 +127,31 @@ struct Stats {
 /// What a worker is doing, for the hang check of the main thread.
 type Current = Arc<Mutex<Option<(String, Instant)>>>;
 
+/// The user-space stacks of the daemon's threads, if gdb is there to take them.
+fn user_stacks(pid: u32) -> String {
+    let pid = pid.to_string();
+    match std::process::Command::new("timeout")
+        .args([
+            "60",
+            "gdb",
+            "-p",
+            &pid,
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("Thread "))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(no gdb: {e})"),
+    }
+}
+
 /// The kernel stacks of the threads of `pid` (`self` or a number), for a hang report.
 fn kernel_stacks(pid: &str, only_tid: Option<i32>) -> String {
     let mut out = String::new();
@@ -735,10 +760,12 @@ fn random_operations_of_several_workers_leave_a_coherent_tree_across_a_remount()
                     // lets the stuck thread go.
                     panic!(
                         "worker {i} stuck for {:?} in `{what}`; its kernel stack:\n{}\n\
-                         daemon's kernel stacks:\n{}\ndaemon output:\n{}",
+                         daemon's kernel stacks:\n{}\ndaemon's stacks:\n{}\n\
+                         daemon output:\n{}",
                         since.elapsed(),
                         kernel_stacks("self", Some(tid)),
                         kernel_stacks(&m.pid().to_string(), None),
+                        user_stacks(m.pid()),
                         m.output()
                     );
                 }
