@@ -18,6 +18,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use super::watchdog::Watchdog;
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
 pub struct StrataFs {
@@ -36,6 +37,8 @@ pub struct StrataFs {
     io: Mutex<HashMap<u64, InodeIo>>,
     /// File handle -> (inode, whether it was opened with passthrough).
     handles: DashMap<u64, (u64, bool)>,
+    /// Requests in flight, reported when one runs too long.
+    watch: Watchdog,
 }
 
 /// The opens of one inode. Invariant: `backing` is set exactly while
@@ -64,6 +67,7 @@ impl StrataFs {
             writeback,
             io: Mutex::new(HashMap::new()),
             handles: DashMap::new(),
+            watch: Watchdog::from_env(),
         }
     }
 }
@@ -297,6 +301,7 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _w = self.watch.start("lookup", parent.0, Some(name));
         match self.engine.lookup(parent.0, name) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("lookup", e)),
@@ -304,10 +309,12 @@ impl Filesystem for StrataFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _w = self.watch.start("forget", ino.0, None);
         self.engine.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _w = self.watch.start("getattr", ino.0, None);
         match self.engine.getattr(ino.0) {
             Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(fail("getattr", e)),
@@ -332,6 +339,7 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _w = self.watch.start("setattr", ino.0, None);
         let set = SetAttr {
             mode,
             uid,
@@ -347,6 +355,7 @@ impl Filesystem for StrataFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _w = self.watch.start("readlink", ino.0, None);
         match self.engine.readlink(ino.0) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
             Err(e) => reply.error(fail("readlink", e)),
@@ -363,6 +372,7 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _w = self.watch.start("mknod", parent.0, Some(name));
         match self
             .engine
             .mknod(caller(req), parent.0, name, mode, rdev.into())
@@ -381,6 +391,7 @@ impl Filesystem for StrataFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _w = self.watch.start("mkdir", parent.0, Some(name));
         match self.engine.mkdir(caller(req), parent.0, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("mkdir", e)),
@@ -388,6 +399,7 @@ impl Filesystem for StrataFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _w = self.watch.start("unlink", parent.0, Some(name));
         match self.engine.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("unlink", e)),
@@ -395,6 +407,7 @@ impl Filesystem for StrataFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _w = self.watch.start("rmdir", parent.0, Some(name));
         match self.engine.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rmdir", e)),
@@ -409,6 +422,7 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _w = self.watch.start("symlink", parent.0, Some(link_name));
         match self
             .engine
             .symlink(caller(req), parent.0, link_name, target.as_os_str())
@@ -428,6 +442,9 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _w = self
+            .watch
+            .start_to("rename", parent.0, Some(name), newparent.0, newname);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -454,6 +471,9 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _w = self
+            .watch
+            .start_to("link", ino.0, None, newparent.0, newname);
         match self.engine.link(ino.0, newparent.0, newname) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("link", e)),
@@ -461,6 +481,7 @@ impl Filesystem for StrataFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _w = self.watch.start("open", ino.0, None);
         let (fh, handle) = match self.engine.open(ino.0, flags.0) {
             Ok(h) => h,
             Err(e) => return reply.error(fail("open", e)),
@@ -483,6 +504,7 @@ impl Filesystem for StrataFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _w = self.watch.start("create", parent.0, Some(name));
         let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
         {
             Ok(c) => c,
@@ -519,6 +541,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _w = self.watch.start("read", _ino.0, None);
         match self.engine.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(fail("read", e)),
@@ -537,6 +560,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _w = self.watch.start("write", _ino.0, None);
         match self.engine.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("write", e)),
@@ -551,6 +575,7 @@ impl Filesystem for StrataFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("flush", _ino.0, None);
         reply.ok();
     }
 
@@ -564,6 +589,7 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("release", _ino.0, None);
         self.end_io(fh.0);
         self.engine.release(fh.0);
         reply.ok();
@@ -577,6 +603,7 @@ impl Filesystem for StrataFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("fsync", _ino.0, None);
         match self.engine.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", e)),
@@ -584,6 +611,7 @@ impl Filesystem for StrataFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _w = self.watch.start("opendir", ino.0, None);
         match self.engine.opendir(ino.0) {
             // Every change to a layered directory's listing arrives as a request on
             // it, which makes the kernel drop its cached copy: the listing may be
@@ -608,6 +636,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _w = self.watch.start("readdir", _ino.0, None);
         let entries = match self.engine.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdir", e)),
@@ -628,6 +657,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _w = self.watch.start("readdirplus", ino.0, None);
         let entries = match self.engine.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(fail("readdirplus", e)),
@@ -675,6 +705,7 @@ impl Filesystem for StrataFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("releasedir", _ino.0, None);
         self.engine.releasedir(fh.0);
         reply.ok();
     }
@@ -687,10 +718,12 @@ impl Filesystem for StrataFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("fsyncdir", _ino.0, None);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _w = self.watch.start("statfs", ino.0, None);
         match self.engine.statfs_at(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -709,6 +742,7 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("setxattr", ino.0, Some(name));
         match self.engine.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", e)),
@@ -716,6 +750,7 @@ impl Filesystem for StrataFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _w = self.watch.start("getxattr", ino.0, Some(name));
         match self.engine.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -725,6 +760,7 @@ impl Filesystem for StrataFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _w = self.watch.start("listxattr", ino.0, None);
         match self.engine.listxattr(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -745,6 +781,7 @@ impl Filesystem for StrataFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _w = self.watch.start("removexattr", ino.0, Some(name));
         match self.engine.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("removexattr", e)),
@@ -752,6 +789,7 @@ impl Filesystem for StrataFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _w = self.watch.start("access", ino.0, None);
         // The mount always uses default_permissions, so the kernel checks access
         // itself; this only answers whether the inode still exists.
         match self.engine.getattr(ino.0) {
@@ -770,6 +808,7 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _w = self.watch.start("fallocate", _ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", e)),
@@ -785,6 +824,7 @@ impl Filesystem for StrataFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _w = self.watch.start("lseek", _ino.0, None);
         match self.engine.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(fail("lseek", e)),
@@ -804,6 +844,7 @@ impl Filesystem for StrataFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _w = self.watch.start("copy_file_range", _ino_in.0, None);
         match self
             .engine
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

@@ -2,6 +2,7 @@
 //! into engine calls; this file mounts, detaches the daemon and unmounts.
 
 mod adapter;
+mod watchdog;
 
 use std::path::Path;
 use std::sync::Arc;

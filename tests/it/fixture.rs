@@ -961,7 +961,14 @@ pub struct StrataMount {
     log: PathBuf,
     child: Option<Child>,
     spawned: u32,
+    /// Extra environment of the daemon.
+    env: Vec<(String, String)>,
+    /// The test provokes watchdog reports on purpose: they do not fail it.
+    watchdog_expected: bool,
 }
+
+/// What every daemon log line of a watchdog report contains (src/fuse/watchdog.rs).
+pub const WATCHDOG_MARK: &str = "watchdog: ";
 
 impl StrataMount {
     /// lowerdir+upperdir+workdir of `l`, mounted on `l.merged`.
@@ -980,6 +987,17 @@ impl StrataMount {
     }
 
     pub fn with_args(options: &str, extra: &[&str], mountpoint: &Path, log_dir: &Path) -> Self {
+        Self::with_env(options, extra, &[], mountpoint, log_dir)
+    }
+
+    /// As [`with_args`](Self::with_args), the daemon getting `env` on top of ours.
+    pub fn with_env(
+        options: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        mountpoint: &Path,
+        log_dir: &Path,
+    ) -> Self {
         let mut m = StrataMount {
             mountpoint: mountpoint.to_path_buf(),
             options: options.to_string(),
@@ -988,6 +1006,11 @@ impl StrataMount {
             log: PathBuf::new(),
             child: None,
             spawned: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            watchdog_expected: false,
         };
         m.start();
         m
@@ -1009,6 +1032,7 @@ impl StrataMount {
             .arg("-o")
             .arg(&self.options)
             .arg(&self.mountpoint)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -1072,10 +1096,43 @@ impl StrataMount {
         read_log(&self.log)
     }
 
+    /// The daemon's exit status if it has exited (without an unmount asking it to, that
+    /// is a crash), `None` while it runs.
+    pub fn daemon_exited(&mut self) -> Option<ExitStatus> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap_or(None),
+            None => panic!("no stratafs daemon was started"),
+        }
+    }
+
+    /// Watchdog reports of this mount's daemon are expected (the test provokes them and
+    /// checks them itself) rather than a failure.
+    pub fn expect_watchdog_reports(&mut self) {
+        self.watchdog_expected = true;
+    }
+
+    /// The watchdog lines of the current daemon's output, unless they are expected. A
+    /// request that ran for the watchdog's threshold (10 s) is a hang or a pathological
+    /// slowdown, which fails the test even when everything else it checks passed.
+    fn unexpected_watchdog_reports(&self) -> Option<String> {
+        if self.watchdog_expected || self.log.as_os_str().is_empty() {
+            return None;
+        }
+        let out = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = out.lines().filter(|l| l.contains(WATCHDOG_MARK)).collect();
+        (!lines.is_empty()).then(|| {
+            format!(
+                "the daemon's watchdog reported requests running too long:\n{}",
+                lines.join("\n")
+            )
+        })
+    }
+
     /// Unmounts, requires the daemon to exit by itself, returns its exit status.
     pub fn unmount(&mut self) -> ExitStatus {
         let mut problems = Vec::new();
         let st = self.teardown(&mut problems);
+        problems.extend(self.unexpected_watchdog_reports());
         if !problems.is_empty() {
             panic!(
                 "unmounting stratafs at {}: {}\noutput:\n{}",
@@ -1111,6 +1168,9 @@ impl StrataMount {
         match wait_bounded(child, EXIT_TIMEOUT) {
             Some(st) => {
                 self.child = None;
+                if let Some(msg) = self.unexpected_watchdog_reports() {
+                    panic!("{msg}");
+                }
                 st
             }
             None => panic!(
@@ -1165,6 +1225,14 @@ impl Drop for StrataMount {
                 problems.join("\n"),
                 read_log(&self.log)
             );
+        }
+        // A watchdog report fails the test that owned the mount. Not while already
+        // unwinding: a panic inside a panic aborts the whole test binary, and the
+        // first failure is the one worth reading.
+        if !std::thread::panicking() {
+            if let Some(msg) = self.unexpected_watchdog_reports() {
+                panic!("StrataMount drop ({}): {msg}", self.mountpoint.display());
+            }
         }
     }
 }

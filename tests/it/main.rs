@@ -2,6 +2,7 @@
 
 mod cli;
 mod compat;
+mod concurrency;
 mod differential;
 mod engine;
 mod fixture;
