@@ -451,13 +451,52 @@ fn abort_fuse_connection(mp: &Path) {
     }
 }
 
+/// "pid (comm)" of every process whose cwd, root or an open file is under `mp`.
+fn users_of(mp: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let proc = e.path();
+        let mut links: Vec<PathBuf> = vec![proc.join("cwd"), proc.join("root")];
+        if let Ok(fds) = fs::read_dir(proc.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        let uses = links
+            .iter()
+            .filter_map(|l| fs::read_link(l).ok())
+            .any(|t| t.starts_with(mp));
+        if uses {
+            let comm = fs::read_to_string(proc.join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
 /// Unmounts a FUSE mount: `fusermount3 -u`, falling back to `umount -l`. Notes what failed.
 fn unmount_fuse(mp: &Path, problems: &mut Vec<String>) {
     if mount_at(mp).is_none() {
         return;
     }
-    if let Err(e) = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]) {
-        problems.push(format!("fusermount3 -u failed: {e}"));
+    // EBUSY can be fleeting: a process another test thread forks holds copies of this
+    // process's descriptors (some maybe on this mount) until it execs. A holder that
+    // stays is named in the problem.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut result = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]);
+    while result.as_ref().is_err_and(|e| e.contains("busy")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        result = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]);
+    }
+    if let Err(e) = result {
+        problems.push(format!(
+            "fusermount3 -u failed: {e} (processes using the mount: {:?})",
+            users_of(mp)
+        ));
         if let Err(e) = run_cmd("umount", &[OsStr::new("-l"), mp.as_os_str()]) {
             problems.push(format!("umount -l failed too: {e}"));
             abort_fuse_connection(mp);
