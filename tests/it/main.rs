@@ -2,6 +2,7 @@
 
 mod cli;
 mod compat;
+mod crash;
 mod differential;
 mod engine;
 mod fixture;
