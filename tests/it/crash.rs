@@ -1124,3 +1124,69 @@ done
     }
     .run();
 }
+
+/// The state a kill between the first and the last link of a lower hard-link group's
+/// link-up leaves (the rm -rf trials reach it): the group's copy in `workdir/index`
+/// (named as hardlink.rs names it: `L<layer from the bottom>-<lower ino in hex>`),
+/// one name linked to it, the other names still showing the lower file. Made here
+/// from a finished link-up, so that it does not depend on where a kill lands. The
+/// next mount must show one file again, under every name, with st_nlink the number
+/// of names.
+#[test]
+fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let data = pattern(40_000, 5);
+    let lower = LayerSpec::new()
+        .file("a/g", &data)
+        .hardlink("b/g", "a/g")
+        .hardlink("c/d/g", "a/g");
+    let l = Layers::new(&[lower]);
+    let mut m = StrataMount::new(&l);
+    // Opening for writing copies the whole group up and links every name.
+    drop(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("b/g"))
+            .unwrap(),
+    );
+    m.unmount();
+    let ino = fs::symlink_metadata(l.lowers[0].join("a/g")).unwrap().ino();
+    let index = l.work.join("index");
+    fs::hard_link(l.upper.join("a/g"), index.join(format!("L0-{ino:x}"))).unwrap();
+    fs::remove_file(l.upper.join("b/g")).unwrap();
+    fs::remove_file(l.upper.join("c/d/g")).unwrap();
+
+    m.remount();
+    let root = l.merged.clone();
+    let seen = bounded(CHECK_LIMIT, move || {
+        ["a/g", "b/g", "c/d/g"].map(|p| {
+            let md = fs::symlink_metadata(root.join(p)).unwrap();
+            (
+                md.ino(),
+                md.nlink(),
+                fs::read(root.join(p)).unwrap() == data,
+            )
+        })
+    })
+    .unwrap_or_else(|e| panic!("stat of the group's names after the remount: {e}"));
+    for (p, (ino, nlink, same_data)) in ["a/g", "b/g", "c/d/g"].iter().zip(seen) {
+        assert!(same_data, "{p}: other data than the group's");
+        assert_eq!(
+            (ino, nlink),
+            (seen[0].0, 3),
+            "{p}: (st_ino, st_nlink) after the remount; every name of the group must be one \
+             file with three links (all names: {seen:?})"
+        );
+    }
+    assert!(
+        fixture::names(&index).is_empty(),
+        "workdir/index still holds {:?} after the link-up was finished",
+        fixture::names(&index)
+    );
+    // One file: a write through one name shows through the others.
+    fs::write(m.join("c/d/g"), "one file").unwrap();
+    assert_eq!(fs::read(m.join("a/g")).unwrap(), b"one file");
+    assert_eq!(fs::read(m.join("b/g")).unwrap(), b"one file");
+}
