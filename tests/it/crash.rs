@@ -349,6 +349,7 @@ struct TrialResult {
     took: Duration,
     interrupted: bool,
     in_link_up: bool,
+    in_staging: bool,
 }
 
 impl Crash {
@@ -373,18 +374,20 @@ impl Crash {
 
         // Steps reported before the kill -> number of trials.
         let mut reached: BTreeMap<usize, usize> = BTreeMap::new();
-        let (mut interrupted, mut in_link_up) = (0, 0);
+        let (mut interrupted, mut in_link_up, mut in_staging) = (0, 0, 0);
         for t in 1..=n {
             let delay = max.mul_f64(rng.unit());
             let r = self.trial(t, Some(delay), seed);
             *reached.entry(r.lines.len()).or_default() += 1;
             interrupted += r.interrupted as usize;
             in_link_up += r.in_link_up as usize;
+            in_staging += r.in_staging as usize;
         }
         let summary = format!(
             "crash::{}: STRATAFS_CRASH_SEED={seed:#x}: {n} killed trials + 1 complete run \
              ({:.0?} per complete run, kills at 0..{max:.0?}): {interrupted} interrupted the \
-             workload, {in_link_up} inside a hard-link link-up; trials by steps reported (of \
+             workload, {in_staging} with a copy staged in workdir/work, {in_link_up} inside a \
+             hard-link link-up; trials by steps reported (of \
              {}) before the kill: {reached:?}; all invariants held; {:.1} s\n",
             self.name,
             calib.took,
@@ -459,6 +462,9 @@ impl Crash {
         // group was being linked up (counted, to show the trials reach that window).
         let index = l.work.join("index");
         let in_link_up = index.exists() && !fixture::names(&index).is_empty();
+        // Likewise an entry in workdir/work: the kill landed while something was staged.
+        let staging = l.work.join("work");
+        let in_staging = staging.exists() && !fixture::names(&staging).is_empty();
         m.remount();
 
         // A crash leaves only staged copies in workdir/work; the new mount sweeps them.
@@ -513,6 +519,7 @@ impl Crash {
             took,
             interrupted: !wst.success(),
             in_link_up,
+            in_staging,
         }
     }
 }
