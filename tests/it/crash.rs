@@ -262,6 +262,13 @@ impl Workload {
         }
     }
 
+    /// Its exit status, if it has exited (without waiting).
+    fn exited(&mut self) -> Option<ExitStatus> {
+        let st = self.child.try_wait().expect("try_wait on the workload")?;
+        self.reaped = true;
+        Some(st)
+    }
+
     fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         let st = fixture::wait_bounded(&mut self.child, limit)?;
         self.reaped = true;
@@ -345,8 +352,8 @@ struct Crash {
 
 struct TrialResult {
     lines: Vec<String>,
-    /// Until the workload exited by itself (calibration run only).
-    took: Duration,
+    /// Until the workload exited by itself, when it did before the kill.
+    took: Option<Duration>,
     interrupted: bool,
     in_link_up: bool,
     in_staging: bool,
@@ -370,7 +377,11 @@ impl Crash {
             calib.lines,
             self.steps
         );
-        let max = calib.took.mul_f64(1.2).max(Duration::from_millis(20));
+        let calib_took = calib.took.expect("a complete run");
+        // Kills are drawn over 1.2 times the quickest complete run seen so far: the load
+        // of the machine changes, and kills after the end would test nothing.
+        let bound = |took: Duration| took.mul_f64(1.2).max(Duration::from_millis(20));
+        let mut max = bound(calib_took);
 
         // Steps reported before the kill -> number of trials.
         let mut reached: BTreeMap<usize, usize> = BTreeMap::new();
@@ -378,6 +389,9 @@ impl Crash {
         for t in 1..=n {
             let delay = max.mul_f64(rng.unit());
             let r = self.trial(t, Some(delay), seed);
+            if let Some(took) = r.took {
+                max = max.min(bound(took));
+            }
             *reached.entry(r.lines.len()).or_default() += 1;
             interrupted += r.interrupted as usize;
             in_link_up += r.in_link_up as usize;
@@ -385,12 +399,12 @@ impl Crash {
         }
         let summary = format!(
             "crash::{}: STRATAFS_CRASH_SEED={seed:#x}: {n} killed trials + 1 complete run \
-             ({:.0?} per complete run, kills at 0..{max:.0?}): {interrupted} interrupted the \
+             ({:.0?}; kills at 0..{max:.0?} by the end): {interrupted} interrupted the \
              workload, {in_staging} with a copy staged in workdir/work, {in_link_up} inside a \
-             hard-link link-up; trials by steps reported (of \
-             {}) before the kill: {reached:?}; all invariants held; {:.1} s\n",
+             hard-link link-up; trials by steps reported (of {}) before the kill: \
+             {reached:?}; all invariants held; {:.1} s\n",
             self.name,
-            calib.took,
+            calib_took,
             self.steps.len(),
             started.elapsed().as_secs_f64()
         );
@@ -422,12 +436,21 @@ impl Crash {
         let stderr_log = logs.join("workload.stderr");
         let mut w = Workload::spawn(&self.script, &l.merged, &l.root, &stderr_log);
         let t0 = Instant::now();
-        let mut took = Duration::ZERO;
+        let mut took = None;
         match delay {
-            Some(d) => std::thread::sleep(d),
+            Some(d) => {
+                // A workload done before its kill shows how long a complete run takes now.
+                while t0.elapsed() < d {
+                    if let Some(st) = w.exited() {
+                        took = st.success().then(|| t0.elapsed());
+                        break;
+                    }
+                    std::thread::sleep((d - t0.elapsed().min(d)).min(Duration::from_millis(1)));
+                }
+            }
             None => {
                 let st = w.wait(Duration::from_secs(120));
-                took = t0.elapsed();
+                took = Some(t0.elapsed());
                 assert!(
                     st.is_some_and(|s| s.success()),
                     "{what}: the workload failed ({st:?}) with no kill; stderr:\n{}\ndaemon:\n{}",
