@@ -10,11 +10,11 @@
 //! Each workload first runs once to completion (which measures how long it takes, and
 //! checks the complete end state through a kill after the end), then
 //! `STRATAFS_CRASH_TRIALS` times (default 25) with the kill at a delay drawn uniformly
-//! from 0 to 1.2 times that duration by a xorshift generator seeded with
-//! `STRATAFS_CRASH_SEED` (default below; decimal or 0x-hex). The moment a kill lands
-//! also depends on timing, so a seed picks the delays, not the exact interleaving: a
-//! failure message names the trial, the seed and the delay, and what the workload had
-//! reported by then.
+//! from 0 to 1.2 times the quickest complete run seen so far by a xorshift generator
+//! seeded with `STRATAFS_CRASH_SEED` (default below; decimal or 0x-hex). The moment a
+//! kill lands also depends on timing, so a seed picks the delays, not the exact
+//! interleaving: a failure message names the trial, the seed and the delay, and what the
+//! workload had reported by then.
 //!
 //! Only processes this test starts are ended: the daemon (by the fixture's PID) and,
 //! on a failure, the workload's own process group.
