@@ -542,6 +542,20 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
     for l in lowers {
         lowerdirs.push(existing_dir("lowerdir", l)?);
     }
+    // A layer inside another would show one directory at two places of the merged
+    // tree (one directory with two parents, which FUSE cannot serve); kernel
+    // overlayfs refuses such layers too.
+    for (i, (a, a_given)) in lowerdirs.iter().zip(lowers).enumerate() {
+        for (b, b_given) in lowerdirs.iter().zip(lowers).skip(i + 1) {
+            if within(a, b) || within(b, a) {
+                return Err(CliError::Path {
+                    what: "lowerdir",
+                    path: a_given.clone(),
+                    problem: format!("overlaps lowerdir {b_given:?}: one is inside the other"),
+                });
+            }
+        }
+    }
 
     let (upperdir, workdir) = match (&opts.upperdir, &opts.workdir) {
         (None, None) => (None, None),
@@ -1042,6 +1056,18 @@ mod tests {
             format!("lowerdir={ul},upperdir={u},workdir={w}"),
             &mnt,
             format!("lowerdir {ul:?}: must not be inside or the same as upperdir {u:?}"),
+        );
+        let l1sub = format!("{l1}/sub");
+        fs::create_dir(&l1sub).expect("mkdir");
+        check(
+            format!("lowerdir={l1sub}:{l1},upperdir={u},workdir={w}"),
+            &mnt,
+            format!("lowerdir {l1sub:?}: overlaps lowerdir {l1:?}: one is inside the other"),
+        );
+        check(
+            format!("lowerdir={l1}:{l2}:{l1}"),
+            &mnt,
+            format!("lowerdir {l1:?}: overlaps lowerdir {l1:?}: one is inside the other"),
         );
         // Through a symlink: canonical paths are compared.
         let link = d.p("link-to-l1");

@@ -36,6 +36,26 @@ impl Layer {
         })
     }
 
+    /// A lower layer of the merged tree: its root as a private copy of its own
+    /// mount where the process may make one (see `sys::fs::open_layer_root`).
+    pub fn open_lower(path: &Path) -> SysResult<Layer> {
+        let (root, cloned) = sys::fs::open_layer_root(path)?;
+        if !cloned {
+            log::debug!(
+                "lowerdir {}: not cloned as a private mount; mount points inside it are crossed",
+                path.display()
+            );
+        }
+        let st = sys::fs::fstat(root.as_fd())?;
+        Ok(Layer {
+            path: path.to_path_buf(),
+            root: Arc::new(root),
+            dev: st.st_dev,
+            ino_bits: 0,
+            writable: false,
+        })
+    }
+
     pub fn root_fd(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }

@@ -45,6 +45,25 @@ pub fn open_root(path: &Path) -> SysResult<OwnedFd> {
     )
 }
 
+/// Opens a lower layer's root as a private, detached copy of its own mount
+/// (`open_tree` with OPEN_TREE_CLONE, not recursive): lookups through it stay on
+/// the layer's filesystem and see the directories under any mount point inside it,
+/// as kernel overlayfs does, and nothing mounted in the layer later changes the
+/// view. Where the process may not clone mounts (unprivileged outside its own mount
+/// namespace, or a layer with locked mounts inside) the plain directory is opened,
+/// and `false` says so.
+pub fn open_layer_root(path: &Path) -> SysResult<(OwnedFd, bool)> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    match open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    ) {
+        Ok(fd) => Ok((fd, true)),
+        Err(_) => Ok((open_root(path)?, false)),
+    }
+}
+
 /// An O_PATH handle on a subdirectory; fails with ENOTDIR/ELOOP if `name` is not a
 /// real directory (a symlink to one does not count).
 pub fn open_dir(dirfd: BorrowedFd<'_>, name: &OsStr) -> SysResult<OwnedFd> {

@@ -108,13 +108,36 @@ pub fn clear_umask() {
     rustix::process::umask(rustix::fs::Mode::empty());
 }
 
-/// Raises the open-file soft limit to the hard limit; returns the new soft limit.
+/// Raises the open-file limit as far as this process may: to the system's ceiling
+/// (fs.nr_open) where it is privileged to raise the hard limit, else the soft limit
+/// to the hard one. Returns the new soft limit. Cached directory handles are
+/// budgeted from it: a budget far below a tree's depth makes every lookup near the
+/// bottom of a deep tree reopen its way down from the last cached ancestor.
 pub fn raise_nofile_limit() -> u64 {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current != lim.maximum {
-        lim.current = lim.maximum;
-        let _ = setrlimit(Resource::Nofile, lim);
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let lim = getrlimit(Resource::Nofile);
+    let raised = ceiling
+        .filter(|c| lim.maximum.is_some_and(|m| m < *c))
+        .map(|c| {
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(c),
+                    maximum: Some(c),
+                },
+            )
+        });
+    if !matches!(raised, Some(Ok(()))) && lim.current != lim.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
     }
     getrlimit(Resource::Nofile).current.unwrap_or(1 << 20)
 }

@@ -127,7 +127,14 @@ impl Union {
                     CopyData::Yes
                 };
                 return self
-                    .copy_up_linked(inode, &parent, &name, src_layer, src.st_ino, data)
+                    .copy_up_linked(
+                        inode,
+                        &parent,
+                        &name,
+                        src_layer,
+                        (src.st_ino, src.st_nlink),
+                        data,
+                    )
                     .map(|()| true);
             }
             if data == CopyData::Meta && !self.metacopy_allowed(&src) {
@@ -155,9 +162,6 @@ impl Union {
                         fd: Some(Arc::new(fd)),
                     },
                 );
-                self.inodes
-                    .dir_fds
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             } else {
                 st.layers = vec![LayerRef {
                     layer: UPPER,
@@ -175,6 +179,9 @@ impl Union {
         self.inodes
             .add_identity(inode, (upper_stat.st_dev, upper_stat.st_ino));
         if inode.is_dir() {
+            if let Some(held) = self.inodes.get(inode.ino) {
+                self.inodes.note_cached_fd(&held, UPPER);
+            }
             self.attrs_changed(inode.ino);
         }
         Ok(true)

@@ -12,7 +12,9 @@
 //!   entry and links the remaining names to it instead of copying again.
 //! - Names are found by one walk of the lower layer, done on the first copy-up of a
 //!   multiply-linked file of that layer (or the first move of a directory with lower
-//!   content). A name whose path in the merged view leads elsewhere (removed or
+//!   content); when the layer's own names do not account for the file's link count,
+//!   the other lower layers on its filesystem are walked too (one file hard-linked
+//!   into several image layers is one file, as with kernel overlayfs' index). A name whose path in the merged view leads elsewhere (removed or
 //!   hidden) is not linked; a directory with lower content links up the groups with
 //!   names inside it before it moves, so that none of their names is left behind.
 
@@ -143,7 +145,7 @@ impl Union {
         parent: &Inode,
         name: &OsStr,
         src_layer: LayerIdx,
-        src_ino: u64,
+        (src_ino, src_nlink): (u64, u64),
         data: CopyData,
     ) -> Result<()> {
         let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
@@ -180,12 +182,26 @@ impl Union {
         }
         self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
 
+        // The group's names: those in its own layer and, when they do not account for
+        // its link count, those in the other lower layers on its filesystem (hard-link
+        // dedup of image layers puts one file into several), so that every name of
+        // the file stays one file, as with kernel overlayfs' index.
         let lower_dev = self.layer(src_layer)?.dev;
-        let paths = self.aliases(src_layer)?.get(&src_ino).cloned();
-        for path in paths.unwrap_or_default() {
-            if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), src_layer, &index, &key)
-            {
-                log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
+        let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
+        let layers: Vec<LayerIdx> = if own < src_nlink {
+            (0..=self.bottom_layer())
+                .filter(|i| *i != UPPER || !self.upper)
+                .filter(|i| self.layers[*i].dev == lower_dev)
+                .collect()
+        } else {
+            vec![src_layer]
+        };
+        for idx in layers {
+            let paths = self.aliases(idx)?.get(&src_ino).cloned();
+            for path in paths.unwrap_or_default() {
+                if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), idx, &index, &key) {
+                    log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
+                }
             }
         }
         sys::fs::unlink_at(index.as_fd(), &key)

@@ -14,10 +14,11 @@
 //!   (always towards the root, so no cycle); `state` locks are never held across a
 //!   call that takes another inode's lock.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
@@ -211,16 +212,52 @@ impl Inode {
     }
 }
 
-#[derive(Default)]
 pub struct InodeTable {
     inodes: DashMap<Ino, Arc<Inode>>,
     identity: DashMap<(u64, u64), Ino>,
     next_reserved: AtomicU64,
-    /// Directory O_PATH handles currently cached in inode states.
-    pub dir_fds: AtomicU64,
+    /// Directory handles cached in inode states, oldest first (see
+    /// [`InodeTable::note_cached_fd`]); at most `fd_budget` entries.
+    fd_cache: Mutex<VecDeque<(Weak<Inode>, LayerIdx)>>,
+    fd_budget: usize,
 }
 
 impl InodeTable {
+    /// A table whose inodes cache at most `fd_budget` directory handles.
+    pub fn new(fd_budget: u64) -> InodeTable {
+        InodeTable {
+            inodes: DashMap::new(),
+            identity: DashMap::new(),
+            next_reserved: AtomicU64::new(0),
+            fd_cache: Mutex::new(VecDeque::new()),
+            fd_budget: usize::try_from(fd_budget).unwrap_or(usize::MAX).max(1),
+        }
+    }
+
+    /// Records that `inode` now caches its directory handle in layer `idx`. Beyond
+    /// the budget the oldest cached handle is dropped from its inode, which reopens
+    /// it from its parent on next use: recently used directories keep theirs, so a
+    /// lookup deep in a tree reopens at most the few levels above it that lost
+    /// theirs, whatever the tree's depth. Locking: called with no inode state lock
+    /// held (it takes the evicted inode's); the queue's own lock is never held
+    /// while taking one.
+    pub fn note_cached_fd(&self, inode: &Arc<Inode>, idx: LayerIdx) {
+        let evicted = {
+            let mut queue = self.fd_cache.lock();
+            queue.push_back((Arc::downgrade(inode), idx));
+            if queue.len() > self.fd_budget {
+                queue.pop_front()
+            } else {
+                None
+            }
+        };
+        let Some((weak, idx)) = evicted else { return };
+        if let Some(old) = weak.upgrade() {
+            if let Some(r) = old.state.write().layers.iter_mut().find(|l| l.layer == idx) {
+                r.fd = None;
+            }
+        }
+    }
     pub fn get(&self, ino: Ino) -> Option<Arc<Inode>> {
         self.inodes.get(&ino).map(|e| e.value().clone())
     }
@@ -325,8 +362,6 @@ impl InodeTable {
             for key in &st.keys {
                 self.identity.remove_if(key, |_, v| *v == ino);
             }
-            let cached = st.layers.iter().filter(|l| l.fd.is_some()).count() as u64;
-            self.dir_fds.fetch_sub(cached, Ordering::Relaxed);
         }
     }
 
@@ -351,7 +386,7 @@ mod tests {
     /// be used as they are still give an inode, each its own.
     #[test]
     fn unusable_or_taken_preferred_numbers_get_distinct_reserved_ones() {
-        let table = InodeTable::default();
+        let table = InodeTable::new(16);
         let root = table.insert(ROOT_INO, libc::S_IFDIR, state());
         assert_eq!(root.ino, ROOT_INO);
         let mut seen = std::collections::BTreeSet::from([ROOT_INO]);

@@ -8,7 +8,6 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::inode::{Inode, InodeState, LayerRef, ROOT_INO};
 use super::redirect;
@@ -130,39 +129,33 @@ impl Union {
             Ok(None)
         })?;
         if let Some(ino) = opened_for {
-            self.cache_dir_fd(inode, ino, idx, &fd);
+            self.cache_dir_fd(ino, idx, &fd);
         }
         for (ino, name) in below.into_iter().rev() {
             fd = Arc::new(sys::fs::open_dir(fd.as_fd(), &name)?);
-            self.cache_dir_fd(inode, ino, idx, &fd);
+            self.cache_dir_fd(ino, idx, &fd);
         }
         Ok(fd)
     }
 
-    /// Keeps `fd` as inode `ino`'s handle in layer `idx` while the fd budget allows
-    /// (`inode` is the one a caller holds: no table lookup for it).
-    fn cache_dir_fd(&self, inode: &Inode, ino: Ino, idx: LayerIdx, fd: &Arc<OwnedFd>) {
-        if self.inodes.dir_fds.load(Ordering::Relaxed) >= self.dir_fd_budget {
+    /// Keeps `fd` as inode `ino`'s handle in layer `idx`; the fd budget evicts the
+    /// oldest cached handle beyond it.
+    fn cache_dir_fd(&self, ino: Ino, idx: LayerIdx, fd: &Arc<OwnedFd>) {
+        let Some(target) = self.inodes.get(ino) else {
             return;
-        }
-        let held;
-        let target = if inode.ino == ino {
-            inode
-        } else {
-            match self.inodes.get(ino) {
-                Some(i) => {
-                    held = i;
-                    &*held
+        };
+        let cached = {
+            let mut st = target.state.write();
+            match st.layers.iter_mut().find(|l| l.layer == idx) {
+                Some(r) if r.fd.is_none() => {
+                    r.fd = Some(fd.clone());
+                    true
                 }
-                None => return,
+                _ => false,
             }
         };
-        let mut st = target.state.write();
-        if let Some(r) = st.layers.iter_mut().find(|l| l.layer == idx) {
-            if r.fd.is_none() {
-                r.fd = Some(fd.clone());
-                self.inodes.dir_fds.fetch_add(1, Ordering::Relaxed);
-            }
+        if cached {
+            self.inodes.note_cached_fd(&target, idx);
         }
     }
 
@@ -359,7 +352,15 @@ impl Union {
     pub(crate) fn adopt(&self, parent: Ino, name: &OsStr, found: Found) -> Result<Arc<Inode>> {
         let key = (found.stat.st_dev, found.stat.st_ino);
         if let Some(inode) = self.inodes.reference_by_identity(key) {
-            if inode.kind == found.kind {
+            let split =
+                !inode.is_dir() && found.top_layer() != super::UPPER && self.is_in_upper(&inode);
+            if split {
+                // The lower file was copied up through another name, and this name was
+                // not linked to the copy (it was hidden then, or lies where no link-up
+                // looked): from now on it is another file, with an inode of its own,
+                // so that one node id never stands for two files.
+                self.inodes.remove_identity(&inode, key);
+            } else if inode.kind == found.kind {
                 // The name just used certainly leads to the entry: name-relative
                 // operations use it from now on (it may be another hard link).
                 inode.reached_by(parent, name);
@@ -371,33 +372,30 @@ impl Union {
                 }
                 return Ok(inode.clone());
             }
-            // Same (dev, ino) but another type: the layer changed under us and the
-            // old inode is stale; it keeps its number, the new object gets another.
+            // Split off, or the same (dev, ino) with another type (the layer changed
+            // under us and the old inode is stale): the old inode keeps its number and
+            // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
         let preferred = self.preferred_ino(parent, name, &found)?;
-        let cached = found.layers.iter().filter(|l| l.fd.is_some()).count() as u64;
-        let layers = if self.inodes.dir_fds.load(Ordering::Relaxed) + cached > self.dir_fd_budget {
-            found
-                .layers
-                .into_iter()
-                .map(|l| LayerRef {
-                    layer: l.layer,
-                    fd: None,
-                })
-                .collect()
-        } else {
-            self.inodes.dir_fds.fetch_add(cached, Ordering::Relaxed);
-            found.layers
-        };
+        let cached: Vec<LayerIdx> = found
+            .layers
+            .iter()
+            .filter(|l| l.fd.is_some())
+            .map(|l| l.layer)
+            .collect();
         let state = InodeState::new(
             parent,
             name.to_os_string(),
-            layers,
+            found.layers,
             vec![key],
             found.redirect,
         );
-        Ok(self.inodes.insert(preferred, found.kind, state))
+        let inode = self.inodes.insert(preferred, found.kind, state);
+        for idx in cached {
+            self.inodes.note_cached_fd(&inode, idx);
+        }
+        Ok(inode)
     }
 
     /// The number a newly adopted entry asks for: an upper entry's recorded origin,

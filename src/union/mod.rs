@@ -177,8 +177,6 @@ pub struct Union {
     reflink: std::sync::atomic::AtomicBool,
     /// This daemon's pid, part of staged names (the process may fork before use).
     pid: u32,
-    /// Upper bound on cached directory fds; above it fds are opened per use.
-    dir_fd_budget: u64,
     opts: Options,
     /// How owners and modes are shown and stored (mappings, squash, override xattrs).
     owner: owner::OwnerPolicy,
@@ -204,7 +202,7 @@ impl Union {
         }
         for lower in &config.lowerdirs {
             layers.push(
-                Layer::open(lower, false)
+                Layer::open_lower(lower)
                     .map_err(|e| format!("lowerdir {}: {e}", lower.display()))?,
             );
         }
@@ -252,14 +250,13 @@ impl Union {
             whiteout_style,
             xattr_ns,
             hardlinks,
-            inodes: InodeTable::default(),
+            inodes: InodeTable::new(nofile / 2),
             files: DashMap::new(),
             dirs: DashMap::new(),
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             reflink: std::sync::atomic::AtomicBool::new(true),
             pid: std::process::id(),
-            dir_fd_budget: nofile / 2,
             opts,
             owner,
             stale_attr_hook: std::sync::OnceLock::new(),

@@ -7,6 +7,7 @@ mod differential;
 mod engine;
 mod fixture;
 mod graft_engine;
+mod hostile;
 mod model;
 mod mounted;
 mod posix;

@@ -67,7 +67,9 @@ fn a_lower_hard_link_is_relinked_after_a_metadata_change_and_an_unlink() {
         ("chmod", |p| {
             fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap()
         }),
-        ("chown", |p| std::os::unix::fs::lchown(p, Some(1), Some(1)).unwrap()),
+        ("chown", |p| {
+            std::os::unix::fs::lchown(p, Some(1), Some(1)).unwrap()
+        }),
         ("touch", |p| {
             File::options()
                 .write(true)
@@ -98,7 +100,11 @@ fn a_lower_hard_link_is_relinked_after_a_metadata_change_and_an_unlink() {
         let ino = fs::metadata(m.join("p1")).unwrap().ino();
         for name in ["p2", "p3"] {
             let md = fs::metadata(m.join(name)).unwrap();
-            assert_eq!((md.ino(), md.nlink()), (ino, 3), "{what}: {name} after remount");
+            assert_eq!(
+                (md.ino(), md.nlink()),
+                (ino, 3),
+                "{what}: {name} after remount"
+            );
         }
     }
 }

@@ -361,11 +361,9 @@ impl Union {
         let inode = match self.inodes.reference_by_identity(key) {
             Some(inode) => inode,
             None => {
-                // The root keeps its fd whatever the budget: it cannot be re-opened
-                // from its parent, which is not in the graft's layer.
-                self.inodes
-                    .dir_fds
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The root keeps its fd whatever the budget (it is not noted in the
+                // fd cache): it cannot be re-opened from its parent, which is not in
+                // the graft's layer.
                 let state = InodeState::new(
                     parent,
                     name.to_os_string(),
