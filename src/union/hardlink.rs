@@ -109,15 +109,22 @@ impl Union {
             if src_layer == UPPER && self.upper {
                 continue;
             }
+            // Names in every lower layer on the file's filesystem, as `copy_up_linked`
+            // may have linked (only names showing this very lower file are linked).
             let dev = self.layer(src_layer)?.dev;
-            let paths = self.aliases(src_layer)?.get(&ino).cloned();
+            let layers: Vec<LayerIdx> = (0..=self.bottom_layer())
+                .filter(|i| *i != UPPER || !self.upper)
+                .filter(|i| self.layers[*i].dev == dev)
+                .collect();
             let mut all_linked = true;
-            for path in paths.unwrap_or_default() {
-                if let Err(e) =
-                    self.link_up_alias(&path, (dev, ino), src_layer, &index, &entry.name)
-                {
-                    log::warn!("index {:?}: name {path:?} not linked: {e}", entry.name);
-                    all_linked = false;
+            for idx in layers {
+                let paths = self.aliases(idx)?.get(&ino).cloned();
+                for path in paths.unwrap_or_default() {
+                    if let Err(e) = self.link_up_alias(&path, (dev, ino), idx, &index, &entry.name)
+                    {
+                        log::warn!("index {:?}: name {path:?} not linked: {e}", entry.name);
+                        all_linked = false;
+                    }
                 }
             }
             if all_linked {
