@@ -29,7 +29,7 @@ use super::inode::{Inode, LayerRef, ROOT_INO};
 use super::whiteout::whiteout_target;
 use super::{Errno, Result, UPPER, Union};
 use crate::layer::LayerIdx;
-use crate::sys::{self, fs::RenameKind};
+use crate::sys::{self, fs::RenameKind, xattr::Target};
 
 /// Lower-layer paths of every multiply-linked non-directory, by st_ino.
 type Aliases = HashMap<u64, Vec<OsString>>;
@@ -177,22 +177,11 @@ impl Union {
             }
             Err(e) => return Err(e),
         }
-        let copy = sys::fs::stat_at(index.as_fd(), &key)?;
-        let upper = self.dir_fd(parent, UPPER)?;
-        link_or_same(index.as_fd(), &key, upper.as_fd(), name, copy.st_ino)?;
-        {
-            let mut st = inode.state.write();
-            st.layers = vec![LayerRef {
-                layer: UPPER,
-                fd: None,
-            }];
-        }
-        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
-
         // The group's names: those in its own layer and, when they do not account for
         // its link count, those in the other lower layers on its filesystem (hard-link
         // dedup of image layers puts one file into several), so that every name of
-        // the file stays one file, as with kernel overlayfs' index.
+        // the file stays one file, as with kernel overlayfs' index. Links found in no
+        // layer are recorded with the copy, which keeps counting them.
         let lower_dev = self.layer(src_layer)?.dev;
         let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
         let layers: Vec<LayerIdx> = if own < src_nlink {
@@ -203,12 +192,37 @@ impl Union {
         } else {
             vec![src_layer]
         };
+        let mut names = Vec::new();
         for idx in layers {
-            let paths = self.aliases(idx)?.get(&src_ino).cloned();
-            for path in paths.unwrap_or_default() {
-                if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), idx, &index, &key) {
-                    log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
-                }
+            for path in self
+                .aliases(idx)?
+                .get(&src_ino)
+                .cloned()
+                .unwrap_or_default()
+            {
+                names.push((idx, path));
+            }
+        }
+        let outside = u32::try_from(src_nlink.saturating_sub(names.len() as u64)).unwrap_or(0);
+        if outside > 0 {
+            self.set_outside_links(Target::Entry(index.as_fd(), &key), inode.ino, outside);
+        }
+        let copy = sys::fs::stat_at(index.as_fd(), &key)?;
+        let upper = self.dir_fd(parent, UPPER)?;
+        link_or_same(index.as_fd(), &key, upper.as_fd(), name, copy.st_ino)?;
+        {
+            let mut st = inode.state.write();
+            st.layers = vec![LayerRef {
+                layer: UPPER,
+                fd: None,
+            }];
+            st.outside_links = outside;
+        }
+        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
+
+        for (idx, path) in names {
+            if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), idx, &index, &key) {
+                log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
             }
         }
         sys::fs::unlink_at(index.as_fd(), &key)

@@ -67,6 +67,9 @@ pub struct InodeState {
     /// At most [`MAX_OTHER_NAMES`]; beyond that the oldest is forgotten (the pinned
     /// handle still reaches the object).
     other_names: Vec<(Ino, OsString)>,
+    /// Upper copies of lower hard-linked files: the links the file has outside
+    /// every layer (see origin.rs), counted in the st_nlink it shows.
+    pub outside_links: u32,
 }
 
 /// Bound on the names remembered per hard-linked file: a layer or a client may make
@@ -90,6 +93,7 @@ impl InodeState {
             pinned: None,
             redirect,
             other_names: Vec::new(),
+            outside_links: 0,
         }
     }
 

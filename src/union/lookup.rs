@@ -27,6 +27,10 @@ pub(crate) struct Found {
     /// Directories whose lower layers were reached through a redirect: its
     /// absolute lower path.
     pub redirect: Option<OsString>,
+    /// Directories: a redirect found below the top layer (or a chain of them) put
+    /// some layers' copies at paths `redirect` does not give, so their handles
+    /// cannot be reopened later and are kept for the inode's life.
+    pub chained: bool,
 }
 
 impl Found {
@@ -231,6 +235,7 @@ impl Union {
                         stat: st,
                         layers,
                         redirect: None,
+                        chained: false,
                     });
                 }
                 break;
@@ -241,18 +246,31 @@ impl Union {
                 layer: idx,
                 fd: Some(fd),
             };
-            match &mut found {
-                Some(f) => f.layers.push(r),
+            let redirect = marks.redirect.filter(|_| !marks.opaque);
+            match found.take() {
+                Some(mut f) => {
+                    f.layers.push(r);
+                    if let Some(value) = redirect {
+                        // A lower copy moved by redirect in its own layer: the layers
+                        // below it hold the content at its redirect.
+                        let path = self.absolute_redirect(parent, value)?;
+                        self.follow_redirect(&mut f, idx, &path)?;
+                        f.chained = true;
+                        return Ok(Some(f));
+                    }
+                    found = Some(f);
+                }
                 None => {
                     let mut f = Found {
                         kind,
                         stat: st,
                         layers: vec![r],
                         redirect: None,
+                        chained: false,
                     };
-                    if let (false, Some(value)) = (marks.opaque, marks.redirect) {
+                    if let Some(value) = redirect {
                         let path = self.absolute_redirect(parent, value)?;
-                        self.follow_redirect(&mut f, idx, &path)?;
+                        f.chained = self.follow_redirect(&mut f, idx, &path)?;
                         f.redirect = Some(path);
                         return Ok(Some(f));
                     }
@@ -287,14 +305,24 @@ impl Union {
         Ok(None)
     }
 
-    /// Merges into `found` the directories at `path` in the layers below `top`.
-    fn follow_redirect(&self, found: &mut Found, top: LayerIdx, path: &OsStr) -> Result<()> {
+    /// Merges into `found` the directories at `path` in the layers below `top`. A
+    /// directory found there that carries a redirect of its own sends the search in
+    /// the layers below it to that path, as kernel overlayfs chains them; returns
+    /// whether one did (those layers' copies are then not at `path`). Bounded by the
+    /// number of layers.
+    fn follow_redirect(&self, found: &mut Found, top: LayerIdx, path: &OsStr) -> Result<bool> {
         let bottom = self.bottom_layer();
+        let mut path = path.to_os_string();
+        let mut chained = false;
         for idx in top + 1..=bottom {
-            let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), path)? {
+            let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), &path)? {
                 redirect::Walk::Dir { fd, opaque } => (fd, opaque),
                 redirect::Walk::Missing => continue,
                 redirect::Walk::Stop => break,
+            };
+            let next = match opaque || idx == bottom {
+                true => None,
+                false => redirect::dir_marks(fd.as_fd(), false)?.redirect,
             };
             found.layers.push(LayerRef {
                 layer: idx,
@@ -303,8 +331,12 @@ impl Union {
             if opaque {
                 break;
             }
+            if let Some(value) = next {
+                path = redirect::chained(&path, value);
+                chained = true;
+            }
         }
-        Ok(())
+        Ok(chained)
     }
 
     /// Whether `name` exists in the layers of `parent` below the upper one, i.e.
@@ -377,43 +409,51 @@ impl Union {
             // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
-        let preferred = self.preferred_ino(parent, name, &found)?;
+        let (preferred, outside_links) = self.preferred_ino(parent, name, &found)?;
         let cached: Vec<LayerIdx> = found
             .layers
             .iter()
             .filter(|l| l.fd.is_some())
             .map(|l| l.layer)
             .collect();
-        let state = InodeState::new(
+        let mut state = InodeState::new(
             parent,
             name.to_os_string(),
             found.layers,
             vec![key],
             found.redirect,
         );
+        state.outside_links = outside_links;
         let inode = self.inodes.insert(preferred, found.kind, state);
-        for idx in cached {
-            self.inodes.note_cached_fd(&inode, idx);
+        if !found.chained {
+            for idx in cached {
+                self.inodes.note_cached_fd(&inode, idx);
+            }
         }
         Ok(inode)
     }
 
     /// The number a newly adopted entry asks for: an upper entry's recorded origin,
     /// else the one derived from its real inode.
-    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<Ino> {
+    /// Also the links its file has outside every layer, from the same marker.
+    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Ino, u32)> {
         let derived = self.derived_ino(found.top_layer(), found.stat.st_ino);
         if !self.upper || found.top_layer() != super::UPPER {
-            return Ok(derived);
+            return Ok((derived, 0));
         }
         let origin = match found.layers.first().and_then(|l| l.fd.as_ref()) {
-            Some(fd) => self.origin_ino(Target::Fd(fd.as_fd())),
+            Some(fd) => self.origin(Target::Fd(fd.as_fd())),
             None => {
                 let p = self.inode(parent)?;
                 let pfd = self.dir_fd(&p, super::UPPER)?;
-                self.origin_ino(Target::Entry(pfd.as_fd(), name))
+                self.origin(Target::Entry(pfd.as_fd(), name))
             }
         };
-        Ok(origin.unwrap_or(derived))
+        Ok(match origin {
+            Some(o) if found.kind != libc::S_IFDIR => (o.ino, o.outside_links),
+            Some(o) => (o.ino, 0),
+            None => (derived, 0),
+        })
     }
 
     /// The real object's stat for an inode, from its top-most layer.
@@ -445,6 +485,9 @@ impl Union {
         let state = inode.state.read();
         if inode.is_dir() && state.layers.len() > 1 {
             attr.nlink = 1;
+        }
+        if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {
+            attr.nlink = attr.nlink.saturating_add(state.outside_links);
         }
         // A removed lower entry lives on below its whiteout; to its open handles it
         // is gone (an upper one's own count already says so).

@@ -3,21 +3,45 @@
 //! Invariants:
 //! - A copied-up entry carries `<ns>.stratafs.origin` = the st_ino it was shown with
 //!   before the copy, so it keeps that number after the copy and after a remount.
+//! - A copy of a lower hard-linked file whose link count its names in the layers do
+//!   not account for (its other names lie outside every layer, as in hard-link
+//!   dedup stores) records those outside links too, as `<ino>:<links>`, so that it
+//!   keeps showing the link count it had, as kernel overlayfs does through its index.
 //! - d_ino equals st_ino: a listing reads the marker of upper entries wherever one
 //!   can be (a directory merged with lower layers, or an upper-only directory marked
 //!   `<ns>.stratafs.impure` because a copied-up entry was moved into it).
 
 use std::ffi::OsStr;
+use std::fmt;
 use std::os::fd::BorrowedFd;
 
 use super::{Ino, Union};
 use crate::sys::{self, xattr::Target};
 
 impl Union {
+    /// The number recorded on an upper entry at copy-up, if any, and the links its
+    /// file has outside every layer.
+    pub(crate) fn origin(&self, target: Target<'_>) -> Option<Origin> {
+        let value = sys::xattr::get_small(target, &self.xattr_ns.own("origin")).ok()??;
+        Origin::parse(&value)
+    }
+
     /// The number recorded on an upper entry at copy-up, if any.
     pub(crate) fn origin_ino(&self, target: Target<'_>) -> Option<Ino> {
-        let value = sys::xattr::get_small(target, &self.xattr_ns.own("origin")).ok()??;
-        std::str::from_utf8(&value).ok()?.parse().ok()
+        self.origin(target).map(|o| o.ino)
+    }
+
+    /// Adds to the origin marker of `target` (numbered `ino`) the links its file has
+    /// outside every layer. Best effort, like [`Union::set_origin`].
+    pub(crate) fn set_outside_links(&self, target: Target<'_>, ino: Ino, links: u32) {
+        let value = Origin {
+            ino,
+            outside_links: links,
+        }
+        .to_string();
+        if let Err(e) = sys::xattr::set(target, &self.xattr_ns.own("origin"), value.as_bytes(), 0) {
+            log::debug!("copy-up: outside links of {ino} not recorded: {e}");
+        }
     }
 
     /// Records the number a copy must keep. Best effort: without it the copy shows
@@ -52,5 +76,74 @@ impl Union {
     pub(crate) fn upper_entry_ino(&self, dir: BorrowedFd<'_>, name: &OsStr, real: u64) -> Ino {
         self.origin_ino(Target::Entry(dir, name))
             .unwrap_or_else(|| self.derived_ino(super::UPPER, real))
+    }
+}
+
+/// What an origin marker says: `<ino>` or `<ino>:<outside links>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub ino: Ino,
+    pub outside_links: u32,
+}
+
+impl Origin {
+    fn parse(value: &[u8]) -> Option<Origin> {
+        let text = std::str::from_utf8(value).ok()?;
+        let (ino, links) = match text.split_once(':') {
+            Some((ino, links)) => (ino, links.parse().ok()?),
+            None => (text, 0),
+        };
+        Some(Origin {
+            ino: ino.parse().ok()?,
+            outside_links: links,
+        })
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.outside_links {
+            0 => write!(f, "{}", self.ino),
+            n => write!(f, "{}:{n}", self.ino),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_markers_round_trip_and_garbage_is_no_marker() {
+        for o in [
+            Origin {
+                ino: 42,
+                outside_links: 0,
+            },
+            Origin {
+                ino: 7,
+                outside_links: 3,
+            },
+        ] {
+            assert_eq!(Origin::parse(o.to_string().as_bytes()), Some(o));
+        }
+        assert_eq!(
+            Origin::parse(b"42"),
+            Some(Origin {
+                ino: 42,
+                outside_links: 0
+            })
+        );
+        for bad in [
+            &b""[..],
+            b"x",
+            b"1:",
+            b":2",
+            b"1:x",
+            b"\xff\xfe",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(Origin::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -63,6 +63,22 @@ pub(crate) fn join(dir: &OsStr, name: &OsStr) -> OsString {
     OsString::from_vec(v)
 }
 
+/// Where a directory at absolute lower path `at`, whose copy in some layer carries
+/// the redirect `value`, has its content in the layers below that one: `value`
+/// itself when absolute, else the sibling of `at` it names (the kernel writes a
+/// relative value for a move within one directory).
+pub(crate) fn chained(at: &OsStr, value: OsString) -> OsString {
+    if value.as_bytes().starts_with(b"/") {
+        return value;
+    }
+    let at = at.as_bytes();
+    let parent = match at.iter().rposition(|b| *b == b'/') {
+        Some(i) => &at[..i],
+        None => b"".as_slice(),
+    };
+    join(OsStr::from_bytes(parent), &value)
+}
+
 /// Where a path leads in one layer.
 pub(crate) enum Walk {
     /// A directory; `opaque` when it or a directory on the way to it is opaque, so
@@ -169,6 +185,19 @@ mod tests {
         assert!(!is_valid_redirect(b"/a/../etc"));
         assert!(!is_valid_redirect(b"/a//b"));
         assert!(!is_valid_redirect(b"./x"));
+    }
+
+    #[test]
+    fn chained_redirects_are_absolute_or_siblings() {
+        assert_eq!(
+            chained(OsStr::new("/a/b"), "/x/y".into()),
+            OsString::from("/x/y")
+        );
+        assert_eq!(
+            chained(OsStr::new("/a/b"), "c".into()),
+            OsString::from("/a/c")
+        );
+        assert_eq!(chained(OsStr::new("/b"), "a".into()), OsString::from("/a"));
     }
 
     #[test]

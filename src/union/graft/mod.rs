@@ -402,6 +402,7 @@ impl Union {
             stat,
             layers: vec![LayerRef { layer, fd }],
             redirect: None,
+            chained: false,
         };
         let inode = self.adopt(p.ino, name, found)?;
         Ok(Entry {
