@@ -79,7 +79,61 @@ fn index_key(layer_from_bottom: usize, ino: u64) -> OsString {
     format!("L{layer_from_bottom}-{ino:x}").into()
 }
 
+/// The layer (from the bottom) and inode number an index name stands for.
+fn parse_index_key(key: &OsStr) -> Option<(usize, u64)> {
+    let (layer, ino) = std::str::from_utf8(key.as_bytes())
+        .ok()?
+        .strip_prefix('L')?
+        .split_once('-')?;
+    Some((layer.parse().ok()?, u64::from_str_radix(ino, 16).ok()?))
+}
+
 impl Union {
+    /// Finishes the link-ups a crash interrupted (run at mount, before anything is
+    /// served): an entry left in the index is a whole copy of a lower group, linked to
+    /// some of its names while the others still show the lower file. Each visible name
+    /// still showing the lower file is linked to the copy and the entry removed, so
+    /// the group is one file with one upper link per name again. An entry whose names
+    /// cannot all be handled stays for the next copy-up of the group to finish.
+    pub(crate) fn finish_interrupted_link_ups(&self) -> Result<()> {
+        let Some(index) = self.index.clone() else {
+            return Ok(());
+        };
+        for entry in sys::fs::read_dir(index.as_fd())? {
+            let Some((from_bottom, ino)) = parse_index_key(&entry.name) else {
+                continue;
+            };
+            let Some(src_layer) = self.bottom_layer().checked_sub(from_bottom) else {
+                continue;
+            };
+            if src_layer == UPPER && self.upper {
+                continue;
+            }
+            // Names in every lower layer on the file's filesystem, as `copy_up_linked`
+            // may have linked (only names showing this very lower file are linked).
+            let dev = self.layer(src_layer)?.dev;
+            let layers: Vec<LayerIdx> = (0..=self.bottom_layer())
+                .filter(|i| *i != UPPER || !self.upper)
+                .filter(|i| self.layers[*i].dev == dev)
+                .collect();
+            let mut all_linked = true;
+            for idx in layers {
+                let paths = self.aliases(idx)?.get(&ino).cloned();
+                for path in paths.unwrap_or_default() {
+                    if let Err(e) = self.link_up_alias(&path, (dev, ino), idx, &index, &entry.name)
+                    {
+                        log::warn!("index {:?}: name {path:?} not linked: {e}", entry.name);
+                        all_linked = false;
+                    }
+                }
+            }
+            if all_linked {
+                sys::fs::unlink_at(index.as_fd(), &entry.name)?;
+            }
+        }
+        Ok(())
+    }
+
     fn aliases(&self, idx: LayerIdx) -> Result<&Aliases> {
         let slot = self.hardlinks.per_layer.get(idx).ok_or(Errno::IO)?;
         if let Some(map) = slot.get() {
@@ -291,5 +345,7 @@ mod tests {
     fn index_keys_name_layer_and_inode() {
         assert_eq!(index_key(0, 255), OsString::from("L0-ff"));
         assert_ne!(index_key(1, 255), index_key(0, 255));
+        assert_eq!(parse_index_key(&index_key(3, 0xabc)), Some((3, 0xabc)));
+        assert_eq!(parse_index_key(OsStr::new("#stray")), None);
     }
 }

@@ -266,6 +266,11 @@ impl Union {
             .insert_root()
             .map_err(|e| format!("layer roots: {e}"))?;
         union.install_grafts(config, prepared)?;
+        if !union.opts.read_only {
+            if let Err(e) = union.finish_interrupted_link_ups() {
+                log::warn!("finishing interrupted hard-link copy-ups: {e}");
+            }
+        }
         Ok(union)
     }
 

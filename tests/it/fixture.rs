@@ -451,13 +451,82 @@ fn abort_fuse_connection(mp: &Path) {
     }
 }
 
+/// "pid (comm)" of every process whose cwd, root or an open file is under `mp`.
+fn users_of(mp: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let proc = e.path();
+        let mut links: Vec<PathBuf> = vec![proc.join("cwd"), proc.join("root")];
+        if let Ok(fds) = fs::read_dir(proc.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        let uses = links
+            .iter()
+            .filter_map(|l| fs::read_link(l).ok())
+            .any(|t| t.starts_with(mp));
+        if uses {
+            let comm = fs::read_to_string(proc.join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
+/// "pid (comm)" of processes in another mount namespace than ours that see a FUSE
+/// mount of connection `conn` (the device number of the mount).
+fn namespace_copies_of(conn: u32) -> Vec<String> {
+    let ours = fs::read_link("/proc/self/ns/mnt").ok();
+    let dev = format!(" 0:{conn} ");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == ours.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let holds = fs::read_to_string(e.path().join("mountinfo"))
+            .is_ok_and(|m| m.lines().any(|l| l.contains(&dev) && l.contains(" - fuse")));
+        if holds {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
 /// Unmounts a FUSE mount: `fusermount3 -u`, falling back to `umount -l`. Notes what failed.
 fn unmount_fuse(mp: &Path, problems: &mut Vec<String>) {
     if mount_at(mp).is_none() {
         return;
     }
-    if let Err(e) = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]) {
-        problems.push(format!("fusermount3 -u failed: {e}"));
+    // EBUSY can be fleeting: a process another test thread forks holds copies of this
+    // process's descriptors (some maybe on this mount) until it execs. A holder that
+    // stays is named in the problem.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut result = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]);
+    while result.as_ref().is_err_and(|e| e.contains("busy")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        result = run_cmd("fusermount3", &[OsStr::new("-u"), mp.as_os_str()]);
+    }
+    if let Err(e) = result {
+        problems.push(format!(
+            "fusermount3 -u failed: {e} (processes using the mount: {:?})",
+            users_of(mp)
+        ));
         if let Err(e) = run_cmd("umount", &[OsStr::new("-l"), mp.as_os_str()]) {
             problems.push(format!("umount -l failed too: {e}"));
             abort_fuse_connection(mp);
@@ -1189,10 +1258,31 @@ impl StrataMount {
                 ));
             }
         }
+        let conn = mount_at(&self.mountpoint)
+            .filter(|e| e.fstype.starts_with("fuse"))
+            .map(|e| (e.dev.0 << 20) | e.dev.1);
         unmount_fuse(&self.mountpoint, problems);
         let mut status = None;
         if let Some(mut child) = self.child.take() {
-            match wait_bounded(&mut child, EXIT_TIMEOUT) {
+            let mut exited = wait_bounded(&mut child, EXIT_TIMEOUT);
+            if let (None, Some(conn)) = (exited, conn) {
+                // The connection outlives our unmount while a copy of the mount lives in
+                // another mount namespace (`unshare --mount` anywhere on the machine
+                // copies every mount, e.g. the rootless tests): the daemon rightly goes
+                // on serving it. Ending the connection is ours to do, not a daemon fault.
+                let holders = namespace_copies_of(conn);
+                if !holders.is_empty() {
+                    let line = format!(
+                        "{}: the unmounted connection {conn} is still mounted in the mount \
+                         namespace of {holders:?}; aborting it\n",
+                        self.mountpoint.display()
+                    );
+                    let _ = io::stderr().write_all(line.as_bytes());
+                    let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), "1");
+                    exited = wait_bounded(&mut child, EXIT_TIMEOUT);
+                }
+            }
+            match exited {
                 Some(st) => status = Some(st),
                 None => {
                     problems.push(format!(

@@ -3,6 +3,7 @@
 mod cli;
 mod compat;
 mod concurrency;
+mod crash;
 mod differential;
 mod engine;
 mod fixture;
