@@ -109,6 +109,10 @@ impl Union {
             if src_layer == UPPER && self.upper {
                 continue;
             }
+            if !self.is_own_index_copy(&index, &entry.name, src_layer, ino) {
+                self.discard_index_entry(&index, &entry.name)?;
+                continue;
+            }
             // Names in every lower layer on the file's filesystem, as `copy_up_linked`
             // may have linked (only names showing this very lower file are linked).
             let dev = self.layer(src_layer)?.dev;
@@ -134,6 +138,35 @@ impl Union {
         Ok(())
     }
 
+    /// Whether index entry `key` is a copy this workdir made of lower object `ino`
+    /// of layer `src_layer`: a regular file (not a symlink or anything else planted
+    /// there) carrying the origin marker its copy-up gave it. Anything else in the
+    /// index is not trusted: linking it into the upper layer would hand users a file
+    /// from outside the layers.
+    fn is_own_index_copy(
+        &self,
+        index: &OwnedFd,
+        key: &OsStr,
+        src_layer: LayerIdx,
+        ino: u64,
+    ) -> bool {
+        let regular = sys::fs::stat_at(index.as_fd(), key)
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        regular
+            && self.origin_ino(Target::Entry(index.as_fd(), key))
+                == Some(self.derived_ino(src_layer, ino))
+    }
+
+    /// Removes an index entry that is not a copy of ours (only that name goes; a
+    /// hard link elsewhere is untouched).
+    fn discard_index_entry(&self, index: &OwnedFd, key: &OsStr) -> Result<()> {
+        log::warn!("workdir/index/{key:?} is not a copy this workdir made; removed, not used");
+        match sys::fs::unlink_at(index.as_fd(), key) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn aliases(&self, idx: LayerIdx) -> Result<&Aliases> {
         let slot = self.hardlinks.per_layer.get(idx).ok_or(Errno::IO)?;
         if let Some(map) = slot.get() {
@@ -157,9 +190,17 @@ impl Union {
     ) -> Result<()> {
         let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
         let key = index_key(self.bottom_layer() - src_layer, src_ino);
-        match sys::fs::stat_at(index.as_fd(), &key) {
-            Ok(_) => {}
-            Err(Errno::NOENT) => {
+        let reuse = match sys::fs::stat_at(index.as_fd(), &key) {
+            Ok(_) if self.is_own_index_copy(&index, &key, src_layer, src_ino) => true,
+            Ok(_) => {
+                self.discard_index_entry(&index, &key)?;
+                false
+            }
+            Err(Errno::NOENT) => false,
+            Err(e) => return Err(e),
+        };
+        if !reuse {
+            {
                 let src_dir = self.dir_fd(parent, src_layer)?;
                 let published = self.publish_from_work(
                     |work, temp| {
@@ -175,7 +216,6 @@ impl Union {
                     Err(e) => return Err(e),
                 }
             }
-            Err(e) => return Err(e),
         }
         // The group's names: those in its own layer and, when they do not account for
         // its link count, those in the other lower layers on its filesystem (hard-link

@@ -193,3 +193,36 @@ fn a_running_executable_cannot_be_opened_for_writing() {
         }
     }
 }
+
+/// A workdir whose index holds an entry this mount did not make (planted, or left
+/// by another tool): a hard link to a file outside the layers must never become
+/// the copy users write to, neither at mount nor at the group's copy-up.
+#[test]
+fn a_planted_index_entry_is_never_linked_into_the_upper_layer() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("p1", b"lower\n").hardlink("p2", "p1")]);
+    let outside = l.root.join("outside");
+    fs::write(&outside, b"outside\n").unwrap();
+    let ino = fs::metadata(l.lowers[0].join("p1")).unwrap().ino();
+    fs::create_dir_all(l.work.join("index")).unwrap();
+    fs::hard_link(&outside, l.work.join(format!("index/L0-{ino:x}"))).unwrap();
+    let m = StrataMount::new(&l);
+    assert_eq!(fs::read(m.join("p2")).unwrap(), b"lower\n");
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("p1"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    assert_eq!(fs::read(m.join("p2")).unwrap(), b"lower\nmore\n");
+    assert_eq!(
+        fs::read(&outside).unwrap(),
+        b"outside\n",
+        "the outside file"
+    );
+    let up = fs::metadata(l.upper.join("p1")).unwrap().ino();
+    assert_ne!(up, fs::metadata(&outside).unwrap().ino());
+    assert_eq!(nlink(&m.join("p1")), 2);
+}
