@@ -25,15 +25,7 @@ pub struct Layer {
 
 impl Layer {
     pub fn open(path: &Path, writable: bool) -> SysResult<Layer> {
-        let root = sys::fs::open_root(path)?;
-        let st = sys::fs::fstat(root.as_fd())?;
-        Ok(Layer {
-            path: path.to_path_buf(),
-            root: Arc::new(root),
-            dev: st.st_dev,
-            ino_bits: 0,
-            writable,
-        })
+        Layer::with_root(path, sys::fs::open_root(path)?, writable)
     }
 
     /// A lower layer of the merged tree: its root as a private copy of its own
@@ -46,13 +38,17 @@ impl Layer {
                 path.display()
             );
         }
+        Layer::with_root(path, root, false)
+    }
+
+    fn with_root(path: &Path, root: OwnedFd, writable: bool) -> SysResult<Layer> {
         let st = sys::fs::fstat(root.as_fd())?;
         Ok(Layer {
             path: path.to_path_buf(),
             root: Arc::new(root),
             dev: st.st_dev,
             ino_bits: 0,
-            writable: false,
+            writable,
         })
     }
 
