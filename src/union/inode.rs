@@ -12,7 +12,8 @@
 //!   resolve to one inode.
 //! - Lock order: an inode's `copy_up` mutex may be held while taking its parent's
 //!   (always towards the root, so no cycle); `state` locks are never held across a
-//!   call that takes another inode's lock.
+//!   call that takes another inode's lock, nor the same one again (parking_lot
+//!   read locks are not reentrant once a writer waits).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;

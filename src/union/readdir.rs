@@ -121,7 +121,10 @@ impl Union {
         let mut entries = dot_entries(inode);
         // Upper entries here may carry an origin number: in a directory merged with
         // lower layers (copy-ups land there) or one marked impure.
-        let upper_fd = match inode.state.read().top_layer() {
+        // The state lock is not held across dir_fd, which takes it again: a recursive
+        // read behind a queued writer would deadlock.
+        let top = inode.state.read().top_layer();
+        let upper_fd = match top {
             Some(UPPER) if self.upper => Some(self.dir_fd(inode, UPPER)?),
             _ => None,
         };
