@@ -244,9 +244,6 @@ impl StrataFs {
             } else {
                 state.served_opens = state.served_opens.saturating_sub(1);
             }
-            if state.passthrough_opens == 0 {
-                state.backing = None;
-            }
             if state.passthrough_opens == 0 && state.served_opens == 0 {
                 io.remove(&ino);
             }

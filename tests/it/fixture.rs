@@ -451,61 +451,53 @@ fn abort_fuse_connection(mp: &Path) {
     }
 }
 
+/// "pid (comm)" of every process whose /proc directory `holds` accepts.
+fn processes_where(mut holds: impl FnMut(&Path) -> bool) -> Vec<String> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let proc = e.path();
+            holds(&proc).then(|| {
+                let comm = fs::read_to_string(proc.join("comm")).unwrap_or_default();
+                format!("{pid} ({})", comm.trim())
+            })
+        })
+        .collect()
+}
+
 /// "pid (comm)" of every process whose cwd, root or an open file is under `mp`.
 fn users_of(mp: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let proc = e.path();
+    processes_where(|proc| {
         let mut links: Vec<PathBuf> = vec![proc.join("cwd"), proc.join("root")];
         if let Ok(fds) = fs::read_dir(proc.join("fd")) {
             links.extend(fds.flatten().map(|f| f.path()));
         }
-        let uses = links
+        links
             .iter()
             .filter_map(|l| fs::read_link(l).ok())
-            .any(|t| t.starts_with(mp));
-        if uses {
-            let comm = fs::read_to_string(proc.join("comm")).unwrap_or_default();
-            out.push(format!("{pid} ({})", comm.trim()));
-        }
-    }
-    out
+            .any(|t| t.starts_with(mp))
+    })
 }
 
 /// "pid (comm)" of processes in another mount namespace than ours that see a FUSE
-/// mount of connection `conn` (the device number of the mount).
+/// mount of connection `conn` (the device number of the mount); one per namespace.
 fn namespace_copies_of(conn: u32) -> Vec<String> {
     let ours = fs::read_link("/proc/self/ns/mnt").ok();
     let dev = format!(" 0:{conn} ");
     let mut seen = std::collections::BTreeSet::new();
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(ns) = fs::read_link(e.path().join("ns/mnt")) else {
-            continue;
+    processes_where(|proc| {
+        let Ok(ns) = fs::read_link(proc.join("ns/mnt")) else {
+            return false;
         };
         if Some(&ns) == ours.as_ref() || !seen.insert(ns) {
-            continue;
+            return false;
         }
-        let holds = fs::read_to_string(e.path().join("mountinfo"))
-            .is_ok_and(|m| m.lines().any(|l| l.contains(&dev) && l.contains(" - fuse")));
-        if holds {
-            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            out.push(format!("{pid} ({})", comm.trim()));
-        }
-    }
-    out
+        fs::read_to_string(proc.join("mountinfo"))
+            .is_ok_and(|m| m.lines().any(|l| l.contains(&dev) && l.contains(" - fuse")))
+    })
 }
 
 /// Unmounts a FUSE mount: `fusermount3 -u`, falling back to `umount -l`. Notes what failed.
