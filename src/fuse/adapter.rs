@@ -39,7 +39,14 @@ pub struct StrataFs {
     handles: DashMap<u64, (u64, bool)>,
     /// Requests in flight, reported when one runs too long.
     watch: Watchdog,
+    /// Running texts: inode -> opens made by exec (and the handles they hold), for
+    /// [`StrataFs::refuses_truncating_open`].
+    exec_opens: DashMap<u64, usize>,
+    exec_handles: DashMap<u64, u64>,
 }
+
+/// The kernel's `__FMODE_EXEC`, which it leaves in the flags of the open an exec makes.
+const OPEN_FOR_EXEC: i32 = 0o40;
 
 /// The opens of one inode. Invariant: `backing` is set exactly while
 /// `passthrough_opens > 0`, and then `served_opens == 0` (the kernel refuses to mix
@@ -68,6 +75,8 @@ impl StrataFs {
             io: Mutex::new(HashMap::new()),
             handles: DashMap::new(),
             watch: Watchdog::from_env(),
+            exec_opens: DashMap::new(),
+            exec_handles: DashMap::new(),
         }
     }
 }
@@ -90,7 +99,8 @@ fn fail(op: &str, err: union::Errno) -> Errno {
         | libc::EINVAL
         | libc::ENAMETOOLONG
         | libc::ERANGE
-        | libc::EOPNOTSUPP => {
+        | libc::EOPNOTSUPP
+        | libc::ETXTBSY => {
             log::debug!("{op}: {err}")
         }
         _ => log::warn!("{op}: {err}"),
@@ -248,6 +258,18 @@ impl StrataFs {
                 io.remove(&ino);
             }
         }
+    }
+
+    /// Whether an open must fail with ETXTBSY before the engine sees it: one that
+    /// truncates (FUSE_ATOMIC_O_TRUNC hands O_TRUNC to the daemon's open) while the
+    /// file runs. For O_WRONLY and O_RDWR the kernel has refused already, when it
+    /// took write access; for `O_RDONLY|O_TRUNC` it checks only after our open, in
+    /// its own truncate step, so truncating here would empty a running binary and
+    /// then answer ETXTBSY anyway.
+    fn refuses_truncating_open(&self, ino: u64, flags: i32) -> bool {
+        flags & libc::O_TRUNC != 0
+            && flags & libc::O_ACCMODE == libc::O_RDONLY
+            && self.exec_opens.get(&ino).is_some_and(|n| *n > 0)
     }
 
     fn open_flags(&self, ino: u64) -> FopenFlags {
@@ -479,10 +501,17 @@ impl Filesystem for StrataFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _w = self.watch.start("open", ino.0, None);
+        if self.refuses_truncating_open(ino.0, flags.0) {
+            return reply.error(fail("open", union::Errno::TXTBSY));
+        }
         let (fh, handle) = match self.engine.open(ino.0, flags.0) {
             Ok(h) => h,
             Err(e) => return reply.error(fail("open", e)),
         };
+        if flags.0 & OPEN_FOR_EXEC != 0 {
+            *self.exec_opens.entry(ino.0).or_insert(0) += 1;
+            self.exec_handles.insert(fh, ino.0);
+        }
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
             IoChoice::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
@@ -587,6 +616,12 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         let _w = self.watch.start("release", _ino.0, None);
+        if let Some((_, ino)) = self.exec_handles.remove(&fh.0) {
+            self.exec_opens.remove_if_mut(&ino, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
         self.end_io(fh.0);
         self.engine.release(fh.0);
         reply.ok();
