@@ -262,13 +262,20 @@ impl Union {
                     OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
                     0o600,
                 )?;
-                match data {
+                // Only data needs the fsync below: the metadata of the staged file
+                // reaches the journal with the rename that publishes it (the kernel
+                // overlay syncs only when it copied data, too).
+                let copied_data = match data {
                     CopyData::Yes => {
-                        self.copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?
+                        self.copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?;
+                        st.st_size > 0
                     }
-                    CopyData::No => {}
-                    CopyData::Meta => self.stage_metacopy(&dst, st.st_size as u64)?,
-                }
+                    CopyData::No => false,
+                    CopyData::Meta => {
+                        self.stage_metacopy(&dst, st.st_size as u64)?;
+                        false
+                    }
+                };
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -277,7 +284,7 @@ impl Union {
                     true,
                 )?;
                 sys::fs::futimens(dst.as_fd(), times.0, times.1)?;
-                if self.opts.syncs {
+                if self.opts.syncs && copied_data {
                     sys::fs::fsync(&dst, false)?;
                 }
             }
