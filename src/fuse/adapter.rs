@@ -18,6 +18,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use super::stats::RequestStats;
 use super::watchdog::Watchdog;
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
@@ -65,7 +66,12 @@ enum IoChoice {
 }
 
 impl StrataFs {
-    pub fn new(engine: Arc<Union>, passthrough: bool, writeback: bool) -> Self {
+    pub fn new(
+        engine: Arc<Union>,
+        passthrough: bool,
+        writeback: bool,
+        stats: Option<Arc<RequestStats>>,
+    ) -> Self {
         StrataFs {
             engine,
             want_passthrough: passthrough && !writeback,
@@ -74,7 +80,7 @@ impl StrataFs {
             writeback,
             io: Mutex::new(HashMap::new()),
             handles: DashMap::new(),
-            watch: Watchdog::from_env(),
+            watch: Watchdog::from_env().with_stats(stats),
             exec_opens: DashMap::new(),
             exec_handles: DashMap::new(),
         }

@@ -2,6 +2,7 @@
 //! into engine calls; this file mounts, detaches the daemon and unmounts.
 
 mod adapter;
+mod stats;
 mod watchdog;
 
 use std::path::Path;
@@ -13,6 +14,7 @@ use crate::config::MountConfig;
 use crate::sys::process::{self, Forked};
 use crate::union::Union;
 pub use adapter::StrataFs;
+use stats::RequestStats;
 
 /// Worker threads when the configuration does not say: enough to keep independent
 /// requests (and a slow copy-up) from queueing behind each other.
@@ -126,8 +128,14 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     };
     // Signals are taken by one thread (below); every thread started from here on
     // inherits the block.
-    process::block_termination_signals();
-    let fs = StrataFs::new(engine.clone(), config.passthrough, config.writeback);
+    process::block_daemon_signals();
+    let stats = RequestStats::from_env().map(Arc::new);
+    let fs = StrataFs::new(
+        engine.clone(),
+        config.passthrough,
+        config.writeback,
+        stats.clone(),
+    );
     let mut session = match Session::new(fs, &config.mountpoint, &session_config(config)) {
         Ok(s) => s,
         Err(e) => {
@@ -147,13 +155,24 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     }));
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
+    let stats_on_signal = stats.clone();
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = process::wait_for_termination_signal();
-            log::info!("signal {sig}: unmounting {}", mountpoint.display());
-            if unmounter.unmount().is_err() {
-                let _ = process::lazy_unmount(&mountpoint);
+            loop {
+                let sig = process::wait_for_daemon_signal();
+                if sig == libc::SIGUSR1 {
+                    match &stats_on_signal {
+                        Some(s) => s.dump(),
+                        None => log::info!("SIGUSR1: no request stats (STRATAFS_STATS unset)"),
+                    }
+                    continue;
+                }
+                log::info!("signal {sig}: unmounting {}", mountpoint.display());
+                if unmounter.unmount().is_err() {
+                    let _ = process::lazy_unmount(&mountpoint);
+                }
+                return;
             }
         });
     if let Some(pipe) = report {
@@ -162,7 +181,11 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         let _ = process::stdio_to_devnull();
         process::write_report(pipe, Ok(()));
     }
-    match session.run() {
+    let ended = session.run();
+    if let Some(s) = &stats {
+        s.dump();
+    }
+    match ended {
         Ok(()) => 0,
         Err(e) => {
             log::error!("session ended: {e}");

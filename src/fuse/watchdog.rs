@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use super::stats::RequestStats;
+
 /// The threshold when `STRATAFS_WATCHDOG_SECS` does not give one.
 pub const DEFAULT_THRESHOLD: Duration = Duration::from_secs(10);
 /// How often the scanner looks (less when the threshold is shorter than this).
@@ -97,16 +99,23 @@ impl Registry {
 pub struct Watchdog {
     /// `None`: switched off (`STRATAFS_WATCHDOG_SECS=0`, or no thread could be started).
     registry: Option<Arc<Registry>>,
+    /// Request accounting, fed by the same guards (see stats.rs).
+    stats: Option<Arc<RequestStats>>,
 }
 
-/// Registration of one running request; dropping it ends the registration.
+/// Registration of one running request; dropping it ends the registration (and
+/// counts the request, when accounting is on).
 pub struct Guard<'a> {
     registry: Option<&'a Registry>,
     id: u64,
+    accounted: Option<(&'a RequestStats, &'static str, Instant)>,
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
+        if let Some((stats, op, started)) = self.accounted {
+            stats.record(op, started.elapsed());
+        }
         if let Some(reg) = self.registry {
             if let Some((_, r)) = reg.in_flight.remove(&self.id) {
                 if r.reported {
@@ -143,7 +152,10 @@ impl Watchdog {
         };
         match threshold {
             Some(t) => Watchdog::new(t, |s| log::warn!("watchdog: {s}")),
-            None => Watchdog { registry: None },
+            None => Watchdog {
+                registry: None,
+                stats: None,
+            },
         }
     }
 
@@ -173,10 +185,14 @@ impl Watchdog {
         match spawned {
             Ok(_) => Watchdog {
                 registry: Some(registry),
+                stats: None,
             },
             Err(e) => {
                 log::warn!("watchdog: cannot start its thread ({e}); requests are not watched");
-                Watchdog { registry: None }
+                Watchdog {
+                    registry: None,
+                    stats: None,
+                }
             }
         }
     }
@@ -205,10 +221,12 @@ impl Watchdog {
         name: Option<&OsStr>,
         to: Option<(u64, &OsStr)>,
     ) -> Guard<'_> {
+        let accounted = self.stats.as_deref().map(|s| (s, op, Instant::now()));
         let Some(reg) = self.registry.as_deref() else {
             return Guard {
                 registry: None,
                 id: 0,
+                accounted,
             };
         };
         let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
@@ -228,7 +246,14 @@ impl Watchdog {
         Guard {
             registry: Some(reg),
             id,
+            accounted,
         }
+    }
+
+    /// Counts every request registered from now on in `stats` too.
+    pub fn with_stats(mut self, stats: Option<Arc<RequestStats>>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Requests registered right now.
@@ -315,8 +340,28 @@ mod tests {
 
     #[test]
     fn switched_off_watchdog_registers_nothing() {
-        let w = Watchdog { registry: None };
+        let w = Watchdog {
+            registry: None,
+            stats: None,
+        };
         let _g = w.start("lookup", 1, Some(OsStr::new("y")));
         assert_eq!(w.in_flight(), 0);
+    }
+
+    #[test]
+    fn guards_feed_the_request_stats_also_with_the_watchdog_off() {
+        let stats = Arc::new(RequestStats::new(super::super::stats::Sink::Log));
+        for w in [
+            Watchdog::new(Duration::from_secs(10), |_| {}).with_stats(Some(stats.clone())),
+            Watchdog {
+                registry: None,
+                stats: Some(stats.clone()),
+            },
+        ] {
+            drop(w.start("lookup", 1, Some(OsStr::new("a"))));
+            drop(w.start_to("rename", 1, Some(OsStr::new("a")), 2, OsStr::new("b")));
+        }
+        let counts: Vec<(&str, u64)> = stats.snapshot().iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(counts, vec![("lookup", 2), ("rename", 2)]);
     }
 }

@@ -155,31 +155,36 @@ pub fn is_root() -> bool {
 }
 
 /// The signals that end the daemon: SIGINT, SIGTERM and SIGHUP.
-fn termination_set() -> libc::sigset_t {
+const TERMINATION: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// What a mounted daemon takes synchronously: the termination signals, and SIGUSR1
+/// (dump the request stats).
+const DAEMON: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
+
+fn signal_set(sigs: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before any use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for &sig in sigs {
             libc::sigaddset(&mut set, sig);
         }
         set
     }
 }
 
-/// Blocks the termination signals in the calling thread (and every thread it creates
-/// afterwards), so they can be taken synchronously by `wait_for_termination_signal`.
-pub fn block_termination_signals() {
-    let set = termination_set();
+/// Blocks `sigs` in the calling thread (and every thread it creates afterwards), so
+/// they can be taken synchronously by [`wait_for_signal`].
+fn block_signals(sigs: &[i32]) {
+    let set = signal_set(sigs);
     // SAFETY: `set` is a valid, initialised signal set; the old mask is not wanted.
     unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
-/// Waits until SIGINT, SIGTERM or SIGHUP arrives; returns its number.
-pub fn wait_for_termination_signal() -> i32 {
-    let set = termination_set();
+/// Waits until one of `sigs` (blocked beforehand) arrives; returns its number.
+fn wait_for_signal(sigs: &[i32]) -> i32 {
+    let set = signal_set(sigs);
     // SAFETY: `set` is valid; sigwait only writes the signal number.
     unsafe {
         let mut sig: libc::c_int = 0;
@@ -189,6 +194,26 @@ pub fn wait_for_termination_signal() -> i32 {
             }
         }
     }
+}
+
+/// Blocks the termination signals, for [`wait_for_termination_signal`].
+pub fn block_termination_signals() {
+    block_signals(TERMINATION)
+}
+
+/// Waits until SIGINT, SIGTERM or SIGHUP arrives; returns its number.
+pub fn wait_for_termination_signal() -> i32 {
+    wait_for_signal(TERMINATION)
+}
+
+/// Blocks the signals a mounted daemon takes, for [`wait_for_daemon_signal`].
+pub fn block_daemon_signals() {
+    block_signals(DAEMON)
+}
+
+/// Waits until a termination signal or SIGUSR1 arrives; returns its number.
+pub fn wait_for_daemon_signal() -> i32 {
+    wait_for_signal(DAEMON)
 }
 
 /// Detaches the mount at `path` (lazy unmount), for shutdown on a signal.

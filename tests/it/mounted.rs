@@ -1636,3 +1636,59 @@ fn concurrent_threads_create_write_read_in_different_directories() {
     m.remount();
     check(&m);
 }
+
+/// `STRATAFS_STATS=FILE`: SIGUSR1 writes the per-opcode request counts there, and
+/// the end of the session writes them once more; the counts follow the workload.
+#[test]
+fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("a", b"a")]);
+    let stats = l.root.join("stats");
+    let mut m = StrataMount::with_env(
+        &l.rw_options(),
+        &[],
+        &[("STRATAFS_STATS", stats.to_str().unwrap())],
+        &l.merged,
+        &l.root,
+    );
+    for i in 0..5 {
+        fs::create_dir(m.join(&format!("d{i}"))).unwrap();
+    }
+    let count = |table: &str, op: &str| -> u64 {
+        table
+            .lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next() == Some(op)).then(|| cols.next().unwrap().parse().unwrap())
+            })
+            .unwrap_or(0)
+    };
+    // A request is counted when its handler returns, just after its reply: the
+    // last mkdir may still be finishing when the first dump is written, so signal
+    // until the dump shows it (each SIGUSR1 writes the counters of that moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let table = loop {
+        // kill(2) on the daemon this test started.
+        assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGUSR1) }, 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Ok(t) = fs::read_to_string(&stats) {
+            if count(&t, "mkdir") == 5 {
+                break t;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stats file with 5 mkdirs after SIGUSR1: {:?}",
+            fs::read_to_string(&stats)
+        );
+    };
+    assert!(table.starts_with("requests: "), "{table}");
+    assert!(m.daemon_exited().is_none(), "SIGUSR1 ended the daemon");
+    fs::remove_dir(m.join("d0")).unwrap();
+    m.unmount();
+    let table = fs::read_to_string(&stats).unwrap();
+    assert_eq!(count(&table, "mkdir"), 5, "{table}");
+    assert_eq!(count(&table, "rmdir"), 1, "{table}");
+}
