@@ -183,7 +183,8 @@ fn a_running_executable_cannot_be_opened_for_writing_nor_truncated() {
     let upper_exe = m.join("upper-sleep");
     fs::write(&upper_exe, &sleep).unwrap();
     fs::set_permissions(&upper_exe, fs::Permissions::from_mode(0o755)).unwrap();
-    let open_modes: [(&str, fn(&mut OpenOptions) -> &mut OpenOptions); 3] = [
+    type OpenMode = fn(&mut OpenOptions) -> &mut OpenOptions;
+    let open_modes: [(&str, OpenMode); 3] = [
         ("O_WRONLY", |o| o.write(true)),
         ("O_RDWR", |o| o.read(true).write(true)),
         ("O_RDONLY|O_TRUNC", |o| {
