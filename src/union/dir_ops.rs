@@ -364,7 +364,17 @@ impl Union {
             (false, true) => return Err(Errno::ISDIR),
             _ => {}
         }
-        if !is_dir && found.top_layer() != UPPER && found.stat.st_nlink > 1 {
+        if !is_dir
+            && found.top_layer() != UPPER
+            && found.stat.st_nlink > 1
+            && self.index.is_some()
+            && self.removal_needs_link_up(
+                &p,
+                name,
+                found.top_layer(),
+                (found.stat.st_ino, found.stat.st_nlink),
+            )?
+        {
             // One name of a lower hard-link group goes: the others must show the
             // lower count minus one, which only a copied-up group can.
             let (inode, temp) = self.inode_for(parent, name, &found)?;

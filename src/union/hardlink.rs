@@ -217,32 +217,9 @@ impl Union {
                 }
             }
         }
-        // The group's names: those in its own layer and, when they do not account for
-        // its link count, those in the other lower layers on its filesystem (hard-link
-        // dedup of image layers puts one file into several), so that every name of
-        // the file stays one file, as with kernel overlayfs' index. Links found in no
-        // layer are recorded with the copy, which keeps counting them.
+        // Links found in no layer are recorded with the copy, which keeps counting them.
         let lower_dev = self.layer(src_layer)?.dev;
-        let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
-        let layers: Vec<LayerIdx> = if own < src_nlink {
-            (0..=self.bottom_layer())
-                .filter(|i| *i != UPPER || !self.upper)
-                .filter(|i| self.layers[*i].dev == lower_dev)
-                .collect()
-        } else {
-            vec![src_layer]
-        };
-        let mut names = Vec::new();
-        for idx in layers {
-            for path in self
-                .aliases(idx)?
-                .get(&src_ino)
-                .cloned()
-                .unwrap_or_default()
-            {
-                names.push((idx, path));
-            }
-        }
+        let names = self.group_names(src_layer, src_ino, src_nlink)?;
         let outside = u32::try_from(src_nlink.saturating_sub(names.len() as u64)).unwrap_or(0);
         if outside > 0 {
             self.set_outside_links(Target::Entry(index.as_fd(), &key), inode.ino, outside);
@@ -266,6 +243,61 @@ impl Union {
             }
         }
         sys::fs::unlink_at(index.as_fd(), &key)
+    }
+
+    /// The names of lower object `src_ino` of `src_layer` (link count `src_nlink`) in
+    /// the lower layers: those in its own layer and, when they do not account for its
+    /// link count, those in the other lower layers on its filesystem (hard-link dedup
+    /// of image layers puts one file into several), so that every name of the file
+    /// stays one file, as with kernel overlayfs' index.
+    fn group_names(
+        &self,
+        src_layer: LayerIdx,
+        src_ino: u64,
+        src_nlink: u64,
+    ) -> Result<Vec<(LayerIdx, OsString)>> {
+        let lower_dev = self.layer(src_layer)?.dev;
+        let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
+        let layers: Vec<LayerIdx> = if own < src_nlink {
+            (0..=self.bottom_layer())
+                .filter(|i| *i != UPPER || !self.upper)
+                .filter(|i| self.layers[*i].dev == lower_dev)
+                .collect()
+        } else {
+            vec![src_layer]
+        };
+        let mut names = Vec::new();
+        for idx in layers {
+            for path in self
+                .aliases(idx)?
+                .get(&src_ino)
+                .cloned()
+                .unwrap_or_default()
+            {
+                names.push((idx, path));
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether removing `name` under `parent`, a name of a lower hard-link group, must
+    /// copy the group up first so that its other names show the count minus one.
+    /// Only names in a lower layer can show; when the group has no name there but
+    /// this one (its other links lie outside the layers: hard-link dedup stores,
+    /// ostree and composefs checkouts), the removal is a whiteout, as for a file with
+    /// one link, instead of a copy of its data.
+    pub(crate) fn removal_needs_link_up(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        src_layer: LayerIdx,
+        (src_ino, src_nlink): (u64, u64),
+    ) -> Result<bool> {
+        let path = super::redirect::join(&self.lower_path(parent)?, name);
+        let names = self.group_names(src_layer, src_ino, src_nlink)?;
+        Ok(names
+            .iter()
+            .any(|(idx, p)| *idx != src_layer || p.as_os_str() != path.as_os_str()))
     }
 
     /// Links the index copy at `path` when that path of the merged view still shows
