@@ -500,6 +500,57 @@ fn namespace_copies_of(conn: u32) -> Vec<String> {
     })
 }
 
+/// Detaches the copies of an unmounted mount (device `dev`, type `fstype`) that
+/// other mount namespaces took (`unshare --mount` copies every mount: the rootless
+/// tests run beside this one). A kernel overlay with index=on stays alive in such a
+/// copy and keeps its upper and work dirs "in use", so mounting them again fails with
+/// EBUSY until that namespace ends. The copies are ours, and unused where they are.
+fn release_namespace_copies(dev: (u32, u32), fstype: &str) {
+    let ours = fs::read_link("/proc/self/ns/mnt").ok();
+    let dev = format!(" {}:{} ", dev.0, dev.1);
+    let kind = format!(" - {fstype} ");
+    let mut seen = std::collections::BTreeSet::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if Some(&ns) == ours.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(e.path().join("mountinfo")) else {
+            continue;
+        };
+        for line in info
+            .lines()
+            .filter(|l| l.contains(&dev) && l.contains(&kind))
+        {
+            let Some(mp) = line.split(' ').nth(4) else {
+                continue;
+            };
+            let mp = unescape_mountinfo(mp);
+            if let Err(e) = run_cmd(
+                "nsenter",
+                &[
+                    OsStr::new("-t"),
+                    OsStr::new(&pid.to_string()),
+                    OsStr::new("-m"),
+                    OsStr::new("umount"),
+                    OsStr::new("-l"),
+                    OsStr::new(&mp),
+                ],
+            ) {
+                eprintln!("detaching the copy of {mp} in the mount namespace of {pid}: {e}");
+            }
+        }
+    }
+}
+
 /// Unmounts a FUSE mount: `fusermount3 -u`, falling back to `umount -l`. Notes what failed.
 fn unmount_fuse(mp: &Path, problems: &mut Vec<String>) {
     if mount_at(mp).is_none() {
@@ -1541,9 +1592,13 @@ impl KernelOverlay {
 
     pub fn unmount(&mut self) {
         if self.mounted {
+            let dev = mount_at(&self.mountpoint).map(|e| e.dev);
             run_cmd("umount", &[self.mountpoint.as_os_str()])
                 .unwrap_or_else(|e| panic!("unmounting the kernel overlay: {e}"));
             self.mounted = false;
+            if let Some(dev) = dev {
+                release_namespace_copies(dev, "overlay");
+            }
         }
     }
 
