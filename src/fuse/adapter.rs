@@ -216,7 +216,7 @@ impl StrataFs {
             } else {
                 // Upper files get a read-write backing file so that every later open,
                 // reader or writer, can share it.
-                let rdwr = if handle.in_upper {
+                let rdwr = if handle.in_upper && !handle.plain_rdwr {
                     self.engine.open_upper_rdwr(handle.ino).ok()
                 } else {
                     None

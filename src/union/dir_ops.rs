@@ -203,8 +203,25 @@ impl Union {
             Ok(())
         })?;
         let file = opened.ok_or(Errno::IO)?;
-        let entry = self.entry_after_create(&p, name)?;
-        let (fh, handle) = self.register_file(entry.attr.ino, file, true, true);
+        // The file just made is the upper entry at `name` (the kernel holds the
+        // parent's lock across a create, so no other request moves it meanwhile): its
+        // own fd gives what a lookup would find, and a file made here has no origin.
+        let found = Found {
+            kind: libc::S_IFREG,
+            stat: sys::fs::fstat(file.as_fd())?,
+            layers: vec![super::inode::LayerRef {
+                layer: UPPER,
+                fd: None,
+            }],
+            redirect: None,
+            chained: false,
+        };
+        let inode = self.adopt_made(p.ino, name, found)?;
+        let entry = Entry {
+            attr: self.getattr(inode.ino)?,
+            ttl: self.opts.ttl,
+        };
+        let (fh, handle) = self.register_file(entry.attr.ino, file, true, true, true);
         let _ = flags;
         Ok((entry, fh, handle))
     }

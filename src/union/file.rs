@@ -19,6 +19,9 @@ pub struct OpenFile {
     pub writable: bool,
     /// The file is the upper layer's copy (the one all writers share).
     pub in_upper: bool,
+    /// `file` was opened read-write and with no other status flag, so it can serve
+    /// as the shared passthrough backing file as it is.
+    pub plain_rdwr: bool,
     /// For a reader opened on a lower file that was copied up since: the upper copy,
     /// opened on first use, so that the reader sees what writers wrote since (as
     /// with kernel overlayfs). Set once, never replaced.
@@ -81,7 +84,8 @@ impl Union {
             Err(e) => return Err(e),
         };
         let in_upper = self.has_upper_data(&inode);
-        Ok(self.register_file(ino, file, write, in_upper))
+        let plain_rdwr = oflags == OFlags::RDWR;
+        Ok(self.register_file(ino, file, write, in_upper, plain_rdwr))
     }
 
     /// Whether the data of `ino` may still move to another real file while it is
@@ -114,6 +118,7 @@ impl Union {
         file: File,
         writable: bool,
         in_upper: bool,
+        plain_rdwr: bool,
     ) -> (u64, Arc<OpenFile>) {
         let fh = self.new_handle();
         let handle = Arc::new(OpenFile {
@@ -121,6 +126,7 @@ impl Union {
             file,
             writable,
             in_upper,
+            plain_rdwr,
             upper_copy: std::sync::OnceLock::new(),
         });
         if let Some(inode) = self.inodes.get(ino) {

@@ -382,6 +382,22 @@ impl Union {
     /// Finds or creates the inode for a resolved entry, holding one new kernel
     /// reference on it.
     pub(crate) fn adopt(&self, parent: Ino, name: &OsStr, found: Found) -> Result<Arc<Inode>> {
+        self.adopt_entry(parent, name, found, false)
+    }
+
+    /// As [`adopt`](Self::adopt), for an upper entry this mount has just made: it
+    /// carries no origin marker, so none is read.
+    pub(crate) fn adopt_made(&self, parent: Ino, name: &OsStr, found: Found) -> Result<Arc<Inode>> {
+        self.adopt_entry(parent, name, found, true)
+    }
+
+    fn adopt_entry(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        found: Found,
+        made_here: bool,
+    ) -> Result<Arc<Inode>> {
         let key = (found.stat.st_dev, found.stat.st_ino);
         if let Some(inode) = self.inodes.reference_by_identity(key) {
             let split =
@@ -409,7 +425,11 @@ impl Union {
             // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
-        let (preferred, outside_links) = self.preferred_ino(parent, name, &found)?;
+        let (preferred, outside_links) = if made_here {
+            (self.derived_ino(found.top_layer(), found.stat.st_ino), 0)
+        } else {
+            self.preferred_ino(parent, name, &found)?
+        };
         let cached: Vec<LayerIdx> = found
             .layers
             .iter()
