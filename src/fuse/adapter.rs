@@ -709,7 +709,7 @@ impl Filesystem for StrataFs {
                     .map(|a| (a, self.engine.attr_ttl(a.ino), false))
             } else {
                 self.engine
-                    .lookup(ino.0, &e.name)
+                    .lookup_listed(ino.0, e)
                     .map(|en| (en.attr, en.ttl, true))
             };
             let (attr, ttl, counted) = match looked_up {

@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
+use super::inode::Inode;
 use super::{Attr, Errno, Ino, Result, SetAttr, SetTime, StatFs, Union};
 use crate::sys::{self, fs::TimeSpec, xattr::Target};
 
@@ -30,6 +31,32 @@ impl Union {
             attr.blocks = sys::fs::stat_at(dir.as_fd(), &name)?.st_blocks as u64;
         }
         Ok(attr)
+    }
+
+    /// The attributes of `inode` given `st`, a stat of its entry in `layer` made
+    /// during this request (by the lookup that just adopted it): what [`getattr`]
+    /// would answer, without stat'ing the entry again. When the inode turns out to be
+    /// elsewhere (another name of it was copied up, a metadata-only copy takes its
+    /// data from below), it is stat'ed where it is.
+    ///
+    /// [`getattr`]: Self::getattr
+    pub(crate) fn attr_from_stat_of(
+        &self,
+        inode: &Inode,
+        layer: crate::layer::LayerIdx,
+        st: &sys::fs::Stat,
+    ) -> Result<Attr> {
+        let same = {
+            let state = inode.state.read();
+            !state.detached
+                && state.top_layer() == Some(layer)
+                && (inode.is_dir() || state.layers.len() == 1)
+        };
+        if same && st.st_mode & libc::S_IFMT == inode.kind {
+            Ok(self.shown_attr(inode, self.attr_of(inode, st)))
+        } else {
+            self.getattr(inode.ino)
+        }
     }
 
     /// Changes attributes; a lower entry is copied up first (without its data when

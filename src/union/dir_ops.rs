@@ -206,9 +206,10 @@ impl Union {
         // The file just made is the upper entry at `name` (the kernel holds the
         // parent's lock across a create, so no other request moves it meanwhile): its
         // own fd gives what a lookup would find, and a file made here has no origin.
+        let st = sys::fs::fstat(file.as_fd())?;
         let found = Found {
             kind: libc::S_IFREG,
-            stat: sys::fs::fstat(file.as_fd())?,
+            stat: st,
             layers: vec![super::inode::LayerRef {
                 layer: UPPER,
                 fd: None,
@@ -218,7 +219,7 @@ impl Union {
         };
         let inode = self.adopt_made(p.ino, name, found)?;
         let entry = Entry {
-            attr: self.getattr(inode.ino)?,
+            attr: self.attr_from_stat_of(&inode, UPPER, &st)?,
             ttl: self.opts.ttl,
         };
         let (fh, handle) = self.register_file(entry.attr.ino, file, true, true, true);

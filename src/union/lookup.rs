@@ -371,8 +371,60 @@ impl Union {
             return Err(Errno::NOTDIR);
         }
         let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let (top, st) = (found.top_layer(), found.stat);
         let inode = self.adopt(parent, name, found)?;
-        let attr = self.getattr(inode.ino)?;
+        let attr = self.attr_from_stat_of(&inode, top, &st)?;
+        Ok(Entry {
+            attr,
+            ttl: self.opts.ttl,
+        })
+    }
+
+    /// [`lookup`](Self::lookup) of an entry of a listing (readdirplus), using where
+    /// the listing found it. A non-directory listed from lower layer `i` had nothing
+    /// of its name above it in the layers then; of those only the upper one can have
+    /// changed since (lower layers are read-only), so it alone is probed again, and
+    /// the entry is taken from layer `i` with one stat: no probes of the layers in
+    /// between. Anything else, or anything that no longer matches, is looked up
+    /// from scratch.
+    pub fn lookup_listed(&self, parent: Ino, entry: &super::readdir::DirEntry) -> Result<Entry> {
+        let Some(idx) = entry.listed_in else {
+            return self.lookup(parent, &entry.name);
+        };
+        let name = entry.name.as_os_str();
+        let p = self.inode(parent)?;
+        let (in_layers, has_upper) = {
+            let st = p.state.read();
+            (
+                st.layers.iter().any(|l| l.layer == idx),
+                st.layers.iter().any(|l| l.layer == super::UPPER),
+            )
+        };
+        if !p.is_dir() || !in_layers || self.is_grafted(parent) {
+            return self.lookup(parent, name);
+        }
+        if has_upper && self.upper {
+            let ufd = self.dir_fd(&p, super::UPPER)?;
+            if !matches!(probe(&ufd, name)?, Probe::Missing) {
+                return self.lookup(parent, name);
+            }
+        }
+        let st = match sys::fs::stat_at(self.dir_fd(&p, idx)?.as_fd(), name) {
+            Ok(st) if st.st_mode & libc::S_IFMT == entry.kind && entry.kind != libc::S_IFDIR => st,
+            _ => return self.lookup(parent, name),
+        };
+        let found = Found {
+            kind: entry.kind,
+            stat: st,
+            layers: vec![LayerRef {
+                layer: idx,
+                fd: None,
+            }],
+            redirect: None,
+            chained: false,
+        };
+        let inode = self.adopt(parent, name, found)?;
+        let attr = self.attr_from_stat_of(&inode, idx, &st)?;
         Ok(Entry {
             attr,
             ttl: self.opts.ttl,

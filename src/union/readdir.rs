@@ -29,6 +29,9 @@ pub struct DirEntry {
     /// S_IFMT bits.
     pub kind: u32,
     pub name: OsString,
+    /// The lower layer a union listing found a non-directory in, with no whiteout
+    /// and no other entry of that name above it (see `Union::lookup_listed`).
+    pub(crate) listed_in: Option<usize>,
 }
 
 pub struct DirHandle {
@@ -53,12 +56,14 @@ pub(crate) fn dot_entries(inode: &Inode) -> Vec<DirEntry> {
             next_offset: 1,
             kind: libc::S_IFDIR,
             name: ".".into(),
+            listed_in: None,
         },
         DirEntry {
             ino: parent,
             next_offset: 2,
             kind: libc::S_IFDIR,
             name: "..".into(),
+            listed_in: None,
         },
     ]
 }
@@ -143,11 +148,13 @@ impl Union {
                 (None, _) => self.derived_ino(m.layer, m.real_ino),
             };
             let next_offset = entries.len() as u64 + 1;
+            let listed_in = (m.layer != UPPER && m.kind != libc::S_IFDIR).then_some(m.layer);
             entries.push(DirEntry {
                 ino,
                 next_offset,
                 kind: m.kind,
                 name: m.name,
+                listed_in,
             });
         }
         self.graft_fix_listing(inode.ino, &mut entries);

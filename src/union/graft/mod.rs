@@ -438,6 +438,7 @@ impl Union {
                     next_offset,
                     kind,
                     name: raw.name,
+                    listed_in: None,
                 });
             }
             Ok(entries)
@@ -464,6 +465,7 @@ impl Union {
                 Some(e) => {
                     e.ino = ino;
                     e.kind = libc::S_IFDIR;
+                    e.listed_in = None;
                 }
                 None => {
                     let next_offset = entries.len() as u64 + 1;
@@ -472,6 +474,7 @@ impl Union {
                         next_offset,
                         kind: libc::S_IFDIR,
                         name: name.clone(),
+                        listed_in: None,
                     });
                 }
             }
