@@ -24,6 +24,39 @@ fn default_threads() -> usize {
         .unwrap_or(4)
 }
 
+/// Inodes the kernel must have forgotten since the last trim before the freed
+/// memory is handed back (a trim walks the whole heap: not worth it for a few).
+const TRIM_AFTER_FORGOTTEN: usize = 4096;
+
+/// Starts the thread that returns the memory of forgotten inodes to the system once
+/// the kernel has dropped many of them (drop_caches, memory pressure, a finished
+/// walk): otherwise the daemon's RSS stays at its peak. It holds only a weak
+/// reference, so it ends with the engine.
+fn spawn_memory_trimmer(engine: &Arc<Union>) {
+    let weak = Arc::downgrade(engine);
+    let spawned = std::thread::Builder::new()
+        .name("memory-trim".into())
+        .spawn(move || {
+            let mut peak = 0;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let Some(engine) = weak.upgrade() else {
+                    return;
+                };
+                let now = engine.inode_count();
+                drop(engine);
+                if peak >= now + TRIM_AFTER_FORGOTTEN {
+                    process::release_free_memory();
+                    peak = now;
+                }
+                peak = peak.max(now);
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("memory trimmer not started ({e}): freed inode memory stays in RSS");
+    }
+}
+
 /// fuser's session configuration for a mount.
 pub fn session_config(config: &MountConfig) -> fuser::Config {
     let mut opts = vec![
@@ -153,6 +186,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
             log::debug!("attribute invalidation of inode {ino}: {e}");
         }
     }));
+    spawn_memory_trimmer(&engine);
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
     let stats_on_signal = stats.clone();

@@ -216,6 +216,17 @@ pub fn wait_for_daemon_signal() -> i32 {
     wait_for_signal(DAEMON)
 }
 
+/// Gives the heap's free memory back to the system (glibc's `malloc_trim`): after
+/// the kernel forgets many inodes their memory is free but still counted in the
+/// daemon's RSS, since the allocator keeps it for reuse.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim takes no pointers and only walks the allocator's own
+    // free lists, under its own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Detaches the mount at `path` (lazy unmount), for shutdown on a signal.
 pub fn lazy_unmount(path: &std::path::Path) -> SysResult<()> {
     rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
