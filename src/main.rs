@@ -1,5 +1,7 @@
 //! The stratafs binary: parse the command line, then hand over to the library.
 
+#![deny(unsafe_code)]
+
 mod demo;
 
 use std::process::ExitCode;
