@@ -293,6 +293,16 @@ impl Filesystem for StrataFs {
         {
             self.passthrough.store(true, Ordering::Relaxed);
         }
+        // The kernel checks ACLs itself (with default_permissions, which the mount
+        // always has) and stops applying the umask to new entries: the engine applies
+        // it, or a parent's default ACL instead (see union/acl.rs).
+        if self.engine.posix_acls()
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_err()
+        {
+            log::info!("POSIX ACLs not offered by the kernel");
+        }
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -365,11 +375,12 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let _w = self.watch.start("mknod", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self
             .engine
             .mknod(caller(req), parent.0, name, mode, rdev.into())
@@ -385,10 +396,11 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let _w = self.watch.start("mkdir", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self.engine.mkdir(caller(req), parent.0, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("mkdir", e)),
@@ -497,11 +509,12 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let _w = self.watch.start("create", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
         {
             Ok(c) => c,

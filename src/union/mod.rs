@@ -2,6 +2,7 @@
 //! number like a FUSE filesystem but with no FUSE types. Every method returns
 //! `Result<T, Errno>`; nothing here panics on any input.
 
+mod acl;
 mod attr;
 mod copy_up;
 mod dir_ops;
@@ -147,6 +148,8 @@ pub struct Options {
     pub redirect_dir: bool,
     /// Metadata-only copy-up of lower regular files (see metacopy.rs).
     pub metacopy: bool,
+    /// POSIX ACLs enforced (no `noacl`); see acl.rs for when they can be.
+    pub acl: bool,
 }
 
 /// Cache lifetime for entries and attributes. Every change to the layers goes
@@ -240,6 +243,7 @@ impl Union {
             xattrs: !config.noxattrs,
             redirect_dir: config.redirect_dir.as_deref() != Some("off"),
             metacopy: config.metacopy,
+            acl: !config.noacl,
         };
         let owner = owner::OwnerPolicy::new(config, &layers);
         let mut union = Union {

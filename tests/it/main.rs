@@ -12,6 +12,7 @@ mod hostile;
 mod model;
 mod mounted;
 mod posix;
+mod posix_acl;
 mod regressions;
 mod volume_cli;
 mod volumes;

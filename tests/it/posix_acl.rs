@@ -1,0 +1,290 @@
+//! POSIX ACLs and set-group-ID handling, compared with kernel overlayfs: the same
+//! scenario runs, as root and as unprivileged users (setpriv), on two identical layer
+//! stacks, once through each; every observation must agree, and each scenario also
+//! states what the kernel is known to answer, so that it cannot pass by doing
+//! nothing on both sides.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, StrataMount};
+
+/// A user that is in no group of the files below (no supplementary groups).
+const BOB: (u32, u32) = (1001, 1001);
+
+/// Runs `argv` as `ids` with no supplementary groups and umask `umask`; returns
+/// "ok" or "error: <first line of stderr without the path>".
+fn run_as(ids: Option<(u32, u32)>, umask: u32, script: &str, root: &Path) -> String {
+    let script = format!("umask {umask:03o}; cd {} && {script}", root.display());
+    let mut cmd = match ids {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+                "sh",
+                "-c",
+                &script,
+            ]);
+            c
+        }
+        None => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        }
+    };
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a scenario step");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() {
+        if stdout.is_empty() {
+            "ok".into()
+        } else {
+            stdout
+        }
+    } else {
+        // Messages name the path (different on both sides) before the reason.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or("").to_string();
+        format!("error: {}", first.rsplit(": ").next().unwrap_or(&first))
+    }
+}
+
+fn mode_of(p: &Path) -> String {
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+    format!("{:o}", md.mode() & 0o7777)
+}
+
+/// Where a scenario step runs: who, with which umask, what (a shell line run in the
+/// merged root, whose stdout is the observation).
+struct Step {
+    who: Option<(u32, u32)>,
+    umask: u32,
+    script: &'static str,
+    /// What kernel overlayfs answers.
+    kernel: &'static str,
+}
+
+fn root(script: &'static str, kernel: &'static str) -> Step {
+    Step {
+        who: None,
+        umask: 0o022,
+        script,
+        kernel,
+    }
+}
+
+fn bob(script: &'static str, kernel: &'static str) -> Step {
+    Step {
+        who: Some(BOB),
+        umask: 0o022,
+        script,
+        kernel,
+    }
+}
+
+/// Layers both mounts start from: lower files and directories carrying ACLs, and
+/// world-traversable directories so that unprivileged users reach the mount.
+fn acl_layers() -> Layers {
+    let l = Layers::new(&[LayerSpec::new()
+        .file("denied", "secret\n")
+        .file("lowfile", "data\n")
+        .dir("inherit")
+        .dir("shared")]);
+    fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let low = &l.lowers[0];
+    for (p, mode) in [
+        ("denied", 0o644),
+        ("lowfile", 0o644),
+        ("inherit", 0o777),
+        ("shared", 0o777),
+    ] {
+        fs::set_permissions(low.join(p), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for (acl, p) in [
+        ("u:1001:---", "denied"),
+        ("d:u::rwx,d:g::rwx,d:o::---,d:u:1002:r-x", "inherit"),
+    ] {
+        let st = Command::new("setfacl")
+            .args(["-m", acl])
+            .arg(low.join(p))
+            .status()
+            .expect("setfacl");
+        assert!(st.success(), "setfacl -m {acl} {p}");
+    }
+    l
+}
+
+/// Runs `steps` on kernel overlayfs and on stratafs (mounted with `options` added)
+/// over two stacks made by `layers`, and compares every observation, and the modes
+/// the upper layers end with at `check_upper`.
+fn differential(
+    layers: fn() -> Layers,
+    options: &str,
+    steps: &[Step],
+    check_upper: &[&str],
+) -> Vec<String> {
+    let (lk, ls) = (layers(), layers());
+    let mut k = KernelOverlay::new(&lk);
+    let opts = if options.is_empty() {
+        ls.rw_options()
+    } else {
+        format!("{},{options}", ls.rw_options())
+    };
+    let mut s = StrataMount::with_options(&opts, &ls.merged, &ls.root);
+    let mut seen = Vec::new();
+    let mut failures = Vec::new();
+    for step in steps {
+        let on_kernel = run_as(step.who, step.umask, step.script, k.path());
+        let on_strata = run_as(step.who, step.umask, step.script, s.path());
+        if on_kernel != step.kernel {
+            failures.push(format!(
+                "kernel overlayfs: `{}` gave {on_kernel:?}, the scenario says {:?}",
+                step.script, step.kernel
+            ));
+        }
+        if on_kernel != on_strata {
+            failures.push(format!(
+                "`{}` as {:?}: kernel overlayfs {on_kernel:?}, stratafs {on_strata:?}",
+                step.script, step.who
+            ));
+        }
+        seen.push(on_strata);
+    }
+    k.unmount();
+    s.unmount();
+    for p in check_upper {
+        let (mk, ms) = (mode_of(&lk.upper.join(p)), mode_of(&ls.upper.join(p)));
+        if mk != ms {
+            failures.push(format!("upper {p}: kernel mode {mk}, stratafs {ms}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    seen
+}
+
+fn require_both() -> bool {
+    fixture::require_fuse() && fixture::require_kernel_overlay()
+}
+
+#[test]
+fn an_acl_that_denies_a_user_is_enforced_on_lower_and_upper_files() {
+    if !require_both() {
+        return;
+    }
+    differential(
+        acl_layers,
+        "",
+        &[
+            bob("cat denied", "error: Permission denied"),
+            bob("cat lowfile", "data"),
+            root("echo hi > up && chmod 644 up && setfacl -m u:1001:--- up", "ok"),
+            bob("cat up", "error: Permission denied"),
+            // Copied up by a change of its data: the ACL goes with it.
+            root("echo more >> denied", "ok"),
+            bob("cat denied", "error: Permission denied"),
+            root("getfacl -cp denied | grep 1001", "user:1001:---"),
+        ],
+        &["denied", "up"],
+    );
+}
+
+#[test]
+fn default_acls_are_inherited_and_override_the_umask() {
+    if !require_both() {
+        return;
+    }
+    differential(
+        acl_layers,
+        "",
+        &[
+            root("touch inherit/f && stat -c %A inherit/f", "-rw-rw----"),
+            root("mkdir inherit/d && stat -c %A inherit/d", "drwxrwx---"),
+            root(
+                "getfacl -cp inherit/f | tr '\\n\\t' '  '",
+                "user::rw- user:1002:r-x #effective:r-- group::rwx #effective:rw- mask::rw- other::---",
+            ),
+            root(
+                "getfacl -cpd inherit/d | tr '\\n' ' '",
+                "user::rwx user:1002:r-x group::rwx mask::rwx other::---",
+            ),
+            // Without a default ACL the umask applies.
+            root(
+                "touch shared/f && mkdir shared/d && stat -c %A shared/f shared/d | tr '\\n' ' '",
+                "-rw-r--r-- drwxr-xr-x",
+            ),
+            bob("mkdir inherit/by-bob && stat -c %A inherit/by-bob", "drwxrwx---"),
+            bob("mknod inherit/fifo p && stat -c %A inherit/fifo", "prw-rw----"),
+        ],
+        &["inherit/f", "inherit/d", "shared/f", "shared/d"],
+    );
+}
+
+#[test]
+fn setting_an_access_acl_sets_the_mode_and_chmod_sets_the_mask() {
+    if !require_both() {
+        return;
+    }
+    differential(
+        acl_layers,
+        "",
+        &[
+            root(
+                "echo x > m && chmod 644 m && setfacl -m g::rwx,m::rwx m && stat -c %A m",
+                "-rw-rwxr--",
+            ),
+            root("setfacl -m u:1001:rwx m && chmod 640 m && getfacl -cp m | grep mask", "mask::r--"),
+            // Others may not read, but the named entry (masked to r--) lets bob.
+            bob("cat m", "x"),
+            root("chmod 600 m && getfacl -cp m | grep mask", "mask::---"),
+            bob("cat m", "error: Permission denied"),
+            root("chmod 664 m && getfacl -cp m | grep mask", "mask::rw-"),
+            bob("cat m", "x"),
+            // A lower file: the copy-up keeps the ACL, the mode follows it.
+            root("setfacl -m g::rwx lowfile && stat -c %A lowfile", "-rw-rwxr--"),
+        ],
+        &["m", "lowfile"],
+    );
+}
+
+#[test]
+fn noacl_leaves_acls_unenforced() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = acl_layers();
+    let opts = format!("{},noacl", l.rw_options());
+    let m = StrataMount::with_options(&opts, &l.merged, &l.root);
+    // The mode lets everyone read; only the ACL says no.
+    assert_eq!(run_as(Some(BOB), 0o022, "cat denied", m.path()), "secret");
+    // And the umask applies under a default ACL, as on a filesystem without ACLs.
+    assert_eq!(
+        run_as(None, 0o022, "touch inherit/f && stat -c %A inherit/f", m.path()),
+        "-rw-r-----"
+    );
+}
+
+#[test]
+fn a_rootless_style_mount_with_override_stat_keeps_working() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = acl_layers();
+    let opts = format!("{},xattr_permissions=2", l.rw_options());
+    let m = StrataMount::with_options(&opts, &l.merged, &l.root);
+    // Owners and modes come from the override xattr there: ACLs are not enforced
+    // (they would name stored ids), and the umask still applies to new files.
+    assert_eq!(
+        run_as(None, 0o022, "touch shared/f && stat -c %A shared/f", m.path()),
+        "-rw-r--r--"
+    );
+    assert_eq!(run_as(Some(BOB), 0o022, "cat lowfile", m.path()), "data");
+}
