@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,7 +188,16 @@ impl StrataFs {
     ) -> IoChoice {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
-        let fixed_data = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
+        //
+        // A set-group-ID file without group-execute is served too: a write by someone
+        // outside its group must clear the bit, which only the daemon can do (see
+        // `Union::drop_sgid_after_change`), and passthrough writes never reach it.
+        let meta = handle.file.metadata().ok();
+        let sgid_only = meta.as_ref().is_some_and(|m| {
+            m.permissions().mode() & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID
+        });
+        let fixed_data = meta.as_ref().is_some_and(|m| m.is_file())
+            && !sgid_only
             && !self.engine.io_needs_daemon(handle.ino)
             && !self.engine.data_may_move(handle.ino);
         let mut io = self.io.lock();
@@ -248,6 +258,19 @@ impl StrataFs {
                 io.remove(&ino);
             }
         }
+    }
+
+    /// After a change by `req` to the data, size, owner or ACL of `ino`: clears its
+    /// set-group-ID bit where the kernel leaves that to the filesystem. Returns the
+    /// attributes when they changed. A failure is logged, not answered: the change
+    /// itself was made.
+    fn drop_sgid(&self, req: &Request, ino: u64, group_before: Option<u32>) -> Option<Attr> {
+        self.engine
+            .drop_sgid_after_change(caller(req), ino, group_before)
+            .unwrap_or_else(|e| {
+                log::warn!("clearing set-group-ID of inode {ino}: {e}");
+                None
+            })
     }
 
     fn open_flags(&self, ino: u64) -> FopenFlags {
@@ -330,7 +353,7 @@ impl Filesystem for StrataFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -355,8 +378,21 @@ impl Filesystem for StrataFs {
             atime: atime.map(engine_time),
             mtime: mtime.map(engine_time),
         };
+        let owner_change = uid.is_some() || gid.is_some();
+        let group_before = if owner_change {
+            self.engine.getattr(ino.0).ok().map(|a| a.gid)
+        } else {
+            None
+        };
         match self.engine.setattr(ino.0, &set, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
+            Ok(a) => {
+                let a = if owner_change || size.is_some() {
+                    self.drop_sgid(req, ino.0, group_before).unwrap_or(a)
+                } else {
+                    a
+                };
+                reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a))
+            }
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
@@ -489,12 +525,16 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _w = self.watch.start("open", ino.0, None);
         let (fh, handle) = match self.engine.open(ino.0, flags.0) {
             Ok(h) => h,
             Err(e) => return reply.error(fail("open", e)),
         };
+        // Truncated by the open itself (FUSE_ATOMIC_O_TRUNC).
+        if flags.0 & libc::O_TRUNC != 0 {
+            self.drop_sgid(req, ino.0, None);
+        }
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
             IoChoice::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
@@ -560,8 +600,8 @@ impl Filesystem for StrataFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -570,9 +610,12 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _w = self.watch.start("write", _ino.0, None);
+        let _w = self.watch.start("write", ino.0, None);
         match self.engine.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.drop_sgid(req, ino.0, None);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(fail("write", e)),
         }
     }
@@ -744,7 +787,7 @@ impl Filesystem for StrataFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -754,7 +797,14 @@ impl Filesystem for StrataFs {
     ) {
         let _w = self.watch.start("setxattr", ino.0, Some(name));
         match self.engine.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
+                // whose request layout fuser 0.18 does not parse.
+                if self.engine.is_access_acl(name) {
+                    self.drop_sgid(req, ino.0, None);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(fail("setxattr", e)),
         }
     }
@@ -810,17 +860,20 @@ impl Filesystem for StrataFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("fallocate", _ino.0, None);
+        let _w = self.watch.start("fallocate", ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                self.drop_sgid(req, ino.0, None);
+                reply.ok()
+            }
             Err(e) => reply.error(fail("fallocate", e)),
         }
     }
@@ -843,11 +896,11 @@ impl Filesystem for StrataFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -859,7 +912,10 @@ impl Filesystem for StrataFs {
             .engine
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
         {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.drop_sgid(req, ino_out.0, None);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(fail("copy_file_range", e)),
         }
     }

@@ -12,11 +12,11 @@
 
 use std::ffi::OsStr;
 
-use super::{Caller, Ino, Result, SetAttr, Union};
+use super::{Attr, Caller, Ino, Result, SetAttr, Union};
 use crate::sys;
 
-pub(crate) const ACCESS_XATTR: &str = "system.posix_acl_access";
-pub(crate) const DEFAULT_XATTR: &str = "system.posix_acl_default";
+const ACCESS_XATTR: &str = "system.posix_acl_access";
+const DEFAULT_XATTR: &str = "system.posix_acl_default";
 
 /// The xattr format: a little-endian u32 version, then 8-byte entries
 /// (u16 tag, u16 perm, u32 id).
@@ -58,6 +58,12 @@ impl Union {
         self.opts.acl && self.opts.xattrs && self.owner.is_plain()
     }
 
+    /// Whether `name` is the access ACL while ACLs are enforced (setting it by
+    /// someone outside the file's group clears set-group-ID).
+    pub fn is_access_acl(&self, name: &OsStr) -> bool {
+        self.posix_acls() && name == ACCESS_XATTR
+    }
+
     /// The mode a new entry of `parent` is made with, from the `mode` and `umask` of
     /// the create request: under a default ACL the ACL masks the mode and the umask
     /// is ignored; elsewhere the umask applies (the kernel sends it unapplied once
@@ -77,25 +83,34 @@ impl Union {
     }
 
     /// Clears the set-group-ID bit of `ino` after `caller` changed its data, size,
-    /// owner or access ACL, when the caller is neither in the file's group nor holds
-    /// CAP_FSETID (the VFS's setattr_should_drop_sgid). The kernel's FUSE client does
-    /// so only when group-execute is set too, so the other case is done here.
-    /// Returns whether the mode changed.
-    pub fn drop_sgid_after_change(&self, caller: Caller, ino: Ino) -> Result<bool> {
+    /// owner or access ACL, when the caller is neither in the file's group (the group
+    /// before the change: `group_before`, else the current one) nor holds CAP_FSETID,
+    /// as the VFS's setattr_should_drop_sgid does. The kernel's FUSE client does it
+    /// only when group-execute is set too (fs/fuse/dir.c, fuse_setattr, without
+    /// FUSE_HANDLE_KILLPRIV), so the rest is done here. Returns the new attributes
+    /// when the mode changed.
+    pub fn drop_sgid_after_change(
+        &self,
+        caller: Caller,
+        ino: Ino,
+        group_before: Option<u32>,
+    ) -> Result<Option<Attr>> {
         let attr = self.getattr(ino)?;
         if attr.mode & libc::S_ISGID == 0 || attr.mode & libc::S_IFMT == libc::S_IFDIR {
-            return Ok(false);
+            return Ok(None);
         }
-        if caller.pid == 0 || sys::process::in_group_or_may_fsetid(caller.pid, attr.gid) {
-            return Ok(false);
+        let group = group_before.unwrap_or(attr.gid);
+        // pid 0: a request the kernel makes on its own (no caller to judge).
+        if caller.pid == 0 || sys::process::in_group_or_may_fsetid(caller.pid, group) {
+            return Ok(None);
         }
         let set = SetAttr {
             mode: Some(attr.mode & 0o7777 & !libc::S_ISGID),
             ..SetAttr::default()
         };
-        self.setattr(ino, &set, None)?;
+        let attr = self.setattr(ino, &set, None)?;
         self.attrs_changed(ino);
-        Ok(true)
+        Ok(Some(attr))
     }
 }
 

@@ -288,3 +288,95 @@ fn a_rootless_style_mount_with_override_stat_keeps_working() {
     );
     assert_eq!(run_as(Some(BOB), 0o022, "cat lowfile", m.path()), "data");
 }
+
+/// Layers for the set-group-ID scenarios: a world-writable directory, and a lower
+/// set-group-ID file in group root for the copy-up cases.
+fn sgid_layers() -> Layers {
+    let l = Layers::new(&[LayerSpec::new().dir("shared").file("low-sgid", "lower\n")]);
+    fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let low = &l.lowers[0];
+    fs::set_permissions(low.join("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(low.join("low-sgid"), fs::Permissions::from_mode(0o2666)).unwrap();
+    l
+}
+
+#[test]
+fn changes_by_a_user_outside_the_group_clear_set_group_id() {
+    if !require_both() {
+        return;
+    }
+    let mk = "for f in w a t o z p c g; do echo x > shared/$f && chmod 2666 shared/$f; done";
+    differential(
+        sgid_layers,
+        "",
+        &[
+            root(mk, "ok"),
+            bob("echo y > shared/w && stat -c %a shared/w", "666"),
+            bob("echo y >> shared/a && stat -c %a shared/a", "666"),
+            bob("truncate -s 1 shared/t && stat -c %a shared/t", "666"),
+            bob("fallocate -l 8192 shared/o && stat -c %a shared/o", "666"),
+            bob("fallocate -z -o 0 -l 1 shared/z && stat -c %a shared/z", "666"),
+            bob("fallocate -p -o 0 -l 1 shared/p && stat -c %a shared/p", "666"),
+            // Group-execute set: the kernel clears it (a regression check).
+            root("chmod 2777 shared/c", "ok"),
+            bob("echo y >> shared/c && stat -c %a shared/c", "777"),
+            // A lower file written (and so copied up) by bob.
+            bob("echo y >> low-sgid && stat -c %a low-sgid", "666"),
+            // Root keeps the bit (CAP_FSETID).
+            root("echo x > r && chmod 2666 r && echo y >> r && stat -c %a r", "2666"),
+            // The owner outside the file's group changes the group: cleared.
+            root("chown 1001:0 shared/g && chmod 2666 shared/g", "ok"),
+            bob("chgrp 1001 shared/g && stat -c '%a %g' shared/g", "666 1001"),
+        ],
+        &["shared/w", "shared/a", "shared/t", "shared/o", "low-sgid", "r", "shared/g"],
+    );
+}
+
+#[test]
+fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
+    if !require_both() {
+        return;
+    }
+    differential(
+        sgid_layers,
+        "",
+        &[
+            root(
+                "echo > shared/f && chown 1001:0 shared/f && chmod 2755 shared/f && cp -p shared/f shared/r",
+                "ok",
+            ),
+            // By root: the mode follows the ACL, set-group-ID stays.
+            root("setfacl -m u::rwx,g::rwx,o::rwx shared/r && stat -c %A shared/r", "-rwxrwsrwx"),
+            // By the owner, outside the file's group: set-group-ID goes.
+            bob("setfacl -m u::rwx,g::rwx,o::rwx shared/f && stat -c %A shared/f", "-rwxrwxrwx"),
+        ],
+        &["shared/f", "shared/r"],
+    );
+}
+
+#[test]
+fn new_entries_of_a_set_group_id_directory_follow_the_kernel() {
+    if !require_both() {
+        return;
+    }
+    differential(
+        sgid_layers,
+        "",
+        &[
+            root("mkdir -m 2777 shared/sg && chown 0:5 shared/sg && chmod 2777 shared/sg", "ok"),
+            bob(
+                "mkdir shared/sg/d && stat -c '%a %g' shared/sg/d",
+                "2755 5",
+            ),
+            bob(
+                "touch shared/sg/f && chmod 2755 shared/sg/f; stat -c '%a %g' shared/sg/f",
+                "755 5",
+            ),
+            root(
+                "umask 0; install -m 2775 /dev/null shared/sg/byroot && stat -c '%a %g' shared/sg/byroot",
+                "2775 5",
+            ),
+        ],
+        &["shared/sg/d", "shared/sg/f"],
+    );
+}
