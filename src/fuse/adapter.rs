@@ -36,20 +36,29 @@ pub struct StrataFs {
     /// How each open inode does I/O. The kernel requires every open of an inode to
     /// agree while any is open: all passthrough with one backing file, or none.
     io: Mutex<HashMap<u64, InodeIo>>,
-    /// File handle -> (inode, whether it was opened with passthrough).
-    handles: DashMap<u64, (u64, bool)>,
+    /// File handle -> the inode and how the open does I/O.
+    handles: DashMap<u64, HandleIo>,
     /// Requests in flight, reported when one runs too long.
     watch: Watchdog,
 }
 
 /// The opens of one inode. Invariant: `backing` is set exactly while
 /// `passthrough_opens > 0`, and then `served_opens == 0` (the kernel refuses to mix
-/// the two modes on one inode).
+/// the two modes on one inode); `passthrough_writers <= passthrough_opens`.
 #[derive(Default)]
 struct InodeIo {
     backing: Option<Arc<BackingId>>,
     passthrough_opens: usize,
+    /// Passthrough opens that may write, through write(2) or a shared mapping.
+    passthrough_writers: usize,
     served_opens: usize,
+}
+
+#[derive(Clone, Copy)]
+struct HandleIo {
+    ino: u64,
+    passthrough: bool,
+    writable: bool,
 }
 
 /// What an open should be answered with.
@@ -60,9 +69,16 @@ enum IoChoice {
 
 impl StrataFs {
     pub fn new(engine: Arc<Union>, passthrough: bool, writeback: bool) -> Self {
+        // On a noatime mount no read may move a layer file's atime. The daemon's
+        // fds are O_NOATIME there, but the kernel gives each passthrough open a
+        // backing file of its own, opened with the caller's flags on the layer's
+        // mount (fs/fuse/passthrough.c, fuse_passthrough_open: backing_file_open(
+        // &file->f_path, file->f_flags, ...)), whose reads and mappings then move
+        // atime by that mount's rules: I/O is served by the daemon instead.
+        let noatime = engine.options().noatime;
         StrataFs {
             engine,
-            want_passthrough: passthrough && !writeback,
+            want_passthrough: passthrough && !writeback && !noatime,
             passthrough: AtomicBool::new(false),
             passthrough_lost: AtomicBool::new(false),
             writeback,
@@ -232,6 +248,14 @@ impl StrataFs {
         let passthrough = match choice {
             IoChoice::Passthrough(_) => {
                 state.passthrough_opens += 1;
+                if handle.writable {
+                    state.passthrough_writers += 1;
+                    if state.passthrough_writers == 1 {
+                        // Attributes cached before this open would outlive the
+                        // writes that bypass the daemon (see `attr_ttl`).
+                        self.engine.forget_cached_attrs(handle.ino);
+                    }
+                }
                 true
             }
             IoChoice::Served => {
@@ -239,18 +263,53 @@ impl StrataFs {
                 false
             }
         };
-        self.handles.insert(fh, (handle.ino, passthrough));
+        self.handles.insert(
+            fh,
+            HandleIo {
+                ino: handle.ino,
+                passthrough,
+                writable: handle.writable,
+            },
+        );
         choice
     }
 
+    /// How long the kernel may keep the attributes of `ino`. Writes through a
+    /// passthrough file, and above all through its shared mappings, change the
+    /// backing file's size and times without a request here, so while an inode has
+    /// such a writer its attributes are fetched afresh on every stat.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        let writing = self
+            .io
+            .lock()
+            .get(&ino)
+            .is_some_and(|s| s.passthrough_writers > 0);
+        if writing {
+            Duration::ZERO
+        } else {
+            self.engine.attr_ttl(ino)
+        }
+    }
+
     fn end_io(&self, fh: u64) {
-        let Some((_, (ino, passthrough))) = self.handles.remove(&fh) else {
+        let Some((
+            _,
+            HandleIo {
+                ino,
+                passthrough,
+                writable,
+            },
+        )) = self.handles.remove(&fh)
+        else {
             return;
         };
         let mut io = self.io.lock();
         if let Some(state) = io.get_mut(&ino) {
             if passthrough {
                 state.passthrough_opens = state.passthrough_opens.saturating_sub(1);
+                if writable {
+                    state.passthrough_writers = state.passthrough_writers.saturating_sub(1);
+                }
             } else {
                 state.served_opens = state.served_opens.saturating_sub(1);
             }
@@ -346,7 +405,7 @@ impl Filesystem for StrataFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _w = self.watch.start("getattr", ino.0, None);
         match self.engine.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
@@ -391,7 +450,7 @@ impl Filesystem for StrataFs {
                 } else {
                     a
                 };
-                reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a))
+                reply.attr(&self.attr_ttl(ino.0), &file_attr(&a))
             }
             Err(e) => reply.error(fail("setattr", e)),
         }

@@ -14,5 +14,6 @@ mod mounted;
 mod posix;
 mod posix_acl;
 mod regressions;
+mod timestamps;
 mod volume_cli;
 mod volumes;
