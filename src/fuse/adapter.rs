@@ -359,6 +359,13 @@ impl Filesystem for StrataFs {
             InitFlags::FUSE_MAX_PAGES,
             // Shared mmap of volume files, which are opened with direct I/O.
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+            // No file handles that open_by_handle_at could use: node ids live only
+            // as long as the kernel's references (the engine forgets an inode at
+            // nlookup 0), and there is no lookup of "." / ".." by node id, so such
+            // a handle would answer ESTALE later. name_to_handle_at answers
+            // EOPNOTSUPP instead (fs/fuse/inode.c, process_init_reply: s_export_op =
+            // &fuse_export_fid_operations), and AT_HANDLE_FID ids (fanotify) stay.
+            InitFlags::FUSE_NO_EXPORT_SUPPORT,
         ] {
             let _ = config.add_capabilities(cap);
         }

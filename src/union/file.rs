@@ -105,7 +105,12 @@ impl Union {
             return Err(Errno::INVAL);
         }
         let (pfd, name, _) = self.entry_loc(&inode)?;
-        sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDWR | self.atime_open_flags(), 0)
+        sys::fs::open_at(
+            pfd.as_fd(),
+            &name,
+            OFlags::RDWR | self.atime_open_flags(),
+            0,
+        )
     }
 
     pub(crate) fn register_file(

@@ -13,6 +13,7 @@ mod model;
 mod mounted;
 mod posix;
 mod posix_acl;
+mod refusals;
 mod regressions;
 mod timestamps;
 mod volume_cli;

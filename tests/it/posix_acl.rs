@@ -186,7 +186,10 @@ fn an_acl_that_denies_a_user_is_enforced_on_lower_and_upper_files() {
         &[
             bob("cat denied", "error: Permission denied"),
             bob("cat lowfile", "data"),
-            root("echo hi > up && chmod 644 up && setfacl -m u:1001:--- up", "ok"),
+            root(
+                "echo hi > up && chmod 644 up && setfacl -m u:1001:--- up",
+                "ok",
+            ),
             bob("cat up", "error: Permission denied"),
             // Copied up by a change of its data: the ACL goes with it.
             root("echo more >> denied", "ok"),
@@ -221,8 +224,14 @@ fn default_acls_are_inherited_and_override_the_umask() {
                 "touch shared/f && mkdir shared/d && stat -c %A shared/f shared/d | tr '\\n' ' '",
                 "-rw-r--r-- drwxr-xr-x",
             ),
-            bob("mkdir inherit/by-bob && stat -c %A inherit/by-bob", "drwxrwx---"),
-            bob("mknod inherit/fifo p && stat -c %A inherit/fifo", "prw-rw----"),
+            bob(
+                "mkdir inherit/by-bob && stat -c %A inherit/by-bob",
+                "drwxrwx---",
+            ),
+            bob(
+                "mknod inherit/fifo p && stat -c %A inherit/fifo",
+                "prw-rw----",
+            ),
         ],
         &["inherit/f", "inherit/d", "shared/f", "shared/d"],
     );
@@ -241,7 +250,10 @@ fn setting_an_access_acl_sets_the_mode_and_chmod_sets_the_mask() {
                 "echo x > m && chmod 644 m && setfacl -m g::rwx,m::rwx m && stat -c %A m",
                 "-rw-rwxr--",
             ),
-            root("setfacl -m u:1001:rwx m && chmod 640 m && getfacl -cp m | grep mask", "mask::r--"),
+            root(
+                "setfacl -m u:1001:rwx m && chmod 640 m && getfacl -cp m | grep mask",
+                "mask::r--",
+            ),
             // Others may not read, but the named entry (masked to r--) lets bob.
             bob("cat m", "x"),
             root("chmod 600 m && getfacl -cp m | grep mask", "mask::---"),
@@ -249,7 +261,10 @@ fn setting_an_access_acl_sets_the_mode_and_chmod_sets_the_mask() {
             root("chmod 664 m && getfacl -cp m | grep mask", "mask::rw-"),
             bob("cat m", "x"),
             // A lower file: the copy-up keeps the ACL, the mode follows it.
-            root("setfacl -m g::rwx lowfile && stat -c %A lowfile", "-rw-rwxr--"),
+            root(
+                "setfacl -m g::rwx lowfile && stat -c %A lowfile",
+                "-rw-rwxr--",
+            ),
         ],
         &["m", "lowfile"],
     );
@@ -267,7 +282,12 @@ fn noacl_leaves_acls_unenforced() {
     assert_eq!(run_as(Some(BOB), 0o022, "cat denied", m.path()), "secret");
     // And the umask applies under a default ACL, as on a filesystem without ACLs.
     assert_eq!(
-        run_as(None, 0o022, "touch inherit/f && stat -c %A inherit/f", m.path()),
+        run_as(
+            None,
+            0o022,
+            "touch inherit/f && stat -c %A inherit/f",
+            m.path()
+        ),
         "-rw-r-----"
     );
 }
@@ -283,7 +303,12 @@ fn a_rootless_style_mount_with_override_stat_keeps_working() {
     // Owners and modes come from the override xattr there: ACLs are not enforced
     // (they would name stored ids), and the umask still applies to new files.
     assert_eq!(
-        run_as(None, 0o022, "touch shared/f && stat -c %A shared/f", m.path()),
+        run_as(
+            None,
+            0o022,
+            "touch shared/f && stat -c %A shared/f",
+            m.path()
+        ),
         "-rw-r--r--"
     );
     assert_eq!(run_as(Some(BOB), 0o022, "cat lowfile", m.path()), "data");
@@ -315,20 +340,34 @@ fn changes_by_a_user_outside_the_group_clear_set_group_id() {
             bob("echo y >> shared/a && stat -c %a shared/a", "666"),
             bob("truncate -s 1 shared/t && stat -c %a shared/t", "666"),
             bob("fallocate -l 8192 shared/o && stat -c %a shared/o", "666"),
-            bob("fallocate -z -o 0 -l 1 shared/z && stat -c %a shared/z", "666"),
-            bob("fallocate -p -o 0 -l 1 shared/p && stat -c %a shared/p", "666"),
+            bob(
+                "fallocate -z -o 0 -l 1 shared/z && stat -c %a shared/z",
+                "666",
+            ),
+            bob(
+                "fallocate -p -o 0 -l 1 shared/p && stat -c %a shared/p",
+                "666",
+            ),
             // Group-execute set: the kernel clears it (a regression check).
             root("chmod 2777 shared/c", "ok"),
             bob("echo y >> shared/c && stat -c %a shared/c", "777"),
             // A lower file written (and so copied up) by bob.
             bob("echo y >> low-sgid && stat -c %a low-sgid", "666"),
             // Root keeps the bit (CAP_FSETID).
-            root("echo x > r && chmod 2666 r && echo y >> r && stat -c %a r", "2666"),
+            root(
+                "echo x > r && chmod 2666 r && echo y >> r && stat -c %a r",
+                "2666",
+            ),
             // The owner outside the file's group changes the group: cleared.
             root("chown 1001:0 shared/g && chmod 2666 shared/g", "ok"),
-            bob("chgrp 1001 shared/g && stat -c '%a %g' shared/g", "666 1001"),
+            bob(
+                "chgrp 1001 shared/g && stat -c '%a %g' shared/g",
+                "666 1001",
+            ),
         ],
-        &["shared/w", "shared/a", "shared/t", "shared/o", "low-sgid", "r", "shared/g"],
+        &[
+            "shared/w", "shared/a", "shared/t", "shared/o", "low-sgid", "r", "shared/g",
+        ],
     );
 }
 
@@ -346,9 +385,15 @@ fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
                 "ok",
             ),
             // By root: the mode follows the ACL, set-group-ID stays.
-            root("setfacl -m u::rwx,g::rwx,o::rwx shared/r && stat -c %A shared/r", "-rwxrwsrwx"),
+            root(
+                "setfacl -m u::rwx,g::rwx,o::rwx shared/r && stat -c %A shared/r",
+                "-rwxrwsrwx",
+            ),
             // By the owner, outside the file's group: set-group-ID goes.
-            bob("setfacl -m u::rwx,g::rwx,o::rwx shared/f && stat -c %A shared/f", "-rwxrwxrwx"),
+            bob(
+                "setfacl -m u::rwx,g::rwx,o::rwx shared/f && stat -c %A shared/f",
+                "-rwxrwxrwx",
+            ),
         ],
         &["shared/f", "shared/r"],
     );
@@ -363,11 +408,11 @@ fn new_entries_of_a_set_group_id_directory_follow_the_kernel() {
         sgid_layers,
         "",
         &[
-            root("mkdir -m 2777 shared/sg && chown 0:5 shared/sg && chmod 2777 shared/sg", "ok"),
-            bob(
-                "mkdir shared/sg/d && stat -c '%a %g' shared/sg/d",
-                "2755 5",
+            root(
+                "mkdir -m 2777 shared/sg && chown 0:5 shared/sg && chmod 2777 shared/sg",
+                "ok",
             ),
+            bob("mkdir shared/sg/d && stat -c '%a %g' shared/sg/d", "2755 5"),
             bob(
                 "touch shared/sg/f && chmod 2755 shared/sg/f; stat -c '%a %g' shared/sg/f",
                 "755 5",

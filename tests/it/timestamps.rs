@@ -33,7 +33,12 @@ impl SharedMapping {
                 0,
             )
         };
-        assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         SharedMapping { addr }
     }
 
@@ -62,9 +67,18 @@ fn times_ns(p: &Path) -> (i128, i128) {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a properly sized out-parameter.
     let r = unsafe { libc::stat(c.as_ptr(), &mut st) };
-    assert_eq!(r, 0, "stat {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "stat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
     let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-    (ns(st.st_mtime, st.st_mtime_nsec), ns(st.st_ctime, st.st_ctime_nsec))
+    (
+        ns(st.st_mtime, st.st_mtime_nsec),
+        ns(st.st_ctime, st.st_ctime_nsec),
+    )
 }
 
 /// For each of a new file and a lower one (copied up by the open): times set to
@@ -94,7 +108,10 @@ fn mapped_writes(root: &Path, upper: &Path) -> Vec<String> {
         drop(map);
         drop(f);
         let (shown, real) = (times_ns(&p), times_ns(&upper.join(name)));
-        seen.push(format!("{name} after close: shown = upper {}", shown == real));
+        seen.push(format!(
+            "{name} after close: shown = upper {}",
+            shown == real
+        ));
     }
     seen
 }
@@ -173,6 +190,10 @@ fn atime_follows_noatime_and_relatime_as_on_kernel_overlayfs() {
             .map(|n| atime_moves_on_read(k.path(), n))
             .collect();
         k.unmount();
-        assert_eq!(on_kernel, vec![expect; 3], "kernel overlayfs with {fuse_opt}");
+        assert_eq!(
+            on_kernel,
+            vec![expect; 3],
+            "kernel overlayfs with {fuse_opt}"
+        );
     }
 }
