@@ -245,16 +245,13 @@ impl StrataFs {
                     }
                 }
             };
+        let mut first_writer = false;
         let passthrough = match choice {
             IoChoice::Passthrough(_) => {
                 state.passthrough_opens += 1;
                 if handle.writable {
                     state.passthrough_writers += 1;
-                    if state.passthrough_writers == 1 {
-                        // Attributes cached before this open would outlive the
-                        // writes that bypass the daemon (see `attr_ttl`).
-                        self.engine.forget_cached_attrs(handle.ino);
-                    }
+                    first_writer = state.passthrough_writers == 1;
                 }
                 true
             }
@@ -271,6 +268,12 @@ impl StrataFs {
                 writable: handle.writable,
             },
         );
+        drop(io);
+        if first_writer {
+            // Attributes cached before this open would outlive the writes that
+            // bypass the daemon (see `attr_ttl`).
+            self.engine.forget_cached_attrs(handle.ino);
+        }
         choice
     }
 
