@@ -14,8 +14,10 @@ use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, StrataMount};
 /// A user that is in no group of the files below (no supplementary groups).
 const BOB: (u32, u32) = (1001, 1001);
 
-/// Runs `argv` as `ids` with no supplementary groups and umask `umask`; returns
-/// "ok" or "error: <first line of stderr without the path>".
+/// Runs the shell line `script` in `root` as `ids` (root when `None`), with no
+/// supplementary groups and umask `umask`; returns its stdout, "ok" when it printed
+/// nothing, or "error: <reason>" (the end of its first stderr line, without the
+/// path, which differs between the two mounts).
 fn run_as(ids: Option<(u32, u32)>, umask: u32, script: &str, root: &Path) -> String {
     let script = format!("umask {umask:03o}; cd {} && {script}", root.display());
     let mut cmd = match ids {
@@ -63,8 +65,8 @@ fn mode_of(p: &Path) -> String {
     format!("{:o}", md.mode() & 0o7777)
 }
 
-/// Where a scenario step runs: who, with which umask, what (a shell line run in the
-/// merged root, whose stdout is the observation).
+/// One scenario step: who runs it, with which umask, and what (a shell line run in
+/// the merged root, whose output is the observation).
 struct Step {
     who: Option<(u32, u32)>,
     umask: u32,
@@ -123,24 +125,13 @@ fn acl_layers() -> Layers {
     l
 }
 
-/// Runs `steps` on kernel overlayfs and on stratafs (mounted with `options` added)
-/// over two stacks made by `layers`, and compares every observation, and the modes
-/// the upper layers end with at `check_upper`.
-fn differential(
-    layers: fn() -> Layers,
-    options: &str,
-    steps: &[Step],
-    check_upper: &[&str],
-) -> Vec<String> {
+/// Runs `steps` on kernel overlayfs and on stratafs (default options) over two
+/// stacks made by `layers`, and compares every observation, and the modes the upper
+/// layers end with at `check_upper`.
+fn differential(layers: fn() -> Layers, steps: &[Step], check_upper: &[&str]) {
     let (lk, ls) = (layers(), layers());
     let mut k = KernelOverlay::new(&lk);
-    let opts = if options.is_empty() {
-        ls.rw_options()
-    } else {
-        format!("{},{options}", ls.rw_options())
-    };
-    let mut s = StrataMount::with_options(&opts, &ls.merged, &ls.root);
-    let mut seen = Vec::new();
+    let mut s = StrataMount::new(&ls);
     let mut failures = Vec::new();
     for step in steps {
         let on_kernel = run_as(step.who, step.umask, step.script, k.path());
@@ -157,7 +148,6 @@ fn differential(
                 step.script, step.who
             ));
         }
-        seen.push(on_strata);
     }
     k.unmount();
     s.unmount();
@@ -168,7 +158,6 @@ fn differential(
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    seen
 }
 
 fn require_both() -> bool {
@@ -182,7 +171,6 @@ fn an_acl_that_denies_a_user_is_enforced_on_lower_and_upper_files() {
     }
     differential(
         acl_layers,
-        "",
         &[
             bob("cat denied", "error: Permission denied"),
             bob("cat lowfile", "data"),
@@ -207,7 +195,6 @@ fn default_acls_are_inherited_and_override_the_umask() {
     }
     differential(
         acl_layers,
-        "",
         &[
             root("touch inherit/f && stat -c %A inherit/f", "-rw-rw----"),
             root("mkdir inherit/d && stat -c %A inherit/d", "drwxrwx---"),
@@ -244,7 +231,6 @@ fn setting_an_access_acl_sets_the_mode_and_chmod_sets_the_mask() {
     }
     differential(
         acl_layers,
-        "",
         &[
             root(
                 "echo x > m && chmod 644 m && setfacl -m g::rwx,m::rwx m && stat -c %A m",
@@ -333,7 +319,6 @@ fn changes_by_a_user_outside_the_group_clear_set_group_id() {
     let mk = "for f in w a t o z p c g; do echo x > shared/$f && chmod 2666 shared/$f; done";
     differential(
         sgid_layers,
-        "",
         &[
             root(mk, "ok"),
             bob("echo y > shared/w && stat -c %a shared/w", "666"),
@@ -378,7 +363,6 @@ fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
     }
     differential(
         sgid_layers,
-        "",
         &[
             root(
                 "echo > shared/f && chown 1001:0 shared/f && chmod 2755 shared/f && cp -p shared/f shared/r",
@@ -406,7 +390,6 @@ fn new_entries_of_a_set_group_id_directory_follow_the_kernel() {
     }
     differential(
         sgid_layers,
-        "",
         &[
             root(
                 "mkdir -m 2777 shared/sg && chown 0:5 shared/sg && chmod 2777 shared/sg",
