@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,8 +37,8 @@ pub struct StrataFs {
     /// How each open inode does I/O. The kernel requires every open of an inode to
     /// agree while any is open: all passthrough with one backing file, or none.
     io: Mutex<HashMap<u64, InodeIo>>,
-    /// File handle -> (inode, whether it was opened with passthrough).
-    handles: DashMap<u64, (u64, bool)>,
+    /// File handle -> the inode and how the open does I/O.
+    handles: DashMap<u64, HandleIo>,
     /// Requests in flight, reported when one runs too long.
     watch: Watchdog,
     /// Running texts: inode -> opens made by exec (and the handles they hold), for
@@ -51,12 +52,21 @@ const OPEN_FOR_EXEC: i32 = 0o40;
 
 /// The opens of one inode. Invariant: `backing` is set exactly while
 /// `passthrough_opens > 0`, and then `served_opens == 0` (the kernel refuses to mix
-/// the two modes on one inode).
+/// the two modes on one inode); `passthrough_writers <= passthrough_opens`.
 #[derive(Default)]
 struct InodeIo {
     backing: Option<Arc<BackingId>>,
     passthrough_opens: usize,
+    /// Passthrough opens that may write, through write(2) or a shared mapping.
+    passthrough_writers: usize,
     served_opens: usize,
+}
+
+#[derive(Clone, Copy)]
+struct HandleIo {
+    ino: u64,
+    passthrough: bool,
+    writable: bool,
 }
 
 /// What an open should be answered with.
@@ -72,9 +82,16 @@ impl StrataFs {
         writeback: bool,
         stats: Option<Arc<RequestStats>>,
     ) -> Self {
+        // On a noatime mount no read may move a layer file's atime. The daemon's
+        // fds are O_NOATIME there, but the kernel gives each passthrough open a
+        // backing file of its own, opened with the caller's flags on the layer's
+        // mount (fs/fuse/passthrough.c, fuse_passthrough_open: backing_file_open(
+        // &file->f_path, file->f_flags, ...)), whose reads and mappings then move
+        // atime by that mount's rules: I/O is served by the daemon instead.
+        let noatime = engine.options().noatime;
         StrataFs {
             engine,
-            want_passthrough: passthrough && !writeback,
+            want_passthrough: passthrough && !writeback && !noatime,
             passthrough: AtomicBool::new(false),
             passthrough_lost: AtomicBool::new(false),
             writeback,
@@ -203,7 +220,16 @@ impl StrataFs {
     ) -> IoChoice {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
-        let fixed_data = handle.file.metadata().map(|m| m.is_file()).unwrap_or(false)
+        //
+        // A set-group-ID file without group-execute is served too: a write by someone
+        // outside its group must clear the bit, which only the daemon can do (see
+        // `Union::drop_sgid_after_change`), and passthrough writes never reach it.
+        let meta = handle.file.metadata().ok();
+        let sgid_only = meta.as_ref().is_some_and(|m| {
+            m.permissions().mode() & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID
+        });
+        let fixed_data = meta.as_ref().is_some_and(|m| m.is_file())
+            && !sgid_only
             && !self.engine.io_needs_daemon(handle.ino)
             && !self.engine.data_may_move(handle.ino);
         let mut io = self.io.lock();
@@ -235,9 +261,14 @@ impl StrataFs {
                     }
                 }
             };
+        let mut first_writer = false;
         let passthrough = match choice {
             IoChoice::Passthrough(_) => {
                 state.passthrough_opens += 1;
+                if handle.writable {
+                    state.passthrough_writers += 1;
+                    first_writer = state.passthrough_writers == 1;
+                }
                 true
             }
             IoChoice::Served => {
@@ -245,18 +276,59 @@ impl StrataFs {
                 false
             }
         };
-        self.handles.insert(fh, (handle.ino, passthrough));
+        self.handles.insert(
+            fh,
+            HandleIo {
+                ino: handle.ino,
+                passthrough,
+                writable: handle.writable,
+            },
+        );
+        drop(io);
+        if first_writer {
+            // Attributes cached before this open would outlive the writes that
+            // bypass the daemon (see `attr_ttl`).
+            self.engine.forget_cached_attrs(handle.ino);
+        }
         choice
     }
 
+    /// How long the kernel may keep the attributes of `ino`. Writes through a
+    /// passthrough file, and above all through its shared mappings, change the
+    /// backing file's size and times without a request here, so while an inode has
+    /// such a writer its attributes are fetched afresh on every stat.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        let writing = self
+            .io
+            .lock()
+            .get(&ino)
+            .is_some_and(|s| s.passthrough_writers > 0);
+        if writing {
+            Duration::ZERO
+        } else {
+            self.engine.attr_ttl(ino)
+        }
+    }
+
     fn end_io(&self, fh: u64) {
-        let Some((_, (ino, passthrough))) = self.handles.remove(&fh) else {
+        let Some((
+            _,
+            HandleIo {
+                ino,
+                passthrough,
+                writable,
+            },
+        )) = self.handles.remove(&fh)
+        else {
             return;
         };
         let mut io = self.io.lock();
         if let Some(state) = io.get_mut(&ino) {
             if passthrough {
                 state.passthrough_opens = state.passthrough_opens.saturating_sub(1);
+                if writable {
+                    state.passthrough_writers = state.passthrough_writers.saturating_sub(1);
+                }
             } else {
                 state.served_opens = state.served_opens.saturating_sub(1);
             }
@@ -276,6 +348,19 @@ impl StrataFs {
         flags & libc::O_TRUNC != 0
             && flags & libc::O_ACCMODE == libc::O_RDONLY
             && self.exec_opens.get(&ino).is_some_and(|n| *n > 0)
+    }
+
+    /// After a change by `req` to the data, size, owner or ACL of `ino`: clears its
+    /// set-group-ID bit where the kernel leaves that to the filesystem. Returns the
+    /// attributes when they changed. A failure is logged, not answered: the change
+    /// itself was made.
+    fn drop_sgid(&self, req: &Request, ino: u64, group_before: Option<u32>) -> Option<Attr> {
+        self.engine
+            .drop_sgid_after_change(caller(req), ino, group_before)
+            .unwrap_or_else(|e| {
+                log::warn!("clearing set-group-ID of inode {ino}: {e}");
+                None
+            })
     }
 
     fn open_flags(&self, ino: u64) -> FopenFlags {
@@ -305,6 +390,13 @@ impl Filesystem for StrataFs {
             InitFlags::FUSE_MAX_PAGES,
             // Shared mmap of volume files, which are opened with direct I/O.
             InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+            // No file handles that open_by_handle_at could use: node ids live only
+            // as long as the kernel's references (the engine forgets an inode at
+            // nlookup 0), and there is no lookup of "." / ".." by node id, so such
+            // a handle would answer ESTALE later. name_to_handle_at answers
+            // EOPNOTSUPP instead (fs/fuse/inode.c, process_init_reply: s_export_op =
+            // &fuse_export_fid_operations), and AT_HANDLE_FID ids (fanotify) stay.
+            InitFlags::FUSE_NO_EXPORT_SUPPORT,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -320,6 +412,16 @@ impl Filesystem for StrataFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough.store(true, Ordering::Relaxed);
+        }
+        // The kernel checks ACLs itself (with default_permissions, which the mount
+        // always has) and stops applying the umask to new entries: the engine applies
+        // it, or a parent's default ACL instead (see union/acl.rs).
+        if self.engine.posix_acls()
+            && config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_err()
+        {
+            log::info!("POSIX ACLs not offered by the kernel");
         }
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -341,14 +443,14 @@ impl Filesystem for StrataFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _w = self.watch.start("getattr", ino.0, None);
         match self.engine.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(fail("getattr", e)),
         }
     }
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -373,8 +475,21 @@ impl Filesystem for StrataFs {
             atime: atime.map(engine_time),
             mtime: mtime.map(engine_time),
         };
+        let owner_change = uid.is_some() || gid.is_some();
+        let group_before = if owner_change {
+            self.engine.getattr(ino.0).ok().map(|a| a.gid)
+        } else {
+            None
+        };
         match self.engine.setattr(ino.0, &set, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&self.engine.attr_ttl(ino.0), &file_attr(&a)),
+            Ok(a) => {
+                let a = if owner_change || size.is_some() {
+                    self.drop_sgid(req, ino.0, group_before).unwrap_or(a)
+                } else {
+                    a
+                };
+                reply.attr(&self.attr_ttl(ino.0), &file_attr(&a))
+            }
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
@@ -393,11 +508,12 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let _w = self.watch.start("mknod", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self
             .engine
             .mknod(caller(req), parent.0, name, mode, rdev.into())
@@ -413,10 +529,11 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let _w = self.watch.start("mkdir", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self.engine.mkdir(caller(req), parent.0, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(fail("mkdir", e)),
@@ -505,7 +622,7 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _w = self.watch.start("open", ino.0, None);
         if self.refuses_truncating_open(ino.0, flags.0) {
             return reply.error(fail("open", union::Errno::TXTBSY));
@@ -517,6 +634,10 @@ impl Filesystem for StrataFs {
         if flags.0 & OPEN_FOR_EXEC != 0 {
             *self.exec_opens.entry(ino.0).or_insert(0) += 1;
             self.exec_handles.insert(fh, ino.0);
+        }
+        // Truncated by the open itself (FUSE_ATOMIC_O_TRUNC).
+        if flags.0 & libc::O_TRUNC != 0 {
+            self.drop_sgid(req, ino.0, None);
         }
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
             IoChoice::Passthrough(id) => {
@@ -532,11 +653,12 @@ impl Filesystem for StrataFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let _w = self.watch.start("create", parent.0, Some(name));
+        let mode = self.engine.creation_mode(parent.0, mode, umask);
         let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
         {
             Ok(c) => c,
@@ -582,8 +704,8 @@ impl Filesystem for StrataFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -592,9 +714,12 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _w = self.watch.start("write", _ino.0, None);
+        let _w = self.watch.start("write", ino.0, None);
         match self.engine.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.drop_sgid(req, ino.0, None);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(fail("write", e)),
         }
     }
@@ -772,7 +897,7 @@ impl Filesystem for StrataFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -782,7 +907,14 @@ impl Filesystem for StrataFs {
     ) {
         let _w = self.watch.start("setxattr", ino.0, Some(name));
         match self.engine.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
+                // whose request layout fuser 0.18 does not parse.
+                if self.engine.is_access_acl(name) {
+                    self.drop_sgid(req, ino.0, None);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(fail("setxattr", e)),
         }
     }
@@ -838,17 +970,20 @@ impl Filesystem for StrataFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("fallocate", _ino.0, None);
+        let _w = self.watch.start("fallocate", ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                self.drop_sgid(req, ino.0, None);
+                reply.ok()
+            }
             Err(e) => reply.error(fail("fallocate", e)),
         }
     }
@@ -871,11 +1006,11 @@ impl Filesystem for StrataFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -887,7 +1022,10 @@ impl Filesystem for StrataFs {
             .engine
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
         {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                self.drop_sgid(req, ino_out.0, None);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(fail("copy_file_range", e)),
         }
     }

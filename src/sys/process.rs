@@ -154,6 +154,39 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// CAP_FSETID's bit in the capability sets of /proc/PID/status.
+const CAP_FSETID: u32 = 4;
+
+/// Whether process `pid` is in group `gid` (file-system gid or a supplementary
+/// group) or holds CAP_FSETID: the VFS's in_group_or_capable, read from
+/// /proc/PID/status. A process that cannot be read (gone, or the field unparsable)
+/// counts as in the group, so a set-group-ID bit is never cleared on a guess.
+pub fn in_group_or_may_fsetid(pid: u32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let in_group = || -> Option<bool> {
+        // Gid: real, effective, saved, file-system.
+        let fsgid: u32 = field("Gid:")?.split_whitespace().nth(3)?.parse().ok()?;
+        let groups = field("Groups:")?;
+        Some(fsgid == gid || groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
+    };
+    let may_fsetid = || -> Option<bool> {
+        let eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+        Some(eff & (1 << CAP_FSETID) != 0)
+    };
+    match (in_group(), may_fsetid()) {
+        (Some(g), Some(c)) => g || c,
+        _ => true,
+    }
+}
+
 /// The signals that end the daemon: SIGINT, SIGTERM and SIGHUP.
 const TERMINATION: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 /// What a mounted daemon takes synchronously: the termination signals, and SIGUSR1

@@ -21,6 +21,19 @@ fn time_spec(t: Option<SetTime>) -> TimeSpec {
 }
 
 impl Union {
+    /// Flags every open of layer file data gets. The kernel never updates atime on
+    /// a FUSE inode; the layer's filesystem does, on the daemon's reads and on
+    /// mappings of passthrough files, by the rules of the layer's own mount. On a
+    /// `noatime` mount no read may move it, so the data is opened with O_NOATIME
+    /// (allowed: the daemon owns the files or holds CAP_FOWNER).
+    pub(crate) fn atime_open_flags(&self) -> OFlags {
+        if self.opts.noatime {
+            OFlags::NOATIME
+        } else {
+            OFlags::empty()
+        }
+    }
+
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let st = self.stat_inode(&inode)?;

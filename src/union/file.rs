@@ -63,7 +63,7 @@ impl Union {
         } else {
             None
         };
-        let mut oflags = real_open_flags(flags);
+        let mut oflags = real_open_flags(flags) | self.atime_open_flags();
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
         }
@@ -109,7 +109,12 @@ impl Union {
             return Err(Errno::INVAL);
         }
         let (pfd, name, _) = self.entry_loc(&inode)?;
-        sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDWR, 0)
+        sys::fs::open_at(
+            pfd.as_fd(),
+            &name,
+            OFlags::RDWR | self.atime_open_flags(),
+            0,
+        )
     }
 
     pub(crate) fn register_file(

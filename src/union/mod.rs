@@ -2,6 +2,7 @@
 //! number like a FUSE filesystem but with no FUSE types. Every method returns
 //! `Result<T, Errno>`; nothing here panics on any input.
 
+mod acl;
 mod attr;
 mod copy_up;
 mod dir_ops;
@@ -147,6 +148,10 @@ pub struct Options {
     pub redirect_dir: bool,
     /// Metadata-only copy-up of lower regular files (see metacopy.rs).
     pub metacopy: bool,
+    /// POSIX ACLs enforced (no `noacl`); see acl.rs for when they can be.
+    pub acl: bool,
+    /// The mount is `noatime`: reads of layer files must not move their atime.
+    pub noatime: bool,
 }
 
 /// Cache lifetime for entries and attributes. Every change to the layers goes
@@ -240,6 +245,8 @@ impl Union {
             xattrs: !config.noxattrs,
             redirect_dir: config.redirect_dir.as_deref() != Some("off"),
             metacopy: config.metacopy,
+            acl: !config.noacl,
+            noatime: config.fuse.atime == Some(false),
         };
         let owner = owner::OwnerPolicy::new(config, &layers);
         let mut union = Union {
@@ -309,6 +316,12 @@ impl Union {
     /// kernel's back (set once, by the FUSE adapter).
     pub fn on_stale_attrs(&self, hook: StaleAttrHook) {
         let _ = self.stale_attr_hook.set(hook);
+    }
+
+    /// Tells the kernel to drop its cached attributes of `ino` (for changes made
+    /// behind this daemon, such as writes through a passthrough file).
+    pub fn forget_cached_attrs(&self, ino: Ino) {
+        self.attrs_changed(ino);
     }
 
     fn attrs_changed(&self, ino: Ino) {

@@ -119,7 +119,7 @@ impl OwnerPolicy {
     }
 
     /// Nothing to translate: attributes are shown and stored as they are.
-    fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         self.uid_map.is_empty()
             && self.gid_map.is_empty()
             && self.squash_uid.is_none()

@@ -1545,12 +1545,14 @@ impl KernelOverlay {
     /// The same, with `metacopy=on` when asked (metadata-only copy-up).
     pub fn with_metacopy(l: &Layers, metacopy: bool) -> Self {
         let metacopy = if metacopy { "on" } else { "off" };
+        Self::with_extra_options(l, &format!("metacopy={metacopy}"))
+    }
+
+    /// The usual options (redirect_dir, index) plus `extra` (e.g. "noatime").
+    pub fn with_extra_options(l: &Layers, extra: &str) -> Self {
         let mut k = KernelOverlay {
             mountpoint: l.merged.clone(),
-            options: format!(
-                "{},redirect_dir=on,index=on,metacopy={metacopy}",
-                l.rw_options()
-            ),
+            options: format!("{},redirect_dir=on,index=on,{extra}", l.rw_options()),
             mounted: false,
         };
         k.mount();
