@@ -13,5 +13,6 @@ mod model;
 mod mounted;
 mod posix;
 mod regressions;
+mod security;
 mod volume_cli;
 mod volumes;

@@ -44,8 +44,7 @@ impl Union {
             }
             libc::S_IFREG => {
                 let inode = self.inode(attr.ino)?;
-                let (pfd, real) = self.data_loc(&inode)?;
-                let from = sys::fs::open_at(pfd.as_fd(), &real, OFlags::RDONLY, 0)?;
+                let from = self.open_data(&inode, OFlags::RDONLY)?;
                 let to = sys::fs::open_at(
                     dst,
                     name,

@@ -195,6 +195,16 @@ fn tagged_key(layer: LayerIdx, st: &Stat) -> (u64, u64) {
 }
 
 impl Union {
+    /// The identity key lookup registers for the object `st` of `layer`: tagged with
+    /// the layer in a graft (whose sources may share a filesystem with the layers).
+    pub(crate) fn identity_key(&self, layer: LayerIdx, st: &Stat) -> (u64, u64) {
+        if self.grafts.list.iter().any(|g| g.layer == layer) {
+            tagged_key(layer, st)
+        } else {
+            (st.st_dev, st.st_ino)
+        }
+    }
+
     /// Attaches the prepared grafts: makes sure each target's ancestors exist, fills
     /// empty named volumes from the content they cover, pins the ancestors, and opens
     /// the quotas. Called once from `Union::new`, before anything is served.
