@@ -166,3 +166,129 @@ fn lower_files_replaced_while_mounted_block_nothing_and_leak_nothing() {
     sentinel.assert_unchanged(case);
 }
 
+/// The unprivileged user the attacks run as (setpriv).
+const NOBODY: u32 = 65534;
+
+/// An attacker process (as `nobody`): runs `script` with perl, which must print
+/// "ready" once its traps are set. Killed (by its pid) and reaped on drop.
+struct Attacker {
+    child: std::process::Child,
+}
+
+impl Attacker {
+    fn start(script: &str, args: &[&Path]) -> Attacker {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+                "perl",
+                "-e",
+                script,
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv perl");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("stdout");
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let attacker = Attacker { child };
+        assert_eq!(line.trim(), "ready", "the attacker did not set its traps");
+        attacker
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Plants stale-looking scaffolds `stratafs-grafts-evilN/a/x` in the directory given
+/// as the first argument and, as fast as it can, exchanges each `x` (a directory)
+/// with a symlink to the N-th remaining argument (renameat2 RENAME_EXCHANGE, x86_64
+/// syscall 316), repairing whatever a sweep removed.
+const SCAFFOLD_SWAPPER: &str = r#"
+use strict;
+my ($tmp, @targets) = @ARGV;
+my @dirs = map { "$tmp/stratafs-grafts-evil$_/a" } 0 .. $#targets;
+sub plant {
+    my ($i) = @_;
+    my $d = $dirs[$i];
+    (my $top = $d) =~ s{/a$}{};
+    mkdir $top;
+    mkdir $d;
+    # One of x and s is the directory, the other the symlink.
+    my $is_dir = sub { -d $_[0] && !-l $_[0] };
+    unless ($is_dir->("$d/x") || $is_dir->("$d/s")) {
+        unlink "$d/x";
+        mkdir "$d/x";
+    }
+    symlink $targets[$i], "$d/s" unless -l "$d/s" || -l "$d/x";
+    utime 0, 0, $top;
+}
+plant($_) for 0 .. $#dirs;
+$| = 1;
+print "ready\n";
+while (1) {
+    for my $i (0 .. $#dirs) {
+        # syscall passes strings by address: they must be variables.
+        my ($x, $s) = ("$dirs[$i]/x", "$dirs[$i]/s");
+        if (syscall(316, -100, $x, -100, $s, 2) != 0) {
+            plant($i);
+        }
+    }
+}
+"#;
+
+/// A local user plants stale-looking graft scaffolds in a world-writable TMPDIR and
+/// swaps directories inside them for symlinks to a tree they cannot write, while
+/// root daemons with grafts start (each sweeps the scaffolds of dead daemons). The
+/// sweep must only ever remove empty directories inside trees the daemon's uid
+/// owns, never through a symlink: the target tree keeps every empty directory.
+#[test]
+fn a_swapped_in_symlink_never_leads_the_scaffold_sweep_outside() {
+    let case = "scaffold_sweep_with_a_racing_swapper";
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("plain", "plain\n")]);
+    // The attacker must reach its TMPDIR: a sticky, world-writable one like /tmp.
+    fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let tmp = l.root.join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let host = l.root.join("host");
+    fs::create_dir(&host).unwrap();
+    let sentinel = Sentinel::new(&l.root.join("sentinel"));
+    let targets: Vec<PathBuf> = (0..2)
+        .map(|i| sentinel.root.join(format!("empty/e{i}")))
+        .collect();
+    let mut args: Vec<&Path> = vec![&tmp];
+    args.extend(targets.iter().map(PathBuf::as_path));
+    let attacker = Attacker::start(SCAFFOLD_SWAPPER, &args);
+    let options = format!("{},bind={}:/g", l.rw_options(), host.display());
+    let tmp_env = tmp.display().to_string();
+    for round in 0..100 {
+        let m = fixture::StrataMount::with_env(
+            &options,
+            &[],
+            &[("TMPDIR", &tmp_env)],
+            &l.merged,
+            &l.root,
+        );
+        let mut m = Bounded::new(case, m);
+        assert_eq!(
+            must(case, "read of plain", m.read("plain")),
+            b"plain\n",
+            "round {round}"
+        );
+        drop(m);
+    }
+    drop(attacker);
+    sentinel.assert_unchanged(case);
+}
