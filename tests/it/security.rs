@@ -292,3 +292,44 @@ fn a_swapped_in_symlink_never_leads_the_scaffold_sweep_outside() {
     drop(attacker);
     sentinel.assert_unchanged(case);
 }
+
+/// The mount's own mountpoint lies inside its lower layer: the daemon never looks
+/// up into its own mount (that would wait on itself, and `ls -R` would not end).
+/// As with kernel overlayfs, a mount point inside a layer is not crossed: the
+/// layer's own (empty) directory shows.
+#[test]
+fn a_mountpoint_inside_the_lower_layer_is_not_crossed() {
+    let case = "mountpoint_inside_the_lower";
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("plain", "plain\n").dir("mnt")]);
+    let sentinel = Sentinel::new(&l.root.join("sentinel"));
+    let mp = l.lowers[0].join("mnt");
+    let m = fixture::StrataMount::with_options(&l.rw_options(), &mp, &l.root);
+    let mut m = Bounded::new(case, m);
+    let root = m.join("");
+    let tree = m.probe("ls -R of the merged view", move || {
+        let mut seen = Vec::new();
+        let mut stack = vec![(root.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            assert!(depth < 8, "the walk went {depth} levels deep at {}", dir.display());
+            for e in fs::read_dir(&dir).expect("readdir") {
+                let e = e.expect("entry");
+                let p = e.path();
+                seen.push(p.strip_prefix(&root).unwrap().display().to_string());
+                if e.file_type().expect("type").is_dir() {
+                    stack.push((p, depth + 1));
+                }
+            }
+        }
+        seen.sort();
+        seen
+    });
+    assert_eq!(tree, ["mnt", "plain"], "{case}: the merged view");
+    assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\n");
+    must(case, "append to plain", m.append("plain", b"more\n"));
+    assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\nmore\n");
+    drop(m);
+    sentinel.assert_unchanged(case);
+}
