@@ -160,7 +160,10 @@ fn lower_files_replaced_while_mounted_block_nothing_and_leak_nothing() {
     assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\n");
     must(case, "append to plain", m.append("plain", b"more\n"));
     m.remount();
-    assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\nmore\n");
+    assert_eq!(
+        must(case, "read of plain", m.read("plain")),
+        b"plain\nmore\n"
+    );
     // The link the test planted in the lower layer counts in the sentinel's st_nlink.
     fs::remove_file(lower.join("hardlinked")).unwrap();
     sentinel.assert_unchanged(case);
@@ -313,7 +316,11 @@ fn a_mountpoint_inside_the_lower_layer_is_not_crossed() {
         let mut seen = Vec::new();
         let mut stack = vec![(root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
-            assert!(depth < 8, "the walk went {depth} levels deep at {}", dir.display());
+            assert!(
+                depth < 8,
+                "the walk went {depth} levels deep at {}",
+                dir.display()
+            );
             for e in fs::read_dir(&dir).expect("readdir") {
                 let e = e.expect("entry");
                 let p = e.path();
@@ -329,7 +336,40 @@ fn a_mountpoint_inside_the_lower_layer_is_not_crossed() {
     assert_eq!(tree, ["mnt", "plain"], "{case}: the merged view");
     assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\n");
     must(case, "append to plain", m.append("plain", b"more\n"));
-    assert_eq!(must(case, "read of plain", m.read("plain")), b"plain\nmore\n");
+    assert_eq!(
+        must(case, "read of plain", m.read("plain")),
+        b"plain\nmore\n"
+    );
     drop(m);
+    sentinel.assert_unchanged(case);
+}
+
+/// A symlink planted in the workdir's index under the name of a lower hard-link
+/// group (pointing at a file outside the layers) is never linked into the upper
+/// layer: the group's copy-up makes its own copy, the names stay one regular file,
+/// and the outside file is untouched.
+#[test]
+fn a_symlink_planted_in_the_index_is_never_used() {
+    let case = "symlink_planted_in_the_index";
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("p1", "lower\n").hardlink("p2", "p1")]);
+    let sentinel = Sentinel::new(&l.root.join("sentinel"));
+    let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(l.lowers[0].join("p1")).unwrap());
+    fs::create_dir_all(l.work.join("index")).unwrap();
+    std::os::unix::fs::symlink(sentinel.file(), l.work.join(format!("index/L0-{ino:x}"))).unwrap();
+    let mut m = Bounded::mount(case, &l.rw_options(), &l);
+    must(case, "append to p1", m.append("p1", b"more\n"));
+    assert_eq!(must(case, "read of p2", m.read("p2")), b"lower\nmore\n");
+    m.remount();
+    assert_eq!(must(case, "read of p2", m.read("p2")), b"lower\nmore\n");
+    drop(m);
+    let up = fs::symlink_metadata(l.upper.join("p1")).unwrap();
+    assert!(
+        up.file_type().is_file(),
+        "{case}: upper p1 is {:?}",
+        up.file_type()
+    );
     sentinel.assert_unchanged(case);
 }

@@ -775,12 +775,23 @@ fn a_refused_graft_creates_nothing() {
     ] {
         let err = s.mount_must_fail("refused", &grafts);
         assert_eq!(err.trim().lines().count(), 1, "{grafts}: one line: {err}");
-        assert!(err.contains("/file"), "{grafts}: the error names the target: {err}");
+        assert!(
+            err.contains("/file"),
+            "{grafts}: the error names the target: {err}"
+        );
         assert!(
             !s.state.join("volumes/newvol").exists(),
             "{grafts}: the refused mount created the volume"
         );
-        assert!(files_in(&w).is_empty(), "{grafts}: workdir has {:?}", files_in(&w));
-        assert!(files_in(&u).is_empty(), "{grafts}: upper has {:?}", files_in(&u));
+        assert!(
+            files_in(&w).is_empty(),
+            "{grafts}: workdir has {:?}",
+            files_in(&w)
+        );
+        assert!(
+            files_in(&u).is_empty(),
+            "{grafts}: upper has {:?}",
+            files_in(&u)
+        );
     }
 }

@@ -174,8 +174,7 @@ mod tests {
         let outside = tempfile::tempdir().expect("tempdir");
         fs::create_dir_all(outside.path().join("x/empty")).expect("mkdir");
         let dead = old_scaffold(tmp.path(), "dead");
-        std::os::unix::fs::symlink(outside.path().join("x"), dead.join("a/link"))
-            .expect("symlink");
+        std::os::unix::fs::symlink(outside.path().join("x"), dead.join("a/link")).expect("symlink");
         let named = tmp.path().join(format!("{PREFIX}named"));
         std::os::unix::fs::symlink(outside.path().join("x"), &named).expect("symlink");
 
@@ -199,6 +198,9 @@ mod tests {
             .and_then(|f| f.set_modified(UNIX_EPOCH))
             .expect("set mtime");
         sweep_stale(tmp.path());
-        assert!(foreign.join("a/b").is_dir(), "another user's tree was swept");
+        assert!(
+            foreign.join("a/b").is_dir(),
+            "another user's tree was swept"
+        );
     }
 }
