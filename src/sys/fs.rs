@@ -89,6 +89,37 @@ pub fn open_at(dirfd: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) ->
     Ok(File::from(fd))
 }
 
+/// Opens, by name, an entry that was looked up as a regular file, for I/O; returns
+/// it with its fstat. A layer may have changed since the lookup: whatever is at the
+/// name now is opened with O_NONBLOCK (a FIFO would otherwise park the calling
+/// worker until a writer comes), O_NOCTTY (a terminal must not become the daemon's)
+/// and O_NOFOLLOW, and anything but a regular file answers ESTALE (the kernel then
+/// looks the name up again). O_NONBLOCK is cleared again unless the caller asked for
+/// it, so that a regular file's descriptor behaves as opened.
+pub fn open_regular_at(
+    dirfd: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: OFlags,
+) -> SysResult<(File, Stat)> {
+    check_component(name)?;
+    let extra = OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dirfd, name, flags | extra, Mode::empty()) {
+        // A symlink (O_NOFOLLOW), a FIFO without reader or a socket (ENXIO), a
+        // directory opened for writing: not the file that was looked up.
+        Err(Errno::LOOP | Errno::NXIO | Errno::ISDIR) => return Err(Errno::STALE),
+        other => other?,
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(Errno::STALE);
+    }
+    if !flags.contains(OFlags::NONBLOCK) {
+        let now = rustix::fs::fcntl_getfl(&fd)?;
+        rustix::fs::fcntl_setfl(&fd, now - OFlags::NONBLOCK)?;
+    }
+    Ok((File::from(fd), st))
+}
+
 /// Opens a directory (given by an O_PATH handle) for reading its entries.
 pub fn open_dir_for_listing(dir: BorrowedFd<'_>) -> SysResult<OwnedFd> {
     rustix::fs::openat(

@@ -96,11 +96,7 @@ impl Union {
             }
             match fh.and_then(|fh| self.files.get(&fh).map(|f| f.value().clone())) {
                 Some(handle) if handle.writable => sys::fs::ftruncate(&handle.file, size)?,
-                _ => {
-                    let (pfd, name, _) = self.entry_loc(&inode)?;
-                    let file = sys::fs::open_at(pfd.as_fd(), &name, OFlags::WRONLY, 0)?;
-                    sys::fs::ftruncate(&file, size)?;
-                }
+                _ => sys::fs::ftruncate(&self.open_entry(&inode, OFlags::WRONLY)?, size)?,
             }
         }
 

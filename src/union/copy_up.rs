@@ -151,6 +151,10 @@ impl Union {
             RenameKind::NoReplace,
         )?;
         let upper_stat = sys::fs::stat_at(dst_dir.as_fd(), &name)?;
+        // Recorded before the layers point at the copy: an open racing with this
+        // copy-up checks what it opened against the identities (file.rs).
+        self.inodes
+            .add_identity(inode, (upper_stat.st_dev, upper_stat.st_ino));
         {
             let mut st = inode.state.write();
             if inode.is_dir() {
@@ -176,8 +180,6 @@ impl Union {
                 }
             }
         }
-        self.inodes
-            .add_identity(inode, (upper_stat.st_dev, upper_stat.st_ino));
         if inode.is_dir() {
             if let Some(held) = self.inodes.get(inode.ino) {
                 self.inodes.note_cached_fd(&held, UPPER);
@@ -255,7 +257,12 @@ impl Union {
         );
         match inode.kind {
             libc::S_IFREG => {
-                let src = sys::fs::open_at(src_dir, name, OFlags::RDONLY, 0)?;
+                // The copy's metadata comes from `st` and from the opened file: both
+                // must be the one object (a layer may change between the two calls).
+                let (src, opened) = sys::fs::open_regular_at(src_dir, name, OFlags::RDONLY)?;
+                if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
+                    return Err(Errno::STALE);
+                }
                 let dst = sys::fs::open_at(
                     work,
                     temp,
@@ -278,7 +285,7 @@ impl Union {
                 };
                 self.copy_metadata(
                     inode,
-                    Target::Entry(src_dir, name),
+                    Target::Fd(src.as_fd()),
                     Target::Fd(dst.as_fd()),
                     &st,
                     true,

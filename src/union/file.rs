@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
+use super::inode::Inode;
 use super::{Errno, Ino, Result, Union};
-use crate::sys;
+use crate::layer::LayerIdx;
+use crate::sys::{self, fs::Stat};
 
 pub struct OpenFile {
     pub ino: Ino,
@@ -69,7 +71,7 @@ impl Union {
         }
         let file = match self.data_loc(&inode) {
             Ok((pfd, name)) => match inode.kind {
-                libc::S_IFREG => sys::fs::open_at(pfd.as_fd(), &name, oflags, 0)?,
+                libc::S_IFREG => self.open_data(&inode, oflags)?,
                 // Special files are served by the kernel (FUSE never sees their I/O);
                 // an O_PATH handle is enough to answer fstat-style requests.
                 _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
@@ -108,13 +110,28 @@ impl Union {
         if !self.has_upper_data(&inode) || inode.kind != libc::S_IFREG {
             return Err(Errno::INVAL);
         }
-        let (pfd, name, _) = self.entry_loc(&inode)?;
-        sys::fs::open_at(
-            pfd.as_fd(),
-            &name,
-            OFlags::RDWR | self.atime_open_flags(),
-            0,
-        )
+        self.open_entry(&inode, OFlags::RDWR | self.atime_open_flags())
+    }
+
+    /// Opens the regular file `inode` stands for at its name, for I/O: ESTALE when
+    /// what is there now is not that very object (see `sys::fs::open_regular_at`).
+    pub(crate) fn open_entry(&self, inode: &Inode, flags: OFlags) -> Result<File> {
+        let (pfd, name, layer) = self.entry_loc(inode)?;
+        let (file, st) = sys::fs::open_regular_at(pfd.as_fd(), &name, flags)?;
+        self.check_identity(inode, layer, &st)?;
+        Ok(file)
+    }
+
+    /// ESTALE unless `st` (of an object opened in `layer`) is one of the real
+    /// objects `inode` stands for. Every path that gives an inode a new real object
+    /// records its identity before pointing the inode's layers at it.
+    pub(crate) fn check_identity(&self, inode: &Inode, layer: LayerIdx, st: &Stat) -> Result<()> {
+        let key = self.identity_key(layer, st);
+        if inode.state.read().keys.contains(&key) {
+            Ok(())
+        } else {
+            Err(Errno::STALE)
+        }
     }
 
     pub(crate) fn register_file(
@@ -166,10 +183,7 @@ impl Union {
         let pinned = inode.state.read().pinned_if_detached();
         let copy = match pinned {
             Some(fd) => sys::fs::reopen(fd.as_fd(), OFlags::RDONLY)?,
-            None => {
-                let (pfd, name, _) = self.entry_loc(&inode)?;
-                sys::fs::open_at(pfd.as_fd(), &name, OFlags::RDONLY, 0)?
-            }
+            None => self.open_entry(&inode, OFlags::RDONLY)?,
         };
         Ok(handle.upper_copy.get_or_init(|| copy))
     }

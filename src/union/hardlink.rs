@@ -227,6 +227,8 @@ impl Union {
         let copy = sys::fs::stat_at(index.as_fd(), &key)?;
         let upper = self.dir_fd(parent, UPPER)?;
         link_or_same(index.as_fd(), &key, upper.as_fd(), name, copy.st_ino)?;
+        // Recorded before the layers point at the copy (see copy_up_entry).
+        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
         {
             let mut st = inode.state.write();
             st.layers = vec![LayerRef {
@@ -235,7 +237,6 @@ impl Union {
             }];
             st.outside_links = outside;
         }
-        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
 
         for (idx, path) in names {
             if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), idx, &index, &key) {

@@ -86,7 +86,7 @@ impl Union {
         let parent = self.inode(parent_ino)?;
         let upper = self.dir_fd(&parent, UPPER)?;
         let lower = self.dir_fd(&parent, data_layer)?;
-        let source = sys::fs::open_at(lower.as_fd(), &name, OFlags::RDONLY, 0)?;
+        let (source, _) = sys::fs::open_regular_at(lower.as_fd(), &name, OFlags::RDONLY)?;
         let stand_in = sys::fs::stat_at(upper.as_fd(), &name)?;
         let data = if data == CopyData::No {
             data
@@ -102,14 +102,34 @@ impl Union {
             RenameKind::Replace,
         )?;
         let full = sys::fs::stat_at(upper.as_fd(), &name)?;
+        // The new identity is recorded before the layers point at it: an open racing
+        // with this one checks what it opened against the identities (see open_data).
+        self.inodes.add_identity(inode, (full.st_dev, full.st_ino));
         inode.state.write().layers = vec![LayerRef {
             layer: UPPER,
             fd: None,
         }];
         self.inodes
             .remove_identity(inode, (stand_in.st_dev, stand_in.st_ino));
-        self.inodes.add_identity(inode, (full.st_dev, full.st_ino));
         Ok(())
+    }
+
+    /// Opens a regular file's data for I/O (from where `data_loc` says), checked to
+    /// be what was looked up: a regular file and, where it is the entry itself, the
+    /// very object the inode stands for. A layer changed underneath answers ESTALE.
+    pub(crate) fn open_data(&self, inode: &Inode, flags: OFlags) -> Result<File> {
+        let (meta_only, layer) = {
+            let st = inode.state.read();
+            (st.layers.len() > 1, st.top_layer().ok_or(Errno::NOENT)?)
+        };
+        let (pfd, name) = self.data_loc(inode)?;
+        let (file, st) = sys::fs::open_regular_at(pfd.as_fd(), &name, flags)?;
+        // A metadata-only copy's data file is recorded by no identity of the inode
+        // after a remount (only the stand-in is): its type is what can be checked.
+        if !meta_only {
+            self.check_identity(inode, layer, &st)?;
+        }
+        Ok(file)
     }
 
     /// Where a file's data is read from: the data layer of a metadata-only copy,

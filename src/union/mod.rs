@@ -214,6 +214,7 @@ impl Union {
         if layers.is_empty() {
             return Err("no layers given".into());
         }
+        graft::check_targets(config)?;
         let mut prepared = graft::prepare(config)?;
         layers.extend(prepared.scaffold.take());
         let graft_base = layers.len();

@@ -46,7 +46,7 @@ use crate::fixture::{
 
 /// How long one mounted call may take. Every call here is small: a healthy mount
 /// answers in milliseconds, so 10 s only ever expires on a hang.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The deep-chain probes walk 9,000 levels one FUSE lookup at a time.
 const DEEP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,8 +104,8 @@ fn daemon_threads(pid: u32) -> String {
 
 /// The attributes the checks compare.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct St {
-    kind: u32,
+pub(crate) struct St {
+    pub(crate) kind: u32,
     ino: u64,
     nlink: u64,
     size: u64,
@@ -125,7 +125,7 @@ impl St {
     fn is_dir(&self) -> bool {
         self.kind == libc::S_IFDIR
     }
-    fn is_file(&self) -> bool {
+    pub(crate) fn is_file(&self) -> bool {
         self.kind == libc::S_IFREG
     }
 }
@@ -168,7 +168,7 @@ fn create_with(p: &Path, data: &[u8]) -> Result<(), Errno> {
 
 /// Accepts success or an errno a union filesystem may answer for an entry whose
 /// metadata is garbage; anything else (ENOTCONN above all) fails the case.
-fn sane<T>(case: &str, what: &str, r: Result<T, Errno>, also: &[Errno]) -> Option<T> {
+pub(crate) fn sane<T>(case: &str, what: &str, r: Result<T, Errno>, also: &[Errno]) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(e) if [ENOENT, EIO, ESTALE].contains(&e) || also.contains(&e) => None,
@@ -191,7 +191,7 @@ fn sane<T>(case: &str, what: &str, r: Result<T, Errno>, also: &[Errno]) -> Optio
     }
 }
 
-fn must<T>(case: &str, what: &str, r: Result<T, Errno>) -> T {
+pub(crate) fn must<T>(case: &str, what: &str, r: Result<T, Errno>) -> T {
     r.unwrap_or_else(|e| panic!("{case}: {what} answers {}", errno_name(e)))
 }
 
@@ -219,7 +219,7 @@ fn try_strata(options: &str, mp: &Path, log_dir: &Path) -> Result<StrataMount, S
     .map_err(|p| panic_text(&*p))
 }
 
-struct Bounded {
+pub(crate) struct Bounded {
     case: String,
     mp: PathBuf,
     mount: Option<StrataMount>,
@@ -227,13 +227,13 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn mount(case: &str, options: &str, l: &Layers) -> Bounded {
+    pub(crate) fn mount(case: &str, options: &str, l: &Layers) -> Bounded {
         let m = try_strata(options, &l.merged, &l.root)
             .unwrap_or_else(|e| panic!("{case}: stratafs does not mount: {e}"));
         Bounded::new(case, m)
     }
 
-    fn new(case: &str, m: StrataMount) -> Bounded {
+    pub(crate) fn new(case: &str, m: StrataMount) -> Bounded {
         Bounded {
             case: case.to_string(),
             mp: m.path().to_path_buf(),
@@ -242,7 +242,7 @@ impl Bounded {
         }
     }
 
-    fn join(&self, rel: &str) -> PathBuf {
+    pub(crate) fn join(&self, rel: &str) -> PathBuf {
         if rel.is_empty() || rel == "." {
             self.mp.clone()
         } else {
@@ -257,7 +257,7 @@ impl Bounded {
     /// Runs `f` on a helper thread and waits at most `self.timeout` for it. On a
     /// timeout the mount is torn down (so the helper thread is released) and the
     /// case fails naming `what`.
-    fn probe<T: Send + 'static>(
+    pub(crate) fn probe<T: Send + 'static>(
         &mut self,
         what: &str,
         f: impl FnOnce() -> T + Send + 'static,
@@ -316,7 +316,7 @@ impl Bounded {
     }
 
     /// The daemon must survive every call, and the mount must keep answering.
-    fn check_alive(&mut self, after: &str) {
+    pub(crate) fn check_alive(&mut self, after: &str) {
         let pid = self.mount.as_ref().expect("mounted").pid();
         if !pid_alive(pid) {
             let out = self.output();
@@ -361,7 +361,7 @@ impl Bounded {
         drop(m);
     }
 
-    fn remount(&mut self) {
+    pub(crate) fn remount(&mut self) {
         let case = self.case.clone();
         let m = self.mount.as_mut().expect("mounted");
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| m.remount())) {
@@ -372,22 +372,22 @@ impl Bounded {
         self.check_alive("remount");
     }
 
-    fn lstat(&mut self, rel: &str) -> Result<St, Errno> {
+    pub(crate) fn lstat(&mut self, rel: &str) -> Result<St, Errno> {
         let p = self.join(rel);
         self.probe(&format!("lookup (lstat) of {rel:?}"), move || lstat_st(&p))
     }
 
-    fn read(&mut self, rel: &str) -> Result<Vec<u8>, Errno> {
+    pub(crate) fn read(&mut self, rel: &str) -> Result<Vec<u8>, Errno> {
         let p = self.join(rel);
         self.probe(&format!("read of {rel:?}"), move || read_all(&p))
     }
 
-    fn list(&mut self, rel: &str) -> Result<Vec<String>, Errno> {
+    pub(crate) fn list(&mut self, rel: &str) -> Result<Vec<String>, Errno> {
         let p = self.join(rel);
         self.probe(&format!("readdir of {rel:?}"), move || list_raw(&p))
     }
 
-    fn append(&mut self, rel: &str, data: &[u8]) -> Result<(), Errno> {
+    pub(crate) fn append(&mut self, rel: &str, data: &[u8]) -> Result<(), Errno> {
         let p = self.join(rel);
         let data = data.to_vec();
         self.probe(&format!("append to {rel:?}"), move || append_to(&p, &data))

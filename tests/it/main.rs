@@ -15,6 +15,7 @@ mod posix;
 mod posix_acl;
 mod refusals;
 mod regressions;
+mod security;
 mod timestamps;
 mod volume_cli;
 mod volumes;

@@ -715,3 +715,83 @@ fn subcommand_form_grafts_volumes_and_binds_in_daemon_mode() {
         Some(i64::from(daemons[0]))
     );
 }
+
+/// A size-limited volume filled from the image is charged like any write: image
+/// content that does not fit (here a 3 MiB file for a 1 MiB volume, and a sparse
+/// file whose apparent size is far over the limit) refuses the mount with one line
+/// naming the volume, and the volume receives nothing.
+#[test]
+fn filling_a_volume_from_the_image_respects_its_size_limit() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(
+        LayerSpec::new()
+            .file("big/blob", fixture::pattern(3 << 20, 7))
+            .sparse("holes/image", 8 << 30, &[(1 << 20, b"data")], Meta::new())
+            .file("small/conf", "fits\n"),
+    );
+    for (volume, target) in [("tiny", "/big"), ("sparse", "/holes")] {
+        let (ok, _, err) = s.cli(&["volume", "create", volume, "--size", "1M"]);
+        assert!(ok, "{err}");
+        let err = s.mount_must_fail(volume, &format!("volume={volume}:{target}"));
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(&format!("volume {volume}")) && err.contains("does not fit"),
+            "the error names the volume and says why: {err}"
+        );
+        assert!(
+            files_in(&s.data(volume)).is_empty(),
+            "{volume}: a refused fill left {:?}",
+            files_in(&s.data(volume))
+        );
+        let (ok, out, err) = s.cli(&["volume", "inspect", volume]);
+        assert!(ok, "{err}");
+        let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(info["bytes_used"].as_u64(), Some(0), "{volume}: {out}");
+    }
+    let (ok, _, err) = s.cli(&["volume", "create", "roomy", "--size", "1M"]);
+    assert!(ok, "{err}");
+    let m = s.mount("roomy", "volume=roomy:/small");
+    assert_eq!(fs::read_to_string(m.join("small/conf")).unwrap(), "fits\n");
+    drop(m);
+    let (ok, out, err) = s.cli(&["volume", "inspect", "roomy"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["bytes_used"].as_u64(), Some(5), "{out}");
+}
+
+/// A mount refused for a graft onto a file of the image leaves nothing behind: the
+/// named volume is not created (nor claimed), the workdir gets no work/index and
+/// the upper layer stays empty.
+#[test]
+fn a_refused_graft_creates_nothing() {
+    let s = Scene::new(LayerSpec::new().file("file", "a file\n").dir("dir"));
+    let (u, w, _) = s.container("refused");
+    for grafts in [
+        "volume=newvol:/file".to_string(),
+        "volume=newvol:/file/deeper".to_string(),
+        format!("volume=newvol:/dir,bind={}:/file", s.l.lowers[0].display()),
+    ] {
+        let err = s.mount_must_fail("refused", &grafts);
+        assert_eq!(err.trim().lines().count(), 1, "{grafts}: one line: {err}");
+        assert!(
+            err.contains("/file"),
+            "{grafts}: the error names the target: {err}"
+        );
+        assert!(
+            !s.state.join("volumes/newvol").exists(),
+            "{grafts}: the refused mount created the volume"
+        );
+        assert!(
+            files_in(&w).is_empty(),
+            "{grafts}: workdir has {:?}",
+            files_in(&w)
+        );
+        assert!(
+            files_in(&u).is_empty(),
+            "{grafts}: upper has {:?}",
+            files_in(&u)
+        );
+    }
+}

@@ -19,6 +19,35 @@ impl Union {
         sys::fs::chmod_fd(root, attr.mode & 0o7777)
     }
 
+    /// The bytes the content of the merged directory `src` would use in a volume,
+    /// counted as the volume's quota counts them (quota.rs: apparent sizes of regular
+    /// files and symlinks, a hard-linked file once), so that a fill is charged like
+    /// the writes that would copy it.
+    pub(super) fn fill_usage(&self, src: Ino) -> Result<u64> {
+        let mut seen = std::collections::HashSet::new();
+        self.dir_usage(src, &mut seen)
+    }
+
+    fn dir_usage(&self, src: Ino, seen: &mut std::collections::HashSet<Ino>) -> Result<u64> {
+        let fh = self.opendir(src)?;
+        let listing = self.readdir(fh, 0);
+        self.releasedir(fh);
+        let mut total = 0u64;
+        for e in listing?.iter().filter(|e| e.name != "." && e.name != "..") {
+            let attr = self.lookup(src, &e.name)?.attr;
+            let used = match attr.kind() {
+                libc::S_IFDIR => self.dir_usage(attr.ino, seen),
+                libc::S_IFREG | libc::S_IFLNK if attr.nlink <= 1 || seen.insert(attr.ino) => {
+                    Ok(attr.size)
+                }
+                _ => Ok(0),
+            };
+            self.forget(attr.ino, 1);
+            total = total.saturating_add(used?);
+        }
+        Ok(total)
+    }
+
     /// Copies the merged directory `src` into the (empty) volume directory `dst`:
     /// data, owners, modes, xattrs and times.
     fn populate_dir(&self, src: Ino, dst: BorrowedFd<'_>) -> Result<()> {
@@ -44,8 +73,7 @@ impl Union {
             }
             libc::S_IFREG => {
                 let inode = self.inode(attr.ino)?;
-                let (pfd, real) = self.data_loc(&inode)?;
-                let from = sys::fs::open_at(pfd.as_fd(), &real, OFlags::RDONLY, 0)?;
+                let from = self.open_data(&inode, OFlags::RDONLY)?;
                 let to = sys::fs::open_at(
                     dst,
                     name,

@@ -107,6 +107,51 @@ fn graft_name(source: &GraftSource) -> String {
     }
 }
 
+/// Refuses graft targets the layers cannot take, before anything is created for the
+/// mount (volumes, claims, workdir/{work,index}): each target is walked on a
+/// read-only view of the layers (upper and lowers as lowers, no workdir, no grafts),
+/// so a refused mount leaves nothing behind. A missing component is fine (it is
+/// created later); one that is not a directory is not. `install_grafts` meets the
+/// same refusals should the layers change in between.
+pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), String> {
+    if config.grafts.is_empty() {
+        return Ok(());
+    }
+    let mut view = config.clone();
+    view.lowerdirs = config
+        .upperdir
+        .iter()
+        .chain(&config.lowerdirs)
+        .cloned()
+        .collect();
+    view.upperdir = None;
+    view.workdir = None;
+    view.grafts.clear();
+    let union = Union::new(&view)?;
+    for spec in &config.grafts {
+        let what = graft_name(&spec.source);
+        let target = spec.target.display();
+        let mut parent = ROOT_INO;
+        let comps: Vec<&OsStr> = spec.target.iter().skip(1).collect();
+        for (i, comp) in comps.iter().enumerate() {
+            let attr = match union.lookup(parent, comp) {
+                Ok(e) => e.attr,
+                Err(Errno::NOENT) => break,
+                Err(e) => return Err(format!("{what}: {target}: {e}")),
+            };
+            if attr.kind() != libc::S_IFDIR {
+                return Err(if i + 1 == comps.len() {
+                    format!("{what}: {target} is not a directory in the layers")
+                } else {
+                    format!("{what}: {target}: a path component is not a directory")
+                });
+            }
+            parent = attr.ino;
+        }
+    }
+    Ok(())
+}
+
 /// Opens the sources of the grafts of `config`: creates missing named volumes, takes
 /// their claims (failing when an exclusive one is held elsewhere), and builds the
 /// scaffold layer. Nothing is mounted yet, so a failure here leaves no trace.
@@ -195,6 +240,16 @@ fn tagged_key(layer: LayerIdx, st: &Stat) -> (u64, u64) {
 }
 
 impl Union {
+    /// The identity key lookup registers for the object `st` of `layer`: tagged with
+    /// the layer in a graft (whose sources may share a filesystem with the layers).
+    pub(crate) fn identity_key(&self, layer: LayerIdx, st: &Stat) -> (u64, u64) {
+        if self.grafts.list.iter().any(|g| g.layer == layer) {
+            tagged_key(layer, st)
+        } else {
+            (st.st_dev, st.st_ino)
+        }
+    }
+
     /// Attaches the prepared grafts: makes sure each target's ancestors exist, fills
     /// empty named volumes from the content they cover, pins the ancestors, and opens
     /// the quotas. Called once from `Union::new`, before anything is served.
@@ -252,6 +307,17 @@ impl Union {
             let root = self.layer(layer).map_err(|e| e.to_string())?.root.clone();
             if let (Some(src), Some((vol, _lock))) = (covered, &volume) {
                 if !spec.nocopy && fill::is_empty(root.as_fd()).map_err(|e| e.to_string())? {
+                    if let Some(limit) = vol.meta.size_limit {
+                        let needed = self
+                            .fill_usage(src)
+                            .map_err(|e| format!("{what}: sizing the content at {target}: {e}"))?;
+                        if needed > limit {
+                            return Err(format!(
+                                "{what}: the image content at {target} ({needed} bytes) does \
+                                 not fit its size limit ({limit} bytes)"
+                            ));
+                        }
+                    }
                     self.populate_root(src, root.as_fd())
                         .map_err(|e| format!("{what}: filling it from {target}: {e}"))?;
                     log::info!("volume {} filled from {target}", vol.name);

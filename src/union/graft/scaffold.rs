@@ -9,6 +9,8 @@
 //! set up is not locked yet), and only ever removes empty directories.
 
 use std::fs::{self, File};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -59,47 +61,69 @@ impl Scaffold {
 }
 
 /// Removes the scaffolds of dead daemons from `tmp` (best effort).
+///
+/// `tmp` is usually world-writable, so whatever is in it may be planted or change
+/// while it is swept: only directories this uid owns are considered (another user
+/// cannot write inside those, nor, in a sticky directory, rename them), and every
+/// step is fd-relative without following symlinks (see `remove_empty_tree`).
 fn sweep_stale(tmp: &Path) {
-    let Ok(entries) = fs::read_dir(tmp) else {
+    let Ok(tmp_fd) = sys::fs::open_root(tmp) else {
         return;
     };
-    for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .as_encoded_bytes()
-            .starts_with(PREFIX.as_bytes())
-        {
+    let Ok(entries) = sys::fs::read_dir(tmp_fd.as_fd()) else {
+        return;
+    };
+    let (uid, _) = sys::process::ids();
+    for entry in entries {
+        if !entry.name.as_bytes().starts_with(PREFIX.as_bytes()) {
             continue;
         }
-        let path = entry.path();
-        let young = entry
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_none_or(|age| age < SETUP_GRACE);
-        if young || !entry.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let Ok(dir) = File::open(&path) else {
+        // O_NOFOLLOW: a symlink named like a scaffold is not one.
+        let Ok(dir) = sys::fs::open_dir(tmp_fd.as_fd(), &entry.name) else {
             continue;
         };
-        if sys::lock::try_lock_exclusive(&dir) == Ok(true) {
-            remove_empty_tree(&path);
+        let Ok(st) = sys::fs::fstat(dir.as_fd()) else {
+            continue;
+        };
+        let modified = SystemTime::UNIX_EPOCH
+            + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+        let young = SystemTime::now()
+            .duration_since(modified)
+            .ok()
+            .is_none_or(|age| age < SETUP_GRACE);
+        if st.st_uid != uid || young {
+            continue;
+        }
+        let Ok(lock) = sys::fs::open_dir_for_listing(dir.as_fd()) else {
+            continue;
+        };
+        if sys::lock::try_lock_exclusive(&lock) == Ok(true) {
+            remove_empty_tree(dir.as_fd(), 0);
+            let _ = sys::fs::rmdir_at(tmp_fd.as_fd(), &entry.name);
         }
     }
 }
 
-/// Removes `path` if it is a tree of empty directories; leaves anything else alone.
-fn remove_empty_tree(path: &Path) {
-    if let Ok(entries) = fs::read_dir(path) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_empty_tree(&entry.path());
-            }
+/// Scaffolds are as deep as graft targets; nothing deeper is one.
+const MAX_DEPTH: usize = 64;
+
+/// Removes every empty directory under `dir` (an O_PATH handle), depth first; leaves
+/// anything else alone. Each directory is opened relative to its parent with
+/// O_NOFOLLOW and removed by name relative to it, so a directory swapped for a
+/// symlink meanwhile is neither entered nor followed (rmdir of a symlink fails).
+fn remove_empty_tree(dir: BorrowedFd<'_>, depth: usize) {
+    if depth >= MAX_DEPTH {
+        return;
+    }
+    let Ok(entries) = sys::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
+        if let Ok(sub) = sys::fs::open_dir(dir, &entry.name) {
+            remove_empty_tree(sub.as_fd(), depth + 1);
+            let _ = sys::fs::rmdir_at(dir, &entry.name);
         }
     }
-    let _ = fs::remove_dir(path);
 }
 
 #[cfg(test)]
@@ -142,5 +166,41 @@ mod tests {
         );
         assert!(young.is_dir(), "a scaffold being set up was removed");
         assert!(stranger.is_dir(), "a foreign directory was removed");
+    }
+
+    #[test]
+    fn never_follows_a_symlink_out_of_a_scaffold() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(outside.path().join("x/empty")).expect("mkdir");
+        let dead = old_scaffold(tmp.path(), "dead");
+        std::os::unix::fs::symlink(outside.path().join("x"), dead.join("a/link")).expect("symlink");
+        let named = tmp.path().join(format!("{PREFIX}named"));
+        std::os::unix::fs::symlink(outside.path().join("x"), &named).expect("symlink");
+
+        sweep_stale(tmp.path());
+        assert!(
+            outside.path().join("x/empty").is_dir(),
+            "an empty directory outside the scaffold was removed"
+        );
+        assert!(dead.join("a/link").is_symlink(), "the symlink itself went");
+    }
+
+    #[test]
+    fn leaves_the_scaffolds_of_other_users_alone() {
+        if !sys::process::is_root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let foreign = old_scaffold(tmp.path(), "foreign");
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).expect("chown");
+        File::open(&foreign)
+            .and_then(|f| f.set_modified(UNIX_EPOCH))
+            .expect("set mtime");
+        sweep_stale(tmp.path());
+        assert!(
+            foreign.join("a/b").is_dir(),
+            "another user's tree was swept"
+        );
     }
 }
