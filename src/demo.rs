@@ -155,7 +155,7 @@ fn demo() -> Result<(), String> {
         println!();
     }
     println!("unmounting {}", merged.display());
-    stratafs::fuse::unmount(&merged);
+    stratafs::fuse::unmount(&merged, false);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

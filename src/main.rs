@@ -19,7 +19,11 @@ fn init_logging(debug: bool) {
 fn main() -> ExitCode {
     // Nothing opened later may land on fds 0-2.
     process::ensure_stdio_open();
-    let code = match cli::parse_args(std::env::args_os().collect()) {
+    let invocation = cli::parse_args(std::env::args_os().collect());
+    for w in &invocation.warnings {
+        eprintln!("stratafs: warning: {w}");
+    }
+    let code = match invocation.command {
         Ok(Command::Print(text)) => {
             print!("{text}");
             0
@@ -28,15 +32,11 @@ fn main() -> ExitCode {
             config,
             foreground,
             debug,
-            warnings,
         }) => {
-            for w in warnings {
-                eprintln!("stratafs: warning: {w}");
-            }
             init_logging(debug);
             stratafs::fuse::run(&config, foreground || debug)
         }
-        Ok(Command::Umount { mountpoint }) => stratafs::fuse::unmount(&mountpoint),
+        Ok(Command::Umount { mountpoint, lazy }) => stratafs::fuse::unmount(&mountpoint, lazy),
         Ok(Command::Volume(args)) => stratafs::volume::cli::run(&args),
         Ok(Command::Demo) => {
             init_logging(false);

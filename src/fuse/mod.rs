@@ -172,7 +172,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
 }
 
 /// `stratafs umount MNT`: fusermount3 -u, falling back to a lazy unmount.
-pub fn unmount(mountpoint: &Path) -> i32 {
+pub fn unmount(mountpoint: &Path, _lazy: bool) -> i32 {
     let status = std::process::Command::new("fusermount3")
         .arg("-u")
         .arg(mountpoint)

@@ -9,7 +9,7 @@ use clap::{Arg, ArgAction, ArgMatches, ColorChoice, value_parser};
 
 use super::store::{CreateSpec, Store, check_name};
 use super::{VolumeError, VolumeInfo};
-use crate::cli::CliError;
+use crate::cli::{CliError, with_help};
 
 /// A parsed `stratafs volume ...` command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,20 +28,8 @@ pub enum VolumeCommand {
     Prune,
 }
 
-pub const USAGE: &str = "\
-Usage:
-  stratafs volume create NAME [--size SIZE] [--label KEY=VALUE]... [--exclusive]
-  stratafs volume ls [--json]
-  stratafs volume inspect NAME...
-  stratafs volume rm [--force] NAME...
-  stratafs volume prune
-Every volume command takes --state-dir DIR (default: $STRATAFS_STATE_DIR, else
-/var/lib/stratafs for root, $XDG_DATA_HOME/stratafs or ~/.local/share/stratafs otherwise).
-SIZE is a byte count with an optional K, M, G or T suffix (powers of 1024).
-";
-
 fn usage(msg: impl Into<String>) -> CliError {
-    CliError::Usage(msg.into())
+    CliError::usage(msg, "stratafs volume")
 }
 
 /// Parses a size such as `512`, `64K`, `10M`, `1.5G`, `2GiB` (binary units).
@@ -73,54 +61,83 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-fn command() -> clap::Command {
+/// `stratafs volume` and its subcommands, as part of [`crate::cli::command`].
+pub fn command() -> clap::Command {
     let state_dir = Arg::new("state_dir")
         .long("state-dir")
+        .value_name("DIR")
         .global(true)
-        .value_parser(value_parser!(PathBuf));
+        .value_parser(value_parser!(PathBuf))
+        .value_hint(clap::ValueHint::DirPath)
+        .help(
+            "Volume state directory (default: $STRATAFS_STATE_DIR, else /var/lib/stratafs \
+             for root, $XDG_DATA_HOME/stratafs or ~/.local/share/stratafs otherwise)",
+        );
     let names = |min: usize| {
         Arg::new("names")
+            .value_name("NAME")
             .num_args(min..)
             .action(ArgAction::Append)
             .required(min > 0)
     };
-    clap::Command::new("volume")
-        .no_binary_name(true)
-        .color(ColorChoice::Never)
-        .disable_help_flag(true)
-        .disable_version_flag(true)
+    let sub = |name: &'static str, about: &'static str| {
+        with_help(
+            clap::Command::new(name)
+                .color(ColorChoice::Never)
+                .disable_help_flag(true)
+                .disable_version_flag(true),
+        )
+        .about(about)
+    };
+    sub("volume", "Create, list, inspect and remove named volumes")
         .disable_help_subcommand(true)
         .subcommand_required(true)
         .arg(state_dir)
         .subcommand(
-            clap::Command::new("create")
-                .arg(Arg::new("name").required(true))
-                .arg(Arg::new("size").long("size"))
-                .arg(Arg::new("label").long("label").action(ArgAction::Append))
+            sub("create", "Create a volume and print its name")
+                .arg(Arg::new("name").value_name("NAME").required(true))
+                .arg(
+                    Arg::new("size")
+                        .long("size")
+                        .value_name("SIZE")
+                        .help("Size limit: bytes, or with K, M, G, T (powers of 1024)"),
+                )
+                .arg(
+                    Arg::new("label")
+                        .long("label")
+                        .value_name("KEY=VALUE")
+                        .action(ArgAction::Append)
+                        .help("Attach a label (repeatable)"),
+                )
                 .arg(
                     Arg::new("exclusive")
                         .long("exclusive")
-                        .action(ArgAction::SetTrue),
+                        .action(ArgAction::SetTrue)
+                        .help("At most one read-write mount at a time (plus read-only ones)"),
                 ),
         )
         .subcommand(
-            clap::Command::new("ls")
-                .visible_alias("list")
-                .arg(Arg::new("json").long("json").action(ArgAction::SetTrue)),
+            sub("ls", "List volumes").visible_alias("list").arg(
+                Arg::new("json")
+                    .long("json")
+                    .action(ArgAction::SetTrue)
+                    .help("Print a JSON array"),
+            ),
         )
-        .subcommand(clap::Command::new("inspect").arg(names(1)))
+        .subcommand(sub("inspect", "Show volumes in detail, as JSON").arg(names(1)))
         .subcommand(
-            clap::Command::new("rm")
+            sub("rm", "Remove volumes")
                 .visible_alias("remove")
                 .arg(names(1))
                 .arg(
                     Arg::new("force")
                         .short('f')
                         .long("force")
-                        .action(ArgAction::SetTrue),
+                        .action(ArgAction::SetTrue)
+                        .help("Remove even while mounted"),
                 ),
         )
-        .subcommand(clap::Command::new("prune"))
+        .subcommand(sub("prune", "Remove every volume no mount is using"))
 }
 
 fn checked_names(m: &ArgMatches) -> Result<Vec<String>, CliError> {
@@ -143,11 +160,8 @@ pub fn parse(args: &[OsString]) -> Result<VolumeArgs, CliError> {
             "missing volume command (create, ls, inspect, rm, prune)",
         ));
     }
-    let m = command().try_get_matches_from(args).map_err(|e| {
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("invalid arguments");
-        usage(first.strip_prefix("error: ").unwrap_or(first))
-    })?;
+    let cmd = crate::cli::subcommand(&["volume"]).unwrap_or_else(command);
+    let m = crate::cli::parse_with(cmd, args)?;
     let state_dir = m.get_one::<PathBuf>("state_dir").cloned();
     let command = match m.subcommand() {
         Some(("create", sm)) => {

@@ -111,7 +111,7 @@ fn help_exits_zero_and_lists_every_form() {
             "--work",
             "--volume",
             "--bind",
-            "stratafs umount MOUNTPOINT",
+            "stratafs umount [-l] MOUNTPOINT",
             "stratafs demo",
             "--version",
             "lowerdir=",
@@ -146,20 +146,156 @@ fn version_exits_zero() {
     }
 }
 
+/// Asserts a malformed command line: exit status 2 and clap's whole report (the
+/// problem, any "similar argument" tip, the usage), ending with a pointer to the
+/// `--help` of `command`.
+#[track_caller]
+fn assert_usage_error(out: &Output, command: &str, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.starts_with("stratafs: "), "stderr: {stderr:?}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.contains(&format!("try '{command} --help'")),
+        "last line {last:?} does not point at {command} --help; stderr: {stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "stderr {stderr:?} does not mention {n:?}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors() {
-    assert_fails(&run(&[]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["-o", "lowerdir=/tmp"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["--no-such-flag", "/mnt"]), &["--no-such-flag"]);
-    assert_fails(&run(&["/mnt", "-o"]), &["-o"]);
-    assert_fails(
+    assert_usage_error(&run(&[]), "stratafs", &["MOUNTPOINT"]);
+    assert_usage_error(&run(&["-o", "lowerdir=/tmp"]), "stratafs", &["MOUNTPOINT"]);
+    assert_usage_error(
+        &run(&["--no-such-flag", "/mnt"]),
+        "stratafs",
+        &["--no-such-flag", "Usage: stratafs"],
+    );
+    assert_usage_error(&run(&["/mnt", "-o"]), "stratafs", &["-o"]);
+    assert_usage_error(
         &run(&["-o", "lowerdir=/tmp", "a", "b", "extra"]),
+        "stratafs",
         &["extra"],
     );
-    assert_fails(&run(&["mount", "--lower", "/tmp"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["mount", "--lower"]), &["--lower"]);
-    assert_fails(&run(&["umount"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["demo", "extra"]), &["extra"]);
+    assert_usage_error(
+        &run(&["mount", "--lower", "/tmp"]),
+        "stratafs mount",
+        &["<MOUNTPOINT>"],
+    );
+    assert_usage_error(&run(&["mount", "--lower"]), "stratafs mount", &["--lower"]);
+    assert_usage_error(&run(&["umount"]), "stratafs umount", &["<MOUNTPOINT>"]);
+    assert_usage_error(&run(&["demo", "extra"]), "stratafs demo", &["extra"]);
+    assert_usage_error(&run(&["help", "nope"]), "stratafs", &["nope"]);
+}
+
+#[test]
+fn subcommand_errors_keep_the_did_you_mean_hint() {
+    assert_usage_error(
+        &run(&["mount", "--lowr", "/l", "/m"]),
+        "stratafs mount",
+        &[
+            "'--lowr'",
+            "tip: a similar argument exists: '--lower'",
+            "Usage: stratafs mount",
+        ],
+    );
+    assert_usage_error(
+        &run(&["volume", "create", "--sise", "1G", "v"]),
+        "stratafs volume create",
+        &["tip: a similar argument exists: '--size'"],
+    );
+    assert_usage_error(
+        &run(&["volume", "lss"]),
+        "stratafs volume",
+        &["'lss'", "similar subcommand", "'ls'"],
+    );
+    assert_usage_error(
+        &run(&["umount", "--lazzy", "/m"]),
+        "stratafs umount",
+        &["tip: a similar argument exists: '--lazy'"],
+    );
+}
+
+/// `X --help` and `help X` print X's own help: its usage line and its flags, not the
+/// main help with every -o option.
+#[test]
+fn every_subcommand_has_its_own_help() {
+    let cases: &[(&[&str], &str, &[&str])] = &[
+        (
+            &["mount"],
+            "stratafs mount",
+            &["--lower", "--upper", "--work", "--volume"],
+        ),
+        (&["umount"], "stratafs umount", &["--lazy"]),
+        (&["demo"], "stratafs demo", &[]),
+        (&["volume"], "stratafs volume", &["create", "prune"]),
+        (
+            &["volume", "create"],
+            "stratafs volume create",
+            &["--size", "--label"],
+        ),
+        (&["volume", "ls"], "stratafs volume ls", &["--json"]),
+        (&["volume", "inspect"], "stratafs volume inspect", &["NAME"]),
+        (&["volume", "rm"], "stratafs volume rm", &["--force"]),
+        (&["volume", "prune"], "stratafs volume prune", &[]),
+        (&["completions"], "stratafs completions", &["bash"]),
+        (&["man"], "stratafs man", &[]),
+    ];
+    for (words, usage, needles) in cases {
+        let mut with_flag = words.to_vec();
+        with_flag.push("--help");
+        let mut with_help = vec!["help"];
+        with_help.extend_from_slice(words);
+        for args in [with_flag, with_help] {
+            let out = run(&args);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{args:?}: {:?}", out.status);
+            assert!(
+                text.contains(&format!("Usage: {usage}")),
+                "{args:?} lacks its usage line:\n{text}"
+            );
+            assert!(
+                !text.contains("Layer options"),
+                "{args:?} printed the main help:\n{text}"
+            );
+            for n in *needles {
+                assert!(text.contains(n), "{args:?} lacks {n:?}:\n{text}");
+            }
+        }
+    }
+    // `stratafs help` alone is the main help, not a mount on `./help`.
+    let out = run(&["help"]);
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Layer options"));
+}
+
+/// A misspelt option is named before the validation error it causes.
+#[test]
+fn unknown_option_warning_comes_before_the_validation_error() {
+    let t = Tree::new();
+    let out = t.mount_o(&format!(
+        "lowerdir={},upperdr={},workdir={}",
+        t.p("l1"),
+        t.p("u"),
+        t.p("w")
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("stratafs: warning: unknown option 'upperdr="),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("stratafs: workdir ") && lines[1].contains("given without upperdir"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -405,8 +541,9 @@ fn mount_subcommand_errors() {
         ]),
         &["bind", &nope],
     );
-    assert_fails(
+    assert_usage_error(
         &run(&["mount", "--lower", &l1, "--frobnicate", &mnt]),
+        "stratafs mount",
         &["--frobnicate"],
     );
     assert_fails(

@@ -62,6 +62,18 @@ impl State {
         out
     }
 
+    /// A malformed command line: exit status 2, clap's report ending with a pointer
+    /// to the `--help` of `command`.
+    #[track_caller]
+    fn usage_fails(&self, args: &[&str], command: &str) {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "volume {args:?}: {err}");
+        assert!(err.starts_with("stratafs: "), "{err:?}");
+        let last = err.trim_end().lines().last().unwrap_or("");
+        assert!(last.contains(&format!("try '{command} --help'")), "{err:?}");
+    }
+
     fn data(&self, name: &str) -> PathBuf {
         self.dir.join("volumes").join(name).join("_data")
     }
@@ -163,9 +175,8 @@ fn errors_name_the_problem() {
         &["label", "KEY=VALUE"],
     );
     s.fails(&["create", "x", "--label", "=v"], &["label"]);
-    s.fails(&["frobnicate"], &[]);
-    let out = s.fails(&["create"], &[]);
-    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    s.usage_fails(&["frobnicate"], "stratafs volume");
+    s.usage_fails(&["create"], "stratafs volume create");
     // Nothing was created by the failures.
     let names = json(&s.ok(&["ls", "--json"]));
     assert_eq!(names.as_array().unwrap().len(), 2);
