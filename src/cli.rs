@@ -767,7 +767,7 @@ fn finish_mount(
 }
 
 /// `io::Error`'s Display appends " (os error N)"; the strerror text alone reads better.
-fn os_reason(e: &io::Error) -> String {
+pub(crate) fn os_reason(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error ") {
         Some(i) => s[..i].to_string(),
@@ -786,8 +786,22 @@ fn existing_dir(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
     if path.as_os_str().is_empty() {
         return Err(err("empty path".to_string()));
     }
-    let canonical = fs::canonicalize(path).map_err(|e| err(os_reason(&e)))?;
-    let meta = fs::metadata(&canonical).map_err(|e| err(os_reason(&e)))?;
+    // What a FUSE mount whose daemon died answers; mounting over it again, or using
+    // it as a layer, needs it gone first.
+    let failed = |e: io::Error| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            err(format!(
+                "{}: a FUSE mount whose daemon has died is still there; unmount it first: \
+                 stratafs umount {}",
+                os_reason(&e),
+                path.display()
+            ))
+        } else {
+            err(os_reason(&e))
+        }
+    };
+    let canonical = fs::canonicalize(path).map_err(failed)?;
+    let meta = fs::metadata(&canonical).map_err(failed)?;
     if !meta.is_dir() {
         return Err(err(os_reason(&io::Error::from_raw_os_error(libc::ENOTDIR))));
     }

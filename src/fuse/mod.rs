@@ -4,12 +4,16 @@
 mod adapter;
 mod watchdog;
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{MountOption, Session, SessionACL};
 
+use crate::cli::os_reason;
 use crate::config::MountConfig;
+use crate::sys::Errno;
+use crate::sys::mount;
 use crate::sys::process::{self, Forked};
 use crate::union::Union;
 pub use adapter::StrataFs;
@@ -133,7 +137,11 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         Err(e) => {
             return fail(
                 report,
-                format!("mount {}: {e}", config.mountpoint.display()),
+                format!(
+                    "mount {}: {}",
+                    config.mountpoint.display(),
+                    mount_failure(&e)
+                ),
             );
         }
     };
@@ -153,7 +161,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
             let sig = process::wait_for_termination_signal();
             log::info!("signal {sig}: unmounting {}", mountpoint.display());
             if unmounter.unmount().is_err() {
-                let _ = process::lazy_unmount(&mountpoint);
+                let _ = mount::unmount(&mountpoint, true);
             }
         });
     if let Some(pipe) = report {
@@ -171,20 +179,127 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     }
 }
 
-/// `stratafs umount MNT`: fusermount3 -u, falling back to a lazy unmount.
-pub fn unmount(mountpoint: &Path, _lazy: bool) -> i32 {
-    let status = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint)
-        .status();
-    if matches!(status, Ok(s) if s.success()) {
-        return 0;
-    }
-    match process::lazy_unmount(mountpoint) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("stratafs: umount {}: {e}", mountpoint.display());
+/// `stratafs umount MNT [--lazy]`: exit status 0 when unmounted (a note on stderr if
+/// it was only detached), 1 with the reason on stderr otherwise.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> i32 {
+    match unmount_mount(mountpoint, lazy) {
+        Ok(note) => {
+            if let Some(note) = note {
+                eprintln!("stratafs: {note}");
+            }
+            0
+        }
+        Err(msg) => {
+            eprintln!("stratafs: umount {}: {msg}", mountpoint.display());
             1
         }
+    }
+}
+
+/// The mount point as the mount table spells it: absolute, symlinks resolved. A
+/// mount whose daemon died cannot be resolved itself (ENOTCONN), so then only its
+/// parent is.
+fn table_path(mountpoint: &Path) -> io::Result<PathBuf> {
+    match std::fs::canonicalize(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs = std::path::absolute(mountpoint)?;
+            match (abs.parent(), abs.file_name()) {
+                (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)?.join(name)),
+                _ => Ok(abs),
+            }
+        }
+        other => other,
+    }
+}
+
+const BUSY: &str = "busy: a process has a file or its working directory on it; \
+                    end that, or detach the mount now with --lazy";
+
+/// Unmounts only FUSE mounts, and a busy one only when `lazy` (then says so): a
+/// silent lazy detach would leave a caller believing the data is no longer in use.
+fn unmount_mount(mountpoint: &Path, lazy: bool) -> Result<Option<String>, String> {
+    let path = table_path(mountpoint).map_err(|e| os_reason(&e))?;
+    let entry = mount::mount_at(&path)
+        .map_err(|e| format!("cannot read the mount table: {}", os_reason(&e)))?
+        .ok_or("not mounted")?;
+    if !entry.is_fuse() {
+        return Err(format!(
+            "not a stratafs mount (it is {}); use umount(8)",
+            entry.fstype
+        ));
+    }
+    let detached = || {
+        Some(format!(
+            "{} was busy: detached lazily; it ends once no longer in use",
+            mountpoint.display()
+        ))
+    };
+    if process::is_root() {
+        return match mount::unmount(&path, false) {
+            Ok(()) => Ok(None),
+            Err(Errno::BUSY) if lazy => match mount::unmount(&path, true) {
+                Ok(()) => Ok(detached()),
+                Err(e) => Err(os_reason(&e.into())),
+            },
+            Err(Errno::BUSY) => Err(BUSY.to_string()),
+            Err(e) => Err(os_reason(&e.into())),
+        };
+    }
+    // Unprivileged: the setuid helper, which checks that the mount is the caller's.
+    let fusermount = |extra: &[&str]| {
+        std::process::Command::new("fusermount3")
+            .arg("-u")
+            .args(extra)
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run fusermount3: {}", os_reason(&e)))
+    };
+    let out = fusermount(&[])?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !said.contains("Device or resource busy") {
+        return Err(said);
+    }
+    if !lazy {
+        return Err(BUSY.to_string());
+    }
+    let out = fusermount(&["-z"])?;
+    if out.status.success() {
+        Ok(detached())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Names what refused a mount. fuser reports an unprivileged caller's refused
+/// /dev/fuse as a bare "Permission denied", and a missing fusermount3 as a bare
+/// "No such file or directory".
+fn mount_failure(e: &io::Error) -> String {
+    let reason = os_reason(e);
+    let dev = Path::new("/dev/fuse");
+    if !dev.exists() {
+        return format!("{reason}: /dev/fuse does not exist (load the module: modprobe fuse)");
+    }
+    if process::is_root() {
+        return reason;
+    }
+    if !mount::can_read_write(dev) {
+        return format!(
+            "/dev/fuse: {reason}: an unprivileged mount needs read-write access to /dev/fuse \
+             (and the setuid-root fusermount3 of fuse3)"
+        );
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            format!("{reason}: an unprivileged mount needs fusermount3 (package fuse3) on PATH")
+        }
+        io::ErrorKind::PermissionDenied => format!(
+            "{reason}: fusermount3 refused the mount (is it installed setuid root, and is \
+             the mount point yours?)"
+        ),
+        _ => reason,
     }
 }

@@ -191,11 +191,6 @@ pub fn wait_for_termination_signal() -> i32 {
     }
 }
 
-/// Detaches the mount at `path` (lazy unmount), for shutdown on a signal.
-pub fn lazy_unmount(path: &std::path::Path) -> SysResult<()> {
-    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
-}
-
 /// f_type of the filesystem holding `path` (used to wait for a mount to be live).
 pub fn fs_magic(path: &std::path::Path) -> SysResult<i64> {
     Ok(rustix::fs::statfs(path)?.f_type as i64)

@@ -1,12 +1,16 @@
 //! The binary's command-line contract: every bad invocation exits non-zero with exactly
-//! one stderr line (`stratafs: ...`) naming the offending path or option, before
-//! anything is mounted, so none of these tests needs FUSE.
+//! one stderr line (`stratafs: ...`) naming the offending path or option (or, for a
+//! malformed command line, clap's whole report), before anything is mounted. The
+//! tests at the end need FUSE: `umount`, mount failures that must name their real
+//! cause, and what /proc/mounts shows.
 
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::fixture::{LayerSpec, Layers, StrataMount, mount_at, require_fuse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
 
@@ -556,5 +560,141 @@ fn mount_subcommand_errors() {
             &mnt,
         ]),
         &["--lower", "lowerdir"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Mounted: umount, and mount failures that name their cause
+// ---------------------------------------------------------------------------------------
+
+fn one_file_layers() -> Layers {
+    Layers::new(&[LayerSpec::new().file("f", b"lower\n")])
+}
+
+#[test]
+fn umount_of_what_is_not_mounted_says_so() {
+    let t = Tree::new();
+    let mnt = t.p("mnt");
+    assert_fails(&run(&["umount", &mnt]), &[&mnt, "not mounted"]);
+    let nope = t.p("nope");
+    assert_fails(
+        &run(&["umount", &nope]),
+        &[&nope, "No such file or directory"],
+    );
+}
+
+#[test]
+fn umount_refuses_a_mount_that_is_not_fuse() {
+    if !require_fuse() {
+        return;
+    }
+    let t = Tree::new();
+    let mnt = t.root.join("mnt");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "stratafs-test-tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount tmpfs");
+    assert!(st.success());
+    let out = run(&["umount", &t.p("mnt")]);
+    let still = mount_at(&mnt).map(|e| e.fstype);
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_fails(&out, &["tmpfs", "not a stratafs mount"]);
+    assert_eq!(still.as_deref(), Some("tmpfs"), "the tmpfs was unmounted");
+}
+
+#[test]
+fn busy_mount_is_kept_unless_lazy_and_lazy_says_what_it_did() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    let open = fs::File::open(m.join("f")).expect("open through the mount");
+    let mp = l.merged.to_string_lossy().into_owned();
+    assert_fails(&run(&["umount", &mp]), &[&mp, "busy", "--lazy"]);
+    assert!(mount_at(&l.merged).is_some(), "a refused umount unmounted");
+
+    let out = run(&["umount", "--lazy", &mp]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("detached lazily"), "{stderr:?}");
+    assert!(mount_at(&l.merged).is_none(), "still in the mount table");
+    drop(open);
+    // Its last user gone, the detached mount ends and so does the daemon (a signal to
+    // it, if it has not exited yet, is what an unmount would have done anyway).
+    let st = m.signal_and_wait(libc::SIGTERM);
+    assert!(st.success() || st.code().is_none(), "{st:?}");
+}
+
+#[test]
+fn umount_unmounts_an_idle_mount_quietly() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    let mp = l.merged.to_string_lossy().into_owned();
+    let out = run(&["umount", &mp]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    assert!(mount_at(&l.merged).is_none());
+    let st = m.signal_and_wait(0);
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn remount_over_a_dead_daemon_says_to_unmount_first() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    m.signal_and_wait(libc::SIGKILL);
+    let mp = l.merged.to_string_lossy().into_owned();
+    let out = run(&["-o", &l.rw_options(), &mp]);
+    assert_fails(
+        &out,
+        &[
+            &mp,
+            "Transport endpoint is not connected",
+            &format!("stratafs umount {mp}"),
+        ],
+    );
+    // And that advice works on the dead mount.
+    let out = run(&["umount", &mp]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(mount_at(&l.merged).is_none());
+}
+
+/// An unprivileged user who may not open /dev/fuse is told so, not just "Permission
+/// denied". /dev/fuse is replaced, in a mount namespace of the test's own, by a file
+/// only root may open.
+#[test]
+fn unprivileged_mount_names_dev_fuse_when_it_is_refused() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let fake = l.root.join("fake-dev-fuse");
+    fs::write(&fake, b"").expect("write");
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let script = format!(
+        "mount --bind '{}' /dev/fuse && exec setpriv --reuid=65534 --regid=65534 \
+         --clear-groups '{BIN}' -f -o 'lowerdir={}' '{}'",
+        fake.display(),
+        l.lowers[0].display(),
+        l.merged.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    assert_fails(
+        &out,
+        &["/dev/fuse", "Permission denied", "read-write access"],
     );
 }
