@@ -5,6 +5,7 @@ mod adapter;
 mod watchdog;
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -89,6 +90,65 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     cfg
 }
 
+/// As root, mounts the FUSE connection itself, so that the type is `fuse.stratafs`
+/// (fuser's own mount(2) always says `fuse`; fusermount3, which an unprivileged mount
+/// goes through, sets the subtype as we do here). `Ok(None)`: not root, or mount(2)
+/// refused with EPERM (a user namespace without the right): fuser mounts instead.
+fn kernel_mount(config: &MountConfig, cfg: &fuser::Config) -> io::Result<Option<OwnedFd>> {
+    if !process::is_root() {
+        return Ok(None);
+    }
+    let mut source = "stratafs".to_string();
+    let mut fstype = "fuse".to_string();
+    let mut kernel_options = Vec::new();
+    // fuser's defaults: nosuid and nodev unless asked for.
+    let mut flags = mount::FuseMountFlags {
+        nosuid: true,
+        nodev: true,
+        ..Default::default()
+    };
+    for o in &cfg.mount_options {
+        match o {
+            MountOption::FSName(n) => source = n.clone(),
+            MountOption::Subtype(t) => fstype = format!("fuse.{t}"),
+            MountOption::DefaultPermissions => kernel_options.push("default_permissions"),
+            MountOption::RO => flags.read_only = true,
+            MountOption::RW => flags.read_only = false,
+            MountOption::Suid => flags.nosuid = false,
+            MountOption::NoSuid => flags.nosuid = true,
+            MountOption::Dev => flags.nodev = false,
+            MountOption::NoDev => flags.nodev = true,
+            MountOption::Exec => flags.noexec = false,
+            MountOption::NoExec => flags.noexec = true,
+            MountOption::Atime => flags.noatime = false,
+            MountOption::NoAtime => flags.noatime = true,
+            // session_config sets none of the others.
+            other => log::debug!("mount option {other:?} left to fuser"),
+        }
+    }
+    // The kernel knows only allow_other; allow_root is enforced by fuser's ACL check.
+    if cfg.acl != SessionACL::Owner {
+        kernel_options.push("allow_other");
+    }
+    let rootmode = mount::file_type_bits(&config.mountpoint).map_err(io::Error::from)?;
+    let dev = mount::open_fuse_device().map_err(io::Error::from)?;
+    let mut data = format!(
+        "fd={},rootmode={rootmode:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        process::real_uid(),
+        process::real_gid()
+    );
+    for o in kernel_options {
+        data.push(',');
+        data.push_str(o);
+    }
+    match mount::mount_fuse(&source, &config.mountpoint, &fstype, flags, &data) {
+        Ok(()) => Ok(Some(dev)),
+        Err(Errno::PERM) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Mounts `config` and serves it until unmounted. Without `foreground`, returns in
 /// the caller's process only once the mount is live (exit code 0) or has failed
 /// (non-zero, reason on stderr), while the daemon goes on detached.
@@ -132,7 +192,27 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     // inherits the block.
     process::block_termination_signals();
     let fs = StrataFs::new(engine.clone(), config.passthrough, config.writeback);
-    let mut session = match Session::new(fs, &config.mountpoint, &session_config(config)) {
+    let session_cfg = session_config(config);
+    // Mounted here (as root) or by fuser (through fusermount3 otherwise).
+    let own_mount = match kernel_mount(config, &session_cfg) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return fail(
+                report,
+                format!(
+                    "mount {}: {}",
+                    config.mountpoint.display(),
+                    mount_failure(&e)
+                ),
+            );
+        }
+    };
+    let mounted_here = own_mount.is_some();
+    let started = match own_mount {
+        Some(fd) => Session::from_fd(fs, fd, session_cfg.acl, session_cfg),
+        None => Session::new(fs, &config.mountpoint, &session_cfg),
+    };
+    let mut session = match started {
         Ok(s) => s,
         Err(e) => {
             return fail(
@@ -160,7 +240,8 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         .spawn(move || {
             let sig = process::wait_for_termination_signal();
             log::info!("signal {sig}: unmounting {}", mountpoint.display());
-            if unmounter.unmount().is_err() {
+            // fuser unmounts only what it mounted itself.
+            if mounted_here || unmounter.unmount().is_err() {
                 let _ = mount::unmount(&mountpoint, true);
             }
         });

@@ -1,6 +1,14 @@
-//! The mount table and unmounting, for `stratafs umount` and the daemon's shutdown.
+//! Mounting a FUSE connection, the mount table and unmounting, for the daemon and
+//! `stratafs umount`.
 
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::MountFlags;
+
+use super::Errno;
 
 use super::SysResult;
 
@@ -78,6 +86,52 @@ pub fn unmount(path: &Path, detach: bool) -> SysResult<()> {
         rustix::mount::UnmountFlags::empty()
     };
     rustix::mount::unmount(path, flags)
+}
+
+/// Opens /dev/fuse: one new, not yet mounted, FUSE connection.
+pub fn open_fuse_device() -> SysResult<OwnedFd> {
+    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+}
+
+/// The mount(2) flags of a FUSE mount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FuseMountFlags {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+}
+
+/// mount(2) of a FUSE connection at `target`. `data` is the kernel's option string
+/// (`fd=N,rootmode=...,user_id=...,group_id=...`); `fstype` is `fuse.SUBTYPE`, which
+/// is what /proc/mounts shows as the type.
+pub fn mount_fuse(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: FuseMountFlags,
+    data: &str,
+) -> SysResult<()> {
+    let mut f = MountFlags::empty();
+    for (on, flag) in [
+        (flags.read_only, MountFlags::RDONLY),
+        (flags.nosuid, MountFlags::NOSUID),
+        (flags.nodev, MountFlags::NODEV),
+        (flags.noexec, MountFlags::NOEXEC),
+        (flags.noatime, MountFlags::NOATIME),
+    ] {
+        if on {
+            f |= flag;
+        }
+    }
+    let data = CString::new(data).map_err(|_| Errno::INVAL)?;
+    rustix::mount::mount(source, target, fstype, f, data.as_c_str())
+}
+
+/// The file-type bits of `path`'s mode (the `rootmode=` of a FUSE mount on it).
+pub fn file_type_bits(path: &Path) -> SysResult<u32> {
+    Ok(rustix::fs::stat(path)?.st_mode & libc::S_IFMT)
 }
 
 /// Whether this process may open `path` for reading and writing (access(2) with the

@@ -154,6 +154,14 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+pub fn real_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+pub fn real_gid() -> u32 {
+    rustix::process::getgid().as_raw()
+}
+
 /// The signals that end the daemon: SIGINT, SIGTERM and SIGHUP.
 fn termination_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before any use.

@@ -698,3 +698,76 @@ fn unprivileged_mount_names_dev_fuse_when_it_is_refused() {
         &["/dev/fuse", "Permission denied", "read-write access"],
     );
 }
+
+/// `findmnt -t fuse.stratafs` and tools that look for the subtype find the mount;
+/// the source column is the caller's `fsname=`.
+#[test]
+fn proc_mounts_shows_type_fuse_stratafs_and_the_fsname() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    for (extra, source) in [("", "stratafs"), (",fsname=my-container", "my-container")] {
+        let m =
+            StrataMount::with_options(&format!("{}{extra}", l.rw_options()), &l.merged, &l.root);
+        let e = mount_at(&l.merged).expect("mounted");
+        assert_eq!(e.fstype, "fuse.stratafs", "{e:?}");
+        assert_eq!(e.source, source, "{e:?}");
+        let found = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE", "-t", "fuse.stratafs", "--mountpoint"])
+            .arg(&l.merged)
+            .output()
+            .expect("findmnt");
+        assert_eq!(String::from_utf8_lossy(&found.stdout).trim(), source);
+        drop(m);
+    }
+}
+
+/// Ctrl-C at the demo's prompt: the terminal signals the whole foreground process
+/// group. The demo unmounts and cleans up, exits 0 and prints no error.
+#[test]
+fn demo_ends_cleanly_on_ctrl_c() {
+    if !require_fuse() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env_remove("STRATAFS_DEMO_NONINTERACTIVE")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let pgid = child.id() as libc::pid_t;
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let mut merged = None;
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).expect("read demo output") == 0 {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("The mount stays up at ") {
+            merged = rest.split(" — ").next().map(PathBuf::from);
+        }
+        seen.push_str(&line);
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let merged = merged.unwrap_or_else(|| panic!("no prompt in the demo output:\n{seen}"));
+    assert!(mount_at(&merged).is_some(), "{seen}");
+    // SAFETY: kill(2) on the process group of our own, unreaped child.
+    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let out = child.wait_with_output().expect("wait demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}; stderr: {stderr}", out.status);
+    assert!(stderr.is_empty(), "error lines on Ctrl-C: {stderr:?}");
+    assert!(mount_at(&merged).is_none(), "the demo left its mount");
+    assert!(!merged.exists(), "the demo left its scratch directory");
+}
