@@ -191,6 +191,7 @@ Exit status:
 /// help, the man page and completions render it.
 pub fn command() -> clap::Command {
     let mut cmd = legacy_command()
+        .version(env!("CARGO_PKG_VERSION"))
         .about("copy-on-write union filesystem in userspace (overlayfs on-disk format)")
         .override_usage(USAGE)
         .after_help(OPTIONS_HELP)
@@ -392,7 +393,18 @@ pub fn man_page() -> String {
         let (head, body) = block.split_once('\n').unwrap_or((block, ""));
         match head.strip_suffix(':') {
             Some(title) => {
-                text.push_str(&format!(".SH \"{}\"\n.nf\n", title.to_uppercase()));
+                // "Layer options (-o)" -> LAYER OPTIONS (-o): man's headings are upper case.
+                let (words, note) = title.split_once(" (").unwrap_or((title, ""));
+                let note = if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({note}")
+                };
+                let heading = format!("{}{note}", words.to_uppercase());
+                text.push_str(&format!(
+                    ".SH \"{}\"\n.nf\n",
+                    roff_text(&heading).trim_end()
+                ));
                 text.push_str(&roff_text(body));
             }
             None => {
@@ -421,7 +433,7 @@ pub fn man_page() -> String {
         let _ = clap_mangen::Man::new(sub.clone()).render_options_section(&mut opts);
         let opts = String::from_utf8_lossy(&opts);
         // Under a subsection, the options need no heading of their own.
-        text.push_str(opts.trim_start_matches(".SH OPTIONS\n"));
+        text.push_str(&opts.replacen(".SH OPTIONS\n", "", 1));
     }
     text.push_str(&format!(".SH EXAMPLES\n.nf\n{}.fi\n", roff_text(EXAMPLES)));
     text.push_str(".SH \"SEE ALSO\"\nmount(8), fstab(5), fuse(8), fuse\\-overlayfs(1)\n");

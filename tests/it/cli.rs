@@ -771,3 +771,163 @@ fn demo_ends_cleanly_on_ctrl_c() {
     assert!(mount_at(&merged).is_none(), "the demo left its mount");
     assert!(!merged.exists(), "the demo left its scratch directory");
 }
+
+/// `mount -t fuse.stratafs` and an fstab line, through mount(8) itself. mount(8) runs
+/// /sbin/mount.fuse.stratafs; the test puts that helper (a link to this build) in a
+/// directory of its own, bound over /usr/sbin (= /sbin) in a private mount namespace,
+/// so nothing on the machine changes. Everything mounted there is unmounted there.
+#[test]
+fn mount_8_and_fstab_run_stratafs_as_the_fuse_stratafs_helper() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let sbin = l.root.join("sbin");
+    fs::create_dir(&sbin).expect("mkdir");
+    symlink(BIN, sbin.join("mount.fuse.stratafs")).expect("symlink");
+    let fstab = l.root.join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "fromfstab {} fuse.stratafs {},fsname=fromfstab,noauto 0 0\n",
+            l.merged.display(),
+            l.rw_options()
+        ),
+    )
+    .expect("write fstab");
+    let script = r#"
+set -eu
+trap '"$BIN" umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true' EXIT
+mount --bind "$SBIN" /usr/sbin
+mount -t fuse.stratafs stratafs "$MNT" -o "$OPTS"
+echo "cli: $(findmnt -n -o FSTYPE,SOURCE -t fuse.stratafs --mountpoint "$MNT")"
+echo "cli read: $(cat "$MNT/f")"
+"$BIN" umount "$MNT"
+mount -T "$FSTAB" "$MNT"
+echo "fstab: $(findmnt -n -o FSTYPE,SOURCE --mountpoint "$MNT")"
+echo "fstab read: $(cat "$MNT/f")"
+"$BIN" umount "$MNT"
+echo "left: $(findmnt -n --mountpoint "$MNT" || true)"
+"#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("BIN", BIN)
+        .env("MNT", &l.merged)
+        .env("SBIN", &sbin)
+        .env("FSTAB", &fstab)
+        .env("OPTS", l.rw_options())
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
+    let lines: Vec<&str> = stdout.lines().map(|l| l.trim_end()).collect();
+    assert_eq!(
+        lines,
+        [
+            "cli: fuse.stratafs stratafs",
+            "cli read: lower",
+            "fstab: fuse.stratafs fromfstab",
+            "fstab read: lower",
+            "left:",
+        ],
+        "{stderr}"
+    );
+}
+
+/// Every command of the clap definition (the one the parser uses), with its path.
+fn all_commands() -> Vec<Vec<String>> {
+    fn walk(cmd: &clap::Command, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        for sub in cmd.get_subcommands() {
+            path.push(sub.get_name().to_string());
+            out.push(path.clone());
+            walk(sub, path, out);
+            path.pop();
+        }
+    }
+    let mut out = Vec::new();
+    walk(&stratafs::cli::command(), &mut Vec::new(), &mut out);
+    out
+}
+
+/// The man page and the completions come from the parser's own definition: every
+/// command and every one of its long flags is in them.
+#[test]
+fn man_page_and_completions_cover_every_command() {
+    let commands = all_commands();
+    assert!(commands.len() >= 12, "{commands:?}");
+    let man = run(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.starts_with(".ie") || page.starts_with(".TH"), "{page}");
+    for section in ["NAME", "SYNOPSIS", "ENVIRONMENT", "EXIT STATUS", "EXAMPLES"] {
+        assert!(
+            page.contains(&format!(".SH {section}\n"))
+                || page.contains(&format!(".SH \"{section}\"\n")),
+            "no {section}"
+        );
+    }
+    for needle in ["STRATAFS_LOG", "lowerdir=", "fuse.stratafs", "upperdir=DIR"] {
+        assert!(page.contains(needle), "the man page lacks {needle:?}");
+    }
+    let scripts: Vec<(String, String)> = ["bash", "zsh", "fish"]
+        .iter()
+        .map(|shell| {
+            let out = run(&["completions", shell]);
+            assert!(out.status.success(), "{shell}: {out:?}");
+            (
+                shell.to_string(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+        .collect();
+    let root = stratafs::cli::command();
+    for path in &commands {
+        let mut cmd = &root;
+        for name in path {
+            cmd = cmd.find_subcommand(name).expect("listed");
+        }
+        let title = format!(".SS \"stratafs {}\"", path.join(" "));
+        assert!(page.contains(&title), "the man page lacks {title}");
+        let leaf = path.last().expect("non-empty");
+        for (shell, script) in &scripts {
+            assert!(script.contains(leaf.as_str()), "{shell} lacks {path:?}");
+        }
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if let Some(long) = arg.get_long() {
+                // roff writes a flag's dashes as \-.
+                let in_man = format!("\\-\\-{}", long.replace('-', "\\-"));
+                assert!(page.contains(&in_man), "man lacks {path:?} --{long}");
+                for (shell, script) in &scripts {
+                    assert!(script.contains(long), "{shell} lacks {path:?} --{long}");
+                }
+            }
+        }
+    }
+    let check = Command::new("groff")
+        .args(["-man", "-ww", "-z"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    if let Ok(mut groff) = check {
+        use std::io::Write;
+        groff
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&man.stdout)
+            .expect("write");
+        let out = groff.wait_with_output().expect("groff");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "groff warns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bash = Command::new("bash")
+        .args(["-n", "-c", &scripts[0].1])
+        .output()
+        .expect("bash");
+    assert!(bash.status.success(), "{bash:?}");
+}
