@@ -34,6 +34,8 @@ pub enum Command {
         config: MountConfig,
         foreground: bool,
         debug: bool,
+        /// `-o log=FILE`, made absolute (the daemon changes directory).
+        log_file: Option<PathBuf>,
     },
     /// `lazy`: detach a busy mount instead of failing.
     Umount {
@@ -165,7 +167,9 @@ Behaviour options (-o):
 Mount options (-o):
   ro, rw, allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
   exec, noexec, atime, noatime, max_write=N, fsname=NAME (the source column of
-  /proc/mounts; the type is always fuse.stratafs), debug
+  /proc/mounts; the type is always fuse.stratafs), debug (as -d, without -f)
+  log=FILE                 append the daemon's log to FILE (a detached daemon's stderr
+                           is /dev/null)
   relatime, strictatime, nodiratime, subtype=, defaults, auto, noauto, user, users,
   nouser, nofail, _netdev, x-*, comment=*: accepted and ignored
 
@@ -775,6 +779,14 @@ fn finish_mount(
         // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.
         foreground: m.get_flag("foreground") || m.get_flag("debug"),
         debug: m.get_flag("debug") || opts.debug,
+        log_file: match &opts.log {
+            Some(f) => Some(std::path::absolute(f).map_err(|e| CliError::Path {
+                what: "log",
+                path: f.clone(),
+                problem: os_reason(&e),
+            })?),
+            None => None,
+        },
     })
 }
 
@@ -1060,6 +1072,7 @@ mod tests {
                 config,
                 foreground,
                 debug,
+                ..
             }) => (config, foreground, debug, inv.warnings),
             other => panic!("{v:?}: {other:?}"),
         }

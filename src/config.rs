@@ -131,6 +131,94 @@ impl MountConfig {
         }
     }
 
+    /// The resolved configuration, one line each, as `-d` prints it before mounting:
+    /// what the mount will really use, with defaults filled in and the reason for
+    /// each choice that options made indirectly.
+    pub fn summary(&self) -> Vec<String> {
+        let list = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" : ")
+        };
+        let maps = |m: &[IdMapping]| {
+            if m.is_empty() {
+                "identity".to_string()
+            } else {
+                m.iter()
+                    .map(|m| format!("{}->{} (x{})", m.container, m.host, m.count))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let opt = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
+        };
+        let mut lines = vec![
+            format!("config: mountpoint {}", self.mountpoint.display()),
+            format!("config: lower layers (top first) {}", list(&self.lowerdirs)),
+            format!(
+                "config: upper {}, work {}{}",
+                opt(&self.upperdir),
+                opt(&self.workdir),
+                if self.read_only() {
+                    " (read-only mount)"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "config: uids {}; gids {}; squash uid {} gid {}; xattr_permissions {}",
+                maps(&self.uid_mappings),
+                maps(&self.gid_mappings),
+                self.squash_to_uid.map_or("-".into(), |u| u.to_string()),
+                self.squash_to_gid.map_or("-".into(), |g| g.to_string()),
+                self.xattr_permissions
+            ),
+            format!(
+                "config: passthrough {}",
+                if self.passthrough {
+                    "on (where the kernel grants it: needs CAP_SYS_ADMIN)"
+                } else if self.writeback {
+                    "off (writeback=1 needs I/O served by the daemon)"
+                } else {
+                    "off (passthrough=0)"
+                }
+            ),
+            format!(
+                "config: sync {}, writeback cache {}, metacopy {}, redirect_dir {}, threads {}",
+                if self.syncs() {
+                    "on"
+                } else if self.volatile {
+                    "off (volatile)"
+                } else {
+                    "off (fsync=0)"
+                },
+                if self.writeback { "on" } else { "off" },
+                if self.metacopy { "on" } else { "off" },
+                self.redirect_dir.as_deref().unwrap_or("on"),
+                if self.threads == 0 {
+                    "auto".to_string()
+                } else {
+                    self.threads.to_string()
+                }
+            ),
+        ];
+        for g in &self.grafts {
+            let source = match &g.source {
+                GraftSource::Volume(n) => format!("volume {n}"),
+                GraftSource::Bind(p) => format!("bind {}", p.display()),
+            };
+            lines.push(format!(
+                "config: graft {source} at {}{}",
+                g.target.display(),
+                if g.read_only { " (read-only)" } else { "" }
+            ));
+        }
+        lines
+    }
+
     pub fn read_only(&self) -> bool {
         self.upperdir.is_none() || self.fuse.read_only
     }

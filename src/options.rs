@@ -58,6 +58,9 @@ pub struct ParsedOptions {
     pub passthrough: Option<bool>,
     /// libfuse's `-o debug` (same as `-d`).
     pub debug: bool,
+    /// `log=FILE`: the daemon's log goes there (appended) instead of stderr, which a
+    /// detached daemon has pointed at /dev/null.
+    pub log: Option<PathBuf>,
     pub fuse: FuseFlags,
     /// In the order given; targets are absolute and normalised.
     pub grafts: Vec<GraftSpec>,
@@ -254,6 +257,7 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
             p.fuse.max_write = Some(n);
         }
         "fsname" => p.fuse.fsname = Some(value.to_string()),
+        "log" => p.log = Some(PathBuf::from(value)),
         // Accepted without effect: fuse-overlayfs' inode-number tuning has no analogue
         // here, and the FUSE subtype is always ours.
         "fast_ino" | "subtype" => {}
@@ -288,6 +292,7 @@ fn takes_value(key: &str) -> bool {
             | "bind"
             | "max_write"
             | "fsname"
+            | "log"
             | "fast_ino"
             | "subtype"
     )
@@ -547,6 +552,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
     }
     if let Some(w) = &p.workdir {
         kv("workdir", &lossy(w));
+    }
+    if let Some(f) = &p.log {
+        kv("log", &lossy(f));
     }
     for (key, maps) in [
         ("uidmapping", &p.uid_mappings),
@@ -1038,6 +1046,7 @@ mod tests {
             "uidmapping=",
             "gidmapping=",
             "fsname=",
+            "log=",
             "xino=",
             "redirect_dir=",
             "squash_to_uid=",

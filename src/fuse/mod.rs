@@ -252,7 +252,10 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         process::write_report(pipe, Ok(()));
     }
     match session.run() {
-        Ok(()) => 0,
+        Ok(()) => {
+            log::info!("{} unmounted; exiting", config.mountpoint.display());
+            0
+        }
         Err(e) => {
             log::error!("session ended: {e}");
             1

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fixture::{LayerSpec, Layers, StrataMount, mount_at, require_fuse};
+use crate::fixture::{LayerSpec, Layers, StrataDaemon, StrataMount, mount_at, require_fuse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
 
@@ -930,4 +930,79 @@ fn man_page_and_completions_cover_every_command() {
         .output()
         .expect("bash");
     assert!(bash.status.success(), "{bash:?}");
+}
+
+/// `-d` starts with the configuration the mount really uses, before any request.
+#[test]
+fn debug_prints_the_resolved_configuration_first() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let opts = format!("{},writeback=1", l.rw_options());
+    let mut m = StrataMount::with_args(&opts, &["-d"], &l.merged, &l.root);
+    let _ = fs::read(m.join("f")).expect("read");
+    m.unmount();
+    let out = m.output();
+    let first = out.lines().next().unwrap_or("");
+    assert!(first.contains("config: mountpoint"), "{out}");
+    for needle in [
+        format!("config: lower layers (top first) {}", l.lowers[0].display()),
+        format!(
+            "config: upper {}, work {}",
+            l.upper.display(),
+            l.work.display()
+        ),
+        "config: passthrough off (writeback=1".to_string(),
+        "config: uids identity".to_string(),
+    ] {
+        assert!(out.contains(&needle), "no {needle:?} in:\n{out}");
+    }
+    let lines: Vec<&str> = out.lines().collect();
+    let last_config = lines
+        .iter()
+        .rposition(|l| l.contains("config: "))
+        .unwrap_or(0);
+    let first_other = lines
+        .iter()
+        .position(|l| !l.contains("config: "))
+        .unwrap_or(0);
+    assert!(
+        last_config < first_other,
+        "config lines are not first:\n{out}"
+    );
+}
+
+/// A detached daemon's stderr is /dev/null; `-o log=FILE` keeps its log.
+#[test]
+fn log_option_keeps_a_detached_daemons_log() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let log = l.root.join("daemon.log");
+    let d = StrataDaemon::with_options(&l, &format!("{},log={}", l.rw_options(), log.display()));
+    let _ = fs::read(d.path().join("f")).expect("read");
+    drop(d);
+    // It starts with the configuration and ends with why the daemon stopped.
+    let text = fs::read_to_string(&log).expect("the log file exists");
+    assert!(
+        text.contains(&format!(
+            "config: lower layers (top first) {}",
+            l.lowers[0].display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("session ended") || text.contains("unmounted"),
+        "{text}"
+    );
+    let t = Tree::new();
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={},log=/nonexistent-dir/x.log",
+            t.p("l1")
+        )),
+        &["log", "/nonexistent-dir/x.log", "No such file"],
+    );
 }
