@@ -131,9 +131,10 @@ pub const OPTIONS_HELP: &str = r#"Layer options (-o):
   lowerdir=A:B:C           lower layers, A top-most; '\:' is a ':' inside a path
   upperdir=DIR             writable layer (without it the mount is read-only)
   workdir=DIR              staging directory, same filesystem as upperdir
-  volume=NAME:/PATH[:ro][:nocopy]
+  volume=NAME:/PATH[:ro][:nocopy][:nocreate]
                            graft named volume NAME at /PATH (repeatable); nocopy: do not
-                           populate an empty volume from the image content under /PATH
+                           populate an empty volume from the image content under /PATH;
+                           a missing volume is created (and said so) unless nocreate
   bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
 
 Ownership options (-o):
@@ -615,7 +616,7 @@ fn mount_command() -> clap::Command {
                 .long("volume")
                 .value_name("SPEC")
                 .action(ArgAction::Append)
-                .help("NAME:/PATH[:ro][:nocopy]: same as -o volume=SPEC (repeatable)"),
+                .help("NAME:/PATH[:ro][:nocopy][:nocreate]: same as -o volume=SPEC (repeatable)"),
         )
         .arg(
             Arg::new("bind")
@@ -692,7 +693,7 @@ fn legacy_form(args: &[OsString], warnings: &mut Vec<String>) -> Result<Command,
         }
     };
     let opts = parse_o(&m, warnings)?;
-    finish_mount(&m, opts, &mountpoint)
+    finish_mount(&m, opts, &mountpoint, warnings)
 }
 
 fn mount_subcommand(args: &[OsString], warnings: &mut Vec<String>) -> Result<Command, CliError> {
@@ -736,7 +737,7 @@ fn mount_subcommand(args: &[OsString], warnings: &mut Vec<String>) -> Result<Com
     for spec in m.get_many::<String>("bind").into_iter().flatten() {
         opts.grafts.push(options::parse_bind(spec)?);
     }
-    finish_mount(&m, opts, &mountpoint)
+    finish_mount(&m, opts, &mountpoint, warnings)
 }
 
 /// Parses the `-o` values; their warnings go to `warnings` even if a later item fails.
@@ -758,10 +759,46 @@ fn parse_o(m: &ArgMatches, warnings: &mut Vec<String>) -> Result<ParsedOptions, 
     Ok(opts)
 }
 
+/// A mount naming a volume that does not exist creates it; a typo would otherwise
+/// silently give an empty volume, so that is said (or refused with `:nocreate`).
+/// Only a message: the mount creates the volume itself if it is still missing then.
+fn check_missing_volumes(config: &MountConfig, warnings: &mut Vec<String>) -> Result<(), CliError> {
+    let names: Vec<(&str, bool)> = config
+        .grafts
+        .iter()
+        .filter_map(|g| match &g.source {
+            GraftSource::Volume(n) => Some((n.as_str(), g.nocreate)),
+            GraftSource::Bind(_) => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    // An unusable state directory is the mount's to report, with its own words.
+    let Ok(store) = crate::volume::Store::open(config.state_dir.as_deref()) else {
+        return Ok(());
+    };
+    for (name, nocreate) in names {
+        if let Err(crate::volume::VolumeError::NotFound(_)) = store.get(name) {
+            if nocreate {
+                return Err(CliError::Invalid(format!(
+                    "volume {name} does not exist (:nocreate); create it with \
+                     'stratafs volume create {name}'"
+                )));
+            }
+            warnings.push(format!(
+                "volume {name} does not exist: creating it (add :nocreate to refuse)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn finish_mount(
     m: &ArgMatches,
     opts: ParsedOptions,
     mountpoint: &Path,
+    warnings: &mut Vec<String>,
 ) -> Result<Command, CliError> {
     let mut config = build_config(&opts, mountpoint)?;
     if m.get_flag("single") {
@@ -774,6 +811,7 @@ fn finish_mount(
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     });
+    check_missing_volumes(&config, warnings)?;
     Ok(Command::Mount {
         config,
         // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.

@@ -32,6 +32,9 @@ pub struct GraftSpec {
     pub read_only: bool,
     /// Do not populate an empty volume from the image content under `target`.
     pub nocopy: bool,
+    /// `:nocreate`: a missing volume makes the mount fail instead of being created
+    /// (checked by `cli` before mounting).
+    pub nocreate: bool,
 }
 
 /// Standard FUSE/VFS mount flags. `None` means "not given": the mount uses the default.

@@ -462,19 +462,29 @@ pub fn normalize_target(option: &str, target: &str) -> Result<PathBuf, OptionsEr
     Ok(out)
 }
 
-/// Parses the trailing `:ro`/`:rw`/`:nocopy` flags of a graft, in any order.
+/// The trailing flags of a graft.
+#[derive(Default)]
+struct GraftFlags {
+    read_only: bool,
+    nocopy: bool,
+    nocreate: bool,
+}
+
+/// Parses the trailing `:ro`/`:rw`/`:nocopy`/`:nocreate` flags of a graft, in any
+/// order; the last two only for volumes.
 fn graft_flags(
     option: &str,
     value: &str,
     flags: &[String],
-    allow_nocopy: bool,
-) -> Result<(bool, bool), OptionsError> {
-    let (mut ro, mut nocopy) = (false, false);
+    volume: bool,
+) -> Result<GraftFlags, OptionsError> {
+    let mut out = GraftFlags::default();
     for f in flags {
         match f.as_str() {
-            "ro" => ro = true,
-            "rw" => ro = false,
-            "nocopy" if allow_nocopy => nocopy = true,
+            "ro" => out.read_only = true,
+            "rw" => out.read_only = false,
+            "nocopy" if volume => out.nocopy = true,
+            "nocreate" if volume => out.nocreate = true,
             _ => {
                 return Err(invalid(
                     option,
@@ -484,17 +494,17 @@ fn graft_flags(
             }
         }
     }
-    Ok((ro, nocopy))
+    Ok(out)
 }
 
-/// `NAME:/path[:ro][:nocopy]`, as for `-o volume=` and `--volume`.
+/// `NAME:/path[:ro][:nocopy][:nocreate]`, as for `-o volume=` and `--volume`.
 pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
     let parts = split_escaped(value);
     let [name, target, flags @ ..] = parts.as_slice() else {
         return Err(invalid(
             "volume",
             value,
-            "expected NAME:/path[:ro][:nocopy]",
+            "expected NAME:/path[:ro][:nocopy][:nocreate]",
         ));
     };
     if !valid_volume_name(name) {
@@ -505,12 +515,13 @@ pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
         ));
     }
     let target = normalize_target("volume", target)?;
-    let (read_only, nocopy) = graft_flags("volume", value, flags, true)?;
+    let f = graft_flags("volume", value, flags, true)?;
     Ok(GraftSpec {
         source: GraftSource::Volume(name.clone()),
         target,
-        read_only,
-        nocopy,
+        read_only: f.read_only,
+        nocopy: f.nocopy,
+        nocreate: f.nocreate,
     })
 }
 
@@ -524,12 +535,13 @@ pub fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
         return Err(invalid("bind", value, "empty host directory"));
     }
     let target = normalize_target("bind", target)?;
-    let (read_only, _) = graft_flags("bind", value, flags, false)?;
+    let f = graft_flags("bind", value, flags, false)?;
     Ok(GraftSpec {
         source: GraftSource::Bind(PathBuf::from(source)),
         target,
-        read_only,
+        read_only: f.read_only,
         nocopy: false,
+        nocreate: false,
     })
 }
 
@@ -624,6 +636,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
         }
         if g.nocopy {
             v.push_str(":nocopy");
+        }
+        if g.nocreate {
+            v.push_str(":nocreate");
         }
         match g.source {
             GraftSource::Volume(_) => kv("volume", &v),

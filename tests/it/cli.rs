@@ -1006,3 +1006,42 @@ fn log_option_keeps_a_detached_daemons_log() {
         &["log", "/nonexistent-dir/x.log", "No such file"],
     );
 }
+
+/// A mount naming a missing volume says it creates it; `:nocreate` refuses instead.
+#[test]
+fn missing_volume_at_mount_is_created_and_said_or_refused_with_nocreate() {
+    let t = Tree::new();
+    let state = t.p("state");
+    let refused = run(&[
+        "--state-dir",
+        &state,
+        "mount",
+        "--lower",
+        &t.p("l1"),
+        "--volume",
+        "tpyo:/data:nocreate",
+        &t.p("mnt"),
+    ]);
+    assert_fails(&refused, &["volume tpyo does not exist", "nocreate"]);
+    assert!(!t.root.join("state/volumes/tpyo").exists());
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let state = l.root.join("state");
+    let state_arg = state.to_string_lossy().into_owned();
+    let m = StrataMount::with_args(
+        &format!("{},volume=tpyo:/data", l.rw_options()),
+        &["--state-dir", &state_arg],
+        &l.merged,
+        &l.root,
+    );
+    assert!(m.join("data").is_dir());
+    let out = m.output();
+    assert!(
+        out.contains("stratafs: warning: volume tpyo does not exist: creating it"),
+        "{out}"
+    );
+    drop(m);
+    assert!(state.join("volumes/tpyo/_data").is_dir());
+}
