@@ -975,8 +975,9 @@ mod tests {
 
     #[test]
     fn grafts() {
-        let o =
-            p("volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a");
+        let o = p(
+            "volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a:nocreate",
+        );
         assert_eq!(
             o.grafts,
             vec![
@@ -985,18 +986,21 @@ mod tests {
                     target: "/var/lib/data".into(),
                     read_only: true,
                     nocopy: true,
+                    nocreate: false,
                 },
                 GraftSpec {
                     source: GraftSource::Bind("/host/dir".into()),
                     target: "/srv/x/y".into(),
                     read_only: true,
                     nocopy: false,
+                    nocreate: false,
                 },
                 GraftSpec {
                     source: GraftSource::Volume("v2".into()),
                     target: "/a".into(),
                     read_only: false,
                     nocopy: false,
+                    nocreate: true,
                 },
             ]
         );
@@ -1018,6 +1022,7 @@ mod tests {
             "bind=/h",
             "bind=:/x",
             "bind=/h:/x:nocopy",
+            "bind=/h:/x:nocreate",
             "bind=/h:x",
         ] {
             let e = err(bad);
