@@ -155,19 +155,31 @@ Behaviour options (-o):
   passthrough=0|1          FUSE passthrough for regular files (default 1)
   timeout=S                entry/attribute cache timeout in seconds (may be fractional)
   threaded=0|1             0: serve requests on a single thread
-  static_nlink             report a link count of 1 for directories
-  noacl                    do not support POSIX ACLs
+  noacl                    do not support POSIX ACLs (kept in the configuration as
+                           noacl; enforcement is the engine's)
   noxattrs=0|1             1: no extended attributes
-  redirect_dir=on|off      off: renaming a directory with lower content gives EXDEV
+  redirect_dir=off         renaming a directory with lower content gives EXDEV
   metacopy=on|off          on: chmod/chown/utimes of a lower file copy up metadata only
                            (off by default: tools reading the upper dir directly, e.g.
                            fuse-overlayfs or an image diff, would see an empty file)
-  xino=, fast_ino=, context=
-                           accepted for compatibility with overlayfs / fuse-overlayfs
+  lowerdir+=DIR            one more lower layer, below those given (kernel syntax; no
+                           escaping); datadir+= and lowerdir=A::B (data-only layers)
+                           are refused: there are none here
+  redirect_dir=on|follow|off  follow: existing redirects work, none is made (nofollow
+                           is refused: redirects are always followed)
+  xino=on|off|auto, uuid=on|off|null|auto, index=on|off, fast_ino=, context=
+                           accepted for compatibility (index=off is warned about)
+  userxattr                accepted with a warning (xattrs follow privilege);
+                           refused with metacopy=on, as by the kernel
+  max_threads=N            worker threads (fuse-overlayfs)
+  auto_unmount             mount through fusermount3, which unmounts if the daemon dies
+  clone_fd                 accepted: one cloned /dev/fuse fd per worker is the default
+  plugins=, max_write=N, static_nlink
+                           accepted with a warning that they have no effect here
 
 Mount options (-o):
   ro, rw, allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
-  exec, noexec, atime, noatime, max_write=N, fsname=NAME (the source column of
+  exec, noexec, atime, noatime, fsname=NAME (the source column of
   /proc/mounts; the type is always fuse.stratafs), debug (as -d, without -f)
   log=FILE                 append the daemon's log to FILE (a detached daemon's stderr
                            is /dev/null)
@@ -1040,6 +1052,23 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
         )));
     }
 
+    // Refused with the kernel overlayfs' own reasons.
+    if opts.metacopy == Some(true) {
+        if let Some(r) = opts.redirect_dir.as_deref().filter(|r| *r != "on") {
+            return Err(CliError::Invalid(format!(
+                "conflicting options: metacopy=on,redirect_dir={r} (a metadata-only copy of \
+                 a renamed file is found through a redirect: metacopy needs redirect_dir=on)"
+            )));
+        }
+        if opts.userxattr {
+            return Err(CliError::Invalid(
+                "conflicting options: userxattr,metacopy=on (metacopy is not safe for \
+                 unprivileged mounts)"
+                    .to_string(),
+            ));
+        }
+    }
+
     let writeback = opts.writeback.unwrap_or(false);
     let mut config = MountConfig::new(lowerdirs, mountpoint);
     config.upperdir = upperdir;
@@ -1053,11 +1082,21 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
     config.fsync = opts.fsync.unwrap_or(true);
     config.writeback = writeback;
     config.timeout = opts.timeout;
-    config.threads = if opts.threaded == Some(false) { 1 } else { 0 };
+    config.threads = match (opts.threaded, opts.max_threads) {
+        (Some(false), _) => 1,
+        (_, Some(n)) => n as usize,
+        _ => 0,
+    };
+    config.auto_unmount = opts.auto_unmount;
     config.static_nlink = opts.static_nlink;
     config.noacl = opts.noacl;
     config.noxattrs = opts.noxattrs.unwrap_or(false);
-    config.redirect_dir = opts.redirect_dir.clone();
+    // The kernel's `follow`: existing redirects are followed, none is made. That is
+    // what the engine's `off` does (it always follows).
+    config.redirect_dir = match opts.redirect_dir.as_deref() {
+        Some("follow") => Some("off".to_string()),
+        other => other.map(str::to_string),
+    };
     config.metacopy = opts.metacopy.unwrap_or(false);
     config.xino = opts.xino.clone();
     config.context = opts.context.clone();

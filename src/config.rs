@@ -96,6 +96,9 @@ pub struct MountConfig {
     pub grafts: Vec<GraftSpec>,
     /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
     pub state_dir: Option<PathBuf>,
+    /// fuse-overlayfs `auto_unmount`: mounted through fusermount3, which unmounts when
+    /// the daemon dies (instead of leaving a dead mount that answers ENOTCONN).
+    pub auto_unmount: bool,
     /// Write whiteouts as `.wh.NAME` files even where a char 0/0 could be made
     /// (fuse-overlayfs's FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT, honoured as is).
     pub aufs_whiteouts: bool,
@@ -130,6 +133,7 @@ impl MountConfig {
             fuse: FuseFlags::default(),
             grafts: Vec::new(),
             state_dir: None,
+            auto_unmount: false,
             aufs_whiteouts: false,
         }
     }

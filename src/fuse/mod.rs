@@ -45,6 +45,9 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     if config.read_only() {
         opts.push(MountOption::RO);
     }
+    if config.auto_unmount {
+        opts.push(MountOption::AutoUnmount);
+    }
     // As root, device nodes and set-ID programs work by default, as on kernel
     // overlayfs; unprivileged FUSE mounts are always nodev,nosuid anyway.
     let root_default = process::is_root().then_some(true);
@@ -95,7 +98,8 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
 /// goes through, sets the subtype as we do here). `Ok(None)`: not root, or mount(2)
 /// refused with EPERM (a user namespace without the right): fuser mounts instead.
 fn kernel_mount(config: &MountConfig, cfg: &fuser::Config) -> io::Result<Option<OwnedFd>> {
-    if !process::is_root() {
+    // auto_unmount is fusermount3's doing (it waits for the daemon to die).
+    if !process::is_root() || config.auto_unmount {
         return Ok(None);
     }
     let mut source = "stratafs".to_string();

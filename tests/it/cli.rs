@@ -1045,3 +1045,132 @@ fn missing_volume_at_mount_is_created_and_said_or_refused_with_nocreate() {
     drop(m);
     assert!(state.join("volumes/tpyo/_data").is_dir());
 }
+
+/// Kernel overlayfs syntax and values: accepted where meaningful, refused with the
+/// kernel's reasons where not; fuse-overlayfs options warned about when they do
+/// nothing here, never silently ignored.
+#[test]
+fn kernel_and_fuse_overlayfs_option_parity() {
+    let t = Tree::new();
+    let l1 = t.p("l1");
+    for (opt, needles) in [
+        (format!("datadir+={l1}"), &["datadir+", "data-only"][..]),
+        (format!("lowerdir={l1}::{}", t.p("l2")), &["data-only"]),
+        (
+            "redirect_dir=nofollow".into(),
+            &["redirect_dir", "always followed"],
+        ),
+        (
+            "redirect_dir=maybe".into(),
+            &["redirect_dir", "on, follow, nofollow or off"],
+        ),
+        ("xino=maybe".into(), &["xino", "on, off or auto"]),
+        ("index=maybe".into(), &["index"]),
+        ("uuid=maybe".into(), &["uuid"]),
+        ("max_threads=0".into(), &["max_threads", "positive"]),
+        (
+            "metacopy=on,redirect_dir=off".into(),
+            &["conflicting options: metacopy=on,redirect_dir=off"],
+        ),
+        (
+            "metacopy=on,userxattr".into(),
+            &["conflicting options: userxattr,metacopy=on"],
+        ),
+    ] {
+        let o = if opt.starts_with("datadir") || opt.starts_with("lowerdir") {
+            opt.clone()
+        } else {
+            format!("lowerdir={l1},{opt}")
+        };
+        let out = t.mount_o(&o);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert_eq!(out.status.code(), Some(1), "{o}: {stderr}");
+        for n in needles {
+            assert!(last.contains(n), "{o}: {last:?} lacks {n:?}");
+        }
+    }
+    // Accepted, with a warning each, then the mount point is what fails.
+    let out = run(&[
+        "-o",
+        &format!(
+            "lowerdir+={l1},lowerdir+={},plugins=/x.so,max_write=4096,static_nlink,clone_fd,\
+             index=off,userxattr,max_threads=3,xino=auto,uuid=null,redirect_dir=follow",
+            t.p("l2")
+        ),
+        &t.p("nope"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    for name in [
+        "plugins=",
+        "max_write=",
+        "static_nlink",
+        "index=off",
+        "userxattr",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("stratafs: warning: option '")
+                    && l.contains(name)
+                    && l.contains("no effect")),
+            "no warning for {name}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("clone_fd"), "{stderr}");
+    assert_eq!(lines.len(), 6, "{stderr}");
+    assert!(lines[5].contains("mountpoint"), "{stderr}");
+}
+
+/// `lowerdir+=` adds layers below the ones before it, as the kernel's syntax does.
+#[test]
+fn lowerdir_plus_stacks_layers() {
+    if !require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[
+        LayerSpec::new().file("top", b"1").file("both", b"top"),
+        LayerSpec::new()
+            .file("bottom", b"2")
+            .file("both", b"bottom"),
+    ]);
+    let opts = format!(
+        "lowerdir+={},lowerdir+={},upperdir={},workdir={}",
+        l.lowers[0].display(),
+        l.lowers[1].display(),
+        l.upper.display(),
+        l.work.display()
+    );
+    let m = StrataMount::with_options(&opts, &l.merged, &l.root);
+    assert_eq!(fs::read(m.join("both")).expect("read"), b"top");
+    assert!(m.join("top").exists() && m.join("bottom").exists());
+}
+
+/// `auto_unmount`: when the daemon dies, the mount goes with it (fusermount3 stays
+/// behind to do that) instead of answering ENOTCONN.
+#[test]
+fn auto_unmount_removes_the_mount_of_a_dead_daemon() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::with_options(
+        &format!("{},auto_unmount", l.rw_options()),
+        &l.merged,
+        &l.root,
+    );
+    assert_eq!(
+        mount_at(&l.merged).map(|e| e.fstype).as_deref(),
+        Some("fuse.stratafs")
+    );
+    m.signal_and_wait(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mount_at(&l.merged).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        mount_at(&l.merged).is_none(),
+        "the dead daemon's mount stayed"
+    );
+}
