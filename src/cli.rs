@@ -1,10 +1,15 @@
-//! Command-line handling: argv -> [`Command`], including validation of a mount's
+//! Command-line handling: argv -> [`Invocation`], including validation of a mount's
 //! layers against the filesystem, so that every configuration error is reported as one
 //! line before anything is mounted.
 //!
-//! Only `mount`, `umount`, `demo` and `volume` as the *first* argument select a
-//! subcommand; anything else is the fuse-overlayfs form (`[-f] [-d] -o OPTS MOUNTPOINT`)
-//! or the mount(8) helper form (`SOURCE MOUNTPOINT -o OPTS`, SOURCE ignored).
+//! One clap definition ([`command`]) describes every form; the parsers below, the
+//! per-command help, the man page and the shell completions are all taken from it, so
+//! none of them can list a flag another does not know.
+//!
+//! Only a subcommand name as the *first* argument selects it; anything else is the
+//! fuse-overlayfs form (`[-f] [-d] -o OPTS MOUNTPOINT`) or the mount(8) helper form
+//! (`SOURCE MOUNTPOINT -o OPTS`, SOURCE ignored). So `stratafs -o ... mount` still
+//! mounts on a directory called `mount`.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -23,30 +28,49 @@ use crate::options::{self, OptionsError, ParsedOptions};
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Mount a validated configuration. `warnings` are printed to stderr, one per line.
-    /// `debug` is `-d`, `--debug` or `-o debug`; `foreground` is `-f` or `-d`.
+    /// Mount a validated configuration. `debug` is `-d`, `--debug` or `-o debug`;
+    /// `foreground` is `-f` or `-d`.
     Mount {
         config: MountConfig,
         foreground: bool,
         debug: bool,
-        warnings: Vec<String>,
+        /// `-o log=FILE`, made absolute (the daemon changes directory).
+        log_file: Option<PathBuf>,
     },
+    /// `lazy`: detach a busy mount instead of failing.
     Umount {
         mountpoint: PathBuf,
+        lazy: bool,
     },
     Demo,
     /// `stratafs volume ...`.
     Volume(crate::volume::cli::VolumeArgs),
-    /// `--help` / `--version` text for stdout; exit status 0.
+    /// Help, version, man page or completion text for stdout; exit status 0.
     Print(String),
 }
 
-/// Why the command line was rejected. Display is one line without the `stratafs: ` prefix.
+/// A parsed command line. `warnings` are kept apart from the outcome so that they are
+/// shown even when validation fails afterwards: a misspelt option is usually why a
+/// later check fails (`upperdr=` makes `workdir=` look like it lacks an upperdir).
+#[derive(Debug)]
+pub struct Invocation {
+    /// One line each, without the `stratafs: warning: ` prefix; printed first.
+    pub warnings: Vec<String>,
+    pub command: Result<Command, CliError>,
+}
+
+/// Why the command line was rejected. Display has no `stratafs: ` prefix; it is one
+/// line except for [`CliError::Clap`].
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The argument vector itself is malformed (unknown flag, missing MOUNTPOINT, ...).
-    #[error("{0}; try 'stratafs --help'")]
-    Usage(String),
+    /// The argument vector itself is malformed (missing MOUNTPOINT, ...). `help` is
+    /// the command whose `--help` explains the form (`stratafs mount`).
+    #[error("{message}; try '{help} --help'")]
+    Usage { message: String, help: String },
+    /// clap's own report of a malformed command line, whole: the problem, its
+    /// "similar argument" tip, the usage and the pointer to the command's help.
+    #[error("{0}")]
+    Clap(String),
     /// The `-o` string (or an equivalent flag) does not parse.
     #[error(transparent)]
     Options(#[from] OptionsError),
@@ -66,8 +90,15 @@ impl CliError {
     /// 2 for malformed command lines (as getopt-style tools do), 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Usage(_) => 2,
+            CliError::Usage { .. } | CliError::Clap(_) => 2,
             _ => 1,
+        }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>, help: &str) -> CliError {
+        CliError::Usage {
+            message: message.into(),
+            help: help.to_string(),
         }
     }
 }
@@ -82,46 +113,31 @@ pub fn version_text() -> String {
     )
 }
 
-pub fn help_text() -> String {
-    format!(
-        r#"stratafs {version} - copy-on-write union filesystem in userspace (overlayfs on-disk format)
+const USAGE: &str = "\
+stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
+       stratafs SOURCE MOUNTPOINT -o OPTIONS      (mount(8)/fstab helper form; SOURCE is ignored)
+       stratafs mount --lower DIR [--lower DIR...] [--upper DIR --work DIR]
+                      [--volume SPEC...] [--bind SPEC...] [OPTIONS] MOUNTPOINT
+       stratafs umount [-l] MOUNTPOINT
+       stratafs volume create|ls|inspect|rm|prune ...
+       stratafs demo
+       stratafs help [COMMAND...]
+       stratafs completions bash|zsh|fish
+       stratafs man";
 
-Usage:
-  stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
-  stratafs SOURCE MOUNTPOINT -o OPTIONS      mount(8)/fstab helper form; SOURCE is ignored
-  stratafs mount --lower DIR [--lower DIR...] [--upper DIR --work DIR]
-                 [--volume NAME:/PATH[:ro][:nocopy]...] [--bind DIR:/PATH[:ro]...]
-                 [--state-dir DIR] [-o OPTIONS...] [-f] [-d] MOUNTPOINT
-  stratafs umount MOUNTPOINT
-  stratafs volume create|ls|inspect|rm|prune ...   (stratafs volume --help)
-  stratafs demo
-  stratafs -h | --help
-  stratafs -V | --version
-
-Flags:
-  -o OPTIONS         comma-separated mount options (below); may be repeated, later values win
-  -f                 stay in the foreground
-  -d, --debug        log every request (implies -f)
-  -s                 serve requests on a single thread (same as -o threaded=0)
-  --state-dir DIR    volume state directory (default: $STRATAFS_STATE_DIR, else built in)
-  --lower DIR        lower layer; the first one given is the top-most   (mount only)
-  --upper DIR        writable upper layer; needs --work                 (mount only)
-  --work DIR         work directory on the upper layer's filesystem     (mount only)
-  --volume SPEC      same as -o volume=SPEC                             (mount only)
-  --bind SPEC        same as -o bind=SPEC                               (mount only)
-  -h, --help         print this help
-  -V, --version      print the version
-
-Layer options:
+/// The `-o` options, the environment and the exit codes: shown after the flags in
+/// `stratafs --help` and as sections of the man page.
+pub const OPTIONS_HELP: &str = r#"Layer options (-o):
   lowerdir=A:B:C           lower layers, A top-most; '\:' is a ':' inside a path
   upperdir=DIR             writable layer (without it the mount is read-only)
   workdir=DIR              staging directory, same filesystem as upperdir
-  volume=NAME:/PATH[:ro][:nocopy]
+  volume=NAME:/PATH[:ro][:nocopy][:nocreate]
                            graft named volume NAME at /PATH (repeatable); nocopy: do not
-                           populate an empty volume from the image content under /PATH
+                           populate an empty volume from the image content under /PATH;
+                           a missing volume is created (and said so) unless nocreate
   bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
 
-Ownership options:
+Ownership options (-o):
   uidmapping=C:H:N[:C:H:N...]  ids C..C+N stored in the layers are shown as H..H+N;
                                other stored ids show as 65534, chown to others: EINVAL
   gidmapping=C:H:N[:C:H:N...]  same for groups
@@ -132,80 +148,328 @@ Ownership options:
                            2: in user.containers.override_stat; 0: use the real ones
                            (either is read, and user.fuseoverlayfs.override_stat too)
 
-Behaviour options:
+Behaviour options (-o):
   volatile                 never sync to disk
   fsync=0|1                0: fsync/fdatasync requests do nothing
   writeback=0|1            kernel writeback cache (disables passthrough)
   passthrough=0|1          FUSE passthrough for regular files (default 1)
   timeout=S                entry/attribute cache timeout in seconds (may be fractional)
   threaded=0|1             0: serve requests on a single thread
-  static_nlink             report a link count of 1 for directories
-  noacl                    do not support POSIX ACLs
+  noacl                    do not support POSIX ACLs (kept in the configuration as
+                           noacl; enforcement is the engine's)
   noxattrs=0|1             1: no extended attributes
-  redirect_dir=on|off      off: renaming a directory with lower content gives EXDEV
+  redirect_dir=off         renaming a directory with lower content gives EXDEV
   metacopy=on|off          on: chmod/chown/utimes of a lower file copy up metadata only
                            (off by default: tools reading the upper dir directly, e.g.
                            fuse-overlayfs or an image diff, would see an empty file)
-  xino=, fast_ino=, context=
-                           accepted for compatibility with overlayfs / fuse-overlayfs
+  lowerdir+=DIR            one more lower layer, below those given (kernel syntax; no
+                           escaping); datadir+= and lowerdir=A::B (data-only layers)
+                           are refused: there are none here
+  redirect_dir=on|follow|off  follow: existing redirects work, none is made (nofollow
+                           is refused: redirects are always followed)
+  xino=on|off|auto, uuid=on|off|null|auto, index=on|off, fast_ino=, context=
+                           accepted for compatibility (index=off is warned about)
+  userxattr                accepted with a warning (xattrs follow privilege);
+                           refused with metacopy=on, as by the kernel
+  max_threads=N            worker threads (fuse-overlayfs)
+  auto_unmount             mount through fusermount3, which unmounts if the daemon dies
+  clone_fd                 accepted: one cloned /dev/fuse fd per worker is the default
+  plugins=, max_write=N, static_nlink
+                           accepted with a warning that they have no effect here
 
-Mount options:
+Mount options (-o):
   ro, rw, allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
-  exec, noexec, atime, noatime, max_write=N, fsname=NAME, debug
+  exec, noexec, atime, noatime, fsname=NAME (the source column of
+  /proc/mounts; the type is always fuse.stratafs), debug (as -d, without -f)
+  log=FILE                 append the daemon's log to FILE (a detached daemon's stderr
+                           is /dev/null)
   relatime, strictatime, nodiratime, subtype=, defaults, auto, noauto, user, users,
   nouser, nofail, _netdev, x-*, comment=*: accepted and ignored
 
 Quoting: a comma inside double quotes does not split an option
   (context="system_u:object_r:container_file_t:s0:c1,c2").
-Unknown options are ignored with a warning.
+Unknown options are ignored with a warning, printed before any other error.
 
 Environment:
+  STRATAFS_LOG             log filter (env_logger syntax: error, warn, info, debug,
+                           trace, or per module: stratafs=debug); default warn, or
+                           debug with -d
+  STRATAFS_STATE_DIR       volume state directory (as --state-dir)
   FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT  if set, whiteouts are `.wh.NAME` files, never
-                                       char 0/0 devices (as for fuse-overlayfs)
-"#,
-        version = env!("CARGO_PKG_VERSION")
+                           char 0/0 devices (as for fuse-overlayfs)
+
+Exit status:
+  0  success (for a mount without -f: the mount is live and the daemon detached)
+  1  the command failed (bad path or option value, mount or volume operation refused)
+  2  the command line is malformed (unknown flag, missing MOUNTPOINT)
+"#;
+
+/// The whole command-line interface. Parsing uses its parts (see the module docs);
+/// help, the man page and completions render it.
+pub fn command() -> clap::Command {
+    let mut cmd = legacy_command()
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("copy-on-write union filesystem in userspace (overlayfs on-disk format)")
+        .override_usage(USAGE)
+        .after_help(OPTIONS_HELP)
+        .subcommand(mount_command())
+        .subcommand(
+            with_help(base_command("umount"))
+                .about("Unmount a stratafs mount; a busy one only with --lazy")
+                .arg(mountpoint_arg())
+                .arg(
+                    Arg::new("lazy")
+                        .short('l')
+                        .long("lazy")
+                        .action(ArgAction::SetTrue)
+                        .help("Detach a busy mount now; it goes away once no longer in use"),
+                ),
+        )
+        .subcommand(
+            with_help(base_command("demo"))
+                .about("Mount a two-layer sample image and show a copy-up and a whiteout"),
+        )
+        .subcommand(crate::volume::cli::command())
+        .subcommand(
+            with_help(base_command("completions"))
+                .about("Print a shell completion script (bash, zsh or fish)")
+                .arg(
+                    Arg::new("shell")
+                        .required(true)
+                        .value_parser(["bash", "zsh", "fish"]),
+                ),
+        )
+        .subcommand(with_help(base_command("man")).about("Print the stratafs(1) man page"))
+        .subcommand(
+            with_help(base_command("help"))
+                .about("Print the help of stratafs or of one of its commands")
+                .arg(Arg::new("command").num_args(0..).action(ArgAction::Append)),
+        );
+    // Sets every subcommand's bin_name ("stratafs volume ls") for usage lines.
+    cmd.build();
+    cmd
+}
+
+/// The subcommand `path` (e.g. `["volume", "ls"]`) of [`command`], ready to parse
+/// the arguments that follow it; `None` if there is no such command.
+pub(crate) fn subcommand(path: &[&str]) -> Option<clap::Command> {
+    let mut cmd = command();
+    for name in path {
+        cmd = cmd.find_subcommand(name)?.clone();
+    }
+    Some(cmd.no_binary_name(true))
+}
+
+/// The names of the first-word subcommands.
+fn is_subcommand(word: &str) -> bool {
+    matches!(
+        word,
+        "mount" | "umount" | "demo" | "volume" | "completions" | "man" | "help"
     )
 }
 
+/// The help of the command `words` names (longest known prefix), as `--help` prints it.
+fn help_for(words: &[&str]) -> String {
+    let mut cmd = command();
+    for w in words {
+        match cmd.find_subcommand(w) {
+            Some(sub) => cmd = sub.clone(),
+            None => break,
+        }
+    }
+    cmd.render_help().to_string()
+}
+
 /// Parses `args` (including the program name at index 0, as from `std::env::args_os`).
-pub fn parse_args(args: Vec<OsString>) -> Result<Command, CliError> {
+pub fn parse_args(args: Vec<OsString>) -> Invocation {
+    let mut warnings = Vec::new();
+    let command = parse_command(args, &mut warnings);
+    Invocation { warnings, command }
+}
+
+fn parse_command(args: Vec<OsString>, warnings: &mut Vec<String>) -> Result<Command, CliError> {
     let rest = hoist_state_dir(args.into_iter().skip(1).collect());
+    let first = rest
+        .first()
+        .and_then(|a| a.to_str())
+        .filter(|a| is_subcommand(a));
     // Help and version win over any other problem on the line, as users expect.
     for a in rest.iter().take_while(|a| *a != "--") {
         if a == "-h" || a == "--help" {
-            if rest.first().is_some_and(|c| c == "volume") {
-                return Ok(Command::Print(crate::volume::cli::USAGE.to_string()));
-            }
-            return Ok(Command::Print(help_text()));
+            // The subcommand path: leading words that are not flags (`volume ls`).
+            let words: Vec<&str> = match first {
+                Some(_) => rest
+                    .iter()
+                    .map_while(|w| w.to_str().filter(|w| !w.starts_with('-')))
+                    .collect(),
+                None => Vec::new(),
+            };
+            return Ok(Command::Print(help_for(&words)));
         }
         if a == "-V" || a == "--version" {
             return Ok(Command::Print(version_text()));
         }
     }
-    match rest.first().and_then(|a| a.to_str()) {
-        Some("mount") => mount_subcommand(&rest[1..]),
-        Some("umount") => {
-            let m = get_matches(
-                with_help(base_command("umount")).arg(positional()),
-                &rest[1..],
-            )?;
-            if let Some(c) = print_requested(&m) {
-                return Ok(c);
-            }
-            let mountpoint = single_mountpoint(&m)?;
-            Ok(Command::Umount { mountpoint })
+    let Some(first) = first else {
+        return legacy_form(&rest, warnings);
+    };
+    let args = &rest[1..];
+    match first {
+        "mount" => mount_subcommand(args, warnings),
+        "umount" => {
+            let m = get_matches(&["umount"], args)?;
+            let mountpoint = single_mountpoint(&m);
+            Ok(Command::Umount {
+                mountpoint,
+                lazy: m.get_flag("lazy"),
+            })
         }
-        Some("demo") => {
-            let m = get_matches(with_help(base_command("demo")), &rest[1..])?;
-            if let Some(c) = print_requested(&m) {
-                return Ok(c);
-            }
+        "demo" => {
+            get_matches(&["demo"], args)?;
             Ok(Command::Demo)
         }
-        Some("volume") => crate::volume::cli::parse(&rest[1..]).map(Command::Volume),
-        _ => legacy_form(&rest),
+        "completions" => {
+            let m = get_matches(&["completions"], args)?;
+            let shell = m.get_one::<String>("shell").map(String::as_str);
+            Ok(Command::Print(completions(shell.unwrap_or_default())))
+        }
+        "man" => {
+            get_matches(&["man"], args)?;
+            Ok(Command::Print(man_page()))
+        }
+        "help" => {
+            let m = get_matches(&["help"], args)?;
+            let words: Vec<&str> = m
+                .get_many::<String>("command")
+                .into_iter()
+                .flatten()
+                .map(String::as_str)
+                .collect();
+            // An unknown word is a typo worth reporting, not a reason to show other help.
+            let mut cmd = command();
+            for w in &words {
+                cmd = match cmd.find_subcommand(w) {
+                    Some(sub) => sub.clone(),
+                    None => {
+                        return Err(CliError::usage(
+                            format!("no such command: {}", words.join(" ")),
+                            "stratafs",
+                        ));
+                    }
+                };
+            }
+            Ok(Command::Print(help_for(&words)))
+        }
+        _ => crate::volume::cli::parse(args).map(Command::Volume),
     }
 }
+
+/// A completion script for `shell` (one of those `completions` accepts).
+fn completions(shell: &str) -> String {
+    use clap_complete::Shell;
+    let shell = match shell {
+        "zsh" => Shell::Zsh,
+        "fish" => Shell::Fish,
+        _ => Shell::Bash,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command(), "stratafs", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Escapes text for a roff paragraph: a leading `.` or `'` would be a request, `\`
+/// an escape, `-` a hyphen rather than the minus of a flag.
+fn roff_text(s: &str) -> String {
+    let mut out = String::new();
+    for line in s.lines() {
+        let mut l = line.replace('\\', "\\e").replace('-', "\\-");
+        if l.starts_with('.') || l.starts_with('\'') {
+            l.insert_str(0, "\\&");
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
+/// stratafs(1): the root command rendered by clap_mangen, the `-o` options,
+/// environment and exit status as sections of their own, then every subcommand
+/// (recursively) with its usage, description and flags.
+pub fn man_page() -> String {
+    let root = command();
+    let mut out = Vec::new();
+    let man = clap_mangen::Man::new(root.clone()).date("");
+    let _ = man.render_title(&mut out);
+    let _ = man.render_name_section(&mut out);
+    let _ = man.render_synopsis_section(&mut out);
+    let _ = man.render_options_section(&mut out);
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    // The `-o` help is grouped by headings ending in ':' at column 0; each becomes
+    // a section, its lines kept as they are laid out.
+    for block in OPTIONS_HELP.split("\n\n") {
+        let (head, body) = block.split_once('\n').unwrap_or((block, ""));
+        match head.strip_suffix(':') {
+            Some(title) => {
+                // "Layer options (-o)" -> LAYER OPTIONS (-o): man's headings are upper case.
+                let (words, note) = title.split_once(" (").unwrap_or((title, ""));
+                let note = if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({note}")
+                };
+                let heading = format!("{}{note}", words.to_uppercase());
+                text.push_str(&format!(
+                    ".SH \"{}\"\n.nf\n",
+                    roff_text(&heading).trim_end()
+                ));
+                text.push_str(&roff_text(body));
+            }
+            None => {
+                text.push_str(".PP\n.nf\n");
+                text.push_str(&roff_text(block));
+            }
+        }
+        text.push_str(".fi\n");
+    }
+    text.push_str(".SH COMMANDS\n");
+    // Depth-first, in the order they are defined: a stack popped from the end.
+    let mut subs: Vec<clap::Command> = root.get_subcommands().cloned().collect();
+    subs.reverse();
+    while let Some(sub) = subs.pop() {
+        let children: Vec<clap::Command> = sub.get_subcommands().cloned().collect();
+        subs.extend(children.into_iter().rev());
+        let name = sub.get_bin_name().unwrap_or(sub.get_name()).to_string();
+        text.push_str(&format!(".SS \"{}\"\n", roff_text(&name).trim_end()));
+        if let Some(about) = sub.get_about() {
+            text.push_str(&format!(".PP\n{}", roff_text(&about.to_string())));
+        }
+        let usage = sub.clone().render_usage().to_string();
+        let usage = usage.trim_start_matches("Usage: ");
+        text.push_str(&format!(".PP\n.nf\n{}.fi\n", roff_text(usage)));
+        let mut opts = Vec::new();
+        let _ = clap_mangen::Man::new(sub.clone()).render_options_section(&mut opts);
+        let opts = String::from_utf8_lossy(&opts);
+        // Under a subsection, the options need no heading of their own.
+        text.push_str(&opts.replacen(".SH OPTIONS\n", "", 1));
+    }
+    text.push_str(&format!(".SH EXAMPLES\n.nf\n{}.fi\n", roff_text(EXAMPLES)));
+    text.push_str(".SH \"SEE ALSO\"\nmount(8), fstab(5), fuse(8), fuse\\-overlayfs(1)\n");
+    text
+}
+
+const EXAMPLES: &str = "\
+# a container-style mount, in the foreground with the resolved configuration logged
+stratafs -d -o lowerdir=/img/app:/img/base,upperdir=/c/up,workdir=/c/work /c/merged
+
+# the same as an /etc/fstab line (mount(8) runs stratafs as the fuse.stratafs helper)
+stratafs  /c/merged  fuse.stratafs  lowerdir=/img/app:/img/base,upperdir=/c/up,workdir=/c/work  0 0
+
+# a named volume grafted at /var/lib/db, created on first use
+stratafs volume create --size 10Gi --label app=db dbdata
+stratafs mount --lower /img/base --upper /c/up --work /c/work --volume dbdata:/var/lib/db /c/merged
+stratafs volume ls --format '{{.Name}} {{.Size}}'
+stratafs umount /c/merged
+";
 
 /// `--state-dir DIR` is global: given before a subcommand (`stratafs --state-dir D
 /// volume ls`), it is moved behind it, where the subcommand's parser takes it.
@@ -227,33 +491,52 @@ fn hoist_state_dir(mut rest: Vec<OsString>) -> Vec<OsString> {
 
 fn base_command(name: &'static str) -> clap::Command {
     clap::Command::new(name)
-        .no_binary_name(true)
         .color(ColorChoice::Never)
+        // -h/-V are answered before parsing (they win over any other problem on the
+        // line); declared here so that help, man page and completions list them.
         .disable_help_flag(true)
         .disable_version_flag(true)
+        .disable_help_subcommand(true)
         // A flag given twice (e.g. `-f` from both a script and a wrapper) is harmless.
         .args_override_self(true)
 }
 
-fn with_help(cmd: clap::Command) -> clap::Command {
+pub(crate) fn with_help(cmd: clap::Command) -> clap::Command {
     cmd.arg(
         Arg::new("help")
             .short('h')
             .long("help")
-            .action(ArgAction::SetTrue),
+            .action(ArgAction::SetTrue)
+            .help("Print help"),
     )
     .arg(
         Arg::new("version")
             .short('V')
             .long("version")
-            .action(ArgAction::SetTrue),
+            .action(ArgAction::SetTrue)
+            .help("Print version"),
     )
 }
 
-fn positional() -> Arg {
+/// The positional arguments of the fuse-overlayfs form: MOUNTPOINT, or SOURCE
+/// MOUNTPOINT as mount(8) passes them; counted after parsing, where the error can say
+/// which form was meant.
+fn positional_args() -> Arg {
     Arg::new("args")
+        .value_name("MOUNTPOINT")
         .action(ArgAction::Append)
         .value_parser(value_parser!(PathBuf))
+        .value_hint(clap::ValueHint::DirPath)
+        .help("Where to mount (mount(8) passes SOURCE first; it is ignored)")
+}
+
+/// The one MOUNTPOINT of `mount` and `umount`.
+fn mountpoint_arg() -> Arg {
+    Arg::new("mountpoint")
+        .value_name("MOUNTPOINT")
+        .required(true)
+        .value_parser(value_parser!(PathBuf))
+        .value_hint(clap::ValueHint::DirPath)
 }
 
 /// Flags shared by the fuse-overlayfs form and `stratafs mount`.
@@ -264,64 +547,44 @@ fn mount_flags(cmd: clap::Command) -> clap::Command {
                 .short('o')
                 .value_name("OPTIONS")
                 .action(ArgAction::Append)
-                .value_parser(value_parser!(OsString)),
+                .value_parser(value_parser!(OsString))
+                .help("Comma-separated mount options (below); may be repeated, later values win"),
         )
-        .arg(Arg::new("foreground").short('f').action(ArgAction::SetTrue))
+        .arg(
+            Arg::new("foreground")
+                .short('f')
+                .action(ArgAction::SetTrue)
+                .help("Stay in the foreground"),
+        )
         .arg(
             Arg::new("debug")
                 .short('d')
                 .long("debug")
-                .action(ArgAction::SetTrue),
+                .action(ArgAction::SetTrue)
+                .help("Print the resolved configuration, then log every request (implies -f)"),
         )
-        .arg(Arg::new("single").short('s').action(ArgAction::SetTrue))
+        .arg(
+            Arg::new("single")
+                .short('s')
+                .action(ArgAction::SetTrue)
+                .help("Serve requests on a single thread (same as -o threaded=0)"),
+        )
         .arg(
             Arg::new("state_dir")
                 .long("state-dir")
-                .value_parser(value_parser!(PathBuf)),
+                .value_name("DIR")
+                .value_parser(value_parser!(PathBuf))
+                .value_hint(clap::ValueHint::DirPath)
+                .help("Volume state directory (default: $STRATAFS_STATE_DIR, else built in)"),
         )
-        .arg(positional())
 }
 
-fn get_matches(cmd: clap::Command, args: &[OsString]) -> Result<ArgMatches, CliError> {
-    cmd.try_get_matches_from(args).map_err(|e| {
-        // clap's rendering is several lines (usage, tips); the first carries the problem.
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("invalid arguments");
-        CliError::Usage(first.strip_prefix("error: ").unwrap_or(first).to_string())
-    })
-}
-
-fn print_requested(m: &ArgMatches) -> Option<Command> {
-    if m.get_flag("help") {
-        Some(Command::Print(help_text()))
-    } else if m.get_flag("version") {
-        Some(Command::Print(version_text()))
-    } else {
-        None
-    }
-}
-
-fn single_mountpoint(m: &ArgMatches) -> Result<PathBuf, CliError> {
-    let mut pos: Vec<PathBuf> = m
-        .get_many::<PathBuf>("args")
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-    match pos.len() {
-        0 => Err(CliError::Usage("missing MOUNTPOINT".to_string())),
-        1 => Ok(pos.remove(0)),
-        _ => Err(CliError::Usage(format!(
-            "unexpected argument {:?} after MOUNTPOINT",
-            pos[1]
-        ))),
-    }
-}
-
-fn legacy_form(args: &[OsString]) -> Result<Command, CliError> {
+/// The fuse-overlayfs / mount(8) helper form: the root command without subcommands.
+fn legacy_command() -> clap::Command {
     // mount(8) may call a `mount.TYPE` helper with -n (no mtab), -v (verbose) and
     // -t TYPE; none of them changes what we do.
-    let cmd = mount_flags(base_command("stratafs"))
+    mount_flags(base_command("stratafs"))
+        .arg(positional_args())
         .arg(
             Arg::new("no_mtab")
                 .short('n')
@@ -334,11 +597,93 @@ fn legacy_form(args: &[OsString]) -> Result<Command, CliError> {
                 .action(ArgAction::SetTrue)
                 .hide(true),
         )
-        .arg(Arg::new("fstype").short('t').hide(true));
-    let m = get_matches(cmd, args)?;
-    if let Some(c) = print_requested(&m) {
-        return Ok(c);
-    }
+        .arg(Arg::new("fstype").short('t').hide(true))
+}
+
+fn mount_command() -> clap::Command {
+    let path_list = |name: &'static str, help: &'static str| {
+        Arg::new(name)
+            .long(name)
+            .value_name("DIR")
+            .action(ArgAction::Append)
+            .value_parser(value_parser!(PathBuf))
+            .value_hint(clap::ValueHint::DirPath)
+            .help(help)
+    };
+    mount_flags(base_command("mount"))
+        .arg(mountpoint_arg())
+        .about("Mount layers (and volumes) at MOUNTPOINT, with flags instead of -o")
+        .after_help("The -o options are those of `stratafs --help`.")
+        .arg(path_list(
+            "lower",
+            "Lower layer; the first one given is the top-most (repeatable)",
+        ))
+        .arg(path_list("upper", "Writable upper layer; needs --work"))
+        .arg(path_list(
+            "work",
+            "Work directory on the upper layer's filesystem",
+        ))
+        .arg(
+            Arg::new("volume")
+                .long("volume")
+                .value_name("SPEC")
+                .action(ArgAction::Append)
+                .help("NAME:/PATH[:ro][:nocopy][:nocreate]: same as -o volume=SPEC (repeatable)"),
+        )
+        .arg(
+            Arg::new("bind")
+                .long("bind")
+                .value_name("SPEC")
+                .action(ArgAction::Append)
+                .help("DIR:/PATH[:ro]: same as -o bind=SPEC (repeatable)"),
+        )
+}
+
+/// Parses `args` with the subcommand at `path`. Errors are clap's whole message,
+/// pointing at that command's own `--help`.
+fn get_matches(path: &[&str], args: &[OsString]) -> Result<ArgMatches, CliError> {
+    // The root's subcommands must not be: `-o ... mount` mounts on `./mount`.
+    let cmd = match subcommand(path).filter(|_| !path.is_empty()) {
+        Some(c) => c,
+        None => legacy_command().no_binary_name(true),
+    };
+    parse_with(cmd, args)
+}
+
+pub(crate) fn parse_with(cmd: clap::Command, args: &[OsString]) -> Result<ArgMatches, CliError> {
+    let fallback = cmd.get_bin_name().unwrap_or(cmd.get_name()).to_string();
+    cmd.try_get_matches_from(args).map_err(|e| {
+        let text = e.render().to_string();
+        let text = text.strip_prefix("error: ").unwrap_or(&text).trim_end();
+        // The command the error is about is the one its usage line shows (`stratafs
+        // volume create` for a bad flag of `volume create`): its help is the one to read.
+        let help = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Usage: "))
+            .map(|u| {
+                u.split(' ')
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or(fallback);
+        // Without a clap-handled help flag clap does not add this line itself.
+        CliError::Clap(format!(
+            "{text}\n\nFor more information, try '{help} --help'."
+        ))
+    })
+}
+
+fn single_mountpoint(m: &ArgMatches) -> PathBuf {
+    // Required by the definition: clap has refused the line without it.
+    m.get_one::<PathBuf>("mountpoint")
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn legacy_form(args: &[OsString], warnings: &mut Vec<String>) -> Result<Command, CliError> {
+    let m = get_matches(&[], args)?;
     let mut pos: Vec<PathBuf> = m
         .get_many::<PathBuf>("args")
         .into_iter()
@@ -346,40 +691,27 @@ fn legacy_form(args: &[OsString]) -> Result<Command, CliError> {
         .cloned()
         .collect();
     let mountpoint = match pos.len() {
-        0 => return Err(CliError::Usage("missing MOUNTPOINT".to_string())),
+        0 => return Err(CliError::usage("missing MOUNTPOINT", "stratafs")),
         // MOUNTPOINT, or SOURCE MOUNTPOINT from mount(8): the source carries no meaning.
         1 | 2 => pos.pop().unwrap_or_default(),
         _ => {
-            return Err(CliError::Usage(format!(
-                "unexpected argument {:?} (expected [SOURCE] MOUNTPOINT)",
-                pos[2]
-            )));
+            return Err(CliError::usage(
+                format!(
+                    "unexpected argument {:?} (expected [SOURCE] MOUNTPOINT)",
+                    pos[2]
+                ),
+                "stratafs",
+            ));
         }
     };
-    let opts = parse_o(&m)?;
-    finish_mount(&m, opts, &mountpoint)
+    let opts = parse_o(&m, warnings)?;
+    finish_mount(&m, opts, &mountpoint, warnings)
 }
 
-fn mount_subcommand(args: &[OsString]) -> Result<Command, CliError> {
-    let path_list = |name: &'static str| {
-        Arg::new(name)
-            .long(name)
-            .value_name("DIR")
-            .action(ArgAction::Append)
-            .value_parser(value_parser!(PathBuf))
-    };
-    let cmd = mount_flags(base_command("mount"))
-        .arg(path_list("lower"))
-        .arg(path_list("upper"))
-        .arg(path_list("work"))
-        .arg(Arg::new("volume").long("volume").action(ArgAction::Append))
-        .arg(Arg::new("bind").long("bind").action(ArgAction::Append));
-    let m = get_matches(cmd, args)?;
-    if let Some(c) = print_requested(&m) {
-        return Ok(c);
-    }
-    let mountpoint = single_mountpoint(&m)?;
-    let mut opts = parse_o(&m)?;
+fn mount_subcommand(args: &[OsString], warnings: &mut Vec<String>) -> Result<Command, CliError> {
+    let m = get_matches(&["mount"], args)?;
+    let mountpoint = single_mountpoint(&m);
+    let mut opts = parse_o(&m, warnings)?;
 
     let given = |name: &str| -> Vec<PathBuf> {
         m.get_many::<PathBuf>(name)
@@ -417,10 +749,11 @@ fn mount_subcommand(args: &[OsString]) -> Result<Command, CliError> {
     for spec in m.get_many::<String>("bind").into_iter().flatten() {
         opts.grafts.push(options::parse_bind(spec)?);
     }
-    finish_mount(&m, opts, &mountpoint)
+    finish_mount(&m, opts, &mountpoint, warnings)
 }
 
-fn parse_o(m: &ArgMatches) -> Result<ParsedOptions, CliError> {
+/// Parses the `-o` values; their warnings go to `warnings` even if a later item fails.
+fn parse_o(m: &ArgMatches, warnings: &mut Vec<String>) -> Result<ParsedOptions, CliError> {
     let mut strs = Vec::new();
     for o in m.get_many::<OsString>("options").into_iter().flatten() {
         match o.to_str() {
@@ -433,13 +766,51 @@ fn parse_o(m: &ArgMatches) -> Result<ParsedOptions, CliError> {
             }
         }
     }
-    Ok(options::parse(&strs)?)
+    let opts = options::parse(&strs)?;
+    warnings.extend(opts.warnings.iter().cloned());
+    Ok(opts)
+}
+
+/// A mount naming a volume that does not exist creates it; a typo would otherwise
+/// silently give an empty volume, so that is said (or refused with `:nocreate`).
+/// Only a message: the mount creates the volume itself if it is still missing then.
+fn check_missing_volumes(config: &MountConfig, warnings: &mut Vec<String>) -> Result<(), CliError> {
+    let names: Vec<(&str, bool)> = config
+        .grafts
+        .iter()
+        .filter_map(|g| match &g.source {
+            GraftSource::Volume(n) => Some((n.as_str(), g.nocreate)),
+            GraftSource::Bind(_) => None,
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    // An unusable state directory is the mount's to report, with its own words.
+    let Ok(store) = crate::volume::Store::open(config.state_dir.as_deref()) else {
+        return Ok(());
+    };
+    for (name, nocreate) in names {
+        if let Err(crate::volume::VolumeError::NotFound(_)) = store.get(name) {
+            if nocreate {
+                return Err(CliError::Invalid(format!(
+                    "volume {name} does not exist (:nocreate); create it with \
+                     'stratafs volume create {name}'"
+                )));
+            }
+            warnings.push(format!(
+                "volume {name} does not exist: creating it (add :nocreate to refuse)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn finish_mount(
     m: &ArgMatches,
     opts: ParsedOptions,
     mountpoint: &Path,
+    warnings: &mut Vec<String>,
 ) -> Result<Command, CliError> {
     let mut config = build_config(&opts, mountpoint)?;
     if m.get_flag("single") {
@@ -452,17 +823,25 @@ fn finish_mount(
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     });
+    check_missing_volumes(&config, warnings)?;
     Ok(Command::Mount {
         config,
         // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.
         foreground: m.get_flag("foreground") || m.get_flag("debug"),
         debug: m.get_flag("debug") || opts.debug,
-        warnings: opts.warnings,
+        log_file: match &opts.log {
+            Some(f) => Some(std::path::absolute(f).map_err(|e| CliError::Path {
+                what: "log",
+                path: f.clone(),
+                problem: os_reason(&e),
+            })?),
+            None => None,
+        },
     })
 }
 
 /// `io::Error`'s Display appends " (os error N)"; the strerror text alone reads better.
-fn os_reason(e: &io::Error) -> String {
+pub(crate) fn os_reason(e: &io::Error) -> String {
     let s = e.to_string();
     match s.find(" (os error ") {
         Some(i) => s[..i].to_string(),
@@ -481,8 +860,22 @@ fn existing_dir(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
     if path.as_os_str().is_empty() {
         return Err(err("empty path".to_string()));
     }
-    let canonical = fs::canonicalize(path).map_err(|e| err(os_reason(&e)))?;
-    let meta = fs::metadata(&canonical).map_err(|e| err(os_reason(&e)))?;
+    // What a FUSE mount whose daemon died answers; mounting over it again, or using
+    // it as a layer, needs it gone first.
+    let failed = |e: io::Error| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            err(format!(
+                "{}: a FUSE mount whose daemon has died is still there; unmount it first: \
+                 stratafs umount {}",
+                os_reason(&e),
+                path.display()
+            ))
+        } else {
+            err(os_reason(&e))
+        }
+    };
+    let canonical = fs::canonicalize(path).map_err(failed)?;
+    let meta = fs::metadata(&canonical).map_err(failed)?;
     if !meta.is_dir() {
         return Err(err(os_reason(&io::Error::from_raw_os_error(libc::ENOTDIR))));
     }
@@ -659,6 +1052,23 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
         )));
     }
 
+    // Refused with the kernel overlayfs' own reasons.
+    if opts.metacopy == Some(true) {
+        if let Some(r) = opts.redirect_dir.as_deref().filter(|r| *r != "on") {
+            return Err(CliError::Invalid(format!(
+                "conflicting options: metacopy=on,redirect_dir={r} (a metadata-only copy of \
+                 a renamed file is found through a redirect: metacopy needs redirect_dir=on)"
+            )));
+        }
+        if opts.userxattr {
+            return Err(CliError::Invalid(
+                "conflicting options: userxattr,metacopy=on (metacopy is not safe for \
+                 unprivileged mounts)"
+                    .to_string(),
+            ));
+        }
+    }
+
     let writeback = opts.writeback.unwrap_or(false);
     let mut config = MountConfig::new(lowerdirs, mountpoint);
     config.upperdir = upperdir;
@@ -672,11 +1082,21 @@ pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConf
     config.fsync = opts.fsync.unwrap_or(true);
     config.writeback = writeback;
     config.timeout = opts.timeout;
-    config.threads = if opts.threaded == Some(false) { 1 } else { 0 };
+    config.threads = match (opts.threaded, opts.max_threads) {
+        (Some(false), _) => 1,
+        (_, Some(n)) => n as usize,
+        _ => 0,
+    };
+    config.auto_unmount = opts.auto_unmount;
     config.static_nlink = opts.static_nlink;
     config.noacl = opts.noacl;
     config.noxattrs = opts.noxattrs.unwrap_or(false);
-    config.redirect_dir = opts.redirect_dir.clone();
+    // The kernel's `follow`: existing redirects are followed, none is made. That is
+    // what the engine's `off` does (it always follows).
+    config.redirect_dir = match opts.redirect_dir.as_deref() {
+        Some("follow") => Some("off".to_string()),
+        other => other.map(str::to_string),
+    };
     config.metacopy = opts.metacopy.unwrap_or(false);
     config.xino = opts.xino.clone();
     config.context = opts.context.clone();
@@ -719,25 +1139,29 @@ mod tests {
     }
 
     fn run(v: &[&str]) -> Result<Command, CliError> {
-        parse_args(args(v))
+        parse_args(args(v)).command
     }
 
     fn mount(v: &[&str]) -> (MountConfig, bool, bool, Vec<String>) {
-        match run(v) {
+        let inv = parse_args(args(v));
+        match inv.command {
             Ok(Command::Mount {
                 config,
                 foreground,
                 debug,
-                warnings,
-            }) => (config, foreground, debug, warnings),
+                ..
+            }) => (config, foreground, debug, inv.warnings),
             other => panic!("{v:?}: {other:?}"),
         }
     }
 
+    /// Every error but clap's own report is one line.
     fn fail(v: &[&str]) -> CliError {
         match run(v) {
             Err(e) => {
-                assert!(!e.to_string().contains('\n'), "{e}");
+                if !matches!(e, CliError::Clap(_)) {
+                    assert!(!e.to_string().contains('\n'), "{e}");
+                }
                 e
             }
             Ok(c) => panic!("{v:?} unexpectedly gave {c:?}"),
@@ -913,7 +1337,15 @@ mod tests {
         assert_eq!(
             run(&["umount", "/mnt/x"]).ok(),
             Some(Command::Umount {
-                mountpoint: "/mnt/x".into()
+                mountpoint: "/mnt/x".into(),
+                lazy: false,
+            })
+        );
+        assert_eq!(
+            run(&["umount", "--lazy", "/mnt/x"]).ok(),
+            Some(Command::Umount {
+                mountpoint: "/mnt/x".into(),
+                lazy: true,
             })
         );
         assert_eq!(run(&["demo"]).ok(), Some(Command::Demo));
@@ -933,15 +1365,27 @@ mod tests {
 
     #[test]
     fn help_and_version() {
-        for a in [
-            &["-h"][..],
-            &["--help"],
-            &["mount", "--help"],
-            &["--bogus", "-h"],
-            &["-o", "x", "--help", "/m"],
+        for (a, needle) in [
+            (&["-h"][..], "stratafs mount --lower"),
+            (&["--help"], "stratafs mount --lower"),
+            (&["--bogus", "-h"], "stratafs mount --lower"),
+            (&["-o", "x", "--help", "/m"], "stratafs mount --lower"),
+            (
+                &["mount", "--help"],
+                "Usage: stratafs mount [OPTIONS] <MOUNTPOINT>",
+            ),
+            (&["mount", "--bogus", "-h"], "--lower <DIR>"),
+            (&["help", "mount"], "--lower <DIR>"),
+            (&["umount", "-h"], "--lazy"),
+            (&["volume", "ls", "--help"], "Usage: stratafs volume ls"),
+            (
+                &["help", "volume", "create"],
+                "Usage: stratafs volume create",
+            ),
+            (&["help"], "stratafs mount --lower"),
         ] {
             match run(a) {
-                Ok(Command::Print(t)) => assert!(t.contains("stratafs mount --lower"), "{t}"),
+                Ok(Command::Print(t)) => assert!(t.contains(needle), "{a:?}: {t}"),
                 other => panic!("{a:?}: {other:?}"),
             }
         }
@@ -967,7 +1411,7 @@ mod tests {
         ] {
             let e = fail(a);
             assert_eq!(e.exit_code(), 2, "{a:?}: {e}");
-            assert!(e.to_string().ends_with("try 'stratafs --help'"), "{e}");
+            assert!(e.to_string().contains("try 'stratafs --help'"), "{e}");
         }
         assert!(fail(&["--bogus", "/m"]).to_string().contains("--bogus"));
     }

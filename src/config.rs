@@ -32,6 +32,9 @@ pub struct GraftSpec {
     pub read_only: bool,
     /// Do not populate an empty volume from the image content under `target`.
     pub nocopy: bool,
+    /// `:nocreate`: a missing volume makes the mount fail instead of being created
+    /// (checked by `cli` before mounting).
+    pub nocreate: bool,
 }
 
 /// Standard FUSE/VFS mount flags. `None` means "not given": the mount uses the default.
@@ -93,6 +96,9 @@ pub struct MountConfig {
     pub grafts: Vec<GraftSpec>,
     /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
     pub state_dir: Option<PathBuf>,
+    /// fuse-overlayfs `auto_unmount`: mounted through fusermount3, which unmounts when
+    /// the daemon dies (instead of leaving a dead mount that answers ENOTCONN).
+    pub auto_unmount: bool,
     /// Write whiteouts as `.wh.NAME` files even where a char 0/0 could be made
     /// (fuse-overlayfs's FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT, honoured as is).
     pub aufs_whiteouts: bool,
@@ -127,8 +133,97 @@ impl MountConfig {
             fuse: FuseFlags::default(),
             grafts: Vec::new(),
             state_dir: None,
+            auto_unmount: false,
             aufs_whiteouts: false,
         }
+    }
+
+    /// The resolved configuration, one line each, as `-d` prints it before mounting:
+    /// what the mount will really use, with defaults filled in and the reason for
+    /// each choice that options made indirectly.
+    pub fn summary(&self) -> Vec<String> {
+        let list = |v: &[PathBuf]| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" : ")
+        };
+        let maps = |m: &[IdMapping]| {
+            if m.is_empty() {
+                "identity".to_string()
+            } else {
+                m.iter()
+                    .map(|m| format!("{}->{} (x{})", m.container, m.host, m.count))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let opt = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
+        };
+        let mut lines = vec![
+            format!("config: mountpoint {}", self.mountpoint.display()),
+            format!("config: lower layers (top first) {}", list(&self.lowerdirs)),
+            format!(
+                "config: upper {}, work {}{}",
+                opt(&self.upperdir),
+                opt(&self.workdir),
+                if self.read_only() {
+                    " (read-only mount)"
+                } else {
+                    ""
+                }
+            ),
+            format!(
+                "config: uids {}; gids {}; squash uid {} gid {}; xattr_permissions {}",
+                maps(&self.uid_mappings),
+                maps(&self.gid_mappings),
+                self.squash_to_uid.map_or("-".into(), |u| u.to_string()),
+                self.squash_to_gid.map_or("-".into(), |g| g.to_string()),
+                self.xattr_permissions
+            ),
+            format!(
+                "config: passthrough {}",
+                if self.passthrough {
+                    "on (where the kernel grants it: needs CAP_SYS_ADMIN)"
+                } else if self.writeback {
+                    "off (writeback=1 needs I/O served by the daemon)"
+                } else {
+                    "off (passthrough=0)"
+                }
+            ),
+            format!(
+                "config: sync {}, writeback cache {}, metacopy {}, redirect_dir {}, threads {}",
+                if self.syncs() {
+                    "on"
+                } else if self.volatile {
+                    "off (volatile)"
+                } else {
+                    "off (fsync=0)"
+                },
+                if self.writeback { "on" } else { "off" },
+                if self.metacopy { "on" } else { "off" },
+                self.redirect_dir.as_deref().unwrap_or("on"),
+                if self.threads == 0 {
+                    "auto".to_string()
+                } else {
+                    self.threads.to_string()
+                }
+            ),
+        ];
+        for g in &self.grafts {
+            let source = match &g.source {
+                GraftSource::Volume(n) => format!("volume {n}"),
+                GraftSource::Bind(p) => format!("bind {}", p.display()),
+            };
+            lines.push(format!(
+                "config: graft {source} at {}{}",
+                g.target.display(),
+                if g.read_only { " (read-only)" } else { "" }
+            ));
+        }
+        lines
     }
 
     pub fn read_only(&self) -> bool {

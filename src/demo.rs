@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -128,12 +129,17 @@ fn demo() -> Result<(), String> {
         root.join("upper").display(),
         root.join("work").display()
     );
+    // Ctrl-C (or SIGTERM) from here on is a request to unmount and clean up, taken
+    // below in order; the daemon runs in a process group of its own so the
+    // terminal's SIGINT does not reach it and make it unmount behind our back.
+    process::block_termination_signals();
     println!("stratafs demo: mounting a two-layer image");
     println!("  {} -f -o {opts} {}", exe.display(), merged.display());
     let mut child = Command::new(&exe)
         .args(["-f", "-o", &opts])
         .arg(&merged)
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the mount: {e}"))?;
     if let Err(e) = wait_mounted(&merged, &mut child) {
@@ -150,12 +156,13 @@ fn demo() -> Result<(), String> {
         );
         println!("Press Ctrl-C to unmount and clean up.");
         let _ = std::io::stdout().flush();
-        process::block_termination_signals();
         process::wait_for_termination_signal();
         println!();
     }
     println!("unmounting {}", merged.display());
-    stratafs::fuse::unmount(&merged);
+    // A shell left inside the mount keeps it busy: detach it then (and say so) rather
+    // than leave it behind.
+    stratafs::fuse::unmount(&merged, true);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

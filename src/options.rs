@@ -58,12 +58,26 @@ pub struct ParsedOptions {
     pub passthrough: Option<bool>,
     /// libfuse's `-o debug` (same as `-d`).
     pub debug: bool,
+    /// fuse-overlayfs `auto_unmount`: fusermount3 unmounts when the daemon dies.
+    pub auto_unmount: bool,
+    /// fuse-overlayfs `max_threads=N`: worker threads (N > 0).
+    pub max_threads: Option<u32>,
+    /// Kernel `userxattr`.
+    pub userxattr: bool,
+    /// Kernel `index=on|off`.
+    pub index: Option<bool>,
+    /// fuse-overlayfs `plugins=`, as given (none is loaded).
+    pub plugins: Option<String>,
+    /// `log=FILE`: the daemon's log goes there (appended) instead of stderr, which a
+    /// detached daemon has pointed at /dev/null.
+    pub log: Option<PathBuf>,
     pub fuse: FuseFlags,
     /// In the order given; targets are absolute and normalised.
     pub grafts: Vec<GraftSpec>,
     /// Unrecognised items, unquoted, in order. Kept so that rendering preserves them.
     pub unknown: Vec<String>,
-    /// One human-readable line per unknown item (`unknown option 'foo' ignored`).
+    /// One human-readable line per unknown item (`unknown option 'foo' ignored`), and
+    /// per option accepted without the effect it has elsewhere.
     pub warnings: Vec<String>,
 }
 
@@ -102,6 +116,7 @@ pub fn parse<S: AsRef<str>>(opts: &[S]) -> Result<ParsedOptions, OptionsError> {
             apply_item(&mut parsed, &item)?;
         }
     }
+    warn_not_applied(&mut parsed);
     Ok(parsed)
 }
 
@@ -144,6 +159,10 @@ fn apply_flag(p: &mut ParsedOptions, key: &str) -> bool {
         }
         "volatile" => p.volatile = true,
         "static_nlink" => p.static_nlink = true,
+        "auto_unmount" => p.auto_unmount = true,
+        // Requests are already read through one cloned /dev/fuse fd per worker thread.
+        "clone_fd" => {}
+        "userxattr" => p.userxattr = true,
         "noacl" => p.noacl = true,
         "debug" => p.debug = true,
         "allow_other" => p.fuse.allow_other = true,
@@ -234,7 +253,17 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
         "noxattrs" => p.noxattrs = Some(parse_bool(key, value)?),
         "passthrough" => p.passthrough = Some(parse_bool(key, value)?),
         "timeout" => p.timeout = Some(parse_seconds(key, value)?),
-        "redirect_dir" => p.redirect_dir = Some(value.to_string()),
+        "redirect_dir" => match value {
+            "on" | "off" | "follow" => p.redirect_dir = Some(value.to_string()),
+            "nofollow" => {
+                return Err(invalid(
+                    key,
+                    value,
+                    "not supported: existing redirects are always followed (on, off or follow)",
+                ));
+            }
+            _ => return Err(invalid(key, value, "expected on, follow, nofollow or off")),
+        },
         "metacopy" => {
             p.metacopy = Some(match value {
                 "on" => true,
@@ -242,7 +271,10 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
                 _ => return Err(invalid(key, value, "expected on or off")),
             })
         }
-        "xino" => p.xino = Some(value.to_string()),
+        "xino" => match value {
+            "on" | "off" | "auto" => p.xino = Some(value.to_string()),
+            _ => return Err(invalid(key, value, "expected on, off or auto")),
+        },
         "context" => p.context = Some(value.to_string()),
         "volume" => p.grafts.push(parse_volume(value)?),
         "bind" => p.grafts.push(parse_bind(value)?),
@@ -254,6 +286,30 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
             p.fuse.max_write = Some(n);
         }
         "fsname" => p.fuse.fsname = Some(value.to_string()),
+        "log" => p.log = Some(PathBuf::from(value)),
+        "max_threads" => {
+            let n = parse_u32(key, value)?;
+            if n == 0 {
+                return Err(invalid(key, value, "must be positive"));
+            }
+            p.max_threads = Some(n);
+        }
+        "plugins" => p.plugins = Some(value.to_string()),
+        // Kernel overlayfs: a lower layer given alone, no escaping needed.
+        "lowerdir+" => p
+            .lowerdirs
+            .get_or_insert_with(Vec::new)
+            .push(PathBuf::from(value)),
+        "datadir+" => return Err(no_data_only_layers(key, value)),
+        "index" => match value {
+            "on" => p.index = Some(true),
+            "off" => p.index = Some(false),
+            _ => return Err(invalid(key, value, "expected on or off")),
+        },
+        "uuid" => match value {
+            "on" | "off" | "null" | "auto" => {}
+            _ => return Err(invalid(key, value, "expected on, off, null or auto")),
+        },
         // Accepted without effect: fuse-overlayfs' inode-number tuning has no analogue
         // here, and the FUSE subtype is always ours.
         "fast_ino" | "subtype" => {}
@@ -288,8 +344,65 @@ fn takes_value(key: &str) -> bool {
             | "bind"
             | "max_write"
             | "fsname"
+            | "log"
+            | "max_threads"
+            | "plugins"
+            | "lowerdir+"
+            | "datadir+"
+            | "index"
+            | "uuid"
             | "fast_ino"
             | "subtype"
+    )
+}
+
+/// One warning per known option that is accepted (so that fstab lines and scripts
+/// written for fuse-overlayfs or the kernel mount) but does not do here what it does
+/// there. Derived from the final values, after the unknown-option warnings, so that
+/// the warnings depend on what was parsed, not on the order it was written in.
+fn warn_not_applied(p: &mut ParsedOptions) {
+    let notes = [
+        (
+            p.plugins.is_some(),
+            "plugins=",
+            "fuse-overlayfs plugins are not supported",
+        ),
+        (
+            p.fuse.max_write.is_some(),
+            "max_write=",
+            "the kernel's maximum (1 MiB) is negotiated",
+        ),
+        (
+            p.static_nlink,
+            "static_nlink",
+            "directory link counts are always the real ones",
+        ),
+        (
+            p.index == Some(false),
+            "index=off",
+            "hard-link copy-ups always use workdir/index",
+        ),
+        (
+            p.userxattr,
+            "userxattr",
+            "overlay xattrs are trusted.overlay.* as root and user.overlay.* otherwise; \
+             both are read",
+        ),
+    ];
+    for (given, option, why) in notes {
+        if given {
+            p.warnings
+                .push(format!("option '{option}' has no effect: {why}"));
+        }
+    }
+}
+
+fn no_data_only_layers(option: &str, value: &str) -> OptionsError {
+    invalid(
+        option,
+        value,
+        "data-only lower layers (datadir+=, lowerdir=A::B) are not supported: the engine \
+         has none",
     )
 }
 
@@ -418,6 +531,11 @@ fn escape_colons(s: &str) -> String {
 }
 
 fn parse_lowerdir(value: &str) -> Result<Vec<PathBuf>, OptionsError> {
+    // The kernel's separator of data-only layers; an escaped `\:\:` is two colons
+    // inside a path, so the raw text is what tells.
+    if value.replace("\\\\", "").replace("\\:", "").contains("::") {
+        return Err(no_data_only_layers("lowerdir", value));
+    }
     let parts = split_escaped(value);
     if parts.iter().any(|p| p.is_empty()) {
         return Err(invalid("lowerdir", value, "empty layer path"));
@@ -457,19 +575,29 @@ pub fn normalize_target(option: &str, target: &str) -> Result<PathBuf, OptionsEr
     Ok(out)
 }
 
-/// Parses the trailing `:ro`/`:rw`/`:nocopy` flags of a graft, in any order.
+/// The trailing flags of a graft.
+#[derive(Default)]
+struct GraftFlags {
+    read_only: bool,
+    nocopy: bool,
+    nocreate: bool,
+}
+
+/// Parses the trailing `:ro`/`:rw`/`:nocopy`/`:nocreate` flags of a graft, in any
+/// order; the last two only for volumes.
 fn graft_flags(
     option: &str,
     value: &str,
     flags: &[String],
-    allow_nocopy: bool,
-) -> Result<(bool, bool), OptionsError> {
-    let (mut ro, mut nocopy) = (false, false);
+    volume: bool,
+) -> Result<GraftFlags, OptionsError> {
+    let mut out = GraftFlags::default();
     for f in flags {
         match f.as_str() {
-            "ro" => ro = true,
-            "rw" => ro = false,
-            "nocopy" if allow_nocopy => nocopy = true,
+            "ro" => out.read_only = true,
+            "rw" => out.read_only = false,
+            "nocopy" if volume => out.nocopy = true,
+            "nocreate" if volume => out.nocreate = true,
             _ => {
                 return Err(invalid(
                     option,
@@ -479,17 +607,17 @@ fn graft_flags(
             }
         }
     }
-    Ok((ro, nocopy))
+    Ok(out)
 }
 
-/// `NAME:/path[:ro][:nocopy]`, as for `-o volume=` and `--volume`.
+/// `NAME:/path[:ro][:nocopy][:nocreate]`, as for `-o volume=` and `--volume`.
 pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
     let parts = split_escaped(value);
     let [name, target, flags @ ..] = parts.as_slice() else {
         return Err(invalid(
             "volume",
             value,
-            "expected NAME:/path[:ro][:nocopy]",
+            "expected NAME:/path[:ro][:nocopy][:nocreate]",
         ));
     };
     if !valid_volume_name(name) {
@@ -500,12 +628,13 @@ pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
         ));
     }
     let target = normalize_target("volume", target)?;
-    let (read_only, nocopy) = graft_flags("volume", value, flags, true)?;
+    let f = graft_flags("volume", value, flags, true)?;
     Ok(GraftSpec {
         source: GraftSource::Volume(name.clone()),
         target,
-        read_only,
-        nocopy,
+        read_only: f.read_only,
+        nocopy: f.nocopy,
+        nocreate: f.nocreate,
     })
 }
 
@@ -519,12 +648,13 @@ pub fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
         return Err(invalid("bind", value, "empty host directory"));
     }
     let target = normalize_target("bind", target)?;
-    let (read_only, _) = graft_flags("bind", value, flags, false)?;
+    let f = graft_flags("bind", value, flags, false)?;
     Ok(GraftSpec {
         source: GraftSource::Bind(PathBuf::from(source)),
         target,
-        read_only,
+        read_only: f.read_only,
         nocopy: false,
+        nocreate: false,
     })
 }
 
@@ -547,6 +677,18 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
     }
     if let Some(w) = &p.workdir {
         kv("workdir", &lossy(w));
+    }
+    if let Some(f) = &p.log {
+        kv("log", &lossy(f));
+    }
+    if let Some(n) = p.max_threads {
+        kv("max_threads", &n.to_string());
+    }
+    if let Some(on) = p.index {
+        kv("index", if on { "on" } else { "off" });
+    }
+    if let Some(v) = &p.plugins {
+        kv("plugins", v);
     }
     for (key, maps) in [
         ("uidmapping", &p.uid_mappings),
@@ -617,6 +759,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
         if g.nocopy {
             v.push_str(":nocopy");
         }
+        if g.nocreate {
+            v.push_str(":nocreate");
+        }
         match g.source {
             GraftSource::Volume(_) => kv("volume", &v),
             GraftSource::Bind(_) => kv("bind", &v),
@@ -624,7 +769,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
     }
 
     let f = &p.fuse;
-    let flags: [(bool, &str); 7] = [
+    let flags: [(bool, &str); 9] = [
+        (p.auto_unmount, "auto_unmount"),
+        (p.userxattr, "userxattr"),
         (p.volatile, "volatile"),
         (p.static_nlink, "static_nlink"),
         (p.noacl, "noacl"),
@@ -917,7 +1064,9 @@ mod tests {
             (Some(false), Some(false), Some(false), Some(false))
         );
         assert_eq!(f.fsname.as_deref(), Some("foo"));
-        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+        // static_nlink is accepted, and said to do nothing here.
+        assert_eq!(o.warnings.len(), 1, "{:?}", o.warnings);
+        assert!(o.warnings[0].contains("'static_nlink' has no effect"));
         roundtrip(&o);
         assert!(err("volatile=1").contains("'volatile' takes no value"));
         assert!(err("ro=0").contains("'ro'"));
@@ -952,8 +1101,9 @@ mod tests {
 
     #[test]
     fn grafts() {
-        let o =
-            p("volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a");
+        let o = p(
+            "volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a:nocreate",
+        );
         assert_eq!(
             o.grafts,
             vec![
@@ -962,18 +1112,21 @@ mod tests {
                     target: "/var/lib/data".into(),
                     read_only: true,
                     nocopy: true,
+                    nocreate: false,
                 },
                 GraftSpec {
                     source: GraftSource::Bind("/host/dir".into()),
                     target: "/srv/x/y".into(),
                     read_only: true,
                     nocopy: false,
+                    nocreate: false,
                 },
                 GraftSpec {
                     source: GraftSource::Volume("v2".into()),
                     target: "/a".into(),
                     read_only: false,
                     nocopy: false,
+                    nocreate: true,
                 },
             ]
         );
@@ -995,6 +1148,7 @@ mod tests {
             "bind=/h",
             "bind=:/x",
             "bind=/h:/x:nocopy",
+            "bind=/h:/x:nocreate",
             "bind=/h:x",
         ] {
             let e = err(bad);
@@ -1038,6 +1192,7 @@ mod tests {
             "uidmapping=",
             "gidmapping=",
             "fsname=",
+            "log=",
             "xino=",
             "redirect_dir=",
             "squash_to_uid=",

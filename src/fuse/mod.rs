@@ -5,12 +5,17 @@ mod adapter;
 mod stats;
 mod watchdog;
 
-use std::path::Path;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{MountOption, Session, SessionACL};
 
+use crate::cli::os_reason;
 use crate::config::MountConfig;
+use crate::sys::Errno;
+use crate::sys::mount;
 use crate::sys::process::{self, Forked};
 use crate::union::Union;
 pub use adapter::StrataFs;
@@ -75,6 +80,9 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     if config.read_only() {
         opts.push(MountOption::RO);
     }
+    if config.auto_unmount {
+        opts.push(MountOption::AutoUnmount);
+    }
     // As root, device nodes and set-ID programs work by default, as on kernel
     // overlayfs; unprivileged FUSE mounts are always nodev,nosuid anyway.
     let root_default = process::is_root().then_some(true);
@@ -118,6 +126,66 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     cfg.n_threads = Some(threads);
     cfg.clone_fd = threads > 1;
     cfg
+}
+
+/// As root, mounts the FUSE connection itself, so that the type is `fuse.stratafs`
+/// (fuser's own mount(2) always says `fuse`; fusermount3, which an unprivileged mount
+/// goes through, sets the subtype as we do here). `Ok(None)`: not root, or mount(2)
+/// refused with EPERM (a user namespace without the right): fuser mounts instead.
+fn kernel_mount(config: &MountConfig, cfg: &fuser::Config) -> io::Result<Option<OwnedFd>> {
+    // auto_unmount is fusermount3's doing (it waits for the daemon to die).
+    if !process::is_root() || config.auto_unmount {
+        return Ok(None);
+    }
+    let mut source = "stratafs".to_string();
+    let mut fstype = "fuse".to_string();
+    let mut kernel_options = Vec::new();
+    // fuser's defaults: nosuid and nodev unless asked for.
+    let mut flags = mount::FuseMountFlags {
+        nosuid: true,
+        nodev: true,
+        ..Default::default()
+    };
+    for o in &cfg.mount_options {
+        match o {
+            MountOption::FSName(n) => source = n.clone(),
+            MountOption::Subtype(t) => fstype = format!("fuse.{t}"),
+            MountOption::DefaultPermissions => kernel_options.push("default_permissions"),
+            MountOption::RO => flags.read_only = true,
+            MountOption::RW => flags.read_only = false,
+            MountOption::Suid => flags.nosuid = false,
+            MountOption::NoSuid => flags.nosuid = true,
+            MountOption::Dev => flags.nodev = false,
+            MountOption::NoDev => flags.nodev = true,
+            MountOption::Exec => flags.noexec = false,
+            MountOption::NoExec => flags.noexec = true,
+            MountOption::Atime => flags.noatime = false,
+            MountOption::NoAtime => flags.noatime = true,
+            // session_config sets none of the others.
+            other => log::debug!("mount option {other:?} left to fuser"),
+        }
+    }
+    // The kernel knows only allow_other; allow_root is enforced by fuser's ACL check.
+    if cfg.acl != SessionACL::Owner {
+        kernel_options.push("allow_other");
+    }
+    let rootmode = mount::file_type_bits(&config.mountpoint).map_err(io::Error::from)?;
+    let dev = mount::open_fuse_device().map_err(io::Error::from)?;
+    let mut data = format!(
+        "fd={},rootmode={rootmode:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        process::real_uid(),
+        process::real_gid()
+    );
+    for o in kernel_options {
+        data.push(',');
+        data.push_str(o);
+    }
+    match mount::mount_fuse(&source, &config.mountpoint, &fstype, flags, &data) {
+        Ok(()) => Ok(Some(dev)),
+        Err(Errno::PERM) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Mounts `config` and serves it until unmounted. Without `foreground`, returns in
@@ -169,12 +237,36 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         config.writeback,
         stats.clone(),
     );
-    let mut session = match Session::new(fs, &config.mountpoint, &session_config(config)) {
+    let session_cfg = session_config(config);
+    // Mounted here (as root) or by fuser (through fusermount3 otherwise).
+    let own_mount = match kernel_mount(config, &session_cfg) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return fail(
+                report,
+                format!(
+                    "mount {}: {}",
+                    config.mountpoint.display(),
+                    mount_failure(&e)
+                ),
+            );
+        }
+    };
+    let mounted_here = own_mount.is_some();
+    let started = match own_mount {
+        Some(fd) => Session::from_fd(fs, fd, session_cfg.acl, session_cfg),
+        None => Session::new(fs, &config.mountpoint, &session_cfg),
+    };
+    let mut session = match started {
         Ok(s) => s,
         Err(e) => {
             return fail(
                 report,
-                format!("mount {}: {e}", config.mountpoint.display()),
+                format!(
+                    "mount {}: {}",
+                    config.mountpoint.display(),
+                    mount_failure(&e)
+                ),
             );
         }
     };
@@ -203,8 +295,9 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
                     continue;
                 }
                 log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                if unmounter.unmount().is_err() {
-                    let _ = process::lazy_unmount(&mountpoint);
+                // fuser unmounts only what it mounted itself.
+                if mounted_here || unmounter.unmount().is_err() {
+                    let _ = mount::unmount(&mountpoint, true);
                 }
                 return;
             }
@@ -220,7 +313,10 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         s.dump();
     }
     match ended {
-        Ok(()) => 0,
+        Ok(()) => {
+            log::info!("{} unmounted; exiting", config.mountpoint.display());
+            0
+        }
         Err(e) => {
             log::error!("session ended: {e}");
             1
@@ -228,20 +324,127 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     }
 }
 
-/// `stratafs umount MNT`: fusermount3 -u, falling back to a lazy unmount.
-pub fn unmount(mountpoint: &Path) -> i32 {
-    let status = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg(mountpoint)
-        .status();
-    if matches!(status, Ok(s) if s.success()) {
-        return 0;
-    }
-    match process::lazy_unmount(mountpoint) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("stratafs: umount {}: {e}", mountpoint.display());
+/// `stratafs umount MNT [--lazy]`: exit status 0 when unmounted (a note on stderr if
+/// it was only detached), 1 with the reason on stderr otherwise.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> i32 {
+    match unmount_mount(mountpoint, lazy) {
+        Ok(note) => {
+            if let Some(note) = note {
+                eprintln!("stratafs: {note}");
+            }
+            0
+        }
+        Err(msg) => {
+            eprintln!("stratafs: umount {}: {msg}", mountpoint.display());
             1
         }
+    }
+}
+
+/// The mount point as the mount table spells it: absolute, symlinks resolved. A
+/// mount whose daemon died cannot be resolved itself (ENOTCONN), so then only its
+/// parent is.
+fn table_path(mountpoint: &Path) -> io::Result<PathBuf> {
+    match std::fs::canonicalize(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let abs = std::path::absolute(mountpoint)?;
+            match (abs.parent(), abs.file_name()) {
+                (Some(parent), Some(name)) => Ok(std::fs::canonicalize(parent)?.join(name)),
+                _ => Ok(abs),
+            }
+        }
+        other => other,
+    }
+}
+
+const BUSY: &str = "busy: a process has a file or its working directory on it; \
+                    end that, or detach the mount now with --lazy";
+
+/// Unmounts only FUSE mounts, and a busy one only when `lazy` (then says so): a
+/// silent lazy detach would leave a caller believing the data is no longer in use.
+fn unmount_mount(mountpoint: &Path, lazy: bool) -> Result<Option<String>, String> {
+    let path = table_path(mountpoint).map_err(|e| os_reason(&e))?;
+    let entry = mount::mount_at(&path)
+        .map_err(|e| format!("cannot read the mount table: {}", os_reason(&e)))?
+        .ok_or("not mounted")?;
+    if !entry.is_fuse() {
+        return Err(format!(
+            "not a stratafs mount (it is {}); use umount(8)",
+            entry.fstype
+        ));
+    }
+    let detached = || {
+        Some(format!(
+            "{} was busy: detached lazily; it ends once no longer in use",
+            mountpoint.display()
+        ))
+    };
+    if process::is_root() {
+        return match mount::unmount(&path, false) {
+            Ok(()) => Ok(None),
+            Err(Errno::BUSY) if lazy => match mount::unmount(&path, true) {
+                Ok(()) => Ok(detached()),
+                Err(e) => Err(os_reason(&e.into())),
+            },
+            Err(Errno::BUSY) => Err(BUSY.to_string()),
+            Err(e) => Err(os_reason(&e.into())),
+        };
+    }
+    // Unprivileged: the setuid helper, which checks that the mount is the caller's.
+    let fusermount = |extra: &[&str]| {
+        std::process::Command::new("fusermount3")
+            .arg("-u")
+            .args(extra)
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run fusermount3: {}", os_reason(&e)))
+    };
+    let out = fusermount(&[])?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !said.contains("Device or resource busy") {
+        return Err(said);
+    }
+    if !lazy {
+        return Err(BUSY.to_string());
+    }
+    let out = fusermount(&["-z"])?;
+    if out.status.success() {
+        Ok(detached())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Names what refused a mount. fuser reports an unprivileged caller's refused
+/// /dev/fuse as a bare "Permission denied", and a missing fusermount3 as a bare
+/// "No such file or directory".
+fn mount_failure(e: &io::Error) -> String {
+    let reason = os_reason(e);
+    let dev = Path::new("/dev/fuse");
+    if !dev.exists() {
+        return format!("{reason}: /dev/fuse does not exist (load the module: modprobe fuse)");
+    }
+    if process::is_root() {
+        return reason;
+    }
+    if !mount::can_read_write(dev) {
+        return format!(
+            "/dev/fuse: {reason}: an unprivileged mount needs read-write access to /dev/fuse \
+             (and the setuid-root fusermount3 of fuse3)"
+        );
+    }
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            format!("{reason}: an unprivileged mount needs fusermount3 (package fuse3) on PATH")
+        }
+        io::ErrorKind::PermissionDenied => format!(
+            "{reason}: fusermount3 refused the mount (is it installed setuid root, and is \
+             the mount point yours?)"
+        ),
+        _ => reason,
     }
 }

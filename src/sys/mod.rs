@@ -11,6 +11,7 @@
 
 pub mod fs;
 pub mod lock;
+pub mod mount;
 pub mod process;
 pub mod xattr;
 

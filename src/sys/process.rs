@@ -187,6 +187,14 @@ pub fn in_group_or_may_fsetid(pid: u32, gid: u32) -> bool {
     }
 }
 
+pub fn real_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+pub fn real_gid() -> u32 {
+    rustix::process::getgid().as_raw()
+}
+
 /// The signals that end the daemon: SIGINT, SIGTERM and SIGHUP.
 const TERMINATION: &[i32] = &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 /// What a mounted daemon takes synchronously: the termination signals, and SIGUSR1

@@ -65,6 +65,9 @@ pub struct CreateSpec {
     pub size_limit: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub exclusive: bool,
+    /// Named by `volume create` itself (no name given): `volume prune` takes such
+    /// volumes without `--all`, as docker's prune does anonymous ones.
+    pub anonymous: bool,
 }
 
 /// The metadata file of a volume.
@@ -79,6 +82,8 @@ pub struct Meta {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub exclusive: bool,
+    #[serde(default)]
+    pub anonymous: bool,
 }
 
 /// What `volume inspect` shows.
@@ -92,6 +97,7 @@ pub struct VolumeInfo {
     pub bytes_used: u64,
     pub labels: BTreeMap<String, String>,
     pub exclusive: bool,
+    pub anonymous: bool,
     /// Mounts using the volume now.
     pub mounts: Vec<MountUse>,
 }
@@ -144,6 +150,7 @@ impl Volume {
             bytes_used: self.bytes_used()?,
             labels: self.meta.labels.clone(),
             exclusive: self.meta.exclusive,
+            anonymous: self.meta.anonymous,
             mounts: self.users(),
         })
     }
@@ -242,6 +249,7 @@ impl Store {
             size_limit: spec.size_limit,
             labels: spec.labels.clone(),
             exclusive: spec.exclusive,
+            anonymous: spec.anonymous,
         };
         let build = || -> Result<(), VolumeError> {
             // Explicit modes: the daemon runs with umask 0.
@@ -375,11 +383,15 @@ impl Store {
         Ok(freed)
     }
 
-    /// Removes every volume no mount uses; returns (name, bytes freed) per volume.
-    pub fn prune(&self) -> Result<Vec<(String, u64)>, VolumeError> {
+    /// Removes every volume no mount uses among those `selected` answers true for;
+    /// returns (name, bytes freed) per volume.
+    pub fn prune(
+        &self,
+        selected: &dyn Fn(&Volume) -> bool,
+    ) -> Result<Vec<(String, u64)>, VolumeError> {
         let mut out = Vec::new();
         for vol in self.list()? {
-            if !vol.users().is_empty() {
+            if !selected(&vol) || !vol.users().is_empty() {
                 continue;
             }
             match self.remove(&vol.name, false) {

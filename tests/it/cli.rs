@@ -1,12 +1,16 @@
 //! The binary's command-line contract: every bad invocation exits non-zero with exactly
-//! one stderr line (`stratafs: ...`) naming the offending path or option, before
-//! anything is mounted, so none of these tests needs FUSE.
+//! one stderr line (`stratafs: ...`) naming the offending path or option (or, for a
+//! malformed command line, clap's whole report), before anything is mounted. The
+//! tests at the end need FUSE: `umount`, mount failures that must name their real
+//! cause, and what /proc/mounts shows.
 
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::fixture::{LayerSpec, Layers, StrataDaemon, StrataMount, mount_at, require_fuse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
 
@@ -111,7 +115,7 @@ fn help_exits_zero_and_lists_every_form() {
             "--work",
             "--volume",
             "--bind",
-            "stratafs umount MOUNTPOINT",
+            "stratafs umount [-l] MOUNTPOINT",
             "stratafs demo",
             "--version",
             "lowerdir=",
@@ -146,20 +150,156 @@ fn version_exits_zero() {
     }
 }
 
+/// Asserts a malformed command line: exit status 2 and clap's whole report (the
+/// problem, any "similar argument" tip, the usage), ending with a pointer to the
+/// `--help` of `command`.
+#[track_caller]
+fn assert_usage_error(out: &Output, command: &str, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.starts_with("stratafs: "), "stderr: {stderr:?}");
+    let last = stderr.trim_end().lines().last().unwrap_or("");
+    assert!(
+        last.contains(&format!("try '{command} --help'")),
+        "last line {last:?} does not point at {command} --help; stderr: {stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "stderr {stderr:?} does not mention {n:?}"
+        );
+    }
+}
+
 #[test]
 fn usage_errors() {
-    assert_fails(&run(&[]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["-o", "lowerdir=/tmp"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["--no-such-flag", "/mnt"]), &["--no-such-flag"]);
-    assert_fails(&run(&["/mnt", "-o"]), &["-o"]);
-    assert_fails(
+    assert_usage_error(&run(&[]), "stratafs", &["MOUNTPOINT"]);
+    assert_usage_error(&run(&["-o", "lowerdir=/tmp"]), "stratafs", &["MOUNTPOINT"]);
+    assert_usage_error(
+        &run(&["--no-such-flag", "/mnt"]),
+        "stratafs",
+        &["--no-such-flag", "Usage: stratafs"],
+    );
+    assert_usage_error(&run(&["/mnt", "-o"]), "stratafs", &["-o"]);
+    assert_usage_error(
         &run(&["-o", "lowerdir=/tmp", "a", "b", "extra"]),
+        "stratafs",
         &["extra"],
     );
-    assert_fails(&run(&["mount", "--lower", "/tmp"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["mount", "--lower"]), &["--lower"]);
-    assert_fails(&run(&["umount"]), &["MOUNTPOINT"]);
-    assert_fails(&run(&["demo", "extra"]), &["extra"]);
+    assert_usage_error(
+        &run(&["mount", "--lower", "/tmp"]),
+        "stratafs mount",
+        &["<MOUNTPOINT>"],
+    );
+    assert_usage_error(&run(&["mount", "--lower"]), "stratafs mount", &["--lower"]);
+    assert_usage_error(&run(&["umount"]), "stratafs umount", &["<MOUNTPOINT>"]);
+    assert_usage_error(&run(&["demo", "extra"]), "stratafs demo", &["extra"]);
+    assert_usage_error(&run(&["help", "nope"]), "stratafs", &["nope"]);
+}
+
+#[test]
+fn subcommand_errors_keep_the_did_you_mean_hint() {
+    assert_usage_error(
+        &run(&["mount", "--lowr", "/l", "/m"]),
+        "stratafs mount",
+        &[
+            "'--lowr'",
+            "tip: a similar argument exists: '--lower'",
+            "Usage: stratafs mount",
+        ],
+    );
+    assert_usage_error(
+        &run(&["volume", "create", "--sise", "1G", "v"]),
+        "stratafs volume create",
+        &["tip: a similar argument exists: '--size'"],
+    );
+    assert_usage_error(
+        &run(&["volume", "lss"]),
+        "stratafs volume",
+        &["'lss'", "similar subcommand", "'ls'"],
+    );
+    assert_usage_error(
+        &run(&["umount", "--lazzy", "/m"]),
+        "stratafs umount",
+        &["tip: a similar argument exists: '--lazy'"],
+    );
+}
+
+/// `X --help` and `help X` print X's own help: its usage line and its flags, not the
+/// main help with every -o option.
+#[test]
+fn every_subcommand_has_its_own_help() {
+    let cases: &[(&[&str], &str, &[&str])] = &[
+        (
+            &["mount"],
+            "stratafs mount",
+            &["--lower", "--upper", "--work", "--volume"],
+        ),
+        (&["umount"], "stratafs umount", &["--lazy"]),
+        (&["demo"], "stratafs demo", &[]),
+        (&["volume"], "stratafs volume", &["create", "prune"]),
+        (
+            &["volume", "create"],
+            "stratafs volume create",
+            &["--size", "--label"],
+        ),
+        (&["volume", "ls"], "stratafs volume ls", &["--json"]),
+        (&["volume", "inspect"], "stratafs volume inspect", &["NAME"]),
+        (&["volume", "rm"], "stratafs volume rm", &["--force"]),
+        (&["volume", "prune"], "stratafs volume prune", &[]),
+        (&["completions"], "stratafs completions", &["bash"]),
+        (&["man"], "stratafs man", &[]),
+    ];
+    for (words, usage, needles) in cases {
+        let mut with_flag = words.to_vec();
+        with_flag.push("--help");
+        let mut with_help = vec!["help"];
+        with_help.extend_from_slice(words);
+        for args in [with_flag, with_help] {
+            let out = run(&args);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{args:?}: {:?}", out.status);
+            assert!(
+                text.contains(&format!("Usage: {usage}")),
+                "{args:?} lacks its usage line:\n{text}"
+            );
+            assert!(
+                !text.contains("Layer options"),
+                "{args:?} printed the main help:\n{text}"
+            );
+            for n in *needles {
+                assert!(text.contains(n), "{args:?} lacks {n:?}:\n{text}");
+            }
+        }
+    }
+    // `stratafs help` alone is the main help, not a mount on `./help`.
+    let out = run(&["help"]);
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Layer options"));
+}
+
+/// A misspelt option is named before the validation error it causes.
+#[test]
+fn unknown_option_warning_comes_before_the_validation_error() {
+    let t = Tree::new();
+    let out = t.mount_o(&format!(
+        "lowerdir={},upperdr={},workdir={}",
+        t.p("l1"),
+        t.p("u"),
+        t.p("w")
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("stratafs: warning: unknown option 'upperdr="),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("stratafs: workdir ") && lines[1].contains("given without upperdir"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -405,8 +545,9 @@ fn mount_subcommand_errors() {
         ]),
         &["bind", &nope],
     );
-    assert_fails(
+    assert_usage_error(
         &run(&["mount", "--lower", &l1, "--frobnicate", &mnt]),
+        "stratafs mount",
         &["--frobnicate"],
     );
     assert_fails(
@@ -419,5 +560,617 @@ fn mount_subcommand_errors() {
             &mnt,
         ]),
         &["--lower", "lowerdir"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Mounted: umount, and mount failures that name their cause
+// ---------------------------------------------------------------------------------------
+
+fn one_file_layers() -> Layers {
+    Layers::new(&[LayerSpec::new().file("f", b"lower\n")])
+}
+
+#[test]
+fn umount_of_what_is_not_mounted_says_so() {
+    let t = Tree::new();
+    let mnt = t.p("mnt");
+    assert_fails(&run(&["umount", &mnt]), &[&mnt, "not mounted"]);
+    let nope = t.p("nope");
+    assert_fails(
+        &run(&["umount", &nope]),
+        &[&nope, "No such file or directory"],
+    );
+}
+
+#[test]
+fn umount_refuses_a_mount_that_is_not_fuse() {
+    if !require_fuse() {
+        return;
+    }
+    let t = Tree::new();
+    let mnt = t.root.join("mnt");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "stratafs-test-tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("mount tmpfs");
+    assert!(st.success());
+    let out = run(&["umount", &t.p("mnt")]);
+    let still = mount_at(&mnt).map(|e| e.fstype);
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_fails(&out, &["tmpfs", "not a stratafs mount"]);
+    assert_eq!(still.as_deref(), Some("tmpfs"), "the tmpfs was unmounted");
+}
+
+#[test]
+fn busy_mount_is_kept_unless_lazy_and_lazy_says_what_it_did() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    let open = fs::File::open(m.join("f")).expect("open through the mount");
+    let mp = l.merged.to_string_lossy().into_owned();
+    assert_fails(&run(&["umount", &mp]), &[&mp, "busy", "--lazy"]);
+    assert!(mount_at(&l.merged).is_some(), "a refused umount unmounted");
+
+    let out = run(&["umount", "--lazy", &mp]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("detached lazily"), "{stderr:?}");
+    assert!(mount_at(&l.merged).is_none(), "still in the mount table");
+    drop(open);
+    // Its last user gone, the detached mount ends and so does the daemon (a signal to
+    // it, if it has not exited yet, is what an unmount would have done anyway).
+    let st = m.signal_and_wait(libc::SIGTERM);
+    assert!(st.success() || st.code().is_none(), "{st:?}");
+}
+
+#[test]
+fn umount_unmounts_an_idle_mount_quietly() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    let mp = l.merged.to_string_lossy().into_owned();
+    let out = run(&["umount", &mp]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    assert!(mount_at(&l.merged).is_none());
+    let st = m.signal_and_wait(0);
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn remount_over_a_dead_daemon_says_to_unmount_first() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::new(&l);
+    m.signal_and_wait(libc::SIGKILL);
+    let mp = l.merged.to_string_lossy().into_owned();
+    let out = run(&["-o", &l.rw_options(), &mp]);
+    assert_fails(
+        &out,
+        &[
+            &mp,
+            "Transport endpoint is not connected",
+            &format!("stratafs umount {mp}"),
+        ],
+    );
+    // And that advice works on the dead mount.
+    let out = run(&["umount", &mp]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(mount_at(&l.merged).is_none());
+}
+
+/// An unprivileged user who may not open /dev/fuse is told so, not just "Permission
+/// denied". /dev/fuse is replaced, in a mount namespace of the test's own, by a file
+/// only root may open.
+#[test]
+fn unprivileged_mount_names_dev_fuse_when_it_is_refused() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let fake = l.root.join("fake-dev-fuse");
+    fs::write(&fake, b"").expect("write");
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let script = format!(
+        "mount --bind '{}' /dev/fuse && exec setpriv --reuid=65534 --regid=65534 \
+         --clear-groups '{BIN}' -f -o 'lowerdir={}' '{}'",
+        fake.display(),
+        l.lowers[0].display(),
+        l.merged.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    assert_fails(
+        &out,
+        &["/dev/fuse", "Permission denied", "read-write access"],
+    );
+}
+
+/// `findmnt -t fuse.stratafs` and tools that look for the subtype find the mount;
+/// the source column is the caller's `fsname=`.
+#[test]
+fn proc_mounts_shows_type_fuse_stratafs_and_the_fsname() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    for (extra, source) in [("", "stratafs"), (",fsname=my-container", "my-container")] {
+        let m =
+            StrataMount::with_options(&format!("{}{extra}", l.rw_options()), &l.merged, &l.root);
+        let e = mount_at(&l.merged).expect("mounted");
+        assert_eq!(e.fstype, "fuse.stratafs", "{e:?}");
+        assert_eq!(e.source, source, "{e:?}");
+        let found = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE", "-t", "fuse.stratafs", "--mountpoint"])
+            .arg(&l.merged)
+            .output()
+            .expect("findmnt");
+        assert_eq!(String::from_utf8_lossy(&found.stdout).trim(), source);
+        drop(m);
+    }
+}
+
+/// Ctrl-C at the demo's prompt: the terminal signals the whole foreground process
+/// group. The demo unmounts and cleans up, exits 0 and prints no error.
+#[test]
+fn demo_ends_cleanly_on_ctrl_c() {
+    if !require_fuse() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .env_remove("STRATAFS_DEMO_NONINTERACTIVE")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn demo");
+    let pgid = child.id() as libc::pid_t;
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let mut merged = None;
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).expect("read demo output") == 0 {
+            break;
+        }
+        if let Some(rest) = line.strip_prefix("The mount stays up at ") {
+            merged = rest.split(" — ").next().map(PathBuf::from);
+        }
+        seen.push_str(&line);
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let merged = merged.unwrap_or_else(|| panic!("no prompt in the demo output:\n{seen}"));
+    assert!(mount_at(&merged).is_some(), "{seen}");
+    // SAFETY: kill(2) on the process group of our own, unreaped child.
+    assert_eq!(unsafe { libc::kill(-pgid, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let out = child.wait_with_output().expect("wait demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}; stderr: {stderr}", out.status);
+    assert!(stderr.is_empty(), "error lines on Ctrl-C: {stderr:?}");
+    assert!(mount_at(&merged).is_none(), "the demo left its mount");
+    assert!(!merged.exists(), "the demo left its scratch directory");
+}
+
+/// `mount -t fuse.stratafs` and an fstab line, through mount(8) itself. mount(8) runs
+/// /sbin/mount.fuse.stratafs; the test puts that helper (a link to this build) in a
+/// directory of its own, bound over /usr/sbin (= /sbin) in a private mount namespace,
+/// so nothing on the machine changes. Everything mounted there is unmounted there.
+#[test]
+fn mount_8_and_fstab_run_stratafs_as_the_fuse_stratafs_helper() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let sbin = l.root.join("sbin");
+    fs::create_dir(&sbin).expect("mkdir");
+    symlink(BIN, sbin.join("mount.fuse.stratafs")).expect("symlink");
+    let fstab = l.root.join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "fromfstab {} fuse.stratafs {},fsname=fromfstab,noauto 0 0\n",
+            l.merged.display(),
+            l.rw_options()
+        ),
+    )
+    .expect("write fstab");
+    let script = r#"
+set -eu
+trap '"$BIN" umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true' EXIT
+mount --bind "$SBIN" /usr/sbin
+mount -t fuse.stratafs stratafs "$MNT" -o "$OPTS"
+echo "cli: $(findmnt -n -o FSTYPE,SOURCE -t fuse.stratafs --mountpoint "$MNT")"
+echo "cli read: $(cat "$MNT/f")"
+"$BIN" umount "$MNT"
+mount -T "$FSTAB" "$MNT"
+echo "fstab: $(findmnt -n -o FSTYPE,SOURCE --mountpoint "$MNT")"
+echo "fstab read: $(cat "$MNT/f")"
+"$BIN" umount "$MNT"
+echo "left: $(findmnt -n --mountpoint "$MNT" || true)"
+"#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("BIN", BIN)
+        .env("MNT", &l.merged)
+        .env("SBIN", &sbin)
+        .env("FSTAB", &fstab)
+        .env("OPTS", l.rw_options())
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
+    let lines: Vec<&str> = stdout.lines().map(|l| l.trim_end()).collect();
+    assert_eq!(
+        lines,
+        [
+            "cli: fuse.stratafs stratafs",
+            "cli read: lower",
+            "fstab: fuse.stratafs fromfstab",
+            "fstab read: lower",
+            "left:",
+        ],
+        "{stderr}"
+    );
+}
+
+/// Every command of the clap definition (the one the parser uses), with its path.
+fn all_commands() -> Vec<Vec<String>> {
+    fn walk(cmd: &clap::Command, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        for sub in cmd.get_subcommands() {
+            path.push(sub.get_name().to_string());
+            out.push(path.clone());
+            walk(sub, path, out);
+            path.pop();
+        }
+    }
+    let mut out = Vec::new();
+    walk(&stratafs::cli::command(), &mut Vec::new(), &mut out);
+    out
+}
+
+/// The man page and the completions come from the parser's own definition: every
+/// command and every one of its long flags is in them.
+#[test]
+fn man_page_and_completions_cover_every_command() {
+    let commands = all_commands();
+    assert!(commands.len() >= 12, "{commands:?}");
+    let man = run(&["man"]);
+    assert!(man.status.success(), "{man:?}");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.starts_with(".ie") || page.starts_with(".TH"), "{page}");
+    for section in ["NAME", "SYNOPSIS", "ENVIRONMENT", "EXIT STATUS", "EXAMPLES"] {
+        assert!(
+            page.contains(&format!(".SH {section}\n"))
+                || page.contains(&format!(".SH \"{section}\"\n")),
+            "no {section}"
+        );
+    }
+    for needle in ["STRATAFS_LOG", "lowerdir=", "fuse.stratafs", "upperdir=DIR"] {
+        assert!(page.contains(needle), "the man page lacks {needle:?}");
+    }
+    let scripts: Vec<(String, String)> = ["bash", "zsh", "fish"]
+        .iter()
+        .map(|shell| {
+            let out = run(&["completions", shell]);
+            assert!(out.status.success(), "{shell}: {out:?}");
+            (
+                shell.to_string(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        })
+        .collect();
+    let root = stratafs::cli::command();
+    for path in &commands {
+        let mut cmd = &root;
+        for name in path {
+            cmd = cmd.find_subcommand(name).expect("listed");
+        }
+        let title = format!(".SS \"stratafs {}\"", path.join(" "));
+        assert!(page.contains(&title), "the man page lacks {title}");
+        let leaf = path.last().expect("non-empty");
+        for (shell, script) in &scripts {
+            assert!(script.contains(leaf.as_str()), "{shell} lacks {path:?}");
+        }
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if let Some(long) = arg.get_long() {
+                // roff writes a flag's dashes as \-.
+                let in_man = format!("\\-\\-{}", long.replace('-', "\\-"));
+                assert!(page.contains(&in_man), "man lacks {path:?} --{long}");
+                for (shell, script) in &scripts {
+                    assert!(script.contains(long), "{shell} lacks {path:?} --{long}");
+                }
+            }
+        }
+    }
+    let check = Command::new("groff")
+        .args(["-man", "-ww", "-z"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    if let Ok(mut groff) = check {
+        use std::io::Write;
+        groff
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&man.stdout)
+            .expect("write");
+        let out = groff.wait_with_output().expect("groff");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "groff warns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bash = Command::new("bash")
+        .args(["-n", "-c", &scripts[0].1])
+        .output()
+        .expect("bash");
+    assert!(bash.status.success(), "{bash:?}");
+}
+
+/// `-d` starts with the configuration the mount really uses, before any request.
+#[test]
+fn debug_prints_the_resolved_configuration_first() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let opts = format!("{},writeback=1", l.rw_options());
+    let mut m = StrataMount::with_args(&opts, &["-d"], &l.merged, &l.root);
+    let _ = fs::read(m.join("f")).expect("read");
+    m.unmount();
+    let out = m.output();
+    let first = out.lines().next().unwrap_or("");
+    assert!(first.contains("config: mountpoint"), "{out}");
+    for needle in [
+        format!("config: lower layers (top first) {}", l.lowers[0].display()),
+        format!(
+            "config: upper {}, work {}",
+            l.upper.display(),
+            l.work.display()
+        ),
+        "config: passthrough off (writeback=1".to_string(),
+        "config: uids identity".to_string(),
+    ] {
+        assert!(out.contains(&needle), "no {needle:?} in:\n{out}");
+    }
+    let lines: Vec<&str> = out.lines().collect();
+    let last_config = lines
+        .iter()
+        .rposition(|l| l.contains("config: "))
+        .unwrap_or(0);
+    let first_other = lines
+        .iter()
+        .position(|l| !l.contains("config: "))
+        .unwrap_or(0);
+    assert!(
+        last_config < first_other,
+        "config lines are not first:\n{out}"
+    );
+}
+
+/// A detached daemon's stderr is /dev/null; `-o log=FILE` keeps its log.
+#[test]
+fn log_option_keeps_a_detached_daemons_log() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let log = l.root.join("daemon.log");
+    let d = StrataDaemon::with_options(&l, &format!("{},log={}", l.rw_options(), log.display()));
+    let _ = fs::read(d.path().join("f")).expect("read");
+    drop(d);
+    // It starts with the configuration and ends with why the daemon stopped.
+    let text = fs::read_to_string(&log).expect("the log file exists");
+    assert!(
+        text.contains(&format!(
+            "config: lower layers (top first) {}",
+            l.lowers[0].display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("session ended") || text.contains("unmounted"),
+        "{text}"
+    );
+    let t = Tree::new();
+    assert_fails(
+        &t.mount_o(&format!(
+            "lowerdir={},log=/nonexistent-dir/x.log",
+            t.p("l1")
+        )),
+        &["log", "/nonexistent-dir/x.log", "No such file"],
+    );
+}
+
+/// A mount naming a missing volume says it creates it; `:nocreate` refuses instead.
+#[test]
+fn missing_volume_at_mount_is_created_and_said_or_refused_with_nocreate() {
+    let t = Tree::new();
+    let state = t.p("state");
+    let refused = run(&[
+        "--state-dir",
+        &state,
+        "mount",
+        "--lower",
+        &t.p("l1"),
+        "--volume",
+        "tpyo:/data:nocreate",
+        &t.p("mnt"),
+    ]);
+    assert_fails(&refused, &["volume tpyo does not exist", "nocreate"]);
+    assert!(!t.root.join("state/volumes/tpyo").exists());
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let state = l.root.join("state");
+    let state_arg = state.to_string_lossy().into_owned();
+    let m = StrataMount::with_args(
+        &format!("{},volume=tpyo:/data", l.rw_options()),
+        &["--state-dir", &state_arg],
+        &l.merged,
+        &l.root,
+    );
+    assert!(m.join("data").is_dir());
+    let out = m.output();
+    assert!(
+        out.contains("stratafs: warning: volume tpyo does not exist: creating it"),
+        "{out}"
+    );
+    drop(m);
+    assert!(state.join("volumes/tpyo/_data").is_dir());
+}
+
+/// Kernel overlayfs syntax and values: accepted where meaningful, refused with the
+/// kernel's reasons where not; fuse-overlayfs options warned about when they do
+/// nothing here, never silently ignored.
+#[test]
+fn kernel_and_fuse_overlayfs_option_parity() {
+    let t = Tree::new();
+    let l1 = t.p("l1");
+    for (opt, needles) in [
+        (format!("datadir+={l1}"), &["datadir+", "data-only"][..]),
+        (format!("lowerdir={l1}::{}", t.p("l2")), &["data-only"]),
+        (
+            "redirect_dir=nofollow".into(),
+            &["redirect_dir", "always followed"],
+        ),
+        (
+            "redirect_dir=maybe".into(),
+            &["redirect_dir", "on, follow, nofollow or off"],
+        ),
+        ("xino=maybe".into(), &["xino", "on, off or auto"]),
+        ("index=maybe".into(), &["index"]),
+        ("uuid=maybe".into(), &["uuid"]),
+        ("max_threads=0".into(), &["max_threads", "positive"]),
+        (
+            "metacopy=on,redirect_dir=off".into(),
+            &["conflicting options: metacopy=on,redirect_dir=off"],
+        ),
+        (
+            "metacopy=on,userxattr".into(),
+            &["conflicting options: userxattr,metacopy=on"],
+        ),
+    ] {
+        let o = if opt.starts_with("datadir") || opt.starts_with("lowerdir") {
+            opt.clone()
+        } else {
+            format!("lowerdir={l1},{opt}")
+        };
+        let out = t.mount_o(&o);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or("");
+        assert_eq!(out.status.code(), Some(1), "{o}: {stderr}");
+        for n in needles {
+            assert!(last.contains(n), "{o}: {last:?} lacks {n:?}");
+        }
+    }
+    // Accepted, with a warning each, then the mount point is what fails.
+    let out = run(&[
+        "-o",
+        &format!(
+            "lowerdir+={l1},lowerdir+={},plugins=/x.so,max_write=4096,static_nlink,clone_fd,\
+             index=off,userxattr,max_threads=3,xino=auto,uuid=null,redirect_dir=follow",
+            t.p("l2")
+        ),
+        &t.p("nope"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    for name in [
+        "plugins=",
+        "max_write=",
+        "static_nlink",
+        "index=off",
+        "userxattr",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("stratafs: warning: option '")
+                    && l.contains(name)
+                    && l.contains("no effect")),
+            "no warning for {name}: {stderr}"
+        );
+    }
+    assert!(!stderr.contains("clone_fd"), "{stderr}");
+    assert_eq!(lines.len(), 6, "{stderr}");
+    assert!(lines[5].contains("mountpoint"), "{stderr}");
+}
+
+/// `lowerdir+=` adds layers below the ones before it, as the kernel's syntax does.
+#[test]
+fn lowerdir_plus_stacks_layers() {
+    if !require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[
+        LayerSpec::new().file("top", b"1").file("both", b"top"),
+        LayerSpec::new()
+            .file("bottom", b"2")
+            .file("both", b"bottom"),
+    ]);
+    let opts = format!(
+        "lowerdir+={},lowerdir+={},upperdir={},workdir={}",
+        l.lowers[0].display(),
+        l.lowers[1].display(),
+        l.upper.display(),
+        l.work.display()
+    );
+    let m = StrataMount::with_options(&opts, &l.merged, &l.root);
+    assert_eq!(fs::read(m.join("both")).expect("read"), b"top");
+    assert!(m.join("top").exists() && m.join("bottom").exists());
+}
+
+/// `auto_unmount`: when the daemon dies, the mount goes with it (fusermount3 stays
+/// behind to do that) instead of answering ENOTCONN.
+#[test]
+fn auto_unmount_removes_the_mount_of_a_dead_daemon() {
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let mut m = StrataMount::with_options(
+        &format!("{},auto_unmount", l.rw_options()),
+        &l.merged,
+        &l.root,
+    );
+    assert_eq!(
+        mount_at(&l.merged).map(|e| e.fstype).as_deref(),
+        Some("fuse.stratafs")
+    );
+    m.signal_and_wait(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mount_at(&l.merged).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        mount_at(&l.merged).is_none(),
+        "the dead daemon's mount stayed"
     );
 }

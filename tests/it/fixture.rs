@@ -1423,12 +1423,17 @@ pub struct StrataDaemon {
 
 impl StrataDaemon {
     pub fn mount(l: &Layers) -> Self {
+        Self::with_options(l, &l.rw_options())
+    }
+
+    /// `stratafs -o OPTIONS l.merged` (daemon mode).
+    pub fn with_options(l: &Layers, options: &str) -> Self {
         let mp = l.merged.clone();
         let log = l.root.join("stratafs-daemon.log");
         let logf = File::create(&log).unwrap();
         let mut child = Command::new(stratafs_bin())
             .arg("-o")
-            .arg(l.rw_options())
+            .arg(options)
             .arg(&mp)
             .stdin(Stdio::null())
             .stdout(Stdio::from(logf.try_clone().unwrap()))

@@ -46,6 +46,7 @@ fn graft(source: GraftSource, target: &str, read_only: bool) -> GraftSpec {
         target: target.into(),
         read_only,
         nocopy: false,
+        nocreate: false,
     }
 }
 

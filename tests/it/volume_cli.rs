@@ -62,6 +62,18 @@ impl State {
         out
     }
 
+    /// A malformed command line: exit status 2, clap's report ending with a pointer
+    /// to the `--help` of `command`.
+    #[track_caller]
+    fn usage_fails(&self, args: &[&str], command: &str) {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "volume {args:?}: {err}");
+        assert!(err.starts_with("stratafs: "), "{err:?}");
+        let last = err.trim_end().lines().last().unwrap_or("");
+        assert!(last.contains(&format!("try '{command} --help'")), "{err:?}");
+    }
+
     fn data(&self, name: &str) -> PathBuf {
         self.dir.join("volumes").join(name).join("_data")
     }
@@ -79,7 +91,7 @@ fn create_inspect_ls_rm_round_trip() {
             "create",
             "web-data",
             "--size",
-            "10M",
+            "10Mi",
             "--label",
             "app=web",
             "--label",
@@ -91,7 +103,7 @@ fn create_inspect_ls_rm_round_trip() {
     s.ok(&["create", "plain"]);
     fs::write(s.data("plain").join("f"), vec![0u8; 3000]).unwrap();
 
-    let info = json(&s.ok(&["inspect", "web-data"]));
+    let info = json(&s.ok(&["inspect", "web-data"]))[0].clone();
     assert_eq!(info["name"], "web-data");
     assert_eq!(info["data"], s.data("web-data").to_str().unwrap());
     assert_eq!(info["size_limit"], 10 << 20);
@@ -135,7 +147,7 @@ fn prune_removes_unused_volumes_and_reports_the_space() {
     s.ok(&["create", "a"]);
     s.ok(&["create", "b"]);
     fs::write(s.data("a").join("f"), vec![1u8; 2048]).unwrap();
-    let out = s.ok(&["prune"]);
+    let out = s.ok(&["prune", "--all", "--force"]);
     assert!(out.contains("Deleted: a (2.0KiB)"), "{out}");
     assert!(out.contains("Deleted: b (0B)"), "{out}");
     assert!(out.contains("(2048 bytes)"), "{out}");
@@ -158,14 +170,12 @@ fn errors_name_the_problem() {
     s.fails(&["inspect", "../etc"], &["invalid volume name"]);
     s.fails(&["create", "x", "--size", "lots"], &["size", "lots"]);
     s.fails(&["create", "x", "--size", "0"], &["size"]);
-    s.fails(
-        &["create", "x", "--label", "novalue"],
-        &["label", "KEY=VALUE"],
-    );
-    s.fails(&["create", "x", "--label", "=v"], &["label"]);
-    s.fails(&["frobnicate"], &[]);
-    let out = s.fails(&["create"], &[]);
-    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    s.fails(&["create", "x", "--label", "=v"], &["label", "KEY[=VALUE]"]);
+    s.fails(&["create", "x", "--size", "10Q"], &["size", "Gi"]);
+    s.fails(&["ls", "--filter", "colour=red"], &["filter", "colour=red"]);
+    s.fails(&["ls", "--format", "{{.Nmae}}"], &["format", "Nmae"]);
+    s.usage_fails(&["frobnicate"], "stratafs volume");
+    s.usage_fails(&["create", "a", "b"], "stratafs volume create");
     // Nothing was created by the failures.
     let names = json(&s.ok(&["ls", "--json"]));
     assert_eq!(names.as_array().unwrap().len(), 2);
@@ -260,23 +270,211 @@ fn volumes_in_use_are_kept_unless_forced_and_dead_users_are_swept() {
             "--force",
         ],
     );
-    let out = s.ok(&["prune"]);
+    let out = s.ok(&["prune", "-a", "-f"]);
     assert!(
         out.contains("Deleted: idle") && !out.contains("busy"),
         "{out}"
     );
-    let info = json(&s.ok(&["inspect", "busy"]));
+    let info = json(&s.ok(&["inspect", "busy"]))[0].clone();
     assert_eq!(info["mounts"][0]["pid"], 4242);
     assert_eq!(info["mounts"][0]["mountpoint"], "/containers/c1/merged");
     assert!(s.ok(&["ls"]).lines().nth(1).unwrap().contains("  1  "));
 
     // The holder is gone (its lock with it): its record no longer counts and is removed.
     drop(user);
-    let info = json(&s.ok(&["inspect", "busy"]));
+    let info = json(&s.ok(&["inspect", "busy"]))[0].clone();
     assert_eq!(info["mounts"], Value::Array(vec![]));
     assert!(!s.dir.join("volumes/busy/mounts/4242").exists());
 
     let _again = FakeUser::new(&s, "busy", 4243, "/m");
     assert_eq!(s.ok(&["rm", "--force", "busy"]), "busy\n");
     assert!(!s.dir.join("volumes/busy").exists());
+}
+
+/// docker's listing flags: -q, --format (template or json), --filter; labels shown.
+#[test]
+fn ls_quiet_format_filter_and_labels() {
+    let s = State::new();
+    s.ok(&[
+        "create", "web", "--label", "app=web", "--label", "public", "--size", "1Gi",
+    ]);
+    s.ok(&["create", "db", "--label", "app=db", "--size", "100M"]);
+    s.ok(&["create", "scratch"]);
+    let _user = FakeUser::new(&s, "db", 4321, "/c/db");
+    assert_eq!(s.ok(&["ls", "-q"]), "db\nscratch\nweb\n");
+    assert_eq!(s.ok(&["ls", "-q", "--filter", "label=app"]), "db\nweb\n");
+    assert_eq!(s.ok(&["ls", "-q", "--filter", "label=app=web"]), "web\n");
+    assert_eq!(s.ok(&["ls", "-q", "--filter", "label=public"]), "web\n");
+    assert_eq!(s.ok(&["ls", "-q", "--filter", "name=cra"]), "scratch\n");
+    assert_eq!(
+        s.ok(&["ls", "-q", "--filter", "dangling=true"]),
+        "scratch\nweb\n"
+    );
+    assert_eq!(s.ok(&["ls", "-q", "--filter", "dangling=false"]), "db\n");
+    assert_eq!(
+        s.ok(&[
+            "ls",
+            "--filter",
+            "label=app",
+            "--format",
+            "{{.Name}}\\t{{.Size}} {{.Labels}} {{.Mounts}}"
+        ]),
+        "db\t95.4MiB app=db 1\nweb\t1.0GiB app=web,public 0\n"
+    );
+    let lines = s.ok(&["ls", "--format", "json"]);
+    let names: Vec<String> = lines
+        .lines()
+        .map(|l| json(l)["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["db", "scratch", "web"]);
+    let table = s.ok(&["ls"]);
+    assert!(table.lines().next().unwrap().ends_with("LABELS"), "{table}");
+    assert!(table.contains("app=web,public"), "{table}");
+}
+
+/// Sizes: Ki/Mi/Gi/Ti are powers of 1024, K/M/G/T powers of 1000 (as Kubernetes).
+#[test]
+fn sizes_take_binary_and_decimal_suffixes() {
+    let s = State::new();
+    for (size, bytes) in [
+        ("1Gi", 1u64 << 30),
+        ("100MB", 100_000_000),
+        ("64Ki", 65536),
+        ("2G", 2_000_000_000),
+    ] {
+        let name = format!("v{bytes}");
+        s.ok(&["create", &name, "--size", size]);
+        assert_eq!(
+            json(&s.ok(&["inspect", &name]))[0]["size_limit"],
+            bytes,
+            "{size}"
+        );
+    }
+}
+
+/// `inspect A B` is one JSON array; `--format` gives one line per volume.
+#[test]
+fn inspect_prints_one_json_array_and_takes_a_format() {
+    let s = State::new();
+    s.ok(&["create", "a", "--label", "k"]);
+    s.ok(&["create", "b"]);
+    let both = json(&s.ok(&["inspect", "a", "b"]));
+    let arr = both.as_array().expect("an array");
+    assert_eq!(arr.len(), 2);
+    assert_eq!(arr[0]["name"], "a");
+    assert_eq!(arr[0]["labels"]["k"], "", "--label k is the label k, empty");
+    assert_eq!(arr[1]["name"], "b");
+    assert_eq!(
+        s.ok(&[
+            "inspect",
+            "--format",
+            "{{.Name}}: {{.Mountpoint}}",
+            "a",
+            "b"
+        ]),
+        format!(
+            "a: {}\nb: {}\n",
+            s.data("a").display(),
+            s.data("b").display()
+        )
+    );
+    let out = s.run(&["inspect", "a", "missing"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such volume: missing"));
+    let partial = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(partial.as_array().map(|a| a.len()), Some(1));
+}
+
+/// `volume create` without a name makes a random one, prints it, and marks the volume
+/// anonymous: `prune` without `--all` takes only such volumes.
+#[test]
+fn create_without_a_name_and_prune_without_all() {
+    let s = State::new();
+    let name = s.ok(&["create"]).trim().to_string();
+    assert_eq!(name.len(), 32, "{name}");
+    assert!(name.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+    let other = s.ok(&["create"]).trim().to_string();
+    assert_ne!(name, other);
+    s.ok(&["create", "named"]);
+    let out = s.ok(&["prune", "--force"]);
+    assert!(out.contains(&format!("Deleted: {name}")), "{out}");
+    assert!(out.contains(&format!("Deleted: {other}")), "{out}");
+    assert_eq!(s.ok(&["ls", "-q"]), "named\n");
+    assert!(
+        s.ok(&["prune", "-f"])
+            .contains("named volumes are kept without --all")
+    );
+    s.ok(&["create", "keep", "--label", "keep"]);
+    let out = s.ok(&["prune", "-a", "-f", "--filter", "label=keep"]);
+    assert!(
+        out.contains("Deleted: keep") && !out.contains("named"),
+        "{out}"
+    );
+}
+
+/// prune asks on a terminal, and refuses without one unless forced.
+#[test]
+fn prune_asks_for_confirmation() {
+    let s = State::new();
+    s.ok(&["create", "precious"]);
+    s.fails(&["prune", "--all"], &["no terminal", "--force"]);
+    assert_eq!(s.ok(&["ls", "-q"]), "precious\n");
+    // script(1) runs the command on a pseudo-terminal fed from our stdin.
+    let prune_on_tty = |answer: &str| {
+        let cmd = format!(
+            "'{BIN}' volume --state-dir '{}' prune --all",
+            s.dir.display()
+        );
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = prune_on_tty("n\n");
+    assert!(
+        said.contains("This will remove 1 volume(s) and their data: precious"),
+        "{said}"
+    );
+    assert!(
+        said.contains("[y/N]") && said.contains("Nothing removed"),
+        "{said}"
+    );
+    assert_eq!(s.ok(&["ls", "-q"]), "precious\n");
+    let said = prune_on_tty("y\n");
+    assert!(said.contains("Deleted: precious"), "{said}");
+    assert_eq!(s.ok(&["ls", "-q"]), "");
+}
+
+/// `rm -f` of a missing name is not an error; of a volume in use it says what the
+/// live mounts are left with.
+#[test]
+fn rm_force_of_missing_and_of_busy_volumes() {
+    let s = State::new();
+    s.fails(&["rm", "ghost"], &["no such volume: ghost"]);
+    let out = s.run(&["rm", "-f", "ghost"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    s.ok(&["create", "busy"]);
+    let _user = FakeUser::new(&s, "busy", 4242, "/c/merged");
+    let out = s.run(&["rm", "--force", "busy"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "busy\n");
+    assert!(
+        err.contains("warning: volume busy was in use by pid 4242 at /c/merged"),
+        "{err}"
+    );
+    assert!(err.contains("ENOENT"), "{err}");
 }

@@ -406,7 +406,8 @@ fn share_without_stale_caches(s: &Scene, volume: &str) {
 
     let (ok, out, err) = s.cli(&["volume", "inspect", volume]);
     assert!(ok, "{err}");
-    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
     let pids: Vec<u64> = info["mounts"]
         .as_array()
         .unwrap()
@@ -431,7 +432,7 @@ fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
     let s = Scene::new(LayerSpec::new());
     // Unlimited: files may use passthrough. Size-limited: every write goes through the
     // daemon (served I/O), which must not leave a stale page cache either.
-    let (ok, _, err) = s.cli(&["volume", "create", "limited", "--size", "1G"]);
+    let (ok, _, err) = s.cli(&["volume", "create", "limited", "--size", "1Gi"]);
     assert!(ok, "{err}");
     share_without_stale_caches(&s, "limited");
     share_without_stale_caches(&s, "shared");
@@ -480,7 +481,7 @@ fn size_limit_gives_enospc_and_usage_survives_remounts_and_host_changes() {
         return;
     }
     let s = Scene::new(LayerSpec::new());
-    let (ok, _, err) = s.cli(&["volume", "create", "small", "--size", "64K"]);
+    let (ok, _, err) = s.cli(&["volume", "create", "small", "--size", "64Ki"]);
     assert!(ok, "{err}");
     let mut m = s.mount("a", "volume=small:/data");
     let f = m.join("data/f");
@@ -525,7 +526,8 @@ fn size_limit_gives_enospc_and_usage_survives_remounts_and_host_changes() {
     write_at_end(&m.join("data/h"), 32 << 10).unwrap();
     let (ok, out, err) = s.cli(&["volume", "inspect", "small"]);
     assert!(ok, "{err}");
-    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
     assert_eq!(info["bytes_used"].as_u64(), Some(32 << 10), "{out}");
     assert_eq!(info["size_limit"].as_u64(), Some(64 << 10), "{out}");
 }
@@ -536,7 +538,7 @@ fn mounts_sharing_a_size_limited_volume_share_its_budget() {
         return;
     }
     let s = Scene::new(LayerSpec::new());
-    let (ok, _, err) = s.cli(&["volume", "create", "budget", "--size", "64K"]);
+    let (ok, _, err) = s.cli(&["volume", "create", "budget", "--size", "64Ki"]);
     assert!(ok, "{err}");
     // Both mounted (and their counts taken) before either writes.
     let a = s.mount("a", "volume=budget:/data");
@@ -707,7 +709,8 @@ fn subcommand_form_grafts_volumes_and_binds_in_daemon_mode() {
     // The claim is the daemon's (the forked child), not the launcher's.
     let (ok, info, err) = s.cli(&["volume", "inspect", "appdata"]);
     assert!(ok, "{err}");
-    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&info).unwrap()[0].clone();
     let daemons = fixture::stratafs_pids_for(&m);
     assert_eq!(daemons.len(), 1);
     assert_eq!(
