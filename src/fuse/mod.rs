@@ -239,24 +239,14 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     );
     let session_cfg = session_config(config);
     // Mounted here (as root) or by fuser (through fusermount3 otherwise).
-    let own_mount = match kernel_mount(config, &session_cfg) {
-        Ok(fd) => fd,
-        Err(e) => {
-            return fail(
-                report,
-                format!(
-                    "mount {}: {}",
-                    config.mountpoint.display(),
-                    mount_failure(&e)
-                ),
-            );
+    let mut mounted_here = false;
+    let started = kernel_mount(config, &session_cfg).and_then(|own_mount| {
+        mounted_here = own_mount.is_some();
+        match own_mount {
+            Some(fd) => Session::from_fd(fs, fd, session_cfg.acl, session_cfg),
+            None => Session::new(fs, &config.mountpoint, &session_cfg),
         }
-    };
-    let mounted_here = own_mount.is_some();
-    let started = match own_mount {
-        Some(fd) => Session::from_fd(fs, fd, session_cfg.acl, session_cfg),
-        None => Session::new(fs, &config.mountpoint, &session_cfg),
-    };
+    });
     let mut session = match started {
         Ok(s) => s,
         Err(e) => {

@@ -939,8 +939,7 @@ fn debug_prints_the_resolved_configuration_first() {
         return;
     }
     let l = one_file_layers();
-    let opts = format!("{},writeback=1", l.rw_options());
-    let mut m = StrataMount::with_args(&opts, &["-d"], &l.merged, &l.root);
+    let mut m = StrataMount::with_args(&l.rw_options(), &["-d"], &l.merged, &l.root);
     let _ = fs::read(m.join("f")).expect("read");
     m.unmount();
     let out = m.output();
@@ -953,7 +952,7 @@ fn debug_prints_the_resolved_configuration_first() {
             l.upper.display(),
             l.work.display()
         ),
-        "config: passthrough off (writeback=1".to_string(),
+        "config: passthrough on".to_string(),
         "config: uids identity".to_string(),
     ] {
         assert!(out.contains(&needle), "no {needle:?} in:\n{out}");
