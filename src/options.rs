@@ -531,12 +531,18 @@ fn escape_colons(s: &str) -> String {
 }
 
 fn parse_lowerdir(value: &str) -> Result<Vec<PathBuf>, OptionsError> {
-    // The kernel's separator of data-only layers; an escaped `\:\:` is two colons
-    // inside a path, so the raw text is what tells.
-    if value.replace("\\\\", "").replace("\\:", "").contains("::") {
+    let parts = split_escaped(value);
+    // `::` (two unescaped colons: the kernel's separator of data-only layers) is an
+    // empty part with a colon on each side; escaped colons never split, so `\:\:`
+    // stays two colons inside one path and `\\:` is a backslash before a separator.
+    let inner = 1..parts.len().saturating_sub(1);
+    if parts
+        .iter()
+        .enumerate()
+        .any(|(i, p)| p.is_empty() && inner.contains(&i))
+    {
         return Err(no_data_only_layers("lowerdir", value));
     }
-    let parts = split_escaped(value);
     if parts.iter().any(|p| p.is_empty()) {
         return Err(invalid("lowerdir", value, "empty layer path"));
     }
@@ -912,6 +918,17 @@ mod tests {
         assert_eq!(p("lowerdir=\\:").lowerdirs, paths(&[":"]));
         let o = p("lowerdir=/a\\:b:/c\\\\d:/e\\");
         roundtrip(&o);
+
+        // A layer that is one backslash renders as `:\\:`; the options fuzzer found that
+        // this was read back as the data-only separator `::` once escapes were stripped.
+        assert_eq!(
+            p("lowerdir=/a:\\\\:/b").lowerdirs,
+            paths(&["/a", "\\", "/b"])
+        );
+        roundtrip(&p("lowerdir=/a:\\,lowerdir+=/b"));
+        assert!(err("lowerdir=/a:\\\\::/b").contains("data-only"));
+        assert!(err("lowerdir=/a\\:::/b").contains("data-only"));
+        assert_eq!(p("lowerdir=/a\\:\\:/b").lowerdirs, paths(&["/a::/b"]));
     }
 
     #[test]
