@@ -221,15 +221,16 @@ impl StrataFs {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
         //
-        // A set-group-ID file without group-execute is served too: a write by someone
-        // outside its group must clear the bit, which only the daemon can do (see
-        // `Union::drop_sgid_after_change`), and passthrough writes never reach it.
+        // A set-user-ID or set-group-ID file is served too: a write by a caller
+        // without CAP_FSETID must clear the bits, which only the daemon can do (see
+        // `Union::kill_privs_after_change`: with FUSE_HANDLE_KILLPRIV_V2 the kernel
+        // leaves it to us), and passthrough writes never reach the daemon.
         let meta = handle.file.metadata().ok();
-        let sgid_only = meta.as_ref().is_some_and(|m| {
-            m.permissions().mode() & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID
-        });
+        let privileged = meta
+            .as_ref()
+            .is_some_and(|m| m.permissions().mode() & (libc::S_ISUID | libc::S_ISGID) != 0);
         let fixed_data = meta.as_ref().is_some_and(|m| m.is_file())
-            && !sgid_only
+            && !privileged
             && !self.engine.io_needs_daemon(handle.ino)
             && !self.engine.data_may_move(handle.ino);
         let mut io = self.io.lock();
@@ -350,15 +351,15 @@ impl StrataFs {
             && self.exec_opens.get(&ino).is_some_and(|n| *n > 0)
     }
 
-    /// After a change by `req` to the data, size, owner or ACL of `ino`: clears its
-    /// set-group-ID bit where the kernel leaves that to the filesystem. Returns the
-    /// attributes when they changed. A failure is logged, not answered: the change
-    /// itself was made.
-    fn drop_sgid(&self, req: &Request, ino: u64, group_before: Option<u32>) -> Option<Attr> {
+    /// After `change` by `req` to `ino`: clears the set-user-ID and set-group-ID bits
+    /// the VFS would clear (`Union::kill_privs_after_change`). Returns the attributes
+    /// when they changed. A failure is logged, not answered: the change itself was
+    /// made.
+    fn kill_privs(&self, req: &Request, ino: u64, change: union::PrivChange) -> Option<Attr> {
         self.engine
-            .drop_sgid_after_change(caller(req), ino, group_before)
+            .kill_privs_after_change(caller(req), ino, change)
             .unwrap_or_else(|e| {
-                log::warn!("clearing set-group-ID of inode {ino}: {e}");
+                log::warn!("clearing set-user/group-ID of inode {ino} after {change:?}: {e}");
                 None
             })
     }
@@ -397,6 +398,10 @@ impl Filesystem for StrataFs {
             // EOPNOTSUPP instead (fs/fuse/inode.c, process_init_reply: s_export_op =
             // &fuse_export_fid_operations), and AT_HANDLE_FID ids (fanotify) stay.
             InitFlags::FUSE_NO_EXPORT_SUPPORT,
+            // The daemon clears set-user/group-ID itself (`kill_privs`), so the
+            // kernel marks the superblock SB_NOSEC and stops asking for
+            // security.capability before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -483,10 +488,14 @@ impl Filesystem for StrataFs {
         };
         match self.engine.setattr(ino.0, &set, fh.map(|f| f.0)) {
             Ok(a) => {
-                let a = if owner_change || size.is_some() {
-                    self.drop_sgid(req, ino.0, group_before).unwrap_or(a)
+                let change = if owner_change {
+                    Some(union::PrivChange::Owner { group_before })
                 } else {
-                    a
+                    size.map(|_| union::PrivChange::Data { may_fsetid: None })
+                };
+                let a = match change {
+                    Some(c) => self.kill_privs(req, ino.0, c).unwrap_or(a),
+                    None => a,
                 };
                 reply.attr(&self.attr_ttl(ino.0), &file_attr(&a))
             }
@@ -637,7 +646,7 @@ impl Filesystem for StrataFs {
         }
         // Truncated by the open itself (FUSE_ATOMIC_O_TRUNC).
         if flags.0 & libc::O_TRUNC != 0 {
-            self.drop_sgid(req, ino.0, None);
+            self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
         }
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
             IoChoice::Passthrough(id) => {
@@ -709,7 +718,7 @@ impl Filesystem for StrataFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -717,7 +726,14 @@ impl Filesystem for StrataFs {
         let _w = self.watch.start("write", ino.0, None);
         match self.engine.write(fh.0, offset, data) {
             Ok(n) => {
-                self.drop_sgid(req, ino.0, None);
+                // The kernel sets the flag exactly when the writer lacks CAP_FSETID;
+                // without it there is nothing to clear, and no stat to pay per write.
+                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                    let change = union::PrivChange::Data {
+                        may_fsetid: Some(false),
+                    };
+                    self.kill_privs(req, ino.0, change);
+                }
                 reply.written(n as u32)
             }
             Err(e) => reply.error(fail("write", e)),
@@ -911,7 +927,7 @@ impl Filesystem for StrataFs {
                 // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
                 // whose request layout fuser 0.18 does not parse.
                 if self.engine.is_access_acl(name) {
-                    self.drop_sgid(req, ino.0, None);
+                    self.kill_privs(req, ino.0, union::PrivChange::AccessAcl);
                 }
                 reply.ok()
             }
@@ -981,7 +997,7 @@ impl Filesystem for StrataFs {
         let _w = self.watch.start("fallocate", ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
             Ok(()) => {
-                self.drop_sgid(req, ino.0, None);
+                self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
                 reply.ok()
             }
             Err(e) => reply.error(fail("fallocate", e)),
@@ -1023,7 +1039,7 @@ impl Filesystem for StrataFs {
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
         {
             Ok(n) => {
-                self.drop_sgid(req, ino_out.0, None);
+                self.kill_privs(req, ino_out.0, union::PrivChange::Data { may_fsetid: None });
                 reply.written(n as u32)
             }
             Err(e) => reply.error(fail("copy_file_range", e)),

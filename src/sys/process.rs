@@ -157,34 +157,36 @@ pub fn is_root() -> bool {
 /// CAP_FSETID's bit in the capability sets of /proc/PID/status.
 const CAP_FSETID: u32 = 4;
 
-/// Whether process `pid` is in group `gid` (file-system gid or a supplementary
-/// group) or holds CAP_FSETID: the VFS's in_group_or_capable, read from
-/// /proc/PID/status. A process that cannot be read (gone, or the field unparsable)
-/// counts as in the group, so a set-group-ID bit is never cleared on a guess.
-pub fn in_group_or_may_fsetid(pid: u32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return true;
-    };
+/// What the VFS asks of a caller before it keeps a set-user-ID or set-group-ID bit
+/// through a change (fs/attr.c: setattr_should_drop_sgid, should_remove_suid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallerStanding {
+    /// In the group asked about (file-system gid or a supplementary group).
+    pub in_group: bool,
+    /// Holds CAP_FSETID in its effective set.
+    pub may_fsetid: bool,
+}
+
+/// How process `pid` stands towards group `gid`, read from /proc/PID/status; `None`
+/// when the process cannot be read (gone, or a field unparsable), so that callers can
+/// choose to keep a bit rather than clear it on a guess.
+pub fn caller_standing(pid: u32, gid: u32) -> Option<CallerStanding> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(key))
             .map(str::trim)
     };
-    let in_group = || -> Option<bool> {
-        // Gid: real, effective, saved, file-system.
-        let fsgid: u32 = field("Gid:")?.split_whitespace().nth(3)?.parse().ok()?;
-        let groups = field("Groups:")?;
-        Some(fsgid == gid || groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
-    };
-    let may_fsetid = || -> Option<bool> {
-        let eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
-        Some(eff & (1 << CAP_FSETID) != 0)
-    };
-    match (in_group(), may_fsetid()) {
-        (Some(g), Some(c)) => g || c,
-        _ => true,
-    }
+    // Gid: real, effective, saved, file-system.
+    let fsgid: u32 = field("Gid:")?.split_whitespace().nth(3)?.parse().ok()?;
+    let groups = field("Groups:")?;
+    let in_group = fsgid == gid || groups.split_whitespace().any(|g| g.parse() == Ok(gid));
+    let eff = u64::from_str_radix(field("CapEff:")?, 16).ok()?;
+    Some(CallerStanding {
+        in_group,
+        may_fsetid: eff & (1 << CAP_FSETID) != 0,
+    })
 }
 
 pub fn real_uid() -> u32 {

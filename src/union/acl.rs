@@ -82,36 +82,84 @@ impl Union {
         }
     }
 
-    /// Clears the set-group-ID bit of `ino` after `caller` changed its data, size,
-    /// owner or access ACL, when the caller is neither in the file's group (the group
-    /// before the change: `group_before`, else the current one) nor holds CAP_FSETID,
-    /// as the VFS's setattr_should_drop_sgid does. The kernel's FUSE client does it
-    /// only when group-execute is set too (fs/fuse/dir.c, fuse_setattr, without
-    /// FUSE_HANDLE_KILLPRIV), so the rest is done here. Returns the new attributes
-    /// when the mode changed.
-    pub fn drop_sgid_after_change(
+    /// Clears the set-user-ID and set-group-ID bits of `ino` that the VFS clears after
+    /// `change` by `caller` (fs/attr.c: should_remove_suid, setattr_should_drop_sgid,
+    /// and posix_acl_update_mode for an access ACL). The kernel's FUSE client leaves
+    /// all of it to the filesystem (FUSE_HANDLE_KILLPRIV_V2, negotiated so that a
+    /// write does not first ask for security.capability); security.capability
+    /// itself is dropped by the layer filesystem when the daemon writes, truncates or
+    /// chowns the real file. Returns the new attributes when the mode changed.
+    pub fn kill_privs_after_change(
         &self,
         caller: Caller,
         ino: Ino,
-        group_before: Option<u32>,
+        change: PrivChange,
     ) -> Result<Option<Attr>> {
         let attr = self.getattr(ino)?;
-        if attr.mode & libc::S_ISGID == 0 || attr.mode & libc::S_IFMT == libc::S_IFDIR {
+        let mode = attr.mode;
+        if mode & (libc::S_ISUID | libc::S_ISGID) == 0 || mode & libc::S_IFMT == libc::S_IFDIR {
             return Ok(None);
         }
-        let group = group_before.unwrap_or(attr.gid);
         // pid 0: a request the kernel makes on its own (no caller to judge).
-        if caller.pid == 0 || sys::process::in_group_or_may_fsetid(caller.pid, group) {
+        if caller.pid == 0 {
+            return Ok(None);
+        }
+        let group = match change {
+            PrivChange::Owner { group_before } => group_before.unwrap_or(attr.gid),
+            _ => attr.gid,
+        };
+        // A caller that cannot be read keeps the bits: never cleared on a guess.
+        let standing = sys::process::caller_standing(caller.pid, group).unwrap_or(
+            sys::process::CallerStanding {
+                in_group: true,
+                may_fsetid: true,
+            },
+        );
+        let gexec = mode & libc::S_IXGRP != 0;
+        let sgid_goes =
+            mode & libc::S_ISGID != 0 && (gexec || !(standing.in_group || standing.may_fsetid));
+        let kill = match change {
+            PrivChange::Data { may_fsetid } => {
+                if may_fsetid.unwrap_or(standing.may_fsetid) {
+                    0
+                } else {
+                    libc::S_ISUID | if sgid_goes { libc::S_ISGID } else { 0 }
+                }
+            }
+            // A chown clears set-user-ID whoever makes it.
+            PrivChange::Owner { .. } => libc::S_ISUID | if sgid_goes { libc::S_ISGID } else { 0 },
+            PrivChange::AccessAcl => {
+                if standing.in_group || standing.may_fsetid {
+                    0
+                } else {
+                    libc::S_ISGID
+                }
+            }
+        };
+        if mode & kill == 0 {
             return Ok(None);
         }
         let set = SetAttr {
-            mode: Some(attr.mode & 0o7777 & !libc::S_ISGID),
+            mode: Some(mode & 0o7777 & !kill),
             ..SetAttr::default()
         };
         let attr = self.setattr(ino, &set, None)?;
         self.attrs_changed(ino);
         Ok(Some(attr))
     }
+}
+
+/// What a caller changed, for [`Union::kill_privs_after_change`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrivChange {
+    /// Data or size: write, truncate, fallocate, copy_file_range. `may_fsetid`: the
+    /// kernel's own answer where the request carries it (FUSE_WRITE_KILL_SUIDGID
+    /// is set exactly when the writer lacks CAP_FSETID); `None`: read from /proc.
+    Data { may_fsetid: Option<bool> },
+    /// Owner or group, with the group the file had before.
+    Owner { group_before: Option<u32> },
+    /// The access ACL (which rewrites the mode's group bits).
+    AccessAcl,
 }
 
 #[cfg(test)]

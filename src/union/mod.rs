@@ -33,6 +33,7 @@ use crate::layer::{Layer, LayerIdx, assign_ino_bits};
 use crate::sys;
 pub use crate::sys::Errno;
 use crate::sys::xattr::Target;
+pub use acl::PrivChange;
 pub use file::OpenFile;
 pub use graft::GRAFT_TTL;
 pub use inode::{Ino, ROOT_INO};

@@ -356,6 +356,56 @@ fn changes_by_a_user_outside_the_group_clear_set_group_id() {
     );
 }
 
+/// Set-user-ID goes as the VFS takes it away: on a write, truncation or fallocate by
+/// a caller without CAP_FSETID, and on every chown, root's included. The daemon does
+/// all of it (FUSE_HANDLE_KILLPRIV_V2, which spares each write a security.capability
+/// round trip), so each path is checked here against kernel overlayfs.
+#[test]
+fn changes_clear_set_user_id_as_the_kernel_does() {
+    if !require_both() {
+        return;
+    }
+    let layers = || {
+        let l = sgid_layers();
+        let low = &l.lowers[0];
+        fs::write(low.join("low-suid"), "lower\n").unwrap();
+        fs::set_permissions(low.join("low-suid"), fs::Permissions::from_mode(0o4666)).unwrap();
+        l
+    };
+    let mk = "for f in w a t o c r d; do echo x > shared/$f && chmod 4666 shared/$f; done \
+              && echo x > shared/b && chmod 6777 shared/b";
+    differential(
+        layers,
+        &[
+            root(mk, "ok"),
+            bob("echo y > shared/w && stat -c %a shared/w", "666"),
+            bob("echo y >> shared/a && stat -c %a shared/a", "666"),
+            bob("truncate -s 1 shared/t && stat -c %a shared/t", "666"),
+            bob("fallocate -l 8192 shared/o && stat -c %a shared/o", "666"),
+            // Many writes through one open: the first one clears the bit.
+            bob(
+                "dd if=/dev/zero of=shared/d bs=4k count=64 conv=notrunc status=none && stat -c %a shared/d",
+                "666",
+            ),
+            // Both bits, group-execute set: both go.
+            bob("echo y >> shared/b && stat -c %a shared/b", "777"),
+            // A chown clears it even when root makes it.
+            root(
+                "chown 1001 shared/c && stat -c '%a %u' shared/c",
+                "666 1001",
+            ),
+            // Root's writes keep it (CAP_FSETID).
+            root("echo y >> shared/r && stat -c %a shared/r", "4666"),
+            // A lower file written (and so copied up) by bob.
+            bob("echo y >> low-suid && stat -c %a low-suid", "666"),
+        ],
+        &[
+            "shared/w", "shared/a", "shared/t", "shared/o", "shared/d", "shared/b", "shared/c",
+            "shared/r", "low-suid",
+        ],
+    );
+}
+
 #[test]
 fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
     if !require_both() {
