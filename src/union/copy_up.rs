@@ -167,10 +167,7 @@ impl Union {
                     },
                 );
             } else {
-                st.layers = vec![LayerRef {
-                    layer: UPPER,
-                    fd: None,
-                }];
+                st.set_upper_only();
                 if data == CopyData::Meta {
                     // The data stays in the source layer until a writer comes.
                     st.layers.push(LayerRef {

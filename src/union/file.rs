@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rustix::fs::OFlags;
 
@@ -151,9 +150,6 @@ impl Union {
             plain_rdwr,
             upper_copy: std::sync::OnceLock::new(),
         });
-        if let Some(inode) = self.inodes.get(ino) {
-            inode.open_count.fetch_add(1, Ordering::AcqRel);
-        }
         self.files.insert(fh, handle.clone());
         (fh, handle)
     }
@@ -234,11 +230,7 @@ impl Union {
     }
 
     pub fn release(&self, fh: u64) {
-        if let Some((_, handle)) = self.files.remove(&fh) {
-            if let Some(inode) = self.inodes.get(handle.ino) {
-                inode.open_count.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
+        self.files.remove(&fh);
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {

@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, OnceLock};
 
 use super::copy_up::CopyData;
-use super::inode::{Inode, LayerRef, ROOT_INO};
+use super::inode::{Inode, ROOT_INO};
 use super::whiteout::whiteout_target;
 use super::{Errno, Result, UPPER, Union};
 use crate::layer::LayerIdx;
@@ -231,10 +231,7 @@ impl Union {
         self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
         {
             let mut st = inode.state.write();
-            st.layers = vec![LayerRef {
-                layer: UPPER,
-                fd: None,
-            }];
+            st.set_upper_only();
             st.outside_links = outside;
         }
 

@@ -16,13 +16,14 @@
 //!   read locks are not reentrant once a writer waits).
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
 
 use crate::layer::LayerIdx;
 
@@ -41,16 +42,22 @@ pub struct LayerRef {
     pub fd: Option<Arc<OwnedFd>>,
 }
 
+/// The layers of an inode, top-down: one for every non-directory and for most
+/// directories, so the first is kept inline.
+pub type Layers = SmallVec<[LayerRef; 1]>;
+/// Identity keys (dev, ino) of an inode: usually one, kept inline.
+pub type IdentityKeys = SmallVec<[(u64, u64); 1]>;
+
 pub struct InodeState {
     /// The name through which the entry was last reached: copy-up and name-relative
     /// syscalls use it. Root: (ROOT_INO, "").
     pub parent: Ino,
-    pub name: OsString,
+    pub name: Box<OsStr>,
     /// Layers holding the entry, top-down. Directories: every layer merged into the
     /// view (stopping at an opaque one). Non-directories: exactly one.
-    pub layers: Vec<LayerRef>,
+    pub layers: Layers,
     /// Identity keys registered for this inode in `InodeTable::identity`.
-    pub keys: Vec<(u64, u64)>,
+    pub keys: IdentityKeys,
     /// Set once the entry's last known name was removed through the mount: the
     /// name no longer leads to it. `pinned` then keeps the object reachable for
     /// fstat-style getattr while the kernel still holds the inode.
@@ -59,7 +66,7 @@ pub struct InodeState {
     /// Directories moved through the mount (or found so): the absolute path, in the
     /// lower layers, of the content merged under them. Their layers below the top one
     /// sit at this path rather than at `parent/name`.
-    pub redirect: Option<OsString>,
+    pub redirect: Option<Box<OsStr>>,
     /// Non-directories: the other names (hard links) the kernel reached the entry
     /// by, besides `parent`/`name`. Each led to the entry when recorded and is kept
     /// right by every rename and removal through the mount, so when `parent/name`
@@ -67,7 +74,7 @@ pub struct InodeState {
     /// through any of its cached names, and name-relative calls must still find it.
     /// At most [`MAX_OTHER_NAMES`]; beyond that the oldest is forgotten (the pinned
     /// handle still reaches the object).
-    other_names: Vec<(Ino, OsString)>,
+    other_names: OtherNames,
     /// Upper copies of lower hard-linked files: the links the file has outside
     /// every layer (see origin.rs), counted in the st_nlink it shows.
     pub outside_links: u32,
@@ -76,6 +83,47 @@ pub struct InodeState {
 /// Bound on the names remembered per hard-linked file: a layer or a client may make
 /// thousands of links to one file, and every name costs memory on a hot inode.
 const MAX_OTHER_NAMES: usize = 64;
+
+/// The other names of a hard-linked file (see `InodeState::other_names`): one word
+/// while empty, which it is for nearly every inode.
+// The box is the point: `Option<Box<Vec>>` is one word where a `Vec` is three, and
+// the list is empty for nearly every inode.
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct OtherNames(Option<Box<Vec<NameInParent>>>);
+
+/// A name of an entry: its parent directory's inode and the name in it.
+type NameInParent = (Ino, Box<OsStr>);
+
+impl OtherNames {
+    fn forget(&mut self, parent: Ino, name: &OsStr) {
+        if let Some(v) = &mut self.0 {
+            v.retain(|(p, n)| !(*p == parent && **n == *name));
+            if v.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    /// Remembers `parent/name`, forgetting the oldest beyond [`MAX_OTHER_NAMES`].
+    fn remember(&mut self, parent: Ino, name: Box<OsStr>) {
+        let v = self.0.get_or_insert_with(Box::default);
+        if v.len() >= MAX_OTHER_NAMES {
+            v.remove(0);
+        }
+        v.push((parent, name));
+    }
+
+    /// The most recently remembered name, taken out.
+    fn take_latest(&mut self) -> Option<NameInParent> {
+        let v = self.0.as_mut()?;
+        let latest = v.pop();
+        if v.is_empty() {
+            self.0 = None;
+        }
+        latest
+    }
+}
 
 impl InodeState {
     pub fn new(
@@ -87,19 +135,27 @@ impl InodeState {
     ) -> InodeState {
         InodeState {
             parent,
-            name,
-            layers,
-            keys,
+            name: name.into_boxed_os_str(),
+            layers: layers.into_iter().collect(),
+            keys: keys.into_iter().collect(),
             detached: false,
             pinned: None,
-            redirect,
-            other_names: Vec::new(),
+            redirect: redirect.map(OsString::into_boxed_os_str),
+            other_names: OtherNames::default(),
             outside_links: 0,
         }
     }
 
+    /// After a copy-up or link-up: the entry now lives in the upper layer alone.
+    pub fn set_upper_only(&mut self) {
+        self.layers = smallvec::smallvec![LayerRef {
+            layer: super::UPPER,
+            fd: None,
+        }];
+    }
+
     fn is_named(&self, parent: Ino, name: &std::ffi::OsStr) -> bool {
-        !self.detached && self.parent == parent && self.name == name
+        !self.detached && self.parent == parent && *self.name == *name
     }
 
     /// `parent/name` was just found to lead to the entry: it becomes the name used
@@ -108,17 +164,14 @@ impl InodeState {
         if self.is_named(parent, name) {
             return;
         }
-        self.other_names
-            .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+        self.other_names.forget(parent, name);
         if !is_dir && !self.detached {
-            if self.other_names.len() >= MAX_OTHER_NAMES {
-                self.other_names.remove(0);
-            }
-            let old = std::mem::take(&mut self.name);
-            self.other_names.push((self.parent, old));
+            let old = std::mem::replace(&mut self.name, name.into());
+            self.other_names.remember(self.parent, old);
+        } else {
+            self.name = name.into();
         }
         self.parent = parent;
-        self.name = name.to_os_string();
         self.detached = false;
     }
 
@@ -126,11 +179,10 @@ impl InodeState {
     /// is left (the entry is then detached).
     fn name_gone(&mut self, parent: Ino, name: &std::ffi::OsStr) -> bool {
         if !self.is_named(parent, name) {
-            self.other_names
-                .retain(|(p, n)| !(*p == parent && n.as_os_str() == name));
+            self.other_names.forget(parent, name);
             return false;
         }
-        match self.other_names.pop() {
+        match self.other_names.take_latest() {
             Some((p, n)) => {
                 self.parent = p;
                 self.name = n;
@@ -162,7 +214,6 @@ pub struct Inode {
     /// S_IFMT bits; an inode never changes type.
     pub kind: u32,
     lookups: AtomicU64,
-    pub open_count: AtomicU32,
     pub state: RwLock<InodeState>,
     /// Serialises copy-up of this entry.
     pub copy_up: Mutex<()>,
@@ -203,16 +254,15 @@ impl Inode {
     ) {
         let mut st = self.state.write();
         if st.is_named(from.0, from.1) {
-            st.other_names
-                .retain(|(p, n)| !(*p == to.0 && n.as_os_str() == to.1));
+            st.other_names.forget(to.0, to.1);
             st.parent = to.0;
-            st.name = to.1.to_os_string();
+            st.name = to.1.into();
         } else {
             st.name_gone(from.0, from.1);
             st.reached_by(self.is_dir(), to.0, to.1);
         }
-        if redirect.is_some() {
-            st.redirect = redirect;
+        if let Some(r) = redirect {
+            st.redirect = Some(r.into_boxed_os_str());
         }
     }
 }
@@ -314,7 +364,6 @@ impl InodeTable {
                     ino,
                     kind,
                     lookups: AtomicU64::new(1),
-                    open_count: AtomicU32::new(0),
                     state: RwLock::new(state),
                     copy_up: Mutex::new(()),
                 });
@@ -372,6 +421,15 @@ impl InodeTable {
 
     pub fn len(&self) -> usize {
         self.inodes.len()
+    }
+
+    /// Gives back the maps' room for inodes that are gone: a hash map keeps its
+    /// capacity after removals, so after the kernel forgot a big tree the slots would
+    /// stay allocated. Each shard is locked while it is rebuilt.
+    pub fn shrink(&self) {
+        self.inodes.shrink_to_fit();
+        self.identity.shrink_to_fit();
+        self.fd_cache.lock().shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {

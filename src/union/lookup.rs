@@ -129,7 +129,7 @@ impl Union {
                     _ => Err(Errno::STALE),
                 };
             }
-            below.push((i.ino, st.name.clone()));
+            below.push((i.ino, st.name.to_os_string()));
             Ok(None)
         })?;
         if let Some(ino) = opened_for {
@@ -179,7 +179,7 @@ impl Union {
         };
         let p = self.inode(parent)?;
         let pfd = self.dir_fd(&p, layer)?;
-        Ok((pfd, name, layer))
+        Ok((pfd, name.into(), layer))
     }
 
     /// Runs `f` on the object `inode` stands for, named for metadata calls (owner,
@@ -466,9 +466,9 @@ impl Union {
                 inode.reached_by(parent, name);
                 let mut st = inode.state.write();
                 if !inode.is_dir() {
-                    st.layers = found.layers;
+                    st.layers = found.layers.into_iter().collect();
                 } else if found.redirect.is_some() {
-                    st.redirect = found.redirect;
+                    st.redirect = found.redirect.map(OsString::into_boxed_os_str);
                 }
                 return Ok(inode.clone());
             }

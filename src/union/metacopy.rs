@@ -22,7 +22,7 @@ use std::os::fd::AsFd;
 use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
-use super::inode::{Inode, LayerRef};
+use super::inode::Inode;
 use super::{Errno, Result, UPPER, Union};
 use crate::sys::{self, fs::RenameKind, fs::Stat, xattr::Target};
 
@@ -105,10 +105,7 @@ impl Union {
         // The new identity is recorded before the layers point at it: an open racing
         // with this one checks what it opened against the identities (see open_data).
         self.inodes.add_identity(inode, (full.st_dev, full.st_ino));
-        inode.state.write().layers = vec![LayerRef {
-            layer: UPPER,
-            fd: None,
-        }];
+        inode.state.write().set_upper_only();
         self.inodes
             .remove_identity(inode, (stand_in.st_dev, stand_in.st_ino));
         Ok(())

@@ -341,6 +341,11 @@ impl Union {
         self.inodes.len()
     }
 
+    /// After many inodes were forgotten: releases the inode table's spare capacity.
+    pub fn shrink_inode_table(&self) {
+        self.inodes.shrink();
+    }
+
     fn inode(&self, ino: Ino) -> Result<Arc<inode::Inode>> {
         // The kernel only names inodes it holds; a miss means the table and the
         // kernel disagree, which is reported rather than trusted.

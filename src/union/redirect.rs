@@ -140,7 +140,7 @@ impl Union {
             }
             let st = i.state.read();
             if let Some(r) = &st.redirect {
-                return Ok(Some(r.clone()));
+                return Ok(Some(r.to_os_string()));
             }
             names.push(st.name.clone());
             Ok(None)
