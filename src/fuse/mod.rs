@@ -272,6 +272,9 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     }));
     spawn_memory_trimmer(&engine);
     let mut unmounter = session.unmount_callable();
+    // Set once a termination signal asked the daemon to end (see below).
+    let asked_to_end = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asked_to_end_by_signal = asked_to_end.clone();
     let mountpoint = config.mountpoint.clone();
     let stats_on_signal = stats.clone();
     let _ = std::thread::Builder::new()
@@ -286,6 +289,7 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
                     }
                     continue;
                 }
+                asked_to_end_by_signal.store(true, std::sync::atomic::Ordering::SeqCst);
                 log::info!("signal {sig}: unmounting {}", mountpoint.display());
                 // fuser unmounts only what it mounted itself.
                 if mounted_here || unmounter.unmount().is_err() {
@@ -307,6 +311,19 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     match ended {
         Ok(()) => {
             log::info!("{} unmounted; exiting", config.mountpoint.display());
+            0
+        }
+        // Asked to end while the kernel was tearing the connection down (a lazily
+        // detached mount whose last user just left): the connection ends aborted
+        // rather than unmounted, but the end is the one that was asked for.
+        Err(e)
+            if e.raw_os_error() == Some(libc::ECONNABORTED)
+                && asked_to_end.load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            log::info!(
+                "{}: connection ended ({e}); exiting",
+                config.mountpoint.display()
+            );
             0
         }
         Err(e) => {

@@ -624,7 +624,11 @@ fn busy_mount_is_kept_unless_lazy_and_lazy_says_what_it_did() {
     // Its last user gone, the detached mount ends and so does the daemon (a signal to
     // it, if it has not exited yet, is what an unmount would have done anyway).
     let st = m.signal_and_wait(libc::SIGTERM);
-    assert!(st.success() || st.code().is_none(), "{st:?}");
+    assert!(
+        st.success() || st.code().is_none(),
+        "{st:?}; daemon log:\n{}",
+        m.log_text()
+    );
 }
 
 #[test]

@@ -1267,6 +1267,11 @@ impl StrataMount {
 
     /// Sends `sig` to the daemon and waits (bounded) for it to exit by itself.
     /// Panics if it does not; the mount state afterwards is the caller's to check.
+    /// What the daemon logged so far (stderr, at the level the mount runs with).
+    pub fn log_text(&self) -> String {
+        read_log(&self.log)
+    }
+
     pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: pid is our own child, not yet reaped (so not recycled).
