@@ -1,13 +1,11 @@
 //! The fuser `Filesystem` implementation: one small match per callback, converting
 //! between fuser types and the engine's. No union logic lives here.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -17,28 +15,17 @@ use fuser::{
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use parking_lot::Mutex;
 
+use super::passthrough::{IoChoice, IoModes, OpenIo};
 use super::stats::RequestStats;
 use super::watchdog::Watchdog;
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
 pub struct StrataFs {
     engine: Arc<Union>,
-    /// Passthrough was asked for by the configuration.
-    want_passthrough: bool,
-    /// The kernel agreed to passthrough at init, and no backing file was refused.
-    passthrough: AtomicBool,
-    /// Passthrough was on and then refused: data written through backing files
-    /// since may be missing from the kernel's page cache of those inodes, so served
-    /// opens no longer keep it.
-    passthrough_lost: AtomicBool,
     writeback: bool,
-    /// How each open inode does I/O. The kernel requires every open of an inode to
-    /// agree while any is open: all passthrough with one backing file, or none.
-    io: Mutex<HashMap<u64, InodeIo>>,
-    /// File handle -> the inode and how the open does I/O.
-    handles: DashMap<u64, HandleIo>,
+    /// How each open inode and handle does I/O (passthrough or served).
+    io: IoModes<BackingId>,
     /// Requests in flight, reported when one runs too long.
     watch: Watchdog,
     /// Running texts: inode -> opens made by exec (and the handles they hold), for
@@ -49,31 +36,6 @@ pub struct StrataFs {
 
 /// The kernel's `__FMODE_EXEC`, which it leaves in the flags of the open an exec makes.
 const OPEN_FOR_EXEC: i32 = 0o40;
-
-/// The opens of one inode. Invariant: `backing` is set exactly while
-/// `passthrough_opens > 0`, and then `served_opens == 0` (the kernel refuses to mix
-/// the two modes on one inode); `passthrough_writers <= passthrough_opens`.
-#[derive(Default)]
-struct InodeIo {
-    backing: Option<Arc<BackingId>>,
-    passthrough_opens: usize,
-    /// Passthrough opens that may write, through write(2) or a shared mapping.
-    passthrough_writers: usize,
-    served_opens: usize,
-}
-
-#[derive(Clone, Copy)]
-struct HandleIo {
-    ino: u64,
-    passthrough: bool,
-    writable: bool,
-}
-
-/// What an open should be answered with.
-enum IoChoice {
-    Passthrough(Arc<BackingId>),
-    Served,
-}
 
 impl StrataFs {
     pub fn new(
@@ -91,12 +53,8 @@ impl StrataFs {
         let noatime = engine.options().noatime;
         StrataFs {
             engine,
-            want_passthrough: passthrough && !writeback && !noatime,
-            passthrough: AtomicBool::new(false),
-            passthrough_lost: AtomicBool::new(false),
             writeback,
-            io: Mutex::new(HashMap::new()),
-            handles: DashMap::new(),
+            io: IoModes::new(passthrough && !writeback && !noatime),
             watch: Watchdog::from_env().with_stats(stats),
             exec_opens: DashMap::new(),
             exec_handles: DashMap::new(),
@@ -217,7 +175,7 @@ impl StrataFs {
         fh: u64,
         handle: &union::OpenFile,
         open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> IoChoice {
+    ) -> IoChoice<BackingId> {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
         //
@@ -233,59 +191,22 @@ impl StrataFs {
             && !privileged
             && !self.engine.io_needs_daemon(handle.ino)
             && !self.engine.data_may_move(handle.ino);
-        let mut io = self.io.lock();
-        let state = io.entry(handle.ino).or_default();
-        let choice =
-            if !fixed_data || !self.passthrough.load(Ordering::Relaxed) || state.served_opens > 0 {
-                IoChoice::Served
-            } else if let Some(b) = &state.backing {
-                IoChoice::Passthrough(b.clone())
-            } else {
-                // Upper files get a read-write backing file so that every later open,
-                // reader or writer, can share it.
-                let rdwr = if handle.in_upper && !handle.plain_rdwr {
-                    self.engine.open_upper_rdwr(handle.ino).ok()
-                } else {
-                    None
-                };
-                match open_backing(rdwr.as_ref().unwrap_or(&handle.file)) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        state.backing = Some(id.clone());
-                        IoChoice::Passthrough(id)
-                    }
-                    Err(e) => {
-                        log::info!("passthrough unavailable ({e}); serving I/O in the daemon");
-                        self.passthrough.store(false, Ordering::Relaxed);
-                        self.passthrough_lost.store(true, Ordering::Relaxed);
-                        IoChoice::Served
-                    }
-                }
-            };
-        let mut first_writer = false;
-        let passthrough = match choice {
-            IoChoice::Passthrough(_) => {
-                state.passthrough_opens += 1;
-                if handle.writable {
-                    state.passthrough_writers += 1;
-                    first_writer = state.passthrough_writers == 1;
-                }
-                true
-            }
-            IoChoice::Served => {
-                state.served_opens += 1;
-                false
-            }
-        };
-        self.handles.insert(
+        let open = OpenIo {
             fh,
-            HandleIo {
-                ino: handle.ino,
-                passthrough,
-                writable: handle.writable,
-            },
-        );
-        drop(io);
+            ino: handle.ino,
+            writable: handle.writable,
+            fixed_data,
+        };
+        let (choice, first_writer) = self.io.choose(&open, || {
+            // Upper files get a read-write backing file so that every later open,
+            // reader or writer, can share it.
+            let rdwr = if handle.in_upper && !handle.plain_rdwr {
+                self.engine.open_upper_rdwr(handle.ino).ok()
+            } else {
+                None
+            };
+            open_backing(rdwr.as_ref().unwrap_or(&handle.file))
+        });
         if first_writer {
             // Attributes cached before this open would outlive the writes that
             // bypass the daemon (see `attr_ttl`).
@@ -299,12 +220,7 @@ impl StrataFs {
     /// backing file's size and times without a request here, so while an inode has
     /// such a writer its attributes are fetched afresh on every stat.
     fn attr_ttl(&self, ino: u64) -> Duration {
-        let writing = self
-            .io
-            .lock()
-            .get(&ino)
-            .is_some_and(|s| s.passthrough_writers > 0);
-        if writing {
+        if self.io.has_passthrough_writer(ino) {
             Duration::ZERO
         } else {
             self.engine.attr_ttl(ino)
@@ -312,31 +228,7 @@ impl StrataFs {
     }
 
     fn end_io(&self, fh: u64) {
-        let Some((
-            _,
-            HandleIo {
-                ino,
-                passthrough,
-                writable,
-            },
-        )) = self.handles.remove(&fh)
-        else {
-            return;
-        };
-        let mut io = self.io.lock();
-        if let Some(state) = io.get_mut(&ino) {
-            if passthrough {
-                state.passthrough_opens = state.passthrough_opens.saturating_sub(1);
-                if writable {
-                    state.passthrough_writers = state.passthrough_writers.saturating_sub(1);
-                }
-            } else {
-                state.served_opens = state.served_opens.saturating_sub(1);
-            }
-            if state.passthrough_opens == 0 && state.served_opens == 0 {
-                io.remove(&ino);
-            }
-        }
+        self.io.end(fh);
     }
 
     /// Whether an open must fail with ETXTBSY before the engine sees it: one that
@@ -370,7 +262,7 @@ impl StrataFs {
             // cache that could go stale.
             return FopenFlags::FOPEN_DIRECT_IO;
         }
-        if self.passthrough_lost.load(Ordering::Relaxed) {
+        if self.io.lost() {
             return FopenFlags::empty();
         }
         // All changes to layer file data pass through this kernel mount, and files
@@ -412,11 +304,11 @@ impl Filesystem for StrataFs {
         {
             log::info!("writeback cache not offered by the kernel");
         }
-        if self.want_passthrough
+        if self.io.wanted()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
-            self.passthrough.store(true, Ordering::Relaxed);
+            self.io.enable();
         }
         // The kernel checks ACLs itself (with default_permissions, which the mount
         // always has) and stops applying the umask to new entries: the engine applies

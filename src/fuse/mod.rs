@@ -2,6 +2,7 @@
 //! into engine calls; this file mounts, detaches the daemon and unmounts.
 
 mod adapter;
+mod passthrough;
 mod stats;
 mod watchdog;
 

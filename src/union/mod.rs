@@ -1,6 +1,53 @@
 //! The union engine: a merged, copy-on-write view of the layers, addressed by inode
 //! number like a FUSE filesystem but with no FUSE types. Every method returns
 //! `Result<T, Errno>`; nothing here panics on any input.
+//!
+//! # LOCKING
+//!
+//! Every lock of the engine and of the FUSE adapter in front of it, what it
+//! protects, and the order in which they may be taken (a lock may only be taken
+//! while holding locks that come before it in this list; none is taken twice):
+//!
+//! 1. `StrataFs::io`, one mutex per inode (src/fuse/passthrough.rs): how that
+//!    inode's opens do I/O, its backing file and open counts. Held across the
+//!    backing-file ioctl and `Union::open_upper_rdwr` of a first passthrough open,
+//!    so it comes before every engine lock; the engine never calls the adapter.
+//! 2. `QuotaCharge::_serial` (`Quota::serial`, src/volume/quota.rs): one growing
+//!    operation at a time on a size-limited volume, held for the whole write or
+//!    truncate; under it `Quota::ledger` and the ledger file's flock (leaves).
+//!    Volume files are never copied up, so no copy-up lock is taken under it.
+//! 3. `Inode::copy_up` of a non-directory: one copy-up of that file at a time.
+//!    Held over the copy of its data, and for a lower hard-link group
+//!    (`copy_up_linked`) over the scan of the layer's hard links
+//!    (`AliasMaps`, a `OnceLock` per layer, filled outside its lock) and the
+//!    link-up of the group's other names, which copies up their parent
+//!    directories and so takes directory copy-up locks (4). At most one
+//!    non-directory copy-up lock is held by a thread: the link-up copies up
+//!    directories only, and `link_up_groups_under` (before a rename) copies up
+//!    files with no copy-up lock held.
+//! 4. `Inode::copy_up` of a directory: one copy-up of that directory at a time.
+//!    `copy_up` takes them one at a time, from the top-most missing ancestor down
+//!    ("towards the entry"), each released before the next; nothing under it
+//!    copies up anything. So no thread holding a directory's lock waits for a
+//!    file's or another directory's, and 3 -> 4 cannot close a cycle, whether the
+//!    other thread is a rename (which holds no copy-up lock), a plain copy-up or
+//!    another group's link-up.
+//! 5. `InodeTable::fd_cache`: the queue of cached directory handles; never held
+//!    while taking another lock (the evicted inode's state is written after it is
+//!    released).
+//! 6. `Inode::state` (RwLock): the inode's layers, parent/name, redirect, keys and
+//!    cached fds. Held only for short reads and writes of those fields, with no
+//!    other inode's state taken under it and no system call that could block on a
+//!    lock of this mount.
+//! 7. Leaves, held for a map or field access only: the dashmaps of the inode
+//!    table (`inodes`, `identity`) and of the open handles (`files`, `dirs`, the
+//!    adapter's handle and exec maps), `DirHandle::entries`, `OpenFile::upper_copy`
+//!    (`OnceLock`).
+//!
+//! The kernel's own locks (the VFS locks of parent directories during a request)
+//! are not in this order: the daemon works on the layers through its own fds and
+//! never waits on a lock of this mount, so a request the kernel holds its locks
+//! for always finishes.
 
 mod acl;
 mod attr;
