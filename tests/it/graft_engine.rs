@@ -47,6 +47,7 @@ fn graft(source: GraftSource, target: &str, read_only: bool) -> GraftSpec {
         read_only,
         nocopy: false,
         nocreate: false,
+        delete: false,
     }
 }
 
