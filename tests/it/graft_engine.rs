@@ -204,3 +204,52 @@ fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
         Some(Errno::ROFS)
     );
 }
+
+/// `:nocreate` holds where the mount takes the volume, not only in the CLI's early
+/// check: a missing volume fails the mount, naming it, and is not created.
+#[test]
+fn nocreate_is_enforced_when_the_mount_takes_the_volume() {
+    let s = Scene::new();
+    let mut g = graft(GraftSource::Volume("ghost".into()), "/data", false);
+    g.nocreate = true;
+    let err = match Union::new(&s.config(vec![g])) {
+        Ok(_) => panic!("a :nocreate graft of a missing volume mounted"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("volume ghost does not exist") && err.contains("nocreate"),
+        "{err}"
+    );
+    assert!(!s.p("state/volumes/ghost").exists());
+}
+
+/// `:delete` removes the volume the mount created when the mount ends (or fails after
+/// creating it), and never one that existed before.
+#[test]
+fn delete_removes_only_the_volume_the_mount_created() {
+    let s = Scene::new();
+    let spec = |name: &str| {
+        let mut g = graft(GraftSource::Volume(name.into()), &format!("/{name}"), false);
+        g.delete = true;
+        g
+    };
+    let u = Union::new(&s.config(vec![spec("scratch")])).unwrap();
+    assert!(s.p("state/volumes/scratch/_data").is_dir());
+    drop(u);
+    assert!(!s.p("state/volumes/scratch").exists(), "not removed");
+
+    let kept = Union::new(&s.config(vec![graft(
+        GraftSource::Volume("kept".into()),
+        "/kept",
+        false,
+    )]))
+    .unwrap();
+    drop(kept);
+    fs::write(s.p("state/volumes/kept/_data/f"), "mine").unwrap();
+    let u = Union::new(&s.config(vec![spec("kept")])).unwrap();
+    drop(u);
+    assert_eq!(
+        fs::read_to_string(s.p("state/volumes/kept/_data/f")).unwrap(),
+        "mine"
+    );
+}
