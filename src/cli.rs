@@ -119,7 +119,7 @@ stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
        stratafs mount --lower DIR [--lower DIR...] [--upper DIR --work DIR]
                       [--volume SPEC...] [--bind SPEC...] [OPTIONS] MOUNTPOINT
        stratafs umount [-l] MOUNTPOINT
-       stratafs volume create|ls|inspect|rm|prune ...
+       stratafs volume create|ls|inspect|update|rm|prune ...
        stratafs demo
        stratafs help [COMMAND...]
        stratafs completions bash|zsh|fish

@@ -197,7 +197,7 @@ pub fn command() -> clap::Command {
         )
         .about(about)
     };
-    sub("volume", "Create, list, inspect and remove named volumes")
+    sub("volume", "Create, list, inspect, resize and remove named volumes")
         .disable_help_subcommand(true)
         .subcommand_required(true)
         .arg(state_dir)

@@ -1,6 +1,7 @@
 //! Volumes and bind grafts on a live mount: persistence, read-only grafts, EXDEV/EBUSY
 //! at graft boundaries, population, sharing between mounts and with the host,
-//! exclusive claims, size limits, and bind mounts of a graft.
+//! access modes and their claims, size limits and their change under a live mount,
+//! the :delete reclaim policy, and bind mounts of a graft.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -847,7 +848,11 @@ fn access_modes_rwop_and_rox_are_enforced_by_real_mounts() {
     let r2 = s.mount("d", "volume=shelf:/data:ro");
     assert_eq!(fs::read_to_string(r1.join("data/book")).unwrap(), "text");
     assert_eq!(fs::read_to_string(r2.join("data/book")).unwrap(), "text");
-    assert_errno("write to rox", res(fs::write(r2.join("data/new"), "x")), EROFS);
+    assert_errno(
+        "write to rox",
+        res(fs::write(r2.join("data/new"), "x")),
+        EROFS,
+    );
     drop((r1, r2));
 
     let w = s.mount("e", "volume=duo:/data");
@@ -927,8 +932,9 @@ fn delete_reclaims_the_volume_a_mount_created_when_it_ends() {
 
     let mut m = s.mount("a", "volume=tmp1:/data:delete");
     assert!(
-        m.output()
-            .contains("volume tmp1 does not exist: creating it; it is removed when this mount ends"),
+        m.output().contains(
+            "volume tmp1 does not exist: creating it; it is removed when this mount ends"
+        ),
         "{}",
         m.output()
     );
@@ -963,5 +969,8 @@ fn delete_reclaims_the_volume_a_mount_created_when_it_ends() {
     assert!(s.data("old").join("f").is_file());
 
     let err = s.mount_must_fail("f", "volume=v:/data:nocreate:delete");
-    assert!(err.contains("nocreate and delete exclude each other"), "{err}");
+    assert!(
+        err.contains("nocreate and delete exclude each other"),
+        "{err}"
+    );
 }

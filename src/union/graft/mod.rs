@@ -152,8 +152,9 @@ pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), Str
     Ok(())
 }
 
-/// Opens the sources of the grafts of `config`: creates missing named volumes, takes
-/// their claims (failing when an exclusive one is held elsewhere), and builds the
+/// Opens the sources of the grafts of `config`: creates missing named volumes (unless
+/// `:nocreate`), takes their claims (failing when the volume's access mode refuses
+/// this mount; a `:delete` volume created here is removed when its claim ends), and builds the
 /// scaffold layer. Nothing is mounted yet, so a failure here leaves no trace.
 pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, String> {
     let mut prepared = Prepared {
