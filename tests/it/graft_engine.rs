@@ -253,3 +253,38 @@ fn delete_removes_only_the_volume_the_mount_created() {
         "mine"
     );
 }
+
+/// A mount that fails after creating a `:delete` volume (here: another graft's access
+/// mode refuses it) removes that volume again, and does so without waiting on the
+/// volume lock it still holds itself.
+#[test]
+fn a_mount_failing_after_creating_a_delete_volume_removes_it() {
+    let s = Scene::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = s.p("state");
+    let config = {
+        let mut made = graft(GraftSource::Volume("made".into()), "/made", false);
+        made.delete = true;
+        s.config(vec![
+            made,
+            graft(GraftSource::Volume("shelf".into()), "/shelf", false),
+        ])
+    };
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_stratafs"))
+        .args(["volume", "--state-dir"])
+        .arg(&state)
+        .args(["create", "--access", "rox", "shelf"])
+        .status()
+        .unwrap();
+    assert!(created.success());
+    std::thread::spawn(move || {
+        let _ = tx.send(Union::new(&config).err());
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the failing mount hung (waiting on its own volume lock?)")
+        .expect("a read-write graft of an rox volume mounted");
+    assert!(err.contains("volume shelf") && err.contains("rox"), "{err}");
+    assert!(!state.join("volumes/made").exists(), "made was kept");
+    assert!(state.join("volumes/shelf").exists());
+}

@@ -95,9 +95,11 @@ pub(crate) struct Prepared {
     pub scaffold: Option<Layer>,
     pub layers: Vec<Layer>,
     scaffold_dir: Option<scaffold::Scaffold>,
-    claims: Vec<Claim>,
-    /// Per graft: the volume (named volumes only) and its held lock.
+    /// Per graft: the volume (named volumes only) and its held lock. Declared before
+    /// `claims` so that it drops first: a claim ending with `:delete` takes the
+    /// volume's lock to remove it, and would wait forever on ours.
     volumes: Vec<Option<(Volume, std::fs::File)>>,
+    claims: Vec<Claim>,
 }
 
 fn graft_name(source: &GraftSource) -> String {
