@@ -267,7 +267,12 @@ pub fn command() -> clap::Command {
         )
         .subcommand(
             sub("update", "Change a volume's size limit, also for the mounts using it now")
-                .arg(Arg::new("name").value_name("NAME").required(true))
+                .arg(
+                    Arg::new("name")
+                        .value_name("NAME")
+                        .required(true)
+                        .help("The volume to change"),
+                )
                 .arg(
                     Arg::new("size")
                         .long("size")
