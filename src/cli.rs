@@ -119,7 +119,7 @@ stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
        stratafs mount --lower DIR [--lower DIR...] [--upper DIR --work DIR]
                       [--volume SPEC...] [--bind SPEC...] [OPTIONS] MOUNTPOINT
        stratafs umount [-l] MOUNTPOINT
-       stratafs volume create|ls|inspect|rm|prune ...
+       stratafs volume create|ls|inspect|update|rm|prune ...
        stratafs demo
        stratafs help [COMMAND...]
        stratafs completions bash|zsh|fish
@@ -131,10 +131,11 @@ pub const OPTIONS_HELP: &str = r#"Layer options (-o):
   lowerdir=A:B:C           lower layers, A top-most; '\:' is a ':' inside a path
   upperdir=DIR             writable layer (without it the mount is read-only)
   workdir=DIR              staging directory, same filesystem as upperdir
-  volume=NAME:/PATH[:ro][:nocopy][:nocreate]
+  volume=NAME:/PATH[:ro][:nocopy][:nocreate|:delete]
                            graft named volume NAME at /PATH (repeatable); nocopy: do not
                            populate an empty volume from the image content under /PATH;
-                           a missing volume is created (and said so) unless nocreate
+                           a missing volume is created (and said so) unless nocreate;
+                           delete: a volume this mount creates is removed when it ends
   bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
 
 Ownership options (-o):
@@ -628,7 +629,7 @@ fn mount_command() -> clap::Command {
                 .long("volume")
                 .value_name("SPEC")
                 .action(ArgAction::Append)
-                .help("NAME:/PATH[:ro][:nocopy][:nocreate]: same as -o volume=SPEC (repeatable)"),
+                .help("NAME:/PATH[:ro][:nocopy][:nocreate|:delete]: same as -o volume=SPEC (repeatable)"),
         )
         .arg(
             Arg::new("bind")
@@ -772,35 +773,45 @@ fn parse_o(m: &ArgMatches, warnings: &mut Vec<String>) -> Result<ParsedOptions, 
 }
 
 /// A mount naming a volume that does not exist creates it; a typo would otherwise
-/// silently give an empty volume, so that is said (or refused with `:nocreate`).
-/// Only a message: the mount creates the volume itself if it is still missing then.
+/// silently give an empty volume, so that is said (or refused with `:nocreate`). So is
+/// a `:delete` that will not apply because the volume exists already.
+/// Only messages: the mount itself creates (or refuses) what is still missing then,
+/// and decides what `:delete` removes.
 fn check_missing_volumes(config: &MountConfig, warnings: &mut Vec<String>) -> Result<(), CliError> {
-    let names: Vec<(&str, bool)> = config
+    let grafts: Vec<(&str, &crate::config::GraftSpec)> = config
         .grafts
         .iter()
         .filter_map(|g| match &g.source {
-            GraftSource::Volume(n) => Some((n.as_str(), g.nocreate)),
+            GraftSource::Volume(n) => Some((n.as_str(), g)),
             GraftSource::Bind(_) => None,
         })
         .collect();
-    if names.is_empty() {
+    if grafts.is_empty() {
         return Ok(());
     }
     // An unusable state directory is the mount's to report, with its own words.
     let Ok(store) = crate::volume::Store::open(config.state_dir.as_deref()) else {
         return Ok(());
     };
-    for (name, nocreate) in names {
-        if let Err(crate::volume::VolumeError::NotFound(_)) = store.get(name) {
-            if nocreate {
-                return Err(CliError::Invalid(format!(
-                    "volume {name} does not exist (:nocreate); create it with \
-                     'stratafs volume create {name}'"
-                )));
+    for (name, g) in grafts {
+        match store.get(name) {
+            Err(crate::volume::VolumeError::NotFound(_)) if g.nocreate => {
+                return Err(CliError::Invalid(
+                    crate::volume::VolumeError::NoCreate(name.to_string()).to_string(),
+                ));
             }
-            warnings.push(format!(
+            Err(crate::volume::VolumeError::NotFound(_)) if g.delete => warnings.push(format!(
+                "volume {name} does not exist: creating it; it is removed when this mount \
+                 ends (:delete)"
+            )),
+            Err(crate::volume::VolumeError::NotFound(_)) => warnings.push(format!(
                 "volume {name} does not exist: creating it (add :nocreate to refuse)"
-            ));
+            )),
+            Ok(_) if g.delete => warnings.push(format!(
+                "volume {name} exists already: :delete removes only a volume the mount \
+                 creates, so it is kept when this mount ends"
+            )),
+            _ => {}
         }
     }
     Ok(())

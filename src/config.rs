@@ -33,8 +33,11 @@ pub struct GraftSpec {
     /// Do not populate an empty volume from the image content under `target`.
     pub nocopy: bool,
     /// `:nocreate`: a missing volume makes the mount fail instead of being created
-    /// (checked by `cli` before mounting).
+    /// (checked by `cli` before mounting, and again when the mount takes the volume).
     pub nocreate: bool,
+    /// `:delete`: a volume this mount creates is removed when the mount ends (a
+    /// volume that existed before is kept). Never together with `nocreate`.
+    pub delete: bool,
 }
 
 /// Standard FUSE/VFS mount flags. `None` means "not given": the mount uses the default.

@@ -587,10 +587,11 @@ struct GraftFlags {
     read_only: bool,
     nocopy: bool,
     nocreate: bool,
+    delete: bool,
 }
 
-/// Parses the trailing `:ro`/`:rw`/`:nocopy`/`:nocreate` flags of a graft, in any
-/// order; the last two only for volumes.
+/// Parses the trailing `:ro`/`:rw`/`:nocopy`/`:nocreate`/`:delete` flags of a graft,
+/// in any order; the last three only for volumes.
 fn graft_flags(
     option: &str,
     value: &str,
@@ -604,6 +605,7 @@ fn graft_flags(
             "rw" => out.read_only = false,
             "nocopy" if volume => out.nocopy = true,
             "nocreate" if volume => out.nocreate = true,
+            "delete" if volume => out.delete = true,
             _ => {
                 return Err(invalid(
                     option,
@@ -613,17 +615,25 @@ fn graft_flags(
             }
         }
     }
+    if out.nocreate && out.delete {
+        return Err(invalid(
+            option,
+            value,
+            "nocreate and delete exclude each other: :delete removes only a volume the \
+             mount creates, and :nocreate never creates one",
+        ));
+    }
     Ok(out)
 }
 
-/// `NAME:/path[:ro][:nocopy][:nocreate]`, as for `-o volume=` and `--volume`.
+/// `NAME:/path[:ro][:nocopy][:nocreate|:delete]`, as for `-o volume=` and `--volume`.
 pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
     let parts = split_escaped(value);
     let [name, target, flags @ ..] = parts.as_slice() else {
         return Err(invalid(
             "volume",
             value,
-            "expected NAME:/path[:ro][:nocopy][:nocreate]",
+            "expected NAME:/path[:ro][:nocopy][:nocreate|:delete]",
         ));
     };
     if !valid_volume_name(name) {
@@ -641,6 +651,7 @@ pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
         read_only: f.read_only,
         nocopy: f.nocopy,
         nocreate: f.nocreate,
+        delete: f.delete,
     })
 }
 
@@ -661,6 +672,7 @@ pub fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
         read_only: f.read_only,
         nocopy: false,
         nocreate: false,
+        delete: false,
     })
 }
 
@@ -767,6 +779,9 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
         }
         if g.nocreate {
             v.push_str(":nocreate");
+        }
+        if g.delete {
+            v.push_str(":delete");
         }
         match g.source {
             GraftSource::Volume(_) => kv("volume", &v),
@@ -1119,7 +1134,7 @@ mod tests {
     #[test]
     fn grafts() {
         let o = p(
-            "volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a:nocreate",
+            "volume=data:/var/lib/data:ro:nocopy,bind=/host/dir:/srv//x/./y/:ro,volume=v2:/a:nocreate,volume=tmp:/t:delete",
         );
         assert_eq!(
             o.grafts,
@@ -1130,6 +1145,7 @@ mod tests {
                     read_only: true,
                     nocopy: true,
                     nocreate: false,
+                    delete: false,
                 },
                 GraftSpec {
                     source: GraftSource::Bind("/host/dir".into()),
@@ -1137,6 +1153,7 @@ mod tests {
                     read_only: true,
                     nocopy: false,
                     nocreate: false,
+                    delete: false,
                 },
                 GraftSpec {
                     source: GraftSource::Volume("v2".into()),
@@ -1144,6 +1161,15 @@ mod tests {
                     read_only: false,
                     nocopy: false,
                     nocreate: true,
+                    delete: false,
+                },
+                GraftSpec {
+                    source: GraftSource::Volume("tmp".into()),
+                    target: "/t".into(),
+                    read_only: false,
+                    nocopy: false,
+                    nocreate: false,
+                    delete: true,
                 },
             ]
         );
@@ -1166,6 +1192,8 @@ mod tests {
             "bind=:/x",
             "bind=/h:/x:nocopy",
             "bind=/h:/x:nocreate",
+            "bind=/h:/x:delete",
+            "volume=a:/x:nocreate:delete",
             "bind=/h:x",
         ] {
             let e = err(bad);

@@ -1,12 +1,14 @@
-//! Which mounts use a volume now, and exclusive (ReadWriteOnce) claims.
+//! Which mounts use a volume now, and the claims of its access mode.
 //!
 //! Every mount that grafts a volume keeps `mounts/PID` in the volume's directory
 //! open with an exclusive flock for as long as it runs; the file says which mount it
 //! is. A lock ends with its holder (unmount, crash or kill -9), so a file whose lock
 //! can be taken by someone else belongs to a dead mount and is swept away by whoever
-//! notices. An exclusive volume mounted read-write additionally has its `exclusive`
-//! file locked by the holder: a second read-write mount finds the lock taken and
-//! fails before mounting, naming the holder recorded in that file.
+//! notices. A mount that the access mode limits to one at a time (read-write mounts
+//! of an rwo volume, every mount of an rwop one) additionally has the `exclusive`
+//! file locked: a second such mount finds the lock taken and fails before mounting,
+//! naming the holder recorded in that file. A read-write mount of an rox volume is
+//! refused outright.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::VolumeError;
+use super::store::{Access, Store};
 use crate::sys;
 
 const MOUNTS_DIR: &str = "mounts";
@@ -45,9 +48,21 @@ impl MountUse {
 
 /// A mount's hold on a volume; dropping it (or the process dying) ends the claim.
 pub struct Claim {
+    volume: String,
     record: PathBuf,
     _record_lock: File,
     _exclusive_lock: Option<File>,
+    /// `:delete` on a volume this mount created: removed when the claim ends.
+    reclaim: Option<Store>,
+}
+
+impl Claim {
+    /// Makes the end of this claim remove the volume from `store` (the `:delete`
+    /// reclaim policy), unless other mounts use it by then. Only for a volume the
+    /// mount created itself.
+    pub fn remove_volume_on_drop(&mut self, store: Store) {
+        self.reclaim = Some(store);
+    }
 }
 
 impl Drop for Claim {
@@ -55,6 +70,20 @@ impl Drop for Claim {
         // Remove before the lock goes with the file: a reader never sees a record of
         // ours that is unlocked while we live.
         let _ = fs::remove_file(&self.record);
+        // Our record is gone, so `remove` counts only the other users; it takes the
+        // volume's lock, so a mount taking the volume meanwhile either finds it gone
+        // (and creates a new one) or is seen as a user and keeps it.
+        if let Some(store) = self.reclaim.take() {
+            match store.remove(&self.volume, false) {
+                Ok(_) => log::info!("volume {} removed (:delete)", self.volume),
+                Err(VolumeError::InUse { users, .. }) => log::warn!(
+                    "volume {} kept despite :delete: still in use by {users}",
+                    self.volume
+                ),
+                Err(VolumeError::NotFound(_)) => {}
+                Err(e) => log::warn!("volume {} (:delete) not removed: {e}", self.volume),
+            }
+        }
     }
 }
 
@@ -88,15 +117,27 @@ fn read_record(path: &Path) -> Option<MountUse> {
     serde_json::from_str(&text).ok()
 }
 
-/// Records `who` as a user of the volume in `volume_dir`; with `exclusive`, also
-/// takes the volume's read-write claim, failing when another live mount has it.
+/// Records `who` as a user of the volume in `volume_dir`, after checking it against
+/// the volume's `access` mode: a read-write use of an rox volume is refused, and a use
+/// that the mode allows once at a time takes the volume's exclusive claim, failing
+/// when another live mount has it.
 pub fn claim(
     volume: &str,
     volume_dir: &Path,
     who: &MountUse,
-    exclusive: bool,
+    access: Access,
 ) -> Result<Claim, VolumeError> {
-    let exclusive_lock = if exclusive && !who.read_only {
+    let once = match access {
+        Access::Rwo => !who.read_only,
+        Access::Rwop => true,
+        Access::Rox if !who.read_only => {
+            return Err(VolumeError::ReadOnlyMany {
+                name: volume.to_string(),
+            });
+        }
+        Access::Rox | Access::Rwx => false,
+    };
+    let exclusive_lock = if once {
         let path = volume_dir.join(EXCLUSIVE_FILE);
         let mut file = open_rw(&path)?;
         let got = sys::lock::try_lock_exclusive(&file)
@@ -107,6 +148,7 @@ pub fn claim(
                 .unwrap_or_else(|| "another mount".to_string());
             return Err(VolumeError::ExclusiveHeld {
                 name: volume.to_string(),
+                access,
                 holder,
             });
         }
@@ -130,9 +172,11 @@ pub fn claim(
     write_record(&mut file, &staged, who)?;
     fs::rename(&staged, &record).map_err(|e| io_err(&record, e))?;
     Ok(Claim {
+        volume: volume.to_string(),
         record,
         _record_lock: file,
         _exclusive_lock: exclusive_lock,
+        reclaim: None,
     })
 }
 

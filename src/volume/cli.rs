@@ -1,4 +1,4 @@
-//! `stratafs volume create|ls|inspect|rm|prune`: argument parsing into
+//! `stratafs volume create|ls|inspect|update|rm|prune`: argument parsing into
 //! [`VolumeArgs`] and the handlers that run them against the store.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, ColorChoice, value_parser};
 
-use super::store::{CreateSpec, Store, check_name};
+use super::store::{Access, CreateSpec, Store, check_name};
 use super::{VolumeError, VolumeInfo};
 
 use crate::cli::{CliError, with_help};
@@ -35,6 +35,11 @@ pub enum VolumeCommand {
         names: Vec<String>,
         /// `--format TEMPLATE`: one line per volume instead of a JSON array.
         format: Option<String>,
+    },
+    /// `update NAME --size S`: a new size limit, also for running mounts.
+    Update {
+        name: String,
+        size_limit: u64,
     },
     Rm {
         names: Vec<String>,
@@ -192,7 +197,7 @@ pub fn command() -> clap::Command {
         )
         .about(about)
     };
-    sub("volume", "Create, list, inspect and remove named volumes")
+    sub("volume", "Create, list, inspect, resize and remove named volumes")
         .disable_help_subcommand(true)
         .subcommand_required(true)
         .arg(state_dir)
@@ -217,10 +222,23 @@ pub fn command() -> clap::Command {
                         .help("Attach a label (repeatable)"),
                 )
                 .arg(
+                    Arg::new("access")
+                        .long("access")
+                        .value_name("MODE")
+                        .help(
+                            "Access mode, as Kubernetes': rwo (ReadWriteOnce: one read-write \
+                             mount at a time, plus read-only ones), rwop (ReadWriteOncePod: \
+                             one mount of any kind), rox (ReadOnlyMany: read-only mounts \
+                             only; a read-write one is refused), rwx (ReadWriteMany, the \
+                             default: no limit); Kubernetes' names are accepted too",
+                        ),
+                )
+                .arg(
                     Arg::new("exclusive")
                         .long("exclusive")
                         .action(ArgAction::SetTrue)
-                        .help("At most one read-write mount at a time (plus read-only ones)"),
+                        .conflicts_with("access")
+                        .help("Same as --access rwo"),
                 ),
         )
         .subcommand(
@@ -246,6 +264,25 @@ pub fn command() -> clap::Command {
             sub("inspect", "Show volumes in detail: one JSON array")
                 .arg(names(1))
                 .arg(format_arg()),
+        )
+        .subcommand(
+            sub("update", "Change a volume's size limit, also for the mounts using it now")
+                .arg(
+                    Arg::new("name")
+                        .value_name("NAME")
+                        .required(true)
+                        .help("The volume to change"),
+                )
+                .arg(
+                    Arg::new("size")
+                        .long("size")
+                        .value_name("SIZE")
+                        .required(true)
+                        .help(
+                            "New size limit (as for create); smaller than the data in the \
+                             volume is refused",
+                        ),
+                ),
         )
         .subcommand(
             sub("rm", "Remove volumes")
@@ -282,7 +319,7 @@ pub fn command() -> clap::Command {
 fn format_arg() -> Arg {
     Arg::new("format").long("format").value_name("FORMAT").help(
         "json, or a template of {{.Name}} {{.Mountpoint}} {{.CreatedAt}} {{.Size}} \
-             {{.Used}} {{.Mounts}} {{.Labels}} {{.Exclusive}} (\\t is a tab)",
+             {{.Used}} {{.Mounts}} {{.Labels}} {{.Access}} {{.Exclusive}} (\\t is a tab)",
     )
 }
 
@@ -319,7 +356,7 @@ fn checked_names(m: &ArgMatches) -> Result<Vec<String>, CliError> {
 pub fn parse(args: &[OsString]) -> Result<VolumeArgs, CliError> {
     if args.is_empty() {
         return Err(usage(
-            "missing volume command (create, ls, inspect, rm, prune)",
+            "missing volume command (create, ls, inspect, update, rm, prune)",
         ));
     }
     let cmd = crate::cli::subcommand(&["volume"]).unwrap_or_else(command);
@@ -350,7 +387,11 @@ pub fn parse(args: &[OsString]) -> Result<VolumeArgs, CliError> {
                 spec: CreateSpec {
                     size_limit,
                     labels,
-                    exclusive: sm.get_flag("exclusive"),
+                    access: match sm.get_one::<String>("access") {
+                        Some(a) => Access::parse(a).map_err(CliError::Invalid)?,
+                        None if sm.get_flag("exclusive") => Access::Rwo,
+                        None => Access::Rwx,
+                    },
                     anonymous: name.is_none(),
                 },
                 name,
@@ -383,6 +424,15 @@ pub fn parse(args: &[OsString]) -> Result<VolumeArgs, CliError> {
                 None => None,
             },
         },
+        Some(("update", sm)) => {
+            let name = sm.get_one::<String>("name").cloned().unwrap_or_default();
+            check_name(&name).map_err(|e| CliError::Invalid(e.to_string()))?;
+            let size = sm.get_one::<String>("size").map_or("", String::as_str);
+            VolumeCommand::Update {
+                name,
+                size_limit: parse_size(size).map_err(CliError::Invalid)?,
+            }
+        }
         Some(("rm", sm)) => VolumeCommand::Rm {
             names: checked_names(sm)?,
             force: sm.get_flag("force"),
@@ -423,6 +473,7 @@ fn template_field(i: &VolumeInfo, field: &str) -> Option<String> {
         "Used" => human_bytes(i.bytes_used),
         "Mounts" => i.mounts.len().to_string(),
         "Labels" => labels_text(i),
+        "Access" => i.access.to_string(),
         "Exclusive" => i.exclusive.to_string(),
         _ => return None,
     })
@@ -438,6 +489,7 @@ fn check_template(template: &str) -> Result<String, CliError> {
         size_limit: None,
         bytes_used: 0,
         labels: BTreeMap::new(),
+        access: Access::Rwx,
         exclusive: false,
         anonymous: false,
         mounts: Vec::new(),
@@ -460,7 +512,7 @@ fn render_template(template: &str, i: &VolumeInfo) -> Result<String, CliError> {
         let value = template_field(i, name).ok_or_else(|| {
             CliError::Invalid(format!(
                 "format {template:?}: unknown field {field:?} (Name, Mountpoint, CreatedAt, \
-                 Size, Used, Mounts, Labels, Exclusive)"
+                 Size, Used, Mounts, Labels, Access, Exclusive)"
             ))
         })?;
         out.push_str(&value);
@@ -489,6 +541,7 @@ fn table(infos: &[VolumeInfo]) -> String {
         "NAME".to_string(),
         "SIZE LIMIT".to_string(),
         "USED".to_string(),
+        "ACCESS".to_string(),
         "MOUNTS".to_string(),
         "CREATED".to_string(),
         "LABELS".to_string(),
@@ -498,12 +551,13 @@ fn table(infos: &[VolumeInfo]) -> String {
             i.name.clone(),
             i.size_limit.map(human_bytes).unwrap_or_else(|| "-".into()),
             human_bytes(i.bytes_used),
+            i.access.to_string(),
             i.mounts.len().to_string(),
             i.created.clone(),
             labels_text(i),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -673,6 +727,16 @@ pub fn run(args: &VolumeArgs) -> i32 {
                     None => json(&infos),
                 });
             }
+        }
+        VolumeCommand::Update { name, size_limit } => {
+            report(store.resize(name, *size_limit).map(|(old, used)| {
+                let old = old.map_or("none".to_string(), human_bytes);
+                format!(
+                    "{name}: size limit {old} -> {} ({} used)\n",
+                    human_bytes(*size_limit),
+                    human_bytes(used)
+                )
+            }))
         }
         VolumeCommand::Rm { names, force } => {
             for n in names {

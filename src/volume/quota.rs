@@ -15,6 +15,11 @@
 //! - A growing operation first reserves its growth (refused with ENOSPC when the
 //!   ledger would pass the limit, leaving the file untouched), then settles the
 //!   difference between the reservation and the size change actually observed.
+//! - The ledger also holds the limit (second line), written by each mount from the
+//!   volume's metadata when it opens the ledger and by `volume update` (`resize`)
+//!   together with the metadata, so a limit changed while mounts run applies to them
+//!   at their next operation. Both writers hold the volume's lock, so metadata and
+//!   ledger agree; a ledger of one line (older) takes the mount's own limit.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -23,6 +28,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -91,7 +97,8 @@ fn scan_dir(dir: BorrowedFd<'_>, seen: &mut HashSet<(u64, u64)>) -> SysResult<u6
 
 /// The size limit of one mounted volume and its shared ledger.
 pub struct Quota {
-    limit: u64,
+    /// The limit last read from the ledger.
+    limit: AtomicU64,
     root: Arc<OwnedFd>,
     ledger: Mutex<File>,
     /// Serialises the growing operations of this daemon on the volume, so that the
@@ -104,29 +111,28 @@ pub struct Quota {
 impl Quota {
     /// Opens (creating) the ledger in `volume_dir` and fills it from a scan of `root`.
     pub fn open(volume_dir: &Path, root: Arc<OwnedFd>, limit: u64) -> Result<Quota, String> {
-        let path = volume_dir.join(LEDGER);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let file = open_ledger(volume_dir)?;
         let quota = Quota {
-            limit,
+            limit: AtomicU64::new(limit),
             root,
             ledger: Mutex::new(file),
             serial: Arc::new(Mutex::new(())),
             last_rescan: Mutex::new(None),
         };
+        // The metadata's limit (read under the volume's lock) replaces whatever the
+        // ledger said.
+        let start = Instant::now();
         quota
-            .rescan()
+            .update_ledger(Some(limit), |_, _| scan_usage(quota.root.as_fd()))
             .map_err(|e| format!("{}: counting bytes used: {e}", volume_dir.display()))?;
+        *quota.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
         Ok(quota)
     }
 
+    /// The limit now in force (read from the ledger: `volume update` may change it).
     pub fn limit(&self) -> u64 {
-        self.limit
+        let _ = self.update(|used, _| Ok(used));
+        self.limit.load(Ordering::Relaxed)
     }
 
     /// Holds off this daemon's other growing operations on the volume.
@@ -134,16 +140,29 @@ impl Quota {
         self.serial.lock_arc()
     }
 
-    /// Runs `f` on the ledger value with the ledger locked against every mount, and
-    /// stores what it returns.
-    fn update(&self, f: impl FnOnce(u64) -> SysResult<u64>) -> SysResult<u64> {
+    /// Runs `f` on the ledger's bytes used and limit with the ledger locked against
+    /// every mount, and stores the bytes used it returns.
+    fn update(&self, f: impl FnOnce(u64, u64) -> SysResult<u64>) -> SysResult<u64> {
+        self.update_ledger(None, f)
+    }
+
+    /// `update`, first setting the ledger's limit to `set_limit` when given.
+    fn update_ledger(
+        &self,
+        set_limit: Option<u64>,
+        f: impl FnOnce(u64, u64) -> SysResult<u64>,
+    ) -> SysResult<u64> {
         let mut file = self.ledger.lock();
         sys::lock::lock_exclusive(file.as_fd())?;
         let result = (|| {
-            let old = read_ledger(&mut file)?;
-            let new = f(old)?;
-            if new != old {
-                write_ledger(&mut file, new)?;
+            let (old, stored) = read_ledger(&mut file)?;
+            let limit = set_limit
+                .or(stored)
+                .unwrap_or_else(|| self.limit.load(Ordering::Relaxed));
+            self.limit.store(limit, Ordering::Relaxed);
+            let new = f(old, limit)?;
+            if new != old || stored != Some(limit) {
+                write_ledger(&mut file, new, limit)?;
             }
             Ok(new)
         })();
@@ -153,13 +172,13 @@ impl Quota {
 
     /// Bytes used according to the ledger.
     pub fn used(&self) -> u64 {
-        self.update(Ok).unwrap_or(0)
+        self.update(|used, _| Ok(used)).unwrap_or(0)
     }
 
     /// Recounts the volume and stores the result.
     pub fn rescan(&self) -> SysResult<u64> {
         let start = Instant::now();
-        let used = self.update(|_| scan_usage(self.root.as_fd()))?;
+        let used = self.update(|_, _| scan_usage(self.root.as_fd()))?;
         *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
         Ok(used)
     }
@@ -170,10 +189,9 @@ impl Quota {
         if grow == 0 {
             return Ok(());
         }
-        let limit = self.limit;
         let mut taken = false;
         self.update(
-            |used| match used.checked_add(grow).filter(|n| *n <= limit) {
+            |used, limit| match used.checked_add(grow).filter(|n| *n <= limit) {
                 Some(n) => {
                     taken = true;
                     Ok(n)
@@ -190,7 +208,7 @@ impl Quota {
             .is_none_or(|(at, took)| took < CHEAP_SCAN || at.elapsed() >= took * RESCAN_SPACING);
         if due {
             let start = Instant::now();
-            self.update(|_| {
+            self.update(|_, limit| {
                 let used = scan_usage(self.root.as_fd())?;
                 Ok(match used.checked_add(grow).filter(|n| *n <= limit) {
                     Some(n) => {
@@ -211,23 +229,92 @@ impl Quota {
         if delta == 0 {
             return;
         }
-        let _ = self.update(|used| Ok(used.saturating_add_signed(delta)));
+        let _ = self.update(|used, _| Ok(used.saturating_add_signed(delta)));
     }
 }
 
-fn read_ledger(file: &mut File) -> SysResult<u64> {
+/// The outcome of [`resize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// The new limit is in force; `used` bytes are in use.
+    Done { used: u64 },
+    /// Refused: `used` bytes are in use, more than the new limit.
+    TooSmall { used: u64 },
+}
+
+/// Sets the size limit of the volume in `volume_dir` (data in `root`) to `limit`, for
+/// the mounts using it now (`live`) as well as later ones, unless more than that is
+/// in use. `commit` (which records the limit in the metadata) runs with the ledger
+/// locked, so no mount grows the volume between the check and the change. The caller
+/// holds the volume's lock.
+pub fn resize(
+    volume_dir: &Path,
+    root: BorrowedFd<'_>,
+    limit: u64,
+    live: bool,
+    commit: impl FnOnce() -> Result<(), String>,
+) -> Result<Resize, String> {
+    let path = volume_dir.join(LEDGER);
+    let mut file = open_ledger(volume_dir)?;
+    let fail = |e: Errno| format!("{}: {e}", path.display());
+    sys::lock::lock_exclusive(file.as_fd()).map_err(fail)?;
+    let result = (|| {
+        let scanned = scan_usage(root).map_err(fail)?;
+        // With mounts running, the ledger also holds their reservations for writes in
+        // progress, which the scan cannot see yet.
+        let used = if live {
+            scanned.max(read_ledger(&mut file).map_err(fail)?.0)
+        } else {
+            scanned
+        };
+        if used > limit {
+            return Ok(Resize::TooSmall { used });
+        }
+        commit()?;
+        let ledger_used = if live {
+            read_ledger(&mut file).map_err(fail)?.0
+        } else {
+            scanned
+        };
+        write_ledger(&mut file, ledger_used, limit).map_err(fail)?;
+        Ok(Resize::Done { used })
+    })();
+    let _ = sys::lock::unlock(file.as_fd());
+    result
+}
+
+fn open_ledger(volume_dir: &Path) -> Result<File, String> {
+    let path = volume_dir.join(LEDGER);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Bytes used and, when recorded, the limit.
+fn read_ledger(file: &mut File) -> SysResult<(u64, Option<u64>)> {
     let mut text = String::new();
     file.seek(SeekFrom::Start(0))
         .map_err(|e| sys::errno_of(&e))?;
     file.read_to_string(&mut text)
         .map_err(|e| sys::errno_of(&e))?;
+    let mut lines = text.lines();
     // An unreadable ledger (new, or damaged by hand) counts as empty until a rescan.
-    Ok(text.trim().parse().unwrap_or(0))
+    let used = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    let limit = lines.next().and_then(|l| l.trim().parse().ok());
+    Ok((used, limit))
 }
 
-fn write_ledger(file: &mut File, used: u64) -> SysResult<()> {
-    // Fixed width: the file never shrinks, so an overwrite never leaves a stale tail.
-    let text = format!("{used:>20}\n");
+fn write_ledger(file: &mut File, used: u64, limit: u64) -> SysResult<()> {
+    // Fixed width, so a reader (which holds the lock) sees whole lines, and set_len
+    // drops what an older, shorter format left behind.
+    let text = format!("{used:>20}\n{limit:>20}\n");
     file.seek(SeekFrom::Start(0))
         .map_err(|e| sys::errno_of(&e))?;
     file.write_all(text.as_bytes())

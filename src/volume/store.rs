@@ -1,5 +1,5 @@
 //! The volume store: `STATE/volumes/NAME/` holds `_data` (the volume's content),
-//! `meta.json` (name, creation time, size limit, labels, exclusivity), `lock` (flock:
+//! `meta.json` (name, creation time, size limit, labels, access mode), `lock` (flock:
 //! serialises create-time population, claims and removal of this volume), and the
 //! claim and quota files of `claims` and `quota`.
 //!
@@ -59,12 +59,84 @@ pub fn check_name(name: &str) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// How many mounts may use a volume at once, and how (Kubernetes' access modes).
+/// Enforced by `claims` when a mount takes the volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// ReadWriteOnce: one read-write mount at a time, plus any read-only ones.
+    Rwo,
+    /// ReadWriteOncePod: one mount at a time, read-only or not.
+    Rwop,
+    /// ReadOnlyMany: any number of mounts, all read-only.
+    Rox,
+    /// ReadWriteMany: any number of mounts of any kind.
+    #[default]
+    Rwx,
+}
+
+impl Access {
+    pub const ALL: [Access; 4] = [Access::Rwo, Access::Rwop, Access::Rox, Access::Rwx];
+
+    /// The short name (`rwo`, ...), as `--access` takes it and metadata stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Rwo => "rwo",
+            Access::Rwop => "rwop",
+            Access::Rox => "rox",
+            Access::Rwx => "rwx",
+        }
+    }
+
+    /// Kubernetes' name of the mode.
+    pub fn kubernetes_name(self) -> &'static str {
+        match self {
+            Access::Rwo => "ReadWriteOnce",
+            Access::Rwop => "ReadWriteOncePod",
+            Access::Rox => "ReadOnlyMany",
+            Access::Rwx => "ReadWriteMany",
+        }
+    }
+
+    /// What the mode allows, for messages.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Access::Rwo => "one read-write mount at a time, plus read-only ones",
+            Access::Rwop => "one mount of any kind at a time",
+            Access::Rox => "read-only mounts only",
+            Access::Rwx => "any mounts",
+        }
+    }
+
+    /// The short or the Kubernetes name, in any case.
+    pub fn parse(text: &str) -> Result<Access, String> {
+        Access::ALL
+            .into_iter()
+            .find(|a| {
+                text.eq_ignore_ascii_case(a.as_str())
+                    || text.eq_ignore_ascii_case(a.kubernetes_name())
+            })
+            .ok_or_else(|| {
+                format!(
+                    "access mode {text:?}: expected rwo (ReadWriteOnce), rwop \
+                     (ReadWriteOncePod), rox (ReadOnlyMany) or rwx (ReadWriteMany)"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What `volume create` records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CreateSpec {
     pub size_limit: Option<u64>,
     pub labels: BTreeMap<String, String>,
-    pub exclusive: bool,
+    pub access: Access,
     /// Named by `volume create` itself (no name given): `volume prune` takes such
     /// volumes without `--all`, as docker's prune does anonymous ones.
     pub anonymous: bool,
@@ -80,10 +152,25 @@ pub struct Meta {
     pub size_limit: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Absent in metadata written before access modes existed: then `exclusive`
+    /// says rwo (true) or rwx. Read through [`Meta::access`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+    /// Still written (true for rwo and rwop) for older readers.
     #[serde(default)]
     pub exclusive: bool,
     #[serde(default)]
     pub anonymous: bool,
+}
+
+impl Meta {
+    pub fn access(&self) -> Access {
+        match (self.access, self.exclusive) {
+            (Some(a), _) => a,
+            (None, true) => Access::Rwo,
+            (None, false) => Access::Rwx,
+        }
+    }
 }
 
 /// What `volume inspect` shows.
@@ -96,6 +183,8 @@ pub struct VolumeInfo {
     pub size_limit: Option<u64>,
     pub bytes_used: u64,
     pub labels: BTreeMap<String, String>,
+    pub access: Access,
+    /// Access rwo or rwop (kept for readers of the older JSON).
     pub exclusive: bool,
     pub anonymous: bool,
     /// Mounts using the volume now.
@@ -149,13 +238,15 @@ impl Volume {
             size_limit: self.meta.size_limit,
             bytes_used: self.bytes_used()?,
             labels: self.meta.labels.clone(),
-            exclusive: self.meta.exclusive,
+            access: self.meta.access(),
+            exclusive: matches!(self.meta.access(), Access::Rwo | Access::Rwop),
             anonymous: self.meta.anonymous,
             mounts: self.users(),
         })
     }
 }
 
+#[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
 }
@@ -248,7 +339,8 @@ impl Store {
             created: rfc3339(SystemTime::now()),
             size_limit: spec.size_limit,
             labels: spec.labels.clone(),
-            exclusive: spec.exclusive,
+            access: Some(spec.access),
+            exclusive: matches!(spec.access, Access::Rwo | Access::Rwop),
             anonymous: spec.anonymous,
         };
         let build = || -> Result<(), VolumeError> {
@@ -299,34 +391,97 @@ impl Store {
         })
     }
 
-    /// The volume, created with default settings when it does not exist.
-    pub fn get_or_create(&self, name: &str) -> Result<Volume, VolumeError> {
+    /// The volume, created with default settings when it does not exist; true when
+    /// this call created it.
+    pub fn get_or_create(&self, name: &str) -> Result<(Volume, bool), VolumeError> {
         match self.get(name) {
             Err(VolumeError::NotFound(_)) => match self.create(name, &CreateSpec::default()) {
-                Err(VolumeError::AlreadyExists(_)) => self.get(name),
-                other => other,
+                Err(VolumeError::AlreadyExists(_)) => Ok((self.get(name)?, false)),
+                other => Ok((other?, true)),
             },
-            other => other,
+            other => Ok((other?, false)),
         }
     }
 
-    /// The volume (created when missing, as a mount naming it does), with its lock
-    /// held. A volume removed between the lookup and the lock is looked up again, so
-    /// the lock returned is always the one of the volume now under that name.
-    pub fn lock_volume(&self, name: &str) -> Result<(Volume, File), VolumeError> {
+    /// The volume, with its lock held; when it is missing, created (as a mount naming
+    /// it does) if `create`, else `NoCreate`. A volume removed between the lookup and
+    /// the lock is looked up again, so the lock returned is always the one of the
+    /// volume now under that name. The flag says whether this call created it.
+    pub fn lock_volume(
+        &self,
+        name: &str,
+        create: bool,
+    ) -> Result<(Volume, File, bool), VolumeError> {
+        self.locked(name, create).map_err(|e| match e {
+            VolumeError::NotFound(n) if !create => VolumeError::NoCreate(n),
+            e => e,
+        })
+    }
+
+    /// `lock_volume`, answering `NotFound` for a missing volume when not `create`.
+    fn locked(&self, name: &str, create: bool) -> Result<(Volume, File, bool), VolumeError> {
         loop {
-            let vol = self.get_or_create(name)?;
+            let (vol, created) = if create {
+                self.get_or_create(name)?
+            } else {
+                (self.get(name)?, false)
+            };
             let lock = vol.lock()?;
             let path = vol.dir.join(LOCK);
             let held = lock.metadata().map_err(|e| io_err(&path, e))?;
             match fs::metadata(&path) {
                 Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => {
-                    return Ok((vol, lock));
+                    return Ok((vol, lock, created));
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&path, e)),
             }
+        }
+    }
+
+    /// Sets the size limit of a volume, also for the mounts using it now; refused
+    /// when more than `limit` is in use, or when read-write mounts run without a limit
+    /// (they count nothing, so could not enforce one). Returns the old limit and the
+    /// bytes in use.
+    pub fn resize(&self, name: &str, limit: u64) -> Result<(Option<u64>, u64), VolumeError> {
+        let (vol, _lock, _) = self.locked(name, false)?;
+        let users = vol.users();
+        let old = vol.meta.size_limit;
+        let writers: Vec<String> = users
+            .iter()
+            .filter(|u| !u.read_only)
+            .map(|u| u.describe())
+            .collect();
+        if old.is_none() && !writers.is_empty() {
+            return Err(VolumeError::Invalid(format!(
+                "volume {name} has no size limit and is mounted read-write by {}, which \
+                 would not enforce a new one; unmount those first",
+                writers.join(", ")
+            )));
+        }
+        let data = vol.data_dir();
+        let root = sys::fs::open_root(&data).map_err(|e| errno_err(&data, e))?;
+        let mut meta = vol.meta.clone();
+        meta.size_limit = Some(limit);
+        let mut commit_err = None;
+        let outcome = quota::resize(&vol.dir, root.as_fd(), limit, !users.is_empty(), || {
+            write_meta(&vol.dir, &meta).map_err(|e| {
+                let text = e.to_string();
+                commit_err = Some(e);
+                text
+            })
+        });
+        if let Some(e) = commit_err {
+            return Err(e);
+        }
+        match outcome.map_err(VolumeError::Invalid)? {
+            quota::Resize::Done { used } => Ok((old, used)),
+            quota::Resize::TooSmall { used } => Err(VolumeError::TooSmall {
+                name: name.to_string(),
+                limit,
+                used,
+            }),
         }
     }
 

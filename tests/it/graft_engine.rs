@@ -47,6 +47,7 @@ fn graft(source: GraftSource, target: &str, read_only: bool) -> GraftSpec {
         read_only,
         nocopy: false,
         nocreate: false,
+        delete: false,
     }
 }
 
@@ -202,4 +203,88 @@ fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
         u.create(Caller::ROOT, v, os("f"), 0o644, 0).err(),
         Some(Errno::ROFS)
     );
+}
+
+/// `:nocreate` holds where the mount takes the volume, not only in the CLI's early
+/// check: a missing volume fails the mount, naming it, and is not created.
+#[test]
+fn nocreate_is_enforced_when_the_mount_takes_the_volume() {
+    let s = Scene::new();
+    let mut g = graft(GraftSource::Volume("ghost".into()), "/data", false);
+    g.nocreate = true;
+    let err = match Union::new(&s.config(vec![g])) {
+        Ok(_) => panic!("a :nocreate graft of a missing volume mounted"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("volume ghost does not exist") && err.contains("nocreate"),
+        "{err}"
+    );
+    assert!(!s.p("state/volumes/ghost").exists());
+}
+
+/// `:delete` removes the volume the mount created when the mount ends (or fails after
+/// creating it), and never one that existed before.
+#[test]
+fn delete_removes_only_the_volume_the_mount_created() {
+    let s = Scene::new();
+    let spec = |name: &str| {
+        let mut g = graft(GraftSource::Volume(name.into()), &format!("/{name}"), false);
+        g.delete = true;
+        g
+    };
+    let u = Union::new(&s.config(vec![spec("scratch")])).unwrap();
+    assert!(s.p("state/volumes/scratch/_data").is_dir());
+    drop(u);
+    assert!(!s.p("state/volumes/scratch").exists(), "not removed");
+
+    let kept = Union::new(&s.config(vec![graft(
+        GraftSource::Volume("kept".into()),
+        "/kept",
+        false,
+    )]))
+    .unwrap();
+    drop(kept);
+    fs::write(s.p("state/volumes/kept/_data/f"), "mine").unwrap();
+    let u = Union::new(&s.config(vec![spec("kept")])).unwrap();
+    drop(u);
+    assert_eq!(
+        fs::read_to_string(s.p("state/volumes/kept/_data/f")).unwrap(),
+        "mine"
+    );
+}
+
+/// A mount that fails after creating a `:delete` volume (here: another graft's access
+/// mode refuses it) removes that volume again, and does so without waiting on the
+/// volume lock it still holds itself.
+#[test]
+fn a_mount_failing_after_creating_a_delete_volume_removes_it() {
+    let s = Scene::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let state = s.p("state");
+    let config = {
+        let mut made = graft(GraftSource::Volume("made".into()), "/made", false);
+        made.delete = true;
+        s.config(vec![
+            made,
+            graft(GraftSource::Volume("shelf".into()), "/shelf", false),
+        ])
+    };
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_stratafs"))
+        .args(["volume", "--state-dir"])
+        .arg(&state)
+        .args(["create", "--access", "rox", "shelf"])
+        .status()
+        .unwrap();
+    assert!(created.success());
+    std::thread::spawn(move || {
+        let _ = tx.send(Union::new(&config).err());
+    });
+    let err = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the failing mount hung (waiting on its own volume lock?)")
+        .expect("a read-write graft of an rox volume mounted");
+    assert!(err.contains("volume shelf") && err.contains("rox"), "{err}");
+    assert!(!state.join("volumes/made").exists(), "made was kept");
+    assert!(state.join("volumes/shelf").exists());
 }

@@ -478,3 +478,106 @@ fn rm_force_of_missing_and_of_busy_volumes() {
     );
     assert!(err.contains("ENOENT"), "{err}");
 }
+
+/// Kubernetes access modes: stored at create, shown by inspect/ls/--format; metadata
+/// from before access modes (only `exclusive`) reads as rwo or rwx.
+#[test]
+fn access_modes_are_stored_and_shown_and_old_metadata_still_reads() {
+    let s = State::new();
+    s.ok(&["create", "pod", "--access", "rwop"]);
+    s.ok(&["create", "shelf", "--access", "rox"]);
+    s.ok(&["create", "once", "--exclusive"]);
+    s.ok(&["create", "kube", "--access", "ReadWriteOnce"]);
+    s.ok(&["create", "many"]);
+    let infos = json(&s.ok(&["inspect", "pod", "shelf", "once", "kube", "many"]));
+    let got: Vec<(&str, bool)> = infos
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["access"].as_str().unwrap(),
+                i["exclusive"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("rwop", true),
+            ("rox", false),
+            ("rwo", true),
+            ("rwo", true),
+            ("rwx", false)
+        ]
+    );
+    assert_eq!(
+        s.ok(&["ls", "--format", "{{.Name}} {{.Access}}"]),
+        "kube rwo\nmany rwx\nonce rwo\npod rwop\nshelf rox\n"
+    );
+    let table = s.ok(&["ls"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.contains(" ACCESS "), "{table}");
+    let pod = table.lines().find(|l| l.starts_with("pod ")).unwrap();
+    assert!(pod.contains(" rwop "), "{table}");
+
+    s.fails(
+        &["create", "x", "--access", "rw"],
+        &["access mode \"rw\"", "rwo", "rwop", "rox", "rwx"],
+    );
+    s.usage_fails(
+        &["create", "x", "--exclusive", "--access", "rwx"],
+        "stratafs volume create",
+    );
+    assert!(!s.dir.join("volumes/x").exists());
+
+    // Metadata written before access modes: `exclusive` alone decides.
+    for (name, exclusive, want) in [("old-excl", true, "rwo"), ("old-plain", false, "rwx")] {
+        s.ok(&["create", name]);
+        let meta = s.dir.join("volumes").join(name).join("meta.json");
+        let text = format!(
+            "{{\"name\":\"{name}\",\"created\":\"2026-01-01T00:00:00Z\",\"size_limit\":null,\
+             \"labels\":{{}},\"exclusive\":{exclusive}}}"
+        );
+        fs::write(&meta, text).unwrap();
+        let info = json(&s.ok(&["inspect", name]))[0].clone();
+        assert_eq!(info["access"], want, "{info}");
+        assert_eq!(info["exclusive"], exclusive, "{info}");
+    }
+}
+
+/// `volume update NAME --size S` on a volume no mount uses: grows or shrinks the
+/// limit; below the data in it is refused, naming both sizes.
+#[test]
+fn update_changes_the_size_limit_unless_the_data_does_not_fit() {
+    let s = State::new();
+    s.ok(&["create", "v", "--size", "10Ki"]);
+    fs::write(s.data("v").join("f"), vec![1u8; 6000]).unwrap();
+    s.fails(
+        &["update", "v", "--size", "5Ki"],
+        &["volume v", "5.9KiB", "6000 bytes", "5.0KiB", "5120 bytes"],
+    );
+    assert_eq!(json(&s.ok(&["inspect", "v"]))[0]["size_limit"], 10 << 10);
+    assert_eq!(
+        s.ok(&["update", "v", "--size", "6000"]),
+        "v: size limit 10.0KiB -> 5.9KiB (5.9KiB used)\n"
+    );
+    s.ok(&["update", "v", "--size", "1Mi"]);
+    assert_eq!(json(&s.ok(&["inspect", "v"]))[0]["size_limit"], 1 << 20);
+    // One without a limit gets one.
+    s.ok(&["create", "free"]);
+    assert_eq!(
+        s.ok(&["update", "free", "--size", "1G"]),
+        "free: size limit none -> 953.7MiB (0B used)\n"
+    );
+    assert_eq!(
+        json(&s.ok(&["inspect", "free"]))[0]["size_limit"],
+        1_000_000_000u64
+    );
+    s.fails(
+        &["update", "ghost", "--size", "1Gi"],
+        &["no such volume: ghost"],
+    );
+    s.fails(&["update", "v", "--size", "0"], &["size \"0\""]);
+    s.usage_fails(&["update", "v"], "stratafs volume update");
+}

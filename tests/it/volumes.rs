@@ -1,6 +1,7 @@
 //! Volumes and bind grafts on a live mount: persistence, read-only grafts, EXDEV/EBUSY
 //! at graft boundaries, population, sharing between mounts and with the host,
-//! exclusive claims, size limits, and bind mounts of a graft.
+//! access modes and their claims, size limits and their change under a live mount,
+//! the :delete reclaim policy, and bind mounts of a graft.
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -803,4 +804,173 @@ fn a_refused_graft_creates_nothing() {
             files_in(&u)
         );
     }
+}
+
+/// Access modes through real mounts: rwo as --exclusive; rwop admits one mount of
+/// any kind; rox admits read-only mounts only, refusing a read-write one by name.
+#[test]
+fn access_modes_rwop_and_rox_are_enforced_by_real_mounts() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    for args in [
+        &["volume", "create", "--access", "rwop", "pod"][..],
+        &["volume", "create", "--access", "rox", "shelf"],
+        &["volume", "create", "--access", "rwo", "duo"],
+    ] {
+        let (ok, _, err) = s.cli(args);
+        assert!(ok, "{args:?}: {err}");
+    }
+
+    let reader = s.mount("a", "volume=pod:/data:ro");
+    for grafts in ["volume=pod:/data:ro", "volume=pod:/data"] {
+        let err = s.mount_must_fail("b", grafts);
+        assert!(
+            err.contains("access rwop")
+                && err.contains(&format!("pid {}", reader.pid()))
+                && err.contains("read-only"),
+            "{grafts}: message does not name the mode and the holder: {err}"
+        );
+    }
+    drop(reader);
+    let writer = s.mount("b", "volume=pod:/data");
+    fs::write(writer.join("data/f"), "pod").unwrap();
+    drop(writer);
+
+    fs::write(s.data("shelf").join("book"), "text").unwrap();
+    let err = s.mount_must_fail("c", "volume=shelf:/data");
+    assert!(
+        err.contains("volume shelf") && err.contains("rox") && err.contains(":ro"),
+        "{err}"
+    );
+    let r1 = s.mount("c", "volume=shelf:/data:ro");
+    let r2 = s.mount("d", "volume=shelf:/data:ro");
+    assert_eq!(fs::read_to_string(r1.join("data/book")).unwrap(), "text");
+    assert_eq!(fs::read_to_string(r2.join("data/book")).unwrap(), "text");
+    assert_errno(
+        "write to rox",
+        res(fs::write(r2.join("data/new"), "x")),
+        EROFS,
+    );
+    drop((r1, r2));
+
+    let w = s.mount("e", "volume=duo:/data");
+    let err = s.mount_must_fail("f", "volume=duo:/data");
+    assert!(err.contains("access rwo"), "{err}");
+    let r = s.mount("f", "volume=duo:/data:ro");
+    drop((r, w));
+}
+
+/// `volume update --size` on a volume that a mount is writing: the new limit (larger
+/// or smaller) holds for that mount at once, and statfs shows it; shrinking below the
+/// data is refused; a volume mounted read-write without a limit cannot get one.
+#[test]
+fn update_resizes_a_volume_under_a_live_mount() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    let (ok, _, err) = s.cli(&["volume", "create", "grow", "--size", "64Ki"]);
+    assert!(ok, "{err}");
+    let m = s.mount("a", "volume=grow:/data,volume=open:/open");
+    let f = m.join("data/f");
+    write_at_end(&f, 40 << 10).unwrap();
+
+    let (ok, _, err) = s.cli(&["volume", "update", "grow", "--size", "32Ki"]);
+    assert!(
+        !ok && err.contains("40.0KiB") && err.contains("32.0KiB"),
+        "{err}"
+    );
+    let (ok, out, err) = s.cli(&["volume", "update", "grow", "--size", "48Ki"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("64.0KiB -> 48.0KiB"), "{out}");
+    assert_errno(
+        "write past the shrunk limit",
+        write_at_end(&f, 16 << 10),
+        ENOSPC,
+    );
+    write_at_end(&f, 8 << 10).unwrap();
+    let st = fixture::statfs(&m.join("data")).unwrap();
+    assert_eq!(st.f_blocks * st.f_frsize as u64, 48 << 10, "statfs");
+
+    let (ok, _, err) = s.cli(&["volume", "update", "grow", "--size", "1Mi"]);
+    assert!(ok, "{err}");
+    write_at_end(&f, 100 << 10).unwrap();
+    let st = fixture::statfs(&m.join("data")).unwrap();
+    assert_eq!(st.f_blocks * st.f_frsize as u64, 1 << 20, "statfs");
+
+    let (ok, _, err) = s.cli(&["volume", "update", "open", "--size", "1Mi"]);
+    assert!(
+        !ok && err.contains("no size limit")
+            && err.contains(&format!("pid {}", m.pid()))
+            && err.contains("unmount"),
+        "{err}"
+    );
+    drop(m);
+    // Unmounted, it may; the next mount enforces it.
+    let (ok, _, err) = s.cli(&["volume", "update", "open", "--size", "8Ki"]);
+    assert!(ok, "{err}");
+    let m = s.mount("b", "volume=open:/open");
+    assert_errno(
+        "write past the new limit",
+        write_at_end(&m.join("open/g"), 16 << 10),
+        ENOSPC,
+    );
+}
+
+/// `:delete`: the volume a mount creates goes when that mount ends (unmount or
+/// SIGTERM), unless another mount still uses it then; an existing volume is kept and
+/// the mount says so.
+#[test]
+fn delete_reclaims_the_volume_a_mount_created_when_it_ends() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    let gone = |name: &str| !s.state.join("volumes").join(name).exists();
+
+    let mut m = s.mount("a", "volume=tmp1:/data:delete");
+    assert!(
+        m.output().contains(
+            "volume tmp1 does not exist: creating it; it is removed when this mount ends"
+        ),
+        "{}",
+        m.output()
+    );
+    fs::write(m.join("data/f"), "scratch").unwrap();
+    assert!(s.data("tmp1").join("f").is_file());
+    m.unmount();
+    assert!(gone("tmp1"), "unmount left the volume");
+
+    let mut m = s.mount("b", "volume=tmp2:/data:delete");
+    m.signal_and_wait(libc::SIGTERM);
+    assert!(gone("tmp2"), "SIGTERM left the volume");
+
+    // Still in use by another mount when its creator ends: kept.
+    let creator = s.mount("c", "volume=tmp3:/data:delete");
+    let other = s.mount("d", "volume=tmp3:/data");
+    fs::write(other.join("data/f"), "kept").unwrap();
+    drop(creator);
+    assert_eq!(fs::read_to_string(other.join("data/f")).unwrap(), "kept");
+    drop(other);
+    assert!(!gone("tmp3"), "a mount that did not create it removed it");
+
+    let (ok, _, err) = s.cli(&["volume", "create", "old"]);
+    assert!(ok, "{err}");
+    let m = s.mount("e", "volume=old:/data:delete");
+    assert!(
+        m.output().contains("volume old exists already") && m.output().contains("kept"),
+        "{}",
+        m.output()
+    );
+    fs::write(m.join("data/f"), "x").unwrap();
+    drop(m);
+    assert!(s.data("old").join("f").is_file());
+
+    let err = s.mount_must_fail("f", "volume=v:/data:nocreate:delete");
+    assert!(
+        err.contains("nocreate and delete exclude each other"),
+        "{err}"
+    );
 }

@@ -95,9 +95,11 @@ pub(crate) struct Prepared {
     pub scaffold: Option<Layer>,
     pub layers: Vec<Layer>,
     scaffold_dir: Option<scaffold::Scaffold>,
-    claims: Vec<Claim>,
-    /// Per graft: the volume (named volumes only) and its held lock.
+    /// Per graft: the volume (named volumes only) and its held lock. Declared before
+    /// `claims` so that it drops first: a claim ending with `:delete` takes the
+    /// volume's lock to remove it, and would wait forever on ours.
     volumes: Vec<Option<(Volume, std::fs::File)>>,
+    claims: Vec<Claim>,
 }
 
 fn graft_name(source: &GraftSource) -> String {
@@ -152,8 +154,9 @@ pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), Str
     Ok(())
 }
 
-/// Opens the sources of the grafts of `config`: creates missing named volumes, takes
-/// their claims (failing when an exclusive one is held elsewhere), and builds the
+/// Opens the sources of the grafts of `config`: creates missing named volumes (unless
+/// `:nocreate`), takes their claims (failing when the volume's access mode refuses
+/// this mount; a `:delete` volume created here is removed when its claim ends), and builds the
 /// scaffold layer. Nothing is mounted yet, so a failure here leaves no trace.
 pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, String> {
     let mut prepared = Prepared {
@@ -190,36 +193,41 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
     // Volume locks are taken in name order, so that two mounts of the same volumes
     // listed in different orders cannot wait on each other.
     let mut locked = HashMap::new();
-    let mut names: Vec<&String> = config
+    let mut names: Vec<(&String, bool)> = config
         .grafts
         .iter()
         .filter_map(|g| match &g.source {
-            GraftSource::Volume(n) => Some(n),
+            GraftSource::Volume(n) => Some((n, !g.nocreate)),
             GraftSource::Bind(_) => None,
         })
         .collect();
     names.sort();
+    let mut store = None;
     if !names.is_empty() {
-        let store = Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?;
-        for name in names {
-            let held = store.lock_volume(name).map_err(|e| e.to_string())?;
+        let s = Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?;
+        for (name, create) in names {
+            let held = s.lock_volume(name, create).map_err(|e| e.to_string())?;
             locked.insert(name.clone(), held);
         }
+        store = Some(s);
     }
     for spec in &config.grafts {
         let what = graft_name(&spec.source);
         let (path, volume) = match &spec.source {
             GraftSource::Bind(p) => (p.clone(), None),
             GraftSource::Volume(name) => {
-                let (vol, lock) = locked.remove(name).ok_or("volume lock lost")?;
+                let (vol, lock, created) = locked.remove(name).ok_or("volume lock lost")?;
                 let who = MountUse {
                     pid: std::process::id(),
                     mountpoint: config.mountpoint.clone(),
                     target: spec.target.clone(),
                     read_only: spec.read_only || !writable_mount,
                 };
-                let claim = claims::claim(name, &vol.dir, &who, vol.meta.exclusive)
+                let mut claim = claims::claim(name, &vol.dir, &who, vol.meta.access())
                     .map_err(|e| e.to_string())?;
+                if let (true, true, Some(s)) = (spec.delete, created, &store) {
+                    claim.remove_volume_on_drop(s.clone());
+                }
                 prepared.claims.push(claim);
                 (vol.data_dir(), Some((vol, lock)))
             }
