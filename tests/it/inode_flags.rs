@@ -311,3 +311,57 @@ fn flags_survive_a_remount_and_refuse_with_eperm_through_any_open() {
     assert_eq!(shown_flags(&l.upper.join("made.log")), "a");
     assert_eq!(shown_flags(&l.upper.join("frozen")), "i");
 }
+
+/// struct fsxattr of linux/fs.h.
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801c_581f;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401c_5820;
+const FS_XFLAG_IMMUTABLE: u32 = 0x8;
+const FS_XFLAG_APPEND: u32 = 0x10;
+
+fn fsxattr_ioctl(f: &fs::File, cmd: libc::c_ulong, x: &mut FsXattr) -> Result<(), i32> {
+    // SAFETY: a valid fd and a struct fsxattr that outlives the call, as both
+    // requests take.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(f), cmd, x as *mut FsXattr) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(fixture::errno())
+    }
+}
+
+#[test]
+fn fsgetxattr_and_fssetxattr_reach_the_layer_file() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = flag_layers();
+    let _guard = unfreeze(&[&l]);
+    let m = StrataMount::new(&l);
+    let lower = fs::File::open(m.join("lo_immutable")).unwrap();
+    let mut x = FsXattr::default();
+    fsxattr_ioctl(&lower, FS_IOC_FSGETXATTR, &mut x).unwrap();
+    assert_eq!(
+        x.xflags & (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND),
+        FS_XFLAG_IMMUTABLE
+    );
+    let f = fs::File::open(m.join("new.log")).unwrap();
+    let mut x = FsXattr::default();
+    fsxattr_ioctl(&f, FS_IOC_FSGETXATTR, &mut x).unwrap();
+    assert_eq!(x.xflags & (FS_XFLAG_IMMUTABLE | FS_XFLAG_APPEND), 0);
+    x.xflags |= FS_XFLAG_APPEND;
+    fsxattr_ioctl(&f, FS_IOC_FSSETXATTR, &mut x).unwrap();
+    assert_eq!(shown_flags(&m.join("new.log")), "a");
+    assert_eq!(shown_flags(&l.upper.join("new.log")), "a");
+    assert_eq!(shown_flags(&l.lowers[0].join("new.log")), "");
+}
