@@ -11,14 +11,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use super::passthrough::{IoChoice, IoModes, OpenIo};
 use super::stats::RequestStats;
 use super::watchdog::Watchdog;
+use crate::sys::fs::{FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR, FSXATTR_SIZE};
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
 pub struct StrataFs {
@@ -81,6 +83,7 @@ fn fail(op: &str, err: union::Errno) -> Errno {
         | libc::ENAMETOOLONG
         | libc::ERANGE
         | libc::EOPNOTSUPP
+        | libc::ENOTTY
         | libc::ETXTBSY => {
             log::debug!("{op}: {err}")
         }
@@ -893,6 +896,45 @@ impl Filesystem for StrataFs {
                 reply.ok()
             }
             Err(e) => reply.error(fail("fallocate", e)),
+        }
+    }
+
+    /// The kernel's FUSE client sends its fileattr_get/fileattr_set (chattr, lsattr,
+    /// xfs_io) as these four ioctls on a file or directory it opened itself, after
+    /// checking the caller (owner, CAP_LINUX_IMMUTABLE); any other ioctl is refused.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let _w = self.watch.start("ioctl", ino.0, None);
+        let fsx = |d: &[u8]| <[u8; FSXATTR_SIZE]>::try_from(d).map_err(|_| union::Errno::INVAL);
+        let done = match cmd {
+            c if c == libc::FS_IOC_GETFLAGS as u32 => self
+                .engine
+                .inode_flags(ino.0)
+                .map(|f| f.to_ne_bytes().to_vec()),
+            c if c == libc::FS_IOC_SETFLAGS as u32 => in_data
+                .get(..4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or(union::Errno::INVAL)
+                .and_then(|f| self.engine.set_inode_flags(ino.0, f))
+                .map(|()| Vec::new()),
+            FS_IOC_FSGETXATTR => self.engine.fs_xattr(ino.0).map(|x| x.to_vec()),
+            FS_IOC_FSSETXATTR => fsx(in_data)
+                .and_then(|x| self.engine.set_fs_xattr(ino.0, &x))
+                .map(|()| Vec::new()),
+            _ => Err(union::Errno::NOTTY),
+        };
+        match done {
+            Ok(out) => reply.ioctl(0, &out),
+            Err(e) => reply.error(fail("ioctl", e)),
         }
     }
 

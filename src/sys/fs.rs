@@ -467,3 +467,59 @@ pub fn copy_file_range(
 pub fn clone_file(dst: &File, src: &File) -> SysResult<()> {
     rustix::fs::ioctl_ficlone(dst, src)
 }
+
+/// The inode flags of an open file or directory (FS_IOC_GETFLAGS, as lsattr reads
+/// them). `fd` must be a real open, not O_PATH.
+pub fn inode_flags(fd: BorrowedFd<'_>) -> SysResult<u32> {
+    rustix::fs::ioctl_getflags(fd).map(|f| f.bits())
+}
+
+/// Sets the inode flags of an open file or directory (FS_IOC_SETFLAGS, as chattr
+/// does). The layer filesystem checks the daemon's own privileges (append-only and
+/// immutable need CAP_LINUX_IMMUTABLE) and answers EPERM without them.
+pub fn set_inode_flags(fd: BorrowedFd<'_>, flags: u32) -> SysResult<()> {
+    rustix::fs::ioctl_setflags(fd, rustix::fs::IFlags::from_bits_retain(flags))
+}
+
+/// `struct fsxattr` of linux/fs.h (FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR), as raw
+/// bytes: stratafs only carries it between the kernel and a layer file.
+pub const FSXATTR_SIZE: usize = 28;
+
+/// `_IOR('X', 31, struct fsxattr)` and `_IOW('X', 32, struct fsxattr)`.
+pub const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+pub const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+
+/// The extended attributes of FS_IOC_FSGETXATTR (xflags, extent size, project id).
+pub fn fs_xattr(fd: BorrowedFd<'_>) -> SysResult<[u8; FSXATTR_SIZE]> {
+    let mut buf = [0u8; FSXATTR_SIZE];
+    // SAFETY: FS_IOC_FSGETXATTR writes exactly one struct fsxattr (28 bytes) to the
+    // pointer, which points at a buffer of that size that outlives the call.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_FSGETXATTR as libc::Ioctl,
+            buf.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::from_raw_os_error(super::process::errno()));
+    }
+    Ok(buf)
+}
+
+/// Sets what FS_IOC_FSSETXATTR sets (see [`fs_xattr`]).
+pub fn set_fs_xattr(fd: BorrowedFd<'_>, value: &[u8; FSXATTR_SIZE]) -> SysResult<()> {
+    // SAFETY: FS_IOC_FSSETXATTR reads one struct fsxattr (28 bytes) from the pointer,
+    // which points at a buffer of that size that outlives the call.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            FS_IOC_FSSETXATTR as libc::Ioctl,
+            value.as_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::from_raw_os_error(super::process::errno()));
+    }
+    Ok(())
+}

@@ -36,7 +36,7 @@ pub fn fork_with_pipe() -> SysResult<Forked> {
     }
 }
 
-fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)

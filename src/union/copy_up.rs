@@ -16,6 +16,7 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::inode::{Inode, LayerRef, ROOT_INO};
+use super::inode_flags::Change;
 use super::override_stat;
 use super::whiteout::is_private_xattr;
 use super::{Errno, Result, UPPER, Union};
@@ -59,9 +60,18 @@ impl Union {
     /// the entry's parent changed meanwhile (a lookup by another hard link moves it
     /// to a directory that may still be below); a bounded number of times.
     pub(crate) fn copy_up(&self, inode: &Inode, data: CopyData) -> Result<()> {
+        self.copy_up_for(inode, data, Change::Modify)
+    }
+
+    /// [`Union::copy_up`] for `change`: EPERM instead when the lower file's
+    /// append-only or immutable flag refuses it (see inode_flags.rs).
+    pub(crate) fn copy_up_for(&self, inode: &Inode, data: CopyData, change: Change) -> Result<()> {
         self.check_writable()?;
         if let Some(r) = self.graft_copy_up(inode) {
             return r;
+        }
+        if !self.copied_enough(inode, data) {
+            self.refuse_protected(inode, change)?;
         }
         for _ in 0..8 {
             if self.copied_enough(inode, data) {
@@ -118,6 +128,11 @@ impl Union {
         }
         let src_dir = self.dir_fd(&parent, src_layer)?;
         let mut data = data;
+        let flags = if inode.kind == libc::S_IFREG {
+            self.lower_flags_at(src_dir.as_fd(), &name)?
+        } else {
+            0
+        };
         if !inode.is_dir() {
             let src = sys::fs::stat_at(src_dir.as_fd(), &name)?;
             if src.st_nlink > 1 && self.index.is_some() {
@@ -126,16 +141,16 @@ impl Union {
                 } else {
                     CopyData::Yes
                 };
-                return self
-                    .copy_up_linked(
-                        inode,
-                        &parent,
-                        &name,
-                        src_layer,
-                        (src.st_ino, src.st_nlink),
-                        data,
-                    )
-                    .map(|()| true);
+                self.copy_up_linked(
+                    inode,
+                    &parent,
+                    &name,
+                    src_layer,
+                    (src.st_ino, src.st_nlink),
+                    data,
+                )?;
+                self.carry_flags(inode, flags);
+                return Ok(true);
             }
             if data == CopyData::Meta && !self.metacopy_allowed(&src) {
                 data = CopyData::Yes;
@@ -183,6 +198,7 @@ impl Union {
             }
             self.attrs_changed(inode.ino);
         }
+        self.carry_flags(inode, flags);
         Ok(true)
     }
 

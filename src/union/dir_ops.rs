@@ -20,6 +20,7 @@ use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
 use super::inode::Inode;
+use super::inode_flags::Change;
 use super::lookup::{Found, check_name};
 use super::override_stat::Kind;
 use super::whiteout::{
@@ -420,6 +421,11 @@ impl Union {
                 return Err(Errno::NOTEMPTY);
             }
         }
+        if found.kind == libc::S_IFREG && found.top_layer() != UPPER {
+            // A lower file goes by a whiteout, which its flags would not refuse.
+            let dir = self.dir_fd(&p, found.top_layer())?;
+            self.refuse_protected_at(dir.as_fd(), name, Change::Modify)?;
+        }
         self.copy_up(&p, CopyData::Yes)?;
         let pinned = match (&child, is_dir) {
             (Some(_), false) => pin_entry(self.dir_fd(&p, found.top_layer())?.as_fd(), name),
@@ -582,6 +588,10 @@ impl Union {
                     return Err(Errno::NOTEMPTY);
                 }
             }
+        }
+        if let (Some(di), false) = (dst_inode, mode == RenameMode::Exchange) {
+            // A replaced lower file goes by a whiteout, which its flags would not refuse.
+            self.refuse_protected(di, Change::Modify)?;
         }
         self.copy_up(src_inode, CopyData::Yes)?;
         self.copy_up(q, CopyData::Yes)?;

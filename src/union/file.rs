@@ -9,6 +9,7 @@ use rustix::fs::OFlags;
 
 use super::copy_up::CopyData;
 use super::inode::Inode;
+use super::inode_flags::Change;
 use super::{Errno, Ino, Result, Union};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::Stat};
@@ -57,7 +58,12 @@ impl Union {
             } else {
                 CopyData::Yes
             };
-            self.copy_up(&inode, data)?;
+            let change = if flags & (libc::O_APPEND | libc::O_TRUNC) == libc::O_APPEND {
+                Change::Append
+            } else {
+                Change::Modify
+            };
+            self.copy_up_for(&inode, data, change)?;
         }
         let _charge = if flags & libc::O_TRUNC != 0 {
             self.quota_charge(ino, |_| 0)?
@@ -70,7 +76,16 @@ impl Union {
         }
         let file = match self.data_loc(&inode) {
             Ok((pfd, name)) => match inode.kind {
-                libc::S_IFREG => self.open_data(&inode, oflags)?,
+                libc::S_IFREG => match self.open_data(&inode, oflags) {
+                    // An append-only file opens for writing only with O_APPEND,
+                    // which the real open otherwise leaves out (see
+                    // `real_open_flags`); on it every write appends anyway.
+                    Err(Errno::PERM) if write && flags & libc::O_APPEND != 0 => {
+                        oflags |= OFlags::APPEND;
+                        self.open_data(&inode, oflags)?
+                    }
+                    r => r?,
+                },
                 // Special files are served by the kernel (FUSE never sees their I/O);
                 // an O_PATH handle is enough to answer fstat-style requests.
                 _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,

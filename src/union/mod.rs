@@ -57,6 +57,7 @@ mod file;
 mod graft;
 mod hardlink;
 pub mod inode;
+mod inode_flags;
 mod lookup;
 mod metacopy;
 mod origin;

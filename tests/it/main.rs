@@ -9,6 +9,7 @@ mod engine;
 mod fixture;
 mod graft_engine;
 mod hostile;
+mod inode_flags;
 mod model;
 mod mounted;
 mod posix;

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, StrataMount};
 
 /// A user that is in no group of the files below (no supplementary groups).
-const BOB: (u32, u32) = (1001, 1001);
+pub(crate) const BOB: (u32, u32) = (1001, 1001);
 
 /// Runs the shell line `script` in `root` as `ids` (root when `None`), with no
 /// supplementary groups and umask `umask`; returns its stdout, "ok" when it printed
@@ -67,7 +67,7 @@ fn mode_of(p: &Path) -> String {
 
 /// One scenario step: who runs it, with which umask, and what (a shell line run in
 /// the merged root, whose output is the observation).
-struct Step {
+pub(crate) struct Step {
     who: Option<(u32, u32)>,
     umask: u32,
     script: &'static str,
@@ -75,7 +75,7 @@ struct Step {
     kernel: &'static str,
 }
 
-fn root(script: &'static str, kernel: &'static str) -> Step {
+pub(crate) fn root(script: &'static str, kernel: &'static str) -> Step {
     Step {
         who: None,
         umask: 0o022,
@@ -84,7 +84,7 @@ fn root(script: &'static str, kernel: &'static str) -> Step {
     }
 }
 
-fn bob(script: &'static str, kernel: &'static str) -> Step {
+pub(crate) fn bob(script: &'static str, kernel: &'static str) -> Step {
     Step {
         who: Some(BOB),
         umask: 0o022,
@@ -125,17 +125,14 @@ fn acl_layers() -> Layers {
     l
 }
 
-/// Runs `steps` on kernel overlayfs and on stratafs (default options) over two
-/// stacks made by `layers`, and compares every observation, and the modes the upper
-/// layers end with at `check_upper`.
-fn differential(layers: fn() -> Layers, steps: &[Step], check_upper: &[&str]) {
-    let (lk, ls) = (layers(), layers());
-    let mut k = KernelOverlay::new(&lk);
-    let mut s = StrataMount::new(&ls);
+/// Runs `steps` in the kernel overlay mounted at `kernel` and the stratafs mount at
+/// `strata`; returns every observation that differs between the two, or from what
+/// the step says the kernel answers.
+pub(crate) fn run_steps(steps: &[Step], kernel: &Path, strata: &Path) -> Vec<String> {
     let mut failures = Vec::new();
     for step in steps {
-        let on_kernel = run_as(step.who, step.umask, step.script, k.path());
-        let on_strata = run_as(step.who, step.umask, step.script, s.path());
+        let on_kernel = run_as(step.who, step.umask, step.script, kernel);
+        let on_strata = run_as(step.who, step.umask, step.script, strata);
         if on_kernel != step.kernel {
             failures.push(format!(
                 "kernel overlayfs: `{}` gave {on_kernel:?}, the scenario says {:?}",
@@ -149,6 +146,17 @@ fn differential(layers: fn() -> Layers, steps: &[Step], check_upper: &[&str]) {
             ));
         }
     }
+    failures
+}
+
+/// Runs `steps` on kernel overlayfs and on stratafs (default options) over two
+/// stacks made by `layers`, and compares every observation, and the modes the upper
+/// layers end with at `check_upper`.
+fn differential(layers: fn() -> Layers, steps: &[Step], check_upper: &[&str]) {
+    let (lk, ls) = (layers(), layers());
+    let mut k = KernelOverlay::new(&lk);
+    let mut s = StrataMount::new(&ls);
+    let mut failures = run_steps(steps, k.path(), s.path());
     k.unmount();
     s.unmount();
     for p in check_upper {

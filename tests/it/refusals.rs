@@ -73,7 +73,7 @@ fn file_handles_are_refused_at_name_to_handle_at_not_stale_at_open() {
 }
 
 #[test]
-fn o_tmpfile_collapse_insert_range_and_inode_flags_are_refused_cleanly() {
+fn o_tmpfile_and_collapse_insert_range_are_refused_cleanly() {
     if !fixture::require_fuse() {
         return;
     }
@@ -105,21 +105,6 @@ fn o_tmpfile_collapse_insert_range_and_inode_flags_are_refused_cleanly() {
     }
     // Refused, the file is as it was.
     assert_eq!(fs::read(m.join("lower")).unwrap(), vec![7u8; 16384]);
-    let mut flags: libc::c_long = 0;
-    let r = unsafe {
-        // SAFETY: a valid fd and a long out-parameter, as FS_IOC_GETFLAGS takes.
-        libc::ioctl(
-            f.as_raw_fd(),
-            FS_IOC_GETFLAGS,
-            &mut flags as *mut libc::c_long,
-        )
-    };
-    // ENOTTY: the kernel's answer for an ioctl the filesystem does not implement
-    // (what lsattr reports as "Operation not supported").
-    assert_eq!((r, fixture::errno()), (-1, libc::ENOTTY), "FS_IOC_GETFLAGS");
     drop(f);
     let _ = File::open(m.join("lower")).unwrap();
 }
-
-/// _IOR('f', 1, long)
-const FS_IOC_GETFLAGS: libc::c_ulong = 0x8008_6601;
