@@ -309,6 +309,15 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     if let Some(s) = &stats {
         s.dump();
     }
+    // The session (and its handle on the engine) is gone; the memory trimmer holds
+    // the engine for a moment once a second. The last reference must be dropped here,
+    // on this thread, so that what the engine's drop does (removing a `:delete`
+    // volume, releasing claims) finishes before the process exits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while Arc::strong_count(&engine) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(engine);
     match ended {
         Ok(()) => {
             log::info!("{} unmounted; exiting", config.mountpoint.display());
