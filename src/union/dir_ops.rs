@@ -39,15 +39,12 @@ enum Slot {
 }
 
 fn upper_slot(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Slot> {
-    match sys::fs::stat_at(dir, name) {
-        Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => Ok(Slot::CharWhiteout),
-        Ok(_) => Ok(Slot::Occupied),
-        Err(Errno::NOENT) => match sys::fs::stat_at(dir, &whiteout_name(name)) {
-            Ok(_) => Ok(Slot::AufsWhiteout),
-            Err(_) => Ok(Slot::Free),
-        },
-        Err(e) => Err(e),
-    }
+    Ok(match whiteout::probe(dir, name)? {
+        whiteout::Probe::Entry(_) => Slot::Occupied,
+        whiteout::Probe::CharWhiteout => Slot::CharWhiteout,
+        whiteout::Probe::AufsWhiteout => Slot::AufsWhiteout,
+        whiteout::Probe::Missing => Slot::Free,
+    })
 }
 
 /// Owner and extra mode bits of a new entry: the caller's, except that a set-group-ID

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::inode::{Inode, InodeState, LayerRef, ROOT_INO};
 use super::redirect;
-use super::whiteout::{self, is_whiteout_stat};
+use super::whiteout;
 use super::{Attr, Entry, Errno, Ino, Result, Union, attr_from_stat};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::Stat, xattr::Target};
@@ -48,18 +48,11 @@ enum Probe {
 
 /// Looks for `name` in one layer's copy of a directory.
 fn probe(dir: &OwnedFd, name: &OsStr) -> Result<Probe> {
-    match sys::fs::stat_at(dir.as_fd(), name) {
-        Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => Ok(Probe::WhitedOut),
-        Ok(st) => Ok(Probe::Entry(st)),
-        Err(Errno::NOENT) => {
-            // AUFS-format whiteout; a name too long to carry the prefix has none.
-            match sys::fs::stat_at(dir.as_fd(), &whiteout::whiteout_name(name)) {
-                Ok(_) => Ok(Probe::WhitedOut),
-                Err(_) => Ok(Probe::Missing),
-            }
-        }
-        Err(e) => Err(e),
-    }
+    Ok(match whiteout::probe(dir.as_fd(), name)? {
+        whiteout::Probe::Entry(st) => Probe::Entry(st),
+        whiteout::Probe::CharWhiteout | whiteout::Probe::AufsWhiteout => Probe::WhitedOut,
+        whiteout::Probe::Missing => Probe::Missing,
+    })
 }
 
 /// Checks a name received from the kernel before it is used on a layer.

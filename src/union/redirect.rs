@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use super::inode::{Inode, ROOT_INO};
-use super::whiteout::{self, XattrNs, is_whiteout_stat};
+use super::whiteout::{self, XattrNs};
 use super::{Errno, Result, Union};
 use crate::sys::{self, xattr::Target};
 
@@ -104,20 +104,10 @@ pub(crate) fn walk(root: BorrowedFd<'_>, path: &OsStr) -> Result<Walk> {
     {
         let name = OsStr::from_bytes(comp);
         let dir = cur.as_ref().map_or(root, |f| f.as_fd());
-        let st = match sys::fs::stat_at(dir, name) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => {
-                let whiteout = sys::fs::stat_at(dir, &whiteout::whiteout_name(name)).is_ok();
-                return Ok(if whiteout || opaque {
-                    Walk::Stop
-                } else {
-                    Walk::Missing
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR || is_whiteout_stat(st.st_mode, st.st_rdev) {
-            return Ok(Walk::Stop);
+        match whiteout::probe(dir, name)? {
+            whiteout::Probe::Entry(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
+            whiteout::Probe::Missing if !opaque => return Ok(Walk::Missing),
+            _ => return Ok(Walk::Stop),
         }
         let next = sys::fs::open_dir(dir, name)?;
         opaque |= whiteout::dir_is_opaque(next.as_fd())?;

@@ -68,6 +68,32 @@ pub fn is_private_xattr(name: &OsStr) -> bool {
     PRIVATE_XATTR_PREFIXES.iter().any(|p| b.starts_with(p))
 }
 
+/// What one layer's directory holds at a name, whiteouts of both formats told apart.
+pub(crate) enum Probe {
+    /// A real entry (not a char device 0/0).
+    Entry(sys::fs::Stat),
+    /// A char device 0/0 at the name.
+    CharWhiteout,
+    /// Nothing at the name, but a `.wh.NAME` beside it.
+    AufsWhiteout,
+    Missing,
+}
+
+/// Looks `name` up in `dir` as the overlay format reads it. Only a failure to stat
+/// the name itself is an error: a name too long to carry the AUFS prefix (or any
+/// other failure to stat `.wh.NAME`) means it has no AUFS whiteout.
+pub(crate) fn probe(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Probe> {
+    match sys::fs::stat_at(dir, name) {
+        Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => Ok(Probe::CharWhiteout),
+        Ok(st) => Ok(Probe::Entry(st)),
+        Err(Errno::NOENT) => match sys::fs::stat_at(dir, &whiteout_name(name)) {
+            Ok(_) => Ok(Probe::AufsWhiteout),
+            Err(_) => Ok(Probe::Missing),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the directory behind `dir` is opaque in either format.
 pub fn dir_is_opaque(dir: BorrowedFd<'_>) -> SysResult<bool> {
     let names = sys::xattr::list(Target::Fd(dir)).unwrap_or_default();
