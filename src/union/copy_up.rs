@@ -220,7 +220,9 @@ impl Union {
 
     /// Builds an entry under a fresh name in the work directory with `build`, then
     /// renames it to `dst_dir/dst_name`; on any failure nothing is left in the work
-    /// directory and the error is returned.
+    /// directory and the error is returned. With [`RenameKind::Exchange`] the entry
+    /// that stood at `dst_name` comes back under the fresh name and is removed with
+    /// everything below it (it is a whiteout or an emptied directory being replaced).
     pub(crate) fn publish_from_work(
         &self,
         build: impl FnOnce(BorrowedFd<'_>, &OsStr) -> Result<()>,
@@ -231,7 +233,11 @@ impl Union {
         let work = self.work_fd()?.clone();
         let temp = self.temp_name();
         let done = build(work.as_fd(), &temp)
-            .and_then(|()| sys::fs::rename_at(work.as_fd(), &temp, dst_dir, dst_name, kind));
+            .and_then(|()| sys::fs::rename_at(work.as_fd(), &temp, dst_dir, dst_name, kind))
+            .and_then(|()| match kind {
+                RenameKind::Exchange => super::remove_tree(work.as_fd(), &temp),
+                _ => Ok(()),
+            });
         if done.is_err() {
             let _ = super::remove_tree(work.as_fd(), &temp);
         }

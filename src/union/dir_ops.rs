@@ -115,44 +115,27 @@ impl Union {
         if let Slot::Free = slot {
             return make(ufd.as_fd(), name);
         }
-        let work = self.work_fd()?.clone();
-        let temp = self.temp_name();
-        let staged = (|| {
-            make(work.as_fd(), &temp)?;
-            if is_dir {
-                whiteout::mark_opaque(sys::fs::open_dir(work.as_fd(), &temp)?.as_fd())?;
-            }
-            match slot {
-                Slot::CharWhiteout if is_dir => {
-                    sys::fs::rename_at(
-                        work.as_fd(),
-                        &temp,
-                        ufd.as_fd(),
-                        name,
-                        RenameKind::Exchange,
-                    )?;
-                    // `temp` is now the old whiteout.
-                    sys::fs::unlink_at(work.as_fd(), &temp)
+        let kind = match slot {
+            Slot::CharWhiteout if is_dir => RenameKind::Exchange,
+            Slot::CharWhiteout => RenameKind::Replace,
+            _ => RenameKind::NoReplace,
+        };
+        self.publish_from_work(
+            |work, temp| {
+                make(work, temp)?;
+                if is_dir {
+                    whiteout::mark_opaque(sys::fs::open_dir(work, temp)?.as_fd())?;
                 }
-                Slot::CharWhiteout => {
-                    sys::fs::rename_at(work.as_fd(), &temp, ufd.as_fd(), name, RenameKind::Replace)
-                }
-                _ => {
-                    sys::fs::rename_at(
-                        work.as_fd(),
-                        &temp,
-                        ufd.as_fd(),
-                        name,
-                        RenameKind::NoReplace,
-                    )?;
-                    sys::fs::unlink_at(ufd.as_fd(), &whiteout_name(name))
-                }
-            }
-        })();
-        if staged.is_err() {
-            let _ = super::remove_tree(work.as_fd(), &temp);
+                Ok(())
+            },
+            ufd.as_fd(),
+            name,
+            kind,
+        )?;
+        if let Slot::AufsWhiteout = slot {
+            sys::fs::unlink_at(ufd.as_fd(), &whiteout_name(name))?;
         }
-        staged
+        Ok(())
     }
 
     /// Looks the just-made entry up, giving the kernel its reference.
@@ -446,24 +429,19 @@ impl Union {
             return whiteout::write_whiteout(ufd.as_fd(), name, self.whiteout_style);
         }
         if needs_whiteout && self.whiteout_style == WhiteoutStyle::CharDevice {
-            let work = self.work_fd()?.clone();
-            let temp = self.temp_name();
-            sys::fs::mknod_at(work.as_fd(), &temp, libc::S_IFCHR, 0)?;
+            // An emptied directory exchanged out holds only whiteouts and markers;
+            // publish_from_work removes it from the work directory.
             let kind = if is_dir {
                 RenameKind::Exchange
             } else {
                 RenameKind::Replace
             };
-            if let Err(e) = sys::fs::rename_at(work.as_fd(), &temp, ufd.as_fd(), name, kind) {
-                let _ = sys::fs::unlink_at(work.as_fd(), &temp);
-                return Err(e);
-            }
-            if is_dir {
-                // The emptied directory now sits in the work dir; it holds only
-                // whiteouts and markers.
-                super::remove_tree(work.as_fd(), &temp)?;
-            }
-            return Ok(());
+            return self.publish_from_work(
+                |work, temp| sys::fs::mknod_at(work, temp, libc::S_IFCHR, 0),
+                ufd.as_fd(),
+                name,
+                kind,
+            );
         }
         if needs_whiteout {
             whiteout::write_whiteout(ufd.as_fd(), name, WhiteoutStyle::AufsFile)?;
