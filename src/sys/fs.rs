@@ -13,17 +13,22 @@ pub use rustix::fs::{Stat, StatFs};
 
 use super::{Errno, SysResult};
 
-/// Refuses anything that is not exactly one path component.
+/// Refuses anything that is not exactly one path component: the one check for names
+/// the kernel sends (before the engine uses them) and for every name a call here is
+/// given. Length is judged first, as the kernel's path walk does, so an over-long
+/// name is ENAMETOOLONG whatever else is wrong with it.
 pub fn check_component(name: &OsStr) -> SysResult<()> {
     let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
-        return Err(Errno::INVAL);
-    }
-    if bytes.contains(&0) {
-        return Err(Errno::INVAL);
-    }
     if bytes.len() > 255 {
         return Err(Errno::NAMETOOLONG);
+    }
+    if bytes.is_empty()
+        || bytes == b"."
+        || bytes == b".."
+        || bytes.contains(&b'/')
+        || bytes.contains(&0)
+    {
+        return Err(Errno::INVAL);
     }
     Ok(())
 }
@@ -522,4 +527,25 @@ pub fn set_fs_xattr(fd: BorrowedFd<'_>, value: &[u8; FSXATTR_SIZE]) -> SysResult
         return Err(Errno::from_raw_os_error(super::process::errno()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_component_refuses_what_is_not_one_name() {
+        assert_eq!(check_component(OsStr::new("a.txt")), Ok(()));
+        assert_eq!(check_component(OsStr::new(&"x".repeat(255))), Ok(()));
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert_eq!(
+                check_component(OsStr::new(bad)),
+                Err(Errno::INVAL),
+                "{bad:?}"
+            );
+        }
+        // Length first, as the engine's check of kernel names always did.
+        let long = format!("{}/", "x".repeat(300));
+        assert_eq!(check_component(OsStr::new(&long)), Err(Errno::NAMETOOLONG));
+    }
 }

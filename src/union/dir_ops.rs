@@ -21,7 +21,7 @@ use rustix::fs::OFlags;
 use super::copy_up::CopyData;
 use super::inode::Inode;
 use super::inode_flags::Change;
-use super::lookup::{Found, check_name};
+use super::lookup::Found;
 use super::override_stat::Kind;
 use super::whiteout::{
     self, OPAQUE_MARKER, WhiteoutStyle, is_reserved_name, is_whiteout_stat, whiteout_name,
@@ -82,7 +82,7 @@ impl Union {
     /// copied up.
     fn prepare_new_name(&self, parent: Ino, name: &OsStr) -> Result<Arc<Inode>> {
         self.check_writable()?;
-        check_name(name)?;
+        sys::fs::check_component(name)?;
         if is_reserved_name(name) {
             return Err(Errno::INVAL);
         }
@@ -351,7 +351,7 @@ impl Union {
             return r;
         }
         self.check_writable()?;
-        check_name(name)?;
+        sys::fs::check_component(name)?;
         let p = self.inode(parent)?;
         if !p.is_dir() {
             return Err(Errno::NOTDIR);
@@ -480,8 +480,8 @@ impl Union {
             return r;
         }
         self.check_writable()?;
-        check_name(name)?;
-        check_name(newname)?;
+        sys::fs::check_component(name)?;
+        sys::fs::check_component(newname)?;
         if is_reserved_name(newname) {
             return Err(Errno::INVAL);
         }

@@ -55,19 +55,6 @@ fn probe(dir: &OwnedFd, name: &OsStr) -> Result<Probe> {
     })
 }
 
-/// Checks a name received from the kernel before it is used on a layer.
-pub(crate) fn check_name(name: &OsStr) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    if name.len() > 255 {
-        return Err(Errno::NAMETOOLONG);
-    }
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
-        return Err(Errno::INVAL);
-    }
-    Ok(())
-}
-
 impl Union {
     /// Visits `inode` and then its ancestors, nearest first, until `visit` returns a
     /// value. Iterative, as a lower tree may be thousands of levels deep; bounded by
@@ -352,7 +339,7 @@ impl Union {
 
     /// Looks `name` up in `parent` and takes a kernel reference on the result.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Entry> {
-        check_name(name)?;
+        sys::fs::check_component(name)?;
         if let Some(r) = self.graft_lookup(parent, name) {
             return r;
         }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::inode::{Inode, InodeState, LayerRef};
-use super::lookup::{Found, check_name};
+use super::lookup::Found;
 use super::readdir::DirEntry;
 use super::{Caller, Entry, Errno, Ino, ROOT_INO, Result, StatFs, Union};
 use crate::config::{GraftSource, MountConfig};
@@ -460,7 +460,7 @@ impl Union {
 
     /// Looks `name` up in the graft directory `p`, taking a kernel reference.
     fn graft_child(&self, p: &Inode, name: &OsStr) -> Result<Entry> {
-        check_name(name)?;
+        sys::fs::check_component(name)?;
         let layer = p.state.read().top_layer().ok_or(Errno::STALE)?;
         let pfd = self.dir_fd(p, layer)?;
         let mut stat = sys::fs::stat_at(pfd.as_fd(), name)?;

@@ -14,13 +14,12 @@ use super::tagged_key;
 use crate::sys::{self, fs::RenameKind, fs::Stat};
 use crate::union::dir_ops::{new_owner, pin_entry, set_owner_and_mode};
 use crate::union::inode::Inode;
-use crate::union::lookup::check_name;
 use crate::union::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, Union};
 
 impl Union {
     /// The graft directory `parent`, checked for making `name` in it.
     fn graft_new_name(&self, p: &Inode, gi: usize, name: &OsStr) -> Result<Arc<OwnedFd>> {
-        check_name(name)?;
+        sys::fs::check_component(name)?;
         self.graft_check_writable(gi)?;
         self.dir_fd(p, self.grafts.list[gi].layer)
     }
@@ -159,7 +158,7 @@ impl Union {
             return self.grafts.pinned(parent, name).then_some(Err(Errno::BUSY));
         };
         Some((|| {
-            check_name(name)?;
+            sys::fs::check_component(name)?;
             self.graft_check_writable(gi)?;
             let layer = self.grafts.list[gi].layer;
             let pfd = self.dir_fd(&p, layer)?;
@@ -224,8 +223,8 @@ impl Union {
             _ => return Some(Err(Errno::XDEV)),
         };
         Some((|| {
-            check_name(name)?;
-            check_name(newname)?;
+            sys::fs::check_component(name)?;
+            sys::fs::check_component(newname)?;
             self.graft_check_writable(gi)?;
             let layer = self.grafts.list[gi].layer;
             let pfd = self.dir_fd(&p, layer)?;
