@@ -132,6 +132,14 @@ fn help_exits_zero_and_lists_every_form() {
                 "{flag} output lacks {needle:?}:\n{text}"
             );
         }
+        // Every -o option the parser accepts, as the table writes it.
+        for o in stratafs::options::OPTIONS {
+            assert!(
+                text.contains(&o.syntax()),
+                "{flag} output lacks {}",
+                o.syntax()
+            );
+        }
     }
 }
 
@@ -874,6 +882,15 @@ fn man_page_and_completions_cover_every_command() {
     }
     for needle in ["STRATAFS_LOG", "lowerdir=", "fuse.stratafs", "upperdir=DIR"] {
         assert!(page.contains(needle), "the man page lacks {needle:?}");
+    }
+    for o in stratafs::options::OPTIONS {
+        // roff writes '-' as \- and '\' as \e.
+        let in_man = o.syntax().replace('\\', "\\e").replace('-', "\\-");
+        assert!(
+            page.contains(&format!("\\fB{in_man}\\fR")),
+            "the man page lacks -o {}",
+            o.syntax()
+        );
     }
     let scripts: Vec<(String, String)> = ["bash", "zsh", "fish"]
         .iter()
