@@ -23,6 +23,15 @@ use clap::{Arg, ArgAction, ArgMatches, ColorChoice, value_parser};
 use crate::config::{GraftSource, IdMapping, MountConfig};
 use crate::options::{self, OptionsError, ParsedOptions};
 
+/// Where a mount's daemon logs, if not to stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// `log=FILE`, made absolute (the daemon changes directory).
+    File(PathBuf),
+    /// `log=syslog`: datagrams to /dev/log. A file named `syslog` is `log=./syslog`.
+    Syslog,
+}
+
 /// What `main` should do.
 // Built once per process; boxing the config would only complicate matching.
 #[allow(clippy::large_enum_variant)]
@@ -34,8 +43,8 @@ pub enum Command {
         config: MountConfig,
         foreground: bool,
         debug: bool,
-        /// `-o log=FILE`, made absolute (the daemon changes directory).
-        log_file: Option<PathBuf>,
+        /// `-o log=FILE|syslog`.
+        log: Option<LogTarget>,
     },
     /// `lazy`: detach a busy mount instead of failing.
     Umount {
@@ -806,12 +815,15 @@ fn finish_mount(
         // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.
         foreground: m.get_flag("foreground") || m.get_flag("debug"),
         debug: m.get_flag("debug") || opts.debug,
-        log_file: match &opts.log {
-            Some(f) => Some(std::path::absolute(f).map_err(|e| CliError::Path {
-                what: "log",
-                path: f.clone(),
-                problem: os_reason(&e),
-            })?),
+        log: match &opts.log {
+            Some(f) if f.as_os_str() == "syslog" => Some(LogTarget::Syslog),
+            Some(f) => Some(LogTarget::File(std::path::absolute(f).map_err(|e| {
+                CliError::Path {
+                    what: "log",
+                    path: f.clone(),
+                    problem: os_reason(&e),
+                }
+            })?)),
             None => None,
         },
     })

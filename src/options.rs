@@ -16,6 +16,9 @@
 //!   overlayfs does). A lone trailing `\` is kept literally.
 //! * Scalar options: the last occurrence wins. `volume=`/`bind=` accumulate.
 //! * Unknown items are not errors: each adds one line to [`ParsedOptions::warnings`].
+//! * Which keys exist, and whether each takes a value, is [`OPTIONS`]: a key not in it
+//!   is unknown before any arm of the parser is tried, and `--help` and the man page
+//!   render their `-o` sections from the same table (its tests keep the two in step).
 //!
 //! Whether an item is known, and what it means, depends only on its unquoted text;
 //! [`to_option_string`] relies on that to render an equivalent string such that
@@ -299,8 +302,9 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("fsname", Value("NAME"), Mount, "overlay",
         "the source column of /proc/mounts (the type is always fuse.stratafs)"),
     flag("debug", Mount, "as -d, without -f"),
-    opt("log", Value("FILE"), Mount, "/var/log/stratafs.log",
-        "append the daemon's log to FILE (a detached daemon's stderr is /dev/null)"),
+    opt("log", Value("FILE|syslog"), Mount, "/var/log/stratafs.log",
+        "append the daemon's log to FILE, or send it to syslog through /dev/log (a \
+         detached daemon's stderr is /dev/null; a file named syslog is ./syslog)"),
     ignored("relatime"),
     ignored("norelatime"),
     ignored("strictatime"),
