@@ -23,6 +23,15 @@ use clap::{Arg, ArgAction, ArgMatches, ColorChoice, value_parser};
 use crate::config::{GraftSource, IdMapping, MountConfig};
 use crate::options::{self, OptionsError, ParsedOptions};
 
+/// Where a mount's daemon logs, if not to stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// `log=FILE`, made absolute (the daemon changes directory).
+    File(PathBuf),
+    /// `log=syslog`: datagrams to /dev/log. A file named `syslog` is `log=./syslog`.
+    Syslog,
+}
+
 /// What `main` should do.
 // Built once per process; boxing the config would only complicate matching.
 #[allow(clippy::large_enum_variant)]
@@ -34,8 +43,8 @@ pub enum Command {
         config: MountConfig,
         foreground: bool,
         debug: bool,
-        /// `-o log=FILE`, made absolute (the daemon changes directory).
-        log_file: Option<PathBuf>,
+        /// `-o log=FILE|syslog`.
+        log: Option<LogTarget>,
     },
     /// `lazy`: detach a busy mount instead of failing.
     Umount {
@@ -125,69 +134,16 @@ stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
        stratafs completions bash|zsh|fish
        stratafs man";
 
-/// The `-o` options, the environment and the exit codes: shown after the flags in
-/// `stratafs --help` and as sections of the man page.
-pub const OPTIONS_HELP: &str = r#"Layer options (-o):
-  lowerdir=A:B:C           lower layers, A top-most; '\:' is a ':' inside a path
-  upperdir=DIR             writable layer (without it the mount is read-only)
-  workdir=DIR              staging directory, same filesystem as upperdir
-  volume=NAME:/PATH[:ro][:nocopy][:nocreate|:delete]
-                           graft named volume NAME at /PATH (repeatable); nocopy: do not
-                           populate an empty volume from the image content under /PATH;
-                           a missing volume is created (and said so) unless nocreate;
-                           delete: a volume this mount creates is removed when it ends
-  bind=DIR:/PATH[:ro]      graft host directory DIR at /PATH (repeatable)
+/// The `-o` options (from the table in `options`), then the quoting rule, the
+/// environment and the exit codes: shown after the flags in `stratafs --help`; the man
+/// page has each as a section of its own.
+pub fn options_help() -> String {
+    format!("{}\n{HELP_TAIL}", options::help_text())
+}
 
-Ownership options (-o):
-  uidmapping=C:H:N[:C:H:N...]  ids C..C+N stored in the layers are shown as H..H+N;
-                               other stored ids show as 65534, chown to others: EINVAL
-  gidmapping=C:H:N[:C:H:N...]  same for groups
-  squash_to_root           report every file as owned by uid 0 / gid 0
-  squash_to_uid=N          report every file as owned by uid N
-  squash_to_gid=N          report every file as owned by gid N
-  xattr_permissions=0|1|2  1: keep owners/modes in security.fuseoverlayfs.override_stat,
-                           2: in user.containers.override_stat; 0: use the real ones
-                           (either is read, and user.fuseoverlayfs.override_stat too)
-
-Behaviour options (-o):
-  volatile                 never sync to disk
-  fsync=0|1                0: fsync/fdatasync requests do nothing
-  writeback=0|1            kernel writeback cache (disables passthrough)
-  passthrough=0|1          FUSE passthrough for regular files (default 1)
-  timeout=S                entry/attribute cache timeout in seconds (may be fractional)
-  threaded=0|1             0: serve requests on a single thread
-  noacl                    do not support POSIX ACLs (kept in the configuration as
-                           noacl; enforcement is the engine's)
-  noxattrs=0|1             1: no extended attributes
-  redirect_dir=off         renaming a directory with lower content gives EXDEV
-  metacopy=on|off          on: chmod/chown/utimes of a lower file copy up metadata only
-                           (off by default: tools reading the upper dir directly, e.g.
-                           fuse-overlayfs or an image diff, would see an empty file)
-  lowerdir+=DIR            one more lower layer, below those given (kernel syntax; no
-                           escaping); datadir+= and lowerdir=A::B (data-only layers)
-                           are refused: there are none here
-  redirect_dir=on|follow|off  follow: existing redirects work, none is made (nofollow
-                           is refused: redirects are always followed)
-  xino=on|off|auto, uuid=on|off|null|auto, index=on|off, fast_ino=, context=
-                           accepted for compatibility (index=off is warned about)
-  userxattr                accepted with a warning (xattrs follow privilege);
-                           refused with metacopy=on, as by the kernel
-  max_threads=N            worker threads (fuse-overlayfs)
-  auto_unmount             mount through fusermount3, which unmounts if the daemon dies
-  clone_fd                 accepted: one cloned /dev/fuse fd per worker is the default
-  plugins=, max_write=N, static_nlink
-                           accepted with a warning that they have no effect here
-
-Mount options (-o):
-  ro, rw, allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
-  exec, noexec, atime, noatime, fsname=NAME (the source column of
-  /proc/mounts; the type is always fuse.stratafs), debug (as -d, without -f)
-  log=FILE                 append the daemon's log to FILE (a detached daemon's stderr
-                           is /dev/null)
-  relatime, strictatime, nodiratime, subtype=, defaults, auto, noauto, user, users,
-  nouser, nofail, _netdev, x-*, comment=*: accepted and ignored
-
-Quoting: a comma inside double quotes does not split an option
+/// What follows the `-o` options in `--help`: blocks separated by a blank line, each a
+/// heading ending in ':' (a man page section) or a paragraph.
+const HELP_TAIL: &str = r#"Quoting: a comma inside double quotes does not split an option
   (context="system_u:object_r:container_file_t:s0:c1,c2").
 Unknown options are ignored with a warning, printed before any other error.
 
@@ -212,7 +168,7 @@ pub fn command() -> clap::Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("copy-on-write union filesystem in userspace (overlayfs on-disk format)")
         .override_usage(USAGE)
-        .after_help(OPTIONS_HELP)
+        .after_help(options_help())
         .subcommand(mount_command())
         .subcommand(
             with_help(base_command("umount"))
@@ -393,6 +349,15 @@ fn roff_text(s: &str) -> String {
     out
 }
 
+/// "Layer options (-o)" -> "LAYER OPTIONS (-o)": man's headings are upper case, the
+/// note in parentheses is kept as written.
+fn man_heading(title: &str) -> String {
+    match title.split_once(" (") {
+        Some((words, note)) => format!("{} ({note}", words.to_uppercase()),
+        None => title.to_uppercase(),
+    }
+}
+
 /// stratafs(1): the root command rendered by clap_mangen, the `-o` options,
 /// environment and exit status as sections of their own, then every subcommand
 /// (recursively) with its usage, description and flags.
@@ -405,23 +370,33 @@ pub fn man_page() -> String {
     let _ = man.render_synopsis_section(&mut out);
     let _ = man.render_options_section(&mut out);
     let mut text = String::from_utf8_lossy(&out).into_owned();
-    // The `-o` help is grouped by headings ending in ':' at column 0; each becomes
-    // a section, its lines kept as they are laid out.
-    for block in OPTIONS_HELP.split("\n\n") {
+    // The `-o` options: a section per group of the table, a tagged paragraph per row.
+    for group in options::Group::ALL {
+        text.push_str(&format!(
+            ".SH \"{}\"\n",
+            roff_text(&man_heading(group.title())).trim_end()
+        ));
+        for (opts, help) in options::rows(group) {
+            let names: Vec<String> = opts
+                .iter()
+                .map(|o| format!("\\fB{}\\fR", roff_text(&o.syntax()).trim_end()))
+                .collect();
+            if help.is_empty() {
+                text.push_str(&format!(".PP\n{}\n", names.join(", ")));
+            } else {
+                text.push_str(&format!(".TP\n{}\n{}", names.join(", "), roff_text(help)));
+            }
+        }
+    }
+    // The rest of the help is grouped by headings ending in ':' at column 0; each
+    // becomes a section, its lines kept as they are laid out.
+    for block in HELP_TAIL.split("\n\n") {
         let (head, body) = block.split_once('\n').unwrap_or((block, ""));
         match head.strip_suffix(':') {
             Some(title) => {
-                // "Layer options (-o)" -> LAYER OPTIONS (-o): man's headings are upper case.
-                let (words, note) = title.split_once(" (").unwrap_or((title, ""));
-                let note = if note.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({note}")
-                };
-                let heading = format!("{}{note}", words.to_uppercase());
                 text.push_str(&format!(
                     ".SH \"{}\"\n.nf\n",
-                    roff_text(&heading).trim_end()
+                    roff_text(&man_heading(title)).trim_end()
                 ));
                 text.push_str(&roff_text(body));
             }
@@ -840,12 +815,15 @@ fn finish_mount(
         // As in libfuse (and so fuse-overlayfs), `-d` implies `-f`; `-o debug` does not.
         foreground: m.get_flag("foreground") || m.get_flag("debug"),
         debug: m.get_flag("debug") || opts.debug,
-        log_file: match &opts.log {
-            Some(f) => Some(std::path::absolute(f).map_err(|e| CliError::Path {
-                what: "log",
-                path: f.clone(),
-                problem: os_reason(&e),
-            })?),
+        log: match &opts.log {
+            Some(f) if f.as_os_str() == "syslog" => Some(LogTarget::Syslog),
+            Some(f) => Some(LogTarget::File(std::path::absolute(f).map_err(|e| {
+                CliError::Path {
+                    what: "log",
+                    path: f.clone(),
+                    problem: os_reason(&e),
+                }
+            })?)),
             None => None,
         },
     })

@@ -4,19 +4,21 @@
 
 mod demo;
 
-use std::path::Path;
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
 use std::process::ExitCode;
 
-use stratafs::cli::{self, Command};
+use stratafs::cli::{self, Command, LogTarget};
 use stratafs::sys::process;
 
-/// Logs to stderr, or appended to `file` (`-o log=FILE`): opened here, before the
-/// daemon detaches, so that an unusable file is reported to the caller.
-fn init_logging(debug: bool, file: Option<&Path>) -> Result<(), String> {
+/// Logs to stderr, appended to a file (`-o log=FILE`) or to syslog (`-o log=syslog`):
+/// the file or socket is opened here, before the daemon detaches, so that an unusable
+/// one is reported to the caller.
+fn init_logging(debug: bool, target: Option<&LogTarget>) -> Result<(), String> {
     // fuser warns when the mount is already gone at shutdown (an external unmount): not
-    // news. A log file was asked for to see why a mount ended: it gets info lines too
+    // news. A log was asked for to see why a mount ended: it gets info lines too
     // (the configuration, the signal that ended it, passthrough refused).
-    let level = match (debug, file.is_some()) {
+    let level = match (debug, target.is_some()) {
         (true, _) => "debug",
         (false, true) => "info,fuser=error",
         (false, false) => "warn,fuser=error",
@@ -24,8 +26,8 @@ fn init_logging(debug: bool, file: Option<&Path>) -> Result<(), String> {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().filter_or("STRATAFS_LOG", level));
     builder.format_timestamp_millis();
-    match file {
-        Some(path) => {
+    match target {
+        Some(LogTarget::File(path)) => {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -33,12 +35,62 @@ fn init_logging(debug: bool, file: Option<&Path>) -> Result<(), String> {
                 .map_err(|e| format!("log {}: {e}", path.display()))?;
             builder.target(env_logger::Target::Pipe(Box::new(f)));
         }
+        Some(LogTarget::Syslog) => {
+            let socket = UnixDatagram::unbound()
+                .and_then(|s| s.connect(SYSLOG_SOCKET).map(|()| s))
+                .map_err(|e| format!("log=syslog: cannot reach {SYSLOG_SOCKET}: {e}"))?;
+            builder
+                .write_style(env_logger::WriteStyle::Never)
+                .format(|buf, record| {
+                    // RFC 3164 without timestamp and host, which the local syslog daemon
+                    // (rsyslog, journald) adds; the pid is read per line because
+                    // detaching changes it.
+                    writeln!(
+                        buf,
+                        "<{}>stratafs[{}]: {}",
+                        syslog_priority(record.level()),
+                        std::process::id(),
+                        record.args()
+                    )
+                })
+                .target(env_logger::Target::Pipe(Box::new(SyslogWriter(socket))));
+        }
         None => {
             builder.target(env_logger::Target::Stderr);
         }
     }
     builder.init();
     Ok(())
+}
+
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+/// Facility daemon (3), severity from the level: error 3, warning 4, info 6, debug 7.
+fn syslog_priority(level: log::Level) -> u8 {
+    let severity = match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 6,
+        log::Level::Debug | log::Level::Trace => 7,
+    };
+    3 * 8 + severity
+}
+
+/// One datagram per write: env_logger writes each formatted line with one `write_all`.
+/// A line that cannot be sent (syslog restarted, buffer full) is dropped, not retried:
+/// logging must not block or fail a request.
+struct SyslogWriter(UnixDatagram);
+
+impl Write for SyslogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let _ = self.0.send(line);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,8 +109,8 @@ fn main() -> ExitCode {
             config,
             foreground,
             debug,
-            log_file,
-        }) => match init_logging(debug, log_file.as_deref()) {
+            log,
+        }) => match init_logging(debug, log.as_ref()) {
             Ok(()) => {
                 for line in config.summary() {
                     log::info!("{line}");

@@ -16,6 +16,9 @@
 //!   overlayfs does). A lone trailing `\` is kept literally.
 //! * Scalar options: the last occurrence wins. `volume=`/`bind=` accumulate.
 //! * Unknown items are not errors: each adds one line to [`ParsedOptions::warnings`].
+//! * Which keys exist, and whether each takes a value, is [`OPTIONS`]: a key not in it
+//!   is unknown before any arm of the parser is tried, and `--help` and the man page
+//!   render their `-o` sections from the same table (its tests keep the two in step).
 //!
 //! Whether an item is known, and what it means, depends only on its unquoted text;
 //! [`to_option_string`] relies on that to render an equivalent string such that
@@ -108,6 +111,309 @@ fn invalid(option: &str, value: &str, reason: impl Into<String>) -> OptionsError
     }
 }
 
+/// Where an option is listed: one section of `--help` and of the man page each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Layers,
+    Ownership,
+    Behaviour,
+    /// FUSE and mount(8) options.
+    Mount,
+    /// mount(8)/fstab words that are accepted without effect and without a warning.
+    Ignored,
+}
+
+impl Group {
+    /// In the order they are shown.
+    pub const ALL: [Group; 5] = [
+        Group::Layers,
+        Group::Ownership,
+        Group::Behaviour,
+        Group::Mount,
+        Group::Ignored,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Group::Layers => "Layer options (-o)",
+            Group::Ownership => "Ownership options (-o)",
+            Group::Behaviour => "Behaviour options (-o)",
+            Group::Mount => "Mount options (-o)",
+            Group::Ignored => "Accepted and ignored (-o)",
+        }
+    }
+}
+
+/// How an option is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// `name` alone; `name=...` is refused.
+    Flag,
+    /// `name=VALUE`, the syntax of VALUE as shown; `name` alone is refused.
+    Value(&'static str),
+    /// `name` or `name=VALUE`.
+    Optional(&'static str),
+    /// Every key starting with `name` (less its trailing `*`), with or without a value.
+    Prefix,
+}
+
+/// One `-o` option: the parser accepts exactly the keys in [`OPTIONS`], and `--help`
+/// and the man page list exactly these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionSpec {
+    pub name: &'static str,
+    pub form: Form,
+    /// What it does, in one sentence (wrapped when shown). Empty: shown on one row with
+    /// the entry that follows, whose text covers both (`suid, nosuid`).
+    pub help: &'static str,
+    pub group: Group,
+    /// A value that parses (for `Value`/`Optional`): the table's own tests use it.
+    pub sample: &'static str,
+}
+
+impl OptionSpec {
+    /// As written on a command line: `lowerdir=A:B:C`, `noxattrs[=0|1]`, `volatile`.
+    pub fn syntax(&self) -> String {
+        match self.form {
+            Form::Flag | Form::Prefix => self.name.to_string(),
+            Form::Value(v) => format!("{}={v}", self.name),
+            Form::Optional(v) => format!("{}[={v}]", self.name),
+        }
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        match self.form {
+            Form::Prefix => self
+                .name
+                .strip_suffix('*')
+                .is_some_and(|prefix| key.starts_with(prefix)),
+            _ => self.name == key,
+        }
+    }
+}
+
+const fn opt(
+    name: &'static str,
+    form: Form,
+    group: Group,
+    sample: &'static str,
+    help: &'static str,
+) -> OptionSpec {
+    OptionSpec {
+        name,
+        form,
+        help,
+        group,
+        sample,
+    }
+}
+
+const fn flag(name: &'static str, group: Group, help: &'static str) -> OptionSpec {
+    opt(name, Form::Flag, group, "", help)
+}
+
+const fn ignored(name: &'static str) -> OptionSpec {
+    opt(name, Form::Flag, Group::Ignored, "", "")
+}
+
+use Form::{Optional, Value};
+use Group::{Behaviour, Ignored, Layers, Mount, Ownership};
+
+/// Every `-o` option, in the order `--help` and the man page show them.
+#[rustfmt::skip]
+pub const OPTIONS: &[OptionSpec] = &[
+    opt("lowerdir", Value("A:B:C"), Layers, "/l1:/l\\:2",
+        "lower layers, A top-most; '\\:' is a ':' inside a path; A::B (data-only layers) \
+         is refused: there are none here"),
+    opt("lowerdir+", Value("DIR"), Layers, "/l3",
+        "one more lower layer, below those given (kernel syntax; no escaping, repeatable)"),
+    opt("datadir+", Value("DIR"), Layers, "/data",
+        "refused (kernel syntax for a data-only lower layer; there are none here)"),
+    opt("upperdir", Value("DIR"), Layers, "/up",
+        "writable layer (without it the mount is read-only)"),
+    opt("workdir", Value("DIR"), Layers, "/work",
+        "staging directory, same filesystem as upperdir"),
+    opt("volume", Value("NAME:/PATH[:ro][:nocopy][:nocreate|:delete]"), Layers, "data:/srv:ro",
+        "graft named volume NAME at /PATH (repeatable); nocopy: do not populate an empty \
+         volume from the image content under /PATH; a missing volume is created (and said \
+         so) unless nocreate; delete: a volume this mount creates is removed when it ends"),
+    opt("bind", Value("DIR:/PATH[:ro]"), Layers, "/host:/mnt",
+        "graft host directory DIR at /PATH (repeatable)"),
+    opt("uidmapping", Value("C:H:N[:C:H:N...]"), Ownership, "0:1000:1:1:100000:65536",
+        "ids C..C+N stored in the layers are shown as H..H+N; other stored ids show as \
+         65534, chown to others: EINVAL"),
+    opt("gidmapping", Value("C:H:N[:C:H:N...]"), Ownership, "0:1000:1",
+        "same for groups"),
+    flag("squash_to_root", Ownership, "report every file as owned by uid 0 / gid 0"),
+    opt("squash_to_uid", Value("N"), Ownership, "1000", "report every file as owned by uid N"),
+    opt("squash_to_gid", Value("N"), Ownership, "1000", "report every file as owned by gid N"),
+    opt("xattr_permissions", Value("0|1|2"), Ownership, "2",
+        "1: keep owners/modes in security.fuseoverlayfs.override_stat, 2: in \
+         user.containers.override_stat; 0: use the real ones (either is read, and \
+         user.fuseoverlayfs.override_stat too)"),
+    flag("volatile", Behaviour, "never sync to disk"),
+    opt("fsync", Value("0|1"), Behaviour, "0", "0: fsync/fdatasync requests do nothing"),
+    opt("writeback", Value("0|1"), Behaviour, "1",
+        "kernel writeback cache (disables passthrough)"),
+    opt("passthrough", Value("0|1"), Behaviour, "0",
+        "FUSE passthrough for regular files (default 1)"),
+    opt("timeout", Value("S"), Behaviour, "1.5",
+        "entry/attribute cache timeout in seconds (may be fractional)"),
+    opt("threaded", Value("0|1"), Behaviour, "0", "0: serve requests on a single thread"),
+    flag("noacl", Behaviour, "do not support POSIX ACLs"),
+    opt("noxattrs", Optional("0|1"), Behaviour, "1", "1 (or alone): no extended attributes"),
+    opt("redirect_dir", Value("on|follow|off"), Behaviour, "follow",
+        "off: renaming a directory with lower content gives EXDEV; follow: existing \
+         redirects work, none is made (nofollow is refused: redirects are always followed)"),
+    opt("metacopy", Value("on|off"), Behaviour, "on",
+        "on: chmod/chown/utimes of a lower file copy up metadata only (off by default: \
+         tools reading the upper dir directly, e.g. fuse-overlayfs or an image diff, would \
+         see an empty file)"),
+    opt("index", Value("on|off"), Behaviour, "on",
+        "accepted (index=off is warned about: hard-link copy-ups always use workdir/index)"),
+    flag("userxattr", Behaviour,
+        "accepted with a warning (xattrs follow privilege); refused with metacopy=on, as \
+         by the kernel"),
+    opt("xino", Value("on|off|auto"), Behaviour, "auto", "accepted for compatibility"),
+    opt("uuid", Value("on|off|null|auto"), Behaviour, "null", "accepted for compatibility"),
+    opt("fast_ino", Value("N"), Behaviour, "1", "accepted for compatibility (fuse-overlayfs)"),
+    opt("context", Value("CONTEXT"), Behaviour, "system_u:object_r:container_file_t:s0",
+        "accepted for compatibility (SELinux); no label is applied"),
+    opt("max_threads", Value("N"), Behaviour, "4", "worker threads (fuse-overlayfs)"),
+    flag("auto_unmount", Behaviour,
+        "mount through fusermount3, which unmounts if the daemon dies"),
+    flag("clone_fd", Behaviour, "accepted: one cloned /dev/fuse fd per worker is the default"),
+    opt("plugins", Value("LIST"), Behaviour, "a.so", ""),
+    opt("max_write", Value("N"), Behaviour, "131072", ""),
+    flag("static_nlink", Behaviour, "accepted with a warning that they have no effect here"),
+    flag("ro", Mount, ""),
+    flag("rw", Mount, "read-only (as without upperdir) / read-write (the default)"),
+    flag("allow_other", Mount, "let every user use the mount"),
+    flag("allow_root", Mount, "let the mounting user and root use the mount"),
+    flag("default_permissions", Mount, "the kernel checks access against the file modes"),
+    flag("suid", Mount, ""),
+    flag("nosuid", Mount, "honour / ignore set-user-ID and set-group-ID bits"),
+    flag("dev", Mount, ""),
+    flag("nodev", Mount, "honour / ignore device files"),
+    flag("exec", Mount, ""),
+    flag("noexec", Mount, "allow / forbid running programs"),
+    flag("atime", Mount, ""),
+    flag("noatime", Mount, "update / do not update access times"),
+    opt("fsname", Value("NAME"), Mount, "overlay",
+        "the source column of /proc/mounts (the type is always fuse.stratafs)"),
+    flag("debug", Mount, "as -d, without -f"),
+    opt("log", Value("FILE|syslog"), Mount, "/var/log/stratafs.log",
+        "append the daemon's log to FILE, or send it to syslog through /dev/log (a \
+         detached daemon's stderr is /dev/null; a file named syslog is ./syslog)"),
+    ignored("relatime"),
+    ignored("norelatime"),
+    ignored("strictatime"),
+    ignored("nostrictatime"),
+    ignored("nodiratime"),
+    ignored("diratime"),
+    ignored("lazytime"),
+    ignored("nolazytime"),
+    ignored("async"),
+    ignored("silent"),
+    ignored("loud"),
+    opt("subtype", Value("NAME"), Ignored, "overlay", ""),
+    ignored("defaults"),
+    ignored("auto"),
+    ignored("noauto"),
+    opt("user", Optional("NAME"), Ignored, "bob", ""),
+    ignored("users"),
+    ignored("nouser"),
+    ignored("owner"),
+    ignored("group"),
+    ignored("nofail"),
+    ignored("_netdev"),
+    opt("x-*", Form::Prefix, Ignored, "x-systemd.requires=/x", ""),
+    opt("comment", Optional("TEXT"), Ignored, "systemd.automount", ""),
+];
+
+/// The table entry for `key`, if it is an option at all.
+pub fn lookup(key: &str) -> Option<&'static OptionSpec> {
+    OPTIONS.iter().find(|o| o.matches(key))
+}
+
+/// Column where the meanings start in `--help`, and the width they are wrapped to.
+const HELP_COLUMN: usize = 27;
+const HELP_WIDTH: usize = 88;
+
+/// Appends `text` word-wrapped to `HELP_WIDTH`, every line indented by `indent`; the
+/// first line continues `out`'s last line if that is shorter than `indent`.
+fn wrap_into(out: &mut String, text: &str, indent: usize) {
+    let mut line_len = out.len() - out.rfind('\n').map_or(0, |i| i + 1);
+    if line_len >= indent {
+        out.push('\n');
+        line_len = 0;
+    }
+    out.push_str(&" ".repeat(indent - line_len));
+    line_len = indent;
+    let mut first = true;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        if !first && line_len + 1 + word.len() > HELP_WIDTH {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            line_len = indent;
+        } else if !first {
+            out.push(' ');
+            line_len += 1;
+        }
+        out.push_str(word);
+        line_len += word.len();
+        first = false;
+    }
+    out.push('\n');
+}
+
+/// The rows of one group: the options sharing a row (entries with an empty `help`
+/// joined to the next one), and that row's text.
+pub fn rows(group: Group) -> Vec<(Vec<&'static OptionSpec>, &'static str)> {
+    let mut rows = Vec::new();
+    let mut pending = Vec::new();
+    for o in OPTIONS.iter().filter(|o| o.group == group) {
+        pending.push(o);
+        if !o.help.is_empty() {
+            rows.push((std::mem::take(&mut pending), o.help));
+        }
+    }
+    if !pending.is_empty() {
+        rows.push((pending, ""));
+    }
+    rows
+}
+
+/// The `-o` sections of `stratafs --help`, rendered from [`OPTIONS`]: a heading per
+/// group, then one row per option (name and value syntax, then the meaning in an
+/// aligned column); the ignored words as one wrapped list.
+pub fn help_text() -> String {
+    let mut out = String::new();
+    for group in Group::ALL {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(group.title());
+        out.push_str(":\n");
+        for (opts, help) in rows(group) {
+            let names: Vec<String> = opts.iter().map(|o| o.syntax()).collect();
+            if help.is_empty() {
+                wrap_into(&mut out, &names.join(", "), 2);
+                continue;
+            }
+            let mut names = names.join(", ");
+            names.insert_str(0, "  ");
+            if names.len() > HELP_WIDTH {
+                wrap_into(&mut out, &names, 2);
+            } else {
+                out.push_str(&names);
+            }
+            wrap_into(&mut out, help, HELP_COLUMN);
+        }
+    }
+    out
+}
+
 /// Parses the `-o` values in command-line order.
 pub fn parse<S: AsRef<str>>(opts: &[S]) -> Result<ParsedOptions, OptionsError> {
     let mut parsed = ParsedOptions::default();
@@ -148,9 +454,8 @@ fn split_items(s: &str) -> Result<Vec<String>, OptionsError> {
     Ok(items)
 }
 
-/// Applies a value-less option; false if `key` is not one. This is the single list of
-/// such options: `is_flag` reuses it, so `volatile=1` and the like are rejected for
-/// exactly the words accepted here.
+/// Applies an option written without a value; false if the key has no such arm (a
+/// table entry the parser does not implement: the table's tests catch that).
 fn apply_flag(p: &mut ParsedOptions, key: &str) -> bool {
     match key {
         "squash_to_root" => {
@@ -164,6 +469,8 @@ fn apply_flag(p: &mut ParsedOptions, key: &str) -> bool {
         "clone_fd" => {}
         "userxattr" => p.userxattr = true,
         "noacl" => p.noacl = true,
+        // `noxattrs` alone reads naturally as "on".
+        "noxattrs" => p.noxattrs = Some(true),
         "debug" => p.debug = true,
         "allow_other" => p.fuse.allow_other = true,
         "allow_root" => p.fuse.allow_root = true,
@@ -178,59 +485,54 @@ fn apply_flag(p: &mut ParsedOptions, key: &str) -> bool {
         "noexec" => p.fuse.exec = Some(false),
         "atime" => p.fuse.atime = Some(true),
         "noatime" => p.fuse.atime = Some(false),
-        // Accepted for mount(8)/fstab compatibility; they have no effect on a FUSE mount
-        // that we could honour, and warning about them would be noise on every boot.
-        "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "nodiratime" | "diratime"
-        | "lazytime" | "nolazytime" | "async" | "defaults" | "auto" | "noauto" | "user"
-        | "users" | "nouser" | "owner" | "group" | "nofail" | "_netdev" | "silent" | "loud" => {}
         _ => return false,
     }
     true
 }
 
-fn is_flag(key: &str) -> bool {
-    apply_flag(&mut ParsedOptions::default(), key)
-}
-
+/// Which table entry an item is, whether its form fits the entry, and then its effect.
+/// Keys not in [`OPTIONS`] never reach `apply_flag`/`apply_value`, so those two can only
+/// accept what the table lists.
 fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
     let (key, value) = match item.split_once('=') {
         Some((k, v)) => (k, Some(v)),
         None => (item, None),
     };
-    // mount(8) passes these through to helpers; `user=NAME` comes from user mounts.
-    if key.starts_with("x-") || key == "comment" || (key == "user" && value.is_some()) {
-        return Ok(());
-    }
-    let Some(value) = value else {
-        if apply_flag(p, key) {
-            return Ok(());
-        }
-        return match key {
-            // `noxattrs` alone reads naturally as "on".
-            "noxattrs" => {
-                p.noxattrs = Some(true);
-                Ok(())
-            }
-            _ if takes_value(key) => Err(OptionsError::MissingValue(key.to_string())),
-            _ => {
-                unknown(p, item);
-                Ok(())
-            }
-        };
-    };
-    if is_flag(key) {
-        return Err(OptionsError::UnexpectedValue(key.to_string()));
-    }
-    if !takes_value(key) {
+    let Some(spec) = lookup(key) else {
         unknown(p, item);
         return Ok(());
-    }
-    if value.is_empty() {
-        return Err(match key {
-            "lowerdir" => invalid(key, value, "no lower layer given"),
+    };
+    match (spec.form, value) {
+        (Form::Prefix, _) => Ok(()),
+        (Form::Flag, Some(_)) => Err(OptionsError::UnexpectedValue(key.to_string())),
+        (Form::Value(_), None) => Err(OptionsError::MissingValue(key.to_string())),
+        (Form::Flag | Form::Optional(_), None) => {
+            // mount(8)/fstab words: accepted, no effect, no warning.
+            if spec.group != Group::Ignored && !apply_flag(p, key) {
+                unknown(p, item);
+            }
+            Ok(())
+        }
+        (Form::Value(_) | Form::Optional(_), Some("")) => Err(match key {
+            "lowerdir" => invalid(key, "", "no lower layer given"),
             _ => OptionsError::MissingValue(key.to_string()),
-        });
+        }),
+        (Form::Value(_) | Form::Optional(_), Some(value)) => {
+            if spec.group != Group::Ignored {
+                apply_value(p, key, value, item)?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// Applies `key=value` (value non-empty) for a key the table lists with a value.
+fn apply_value(
+    p: &mut ParsedOptions,
+    key: &str,
+    value: &str,
+    item: &str,
+) -> Result<(), OptionsError> {
     match key {
         "lowerdir" => p.lowerdirs = Some(parse_lowerdir(value)?),
         "upperdir" => p.upperdir = Some(PathBuf::from(value)),
@@ -311,49 +613,11 @@ fn apply_item(p: &mut ParsedOptions, item: &str) -> Result<(), OptionsError> {
             _ => return Err(invalid(key, value, "expected on, off, null or auto")),
         },
         // Accepted without effect: fuse-overlayfs' inode-number tuning has no analogue
-        // here, and the FUSE subtype is always ours.
-        "fast_ino" | "subtype" => {}
+        // here.
+        "fast_ino" => {}
         _ => unknown(p, item),
     }
     Ok(())
-}
-
-/// Options whose meaning needs `=value`. Must agree with the arms of `apply_item`.
-fn takes_value(key: &str) -> bool {
-    matches!(
-        key,
-        "lowerdir"
-            | "upperdir"
-            | "workdir"
-            | "uidmapping"
-            | "gidmapping"
-            | "squash_to_uid"
-            | "squash_to_gid"
-            | "xattr_permissions"
-            | "fsync"
-            | "writeback"
-            | "threaded"
-            | "noxattrs"
-            | "passthrough"
-            | "timeout"
-            | "redirect_dir"
-            | "metacopy"
-            | "xino"
-            | "context"
-            | "volume"
-            | "bind"
-            | "max_write"
-            | "fsname"
-            | "log"
-            | "max_threads"
-            | "plugins"
-            | "lowerdir+"
-            | "datadir+"
-            | "index"
-            | "uuid"
-            | "fast_ino"
-            | "subtype"
-    )
 }
 
 /// One warning per known option that is accepted (so that fstab lines and scripts
@@ -1297,5 +1561,159 @@ mod tests {
             }
         }
         assert!(ok > 1000, "generator too weak: {ok}");
+    }
+
+    /// Options the table lists that change nothing in [`ParsedOptions`]: each says so
+    /// in its help text, and the test below checks that the list is exact.
+    const WITHOUT_EFFECT: &[&str] = &["clone_fd", "uuid", "fast_ino"];
+
+    #[test]
+    fn every_table_option_parses_as_its_form_says() {
+        let mut names = std::collections::HashSet::new();
+        for o in OPTIONS {
+            assert!(names.insert(o.name), "{} is listed twice", o.name);
+            let item = match o.form {
+                Form::Flag => o.name.to_string(),
+                Form::Value(_) | Form::Optional(_) => {
+                    assert!(!o.sample.is_empty(), "{} has no sample value", o.name);
+                    format!("{}={}", o.name, o.sample)
+                }
+                Form::Prefix => {
+                    assert!(o.matches(o.sample.split('=').next().unwrap_or("")));
+                    o.sample.to_string()
+                }
+            };
+            if o.name == "datadir+" {
+                assert!(err(&item).contains("option 'datadir+'"), "{item}");
+                continue;
+            }
+            let parsed = p(&item);
+            assert!(parsed.unknown.is_empty(), "{item}: {:?}", parsed.warnings);
+            roundtrip(&parsed);
+            // `rw` changes nothing alone, only after `ro`.
+            let changed = parsed != ParsedOptions::default()
+                || parse(&["ro", item.as_str()]) != parse(&["ro"]);
+            match o.group {
+                Group::Ignored => assert!(!changed, "{item} is listed as ignored: {parsed:?}"),
+                _ => assert_eq!(
+                    changed,
+                    !WITHOUT_EFFECT.contains(&o.name),
+                    "{item}: {parsed:?}"
+                ),
+            }
+            match o.form {
+                Form::Flag => {
+                    assert!(err(&format!("{}=1", o.name)).contains("takes no value"));
+                }
+                Form::Value(_) => {
+                    assert!(err(o.name).contains("requires a value"), "{}", o.name);
+                    assert!(err(&format!("{}=", o.name)).contains(&format!("'{}'", o.name)));
+                }
+                Form::Optional(_) => {
+                    assert!(p(o.name).unknown.is_empty(), "{}", o.name);
+                }
+                Form::Prefix => {}
+            }
+        }
+        assert_eq!(lookup("upperdr"), None);
+        assert!(p("upperdr=x").warnings[0].contains("unknown option 'upperdr=x'"));
+    }
+
+    /// The literal keys of the arms of one top-level `match key` in this file's
+    /// function `name` (arms at its first indentation level).
+    fn arm_keys(name: &str) -> Vec<String> {
+        let src = include_str!("options.rs");
+        let start = src
+            .find(&format!("\nfn {name}("))
+            .unwrap_or_else(|| panic!("no fn {name}"));
+        let body = &src[start..];
+        let body = &body[..body.find("\n}\n").expect("end of fn")];
+        let mut keys = Vec::new();
+        for line in body.lines() {
+            let Some(arm) = line.strip_prefix("        \"") else {
+                continue;
+            };
+            let pattern = &arm[..arm.find(" =>").expect("a match arm on one line")];
+            for key in format!("\"{pattern}").split(" | ") {
+                keys.push(key.trim_matches('"').to_string());
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn every_key_the_parser_matches_is_in_the_table() {
+        let flags = arm_keys("apply_flag");
+        let values = arm_keys("apply_value");
+        assert!(
+            flags.len() >= 20 && values.len() >= 30,
+            "{flags:?} {values:?}"
+        );
+        for key in &flags {
+            let spec = lookup(key).unwrap_or_else(|| panic!("{key} is not in OPTIONS"));
+            assert!(
+                matches!(spec.form, Form::Flag | Form::Optional(_)),
+                "{key} is matched without a value but listed as {:?}",
+                spec.form
+            );
+        }
+        for key in &values {
+            let spec = lookup(key).unwrap_or_else(|| panic!("{key} is not in OPTIONS"));
+            assert!(
+                matches!(spec.form, Form::Value(_) | Form::Optional(_)),
+                "{key} is matched with a value but listed as {:?}",
+                spec.form
+            );
+        }
+        // And the other way: every option with an effect has its arm.
+        for o in OPTIONS.iter().filter(|o| o.group != Group::Ignored) {
+            let arm = match o.form {
+                Form::Flag => flags.contains(&o.name.to_string()),
+                Form::Value(_) => values.contains(&o.name.to_string()),
+                Form::Optional(_) => {
+                    flags.contains(&o.name.to_string()) && values.contains(&o.name.to_string())
+                }
+                Form::Prefix => false,
+            };
+            assert!(arm, "{} has no arm in the parser", o.name);
+        }
+    }
+
+    #[test]
+    fn help_lists_every_option_in_aligned_columns() {
+        let help = help_text();
+        for o in OPTIONS {
+            assert!(help.contains(&o.syntax()), "--help lacks {}", o.syntax());
+        }
+        for group in Group::ALL {
+            assert!(help.contains(&format!("{}:\n", group.title())));
+            for (opts, text) in rows(group).into_iter().filter(|(_, t)| !t.is_empty()) {
+                let names: Vec<String> = opts.iter().map(|o| o.syntax()).collect();
+                let start = format!("  {}", names.join(", "));
+                let line = help
+                    .lines()
+                    .find(|l| l.starts_with(&start))
+                    .unwrap_or_else(|| panic!("no row for {start:?}:\n{help}"));
+                let first_word = text.split(' ').next().unwrap_or("");
+                let meaning = if start.len() < HELP_COLUMN - 1 {
+                    line
+                } else {
+                    // Too wide for the column: the meaning starts on the next line.
+                    let mut lines = help.lines().skip_while(|l| *l != line);
+                    lines.nth(1).unwrap_or("")
+                };
+                assert_eq!(
+                    meaning.get(HELP_COLUMN..).map(|m| m.split(' ').next()),
+                    Some(Some(first_word)),
+                    "{start:?} is not aligned:\n{help}"
+                );
+            }
+        }
+        for line in help.lines() {
+            assert!(
+                line.len() <= HELP_WIDTH || !line.trim().contains(' '),
+                "{line:?} is too wide"
+            );
+        }
     }
 }

@@ -132,6 +132,14 @@ fn help_exits_zero_and_lists_every_form() {
                 "{flag} output lacks {needle:?}:\n{text}"
             );
         }
+        // Every -o option the parser accepts, as the table writes it.
+        for o in stratafs::options::OPTIONS {
+            assert!(
+                text.contains(&o.syntax()),
+                "{flag} output lacks {}",
+                o.syntax()
+            );
+        }
     }
 }
 
@@ -875,6 +883,15 @@ fn man_page_and_completions_cover_every_command() {
     for needle in ["STRATAFS_LOG", "lowerdir=", "fuse.stratafs", "upperdir=DIR"] {
         assert!(page.contains(needle), "the man page lacks {needle:?}");
     }
+    for o in stratafs::options::OPTIONS {
+        // roff writes '-' as \- and '\' as \e.
+        let in_man = o.syntax().replace('\\', "\\e").replace('-', "\\-");
+        assert!(
+            page.contains(&format!("\\fB{in_man}\\fR")),
+            "the man page lacks -o {}",
+            o.syntax()
+        );
+    }
     let scripts: Vec<(String, String)> = ["bash", "zsh", "fish"]
         .iter()
         .map(|shell| {
@@ -1011,6 +1028,91 @@ fn log_option_keeps_a_detached_daemons_log() {
 }
 
 /// A mount naming a missing volume says it creates it; `:nocreate` refuses instead.
+/// `-o log=syslog`: one RFC 3164 datagram per line to /dev/log, or a clear error when
+/// there is none. Run in a private mount namespace whose /dev is a tmpfs (with /dev/null
+/// and /dev/fuse bound back in), so the host's /dev/log is never touched: without
+/// `/dev/log` first, then with a socket this test binds mounted over it.
+#[test]
+fn log_syslog_sends_datagrams_to_dev_log_or_says_it_cannot() {
+    use std::os::unix::net::UnixDatagram;
+    if !require_fuse() {
+        return;
+    }
+    let l = one_file_layers();
+    let sock = l.root.join("log.sock");
+    let listener = UnixDatagram::bind(&sock).expect("bind");
+    listener
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let hostdev = l.root.join("hostdev");
+    fs::create_dir(&hostdev).expect("mkdir");
+    let script = r#"
+set -eu
+trap '"$BIN" umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true' EXIT
+mount --rbind /dev "$HOSTDEV"
+mount -t tmpfs none /dev
+touch /dev/null /dev/fuse
+mount --bind "$HOSTDEV/null" /dev/null
+mount --bind "$HOSTDEV/fuse" /dev/fuse
+rc=0
+"$BIN" -o "$OPTS,log=syslog" "$MNT" || rc=$?
+echo "exit $rc"
+[ "$rc" -ne 0 ]
+touch /dev/log
+mount --bind "$SOCK" /dev/log
+"$BIN" -o "$OPTS,log=syslog" "$MNT"
+echo "read: $(cat "$MNT/f")"
+"$BIN" umount "$MNT"
+"#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("BIN", BIN)
+        .env("MNT", &l.merged)
+        .env("HOSTDEV", &hostdev)
+        .env("SOCK", &sock)
+        .env("OPTS", l.rw_options())
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["exit 1", "read: lower"],
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end(),
+        "stratafs: log=syslog: cannot reach /dev/log: No such file or directory (os error 2)"
+    );
+    // The daemon's lines up to its exit after the unmount, each `<PRI>stratafs[PID]: `.
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !lines.iter().any(|l: &String| l.contains("unmounted")) {
+        let n = listener
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{e}; received so far: {lines:?}"));
+        lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // Facility daemon (3 * 8) + severity info (6).
+    let first = &lines[0];
+    assert!(
+        first.starts_with("<30>stratafs[") && first.contains("]: config: mountpoint "),
+        "{lines:?}"
+    );
+    for line in &lines {
+        let rest = line.strip_prefix('<').expect("<PRI>");
+        let (pri, rest) = rest.split_once(">stratafs[").expect("tag");
+        let (pid, msg) = rest.split_once("]: ").expect("pid");
+        assert!(
+            pri.parse::<u8>().is_ok() && pid.parse::<u32>().is_ok(),
+            "{line:?}"
+        );
+        assert!(!msg.is_empty() && !msg.contains('\n'), "{line:?}");
+    }
+}
+
 #[test]
 fn missing_volume_at_mount_is_created_and_said_or_refused_with_nocreate() {
     let t = Tree::new();
