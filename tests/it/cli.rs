@@ -4,6 +4,7 @@
 //! tests at the end need FUSE: `umount`, mount failures that must name their real
 //! cause, and what /proc/mounts shows.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -700,11 +701,7 @@ fn unprivileged_mount_names_dev_fuse_when_it_is_refused() {
         l.lowers[0].display(),
         l.merged.display()
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("unshare");
+    let out = sh_in_private_mount_ns(&script, &[]);
     assert_fails(
         &out,
         &["/dev/fuse", "Permission denied", "read-write access"],
@@ -821,16 +818,17 @@ echo "fstab read: $(cat "$MNT/f")"
 "$BIN" umount "$MNT"
 echo "left: $(findmnt -n --mountpoint "$MNT" || true)"
 "#;
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script])
-        .env("BIN", BIN)
-        .env("MNT", &l.merged)
-        .env("SBIN", &sbin)
-        .env("FSTAB", &fstab)
-        .env("OPTS", l.rw_options())
-        .stdin(Stdio::null())
-        .output()
-        .expect("unshare");
+    let opts = l.rw_options();
+    let out = sh_in_private_mount_ns(
+        script,
+        &[
+            ("BIN", OsStr::new(BIN)),
+            ("MNT", l.merged.as_os_str()),
+            ("SBIN", sbin.as_os_str()),
+            ("FSTAB", fstab.as_os_str()),
+            ("OPTS", OsStr::new(&opts)),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
@@ -1064,16 +1062,17 @@ mount --bind "$SOCK" /dev/log
 echo "read: $(cat "$MNT/f")"
 "$BIN" umount "$MNT"
 "#;
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script])
-        .env("BIN", BIN)
-        .env("MNT", &l.merged)
-        .env("HOSTDEV", &hostdev)
-        .env("SOCK", &sock)
-        .env("OPTS", l.rw_options())
-        .stdin(Stdio::null())
-        .output()
-        .expect("unshare");
+    let opts = l.rw_options();
+    let out = sh_in_private_mount_ns(
+        script,
+        &[
+            ("BIN", OsStr::new(BIN)),
+            ("MNT", l.merged.as_os_str()),
+            ("HOSTDEV", hostdev.as_os_str()),
+            ("SOCK", sock.as_os_str()),
+            ("OPTS", OsStr::new(&opts)),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}\n{stdout}\n{stderr}", out.status);
@@ -1278,4 +1277,15 @@ fn auto_unmount_removes_the_mount_of_a_dead_daemon() {
         mount_at(&l.merged).is_none(),
         "the dead daemon's mount stayed"
     );
+}
+
+/// Runs `script` with `sh -c` in a private mount namespace (`unshare --mount`), so
+/// that what it mounts over /dev or /sbin never reaches the host, with `env` set.
+fn sh_in_private_mount_ns(script: &str, env: &[(&str, &OsStr)]) -> Output {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("unshare")
 }

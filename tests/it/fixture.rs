@@ -107,6 +107,12 @@ fn overlay_in_proc_filesystems() -> bool {
 }
 
 /// Like [`require_fuse`] for kernel overlayfs (`STRATAFS_SKIP_OVERLAY_TESTS=1`).
+/// Both sides of a differential test: FUSE for stratafs and kernel overlayfs to
+/// compare with (each fails loudly when missing, as its own check does).
+pub fn require_fuse_and_kernel_overlay() -> bool {
+    require_fuse() && require_kernel_overlay()
+}
+
 pub fn require_kernel_overlay() -> bool {
     let mut missing = Vec::new();
     if !is_root() {

@@ -121,15 +121,11 @@ fn differential(steps: &[Step]) -> Stacks {
     }
 }
 
-fn require_both() -> bool {
-    fixture::require_fuse() && fixture::require_kernel_overlay()
-}
-
 const EPERM: &str = "error: Operation not permitted";
 
 #[test]
 fn append_only_refuses_writes_truncation_and_removal_but_appends() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let ls = &differential(&[
@@ -155,7 +151,7 @@ fn append_only_refuses_writes_truncation_and_removal_but_appends() {
 
 #[test]
 fn immutable_refuses_every_change() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let ls = &differential(&[
@@ -193,7 +189,7 @@ fn immutable_refuses_every_change() {
 
 #[test]
 fn flags_of_lower_files_are_shown_enforced_and_kept_by_copy_up() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let ls = &differential(&[
@@ -240,7 +236,7 @@ fn flags_of_lower_files_are_shown_enforced_and_kept_by_copy_up() {
 
 #[test]
 fn only_a_caller_with_cap_linux_immutable_sets_append_only_or_immutable() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let ls = &differential(&[

@@ -168,13 +168,9 @@ fn differential(layers: fn() -> Layers, steps: &[Step], check_upper: &[&str]) {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-fn require_both() -> bool {
-    fixture::require_fuse() && fixture::require_kernel_overlay()
-}
-
 #[test]
 fn an_acl_that_denies_a_user_is_enforced_on_lower_and_upper_files() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     differential(
@@ -198,7 +194,7 @@ fn an_acl_that_denies_a_user_is_enforced_on_lower_and_upper_files() {
 
 #[test]
 fn default_acls_are_inherited_and_override_the_umask() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     differential(
@@ -234,7 +230,7 @@ fn default_acls_are_inherited_and_override_the_umask() {
 
 #[test]
 fn setting_an_access_acl_sets_the_mode_and_chmod_sets_the_mask() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     differential(
@@ -321,7 +317,7 @@ fn sgid_layers() -> Layers {
 
 #[test]
 fn changes_by_a_user_outside_the_group_clear_set_group_id() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let mk = "for f in w a t o z p c g; do echo x > shared/$f && chmod 2666 shared/$f; done";
@@ -370,7 +366,7 @@ fn changes_by_a_user_outside_the_group_clear_set_group_id() {
 /// round trip), so each path is checked here against kernel overlayfs.
 #[test]
 fn changes_clear_set_user_id_as_the_kernel_does() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     let layers = || {
@@ -416,7 +412,7 @@ fn changes_clear_set_user_id_as_the_kernel_does() {
 
 #[test]
 fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     differential(
@@ -443,7 +439,7 @@ fn setting_an_acl_follows_the_kernel_on_set_group_id_and_the_mode() {
 
 #[test]
 fn new_entries_of_a_set_group_id_directory_follow_the_kernel() {
-    if !require_both() {
+    if !fixture::require_fuse_and_kernel_overlay() {
         return;
     }
     differential(
