@@ -323,12 +323,14 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
             log::info!("{} unmounted; exiting", config.mountpoint.display());
             0
         }
-        // Asked to end while the kernel was tearing the connection down (a lazily
-        // detached mount whose last user just left): the connection ends aborted
-        // rather than unmounted, but the end is the one that was asked for.
+        // The connection can end aborted rather than unmounted while the kernel tears
+        // down a lazily detached mount whose last user just left, or when a signal
+        // asked us to end meanwhile. Either way the mount is gone: the end that was
+        // asked for. An abort of a mount still in the table (fusectl) is a failure.
         Err(e)
             if e.raw_os_error() == Some(libc::ECONNABORTED)
-                && asked_to_end.load(std::sync::atomic::Ordering::SeqCst) =>
+                && (asked_to_end.load(std::sync::atomic::Ordering::SeqCst)
+                    || !still_a_fuse_mount(&config.mountpoint)) =>
         {
             log::info!(
                 "{}: connection ended ({e}); exiting",
@@ -363,6 +365,14 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> i32 {
 /// The mount point as the mount table spells it: absolute, symlinks resolved. A
 /// mount whose daemon died cannot be resolved itself (ENOTCONN), so then only its
 /// parent is.
+/// Whether a FUSE mount is still at `mountpoint` in this namespace's mount table.
+fn still_a_fuse_mount(mountpoint: &Path) -> bool {
+    table_path(mountpoint)
+        .ok()
+        .and_then(|p| mount::mount_at(&p).ok().flatten())
+        .is_some_and(|e| e.is_fuse())
+}
+
 fn table_path(mountpoint: &Path) -> io::Result<PathBuf> {
     match std::fs::canonicalize(mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
