@@ -19,7 +19,7 @@ use fuser::{
 
 use super::passthrough::{IoChoice, IoModes, OpenIo};
 use super::stats::RequestStats;
-use super::watchdog::Watchdog;
+use super::watchdog::{Guard, Watchdog};
 use crate::sys::fs::{FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR, FSXATTR_SIZE};
 use crate::union::{self, Attr, Caller, RenameMode, SetAttr, SetTime, Time, Union};
 
@@ -64,32 +64,30 @@ impl StrataFs {
     }
 }
 
-/// Maps an engine error to the reply errno, with the log line every failed request
-/// gets (debug for the everyday answers, warn for the ones that point at a problem).
-fn fail(op: &str, err: union::Errno) -> Errno {
-    let code = err.raw_os_error();
-    match code {
-        libc::ENOENT
-        | libc::EEXIST
-        | libc::ENOTEMPTY
-        | libc::ENODATA
-        | libc::EROFS
-        | libc::EXDEV
-        | libc::EPERM
-        | libc::EACCES
-        | libc::ENOTDIR
-        | libc::EISDIR
-        | libc::EINVAL
-        | libc::ENAMETOOLONG
-        | libc::ERANGE
-        | libc::EOPNOTSUPP
-        | libc::ENOTTY
-        | libc::ETXTBSY => {
-            log::debug!("{op}: {err}")
+impl StrataFs {
+    /// The one place an engine error becomes the reply's errno. Every failed request
+    /// gets a log line naming the operation, the merged path it concerns and the
+    /// engine's context: at debug level for the answers clients expect (ENOENT,
+    /// EEXIST...), at warn for the ones that point at a problem (EIO, ENOSPC...). The
+    /// path is built only when the line is logged.
+    fn fail(&self, req: &Guard<'_>, err: union::Error) -> Errno {
+        let level = if err.is_expected() {
+            log::Level::Debug
+        } else {
+            log::Level::Warn
+        };
+        if log::log_enabled!(level) {
+            let path = self.engine.describe(req.ino, req.name);
+            match req.to {
+                Some((to_ino, to_name)) => {
+                    let to = self.engine.describe(to_ino, Some(to_name));
+                    log::log!(level, "{} {path} -> {to}: {err}", req.op)
+                }
+                None => log::log!(level, "{} {path}: {err}", req.op),
+            }
         }
-        _ => log::warn!("{op}: {err}"),
+        Errno::from_i32(err.errno().raw_os_error())
     }
-    Errno::from_i32(code)
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -328,10 +326,10 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _w = self.watch.start("lookup", parent.0, Some(name));
+        let w = self.watch.start("lookup", parent.0, Some(name));
         match self.engine.lookup(parent.0, name) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(fail("lookup", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -341,10 +339,10 @@ impl Filesystem for StrataFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _w = self.watch.start("getattr", ino.0, None);
+        let w = self.watch.start("getattr", ino.0, None);
         match self.engine.getattr(ino.0) {
             Ok(a) => reply.attr(&self.attr_ttl(ino.0), &file_attr(&a)),
-            Err(e) => reply.error(fail("getattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -366,7 +364,7 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _w = self.watch.start("setattr", ino.0, None);
+        let w = self.watch.start("setattr", ino.0, None);
         let set = SetAttr {
             mode,
             uid,
@@ -394,15 +392,15 @@ impl Filesystem for StrataFs {
                 };
                 reply.attr(&self.attr_ttl(ino.0), &file_attr(&a))
             }
-            Err(e) => reply.error(fail("setattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _w = self.watch.start("readlink", ino.0, None);
+        let w = self.watch.start("readlink", ino.0, None);
         match self.engine.readlink(ino.0) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
-            Err(e) => reply.error(fail("readlink", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -416,14 +414,14 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _w = self.watch.start("mknod", parent.0, Some(name));
+        let w = self.watch.start("mknod", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self
             .engine
             .mknod(caller(req), parent.0, name, mode, rdev.into())
         {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(fail("mknod", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -436,27 +434,27 @@ impl Filesystem for StrataFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _w = self.watch.start("mkdir", parent.0, Some(name));
+        let w = self.watch.start("mkdir", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self.engine.mkdir(caller(req), parent.0, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(fail("mkdir", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _w = self.watch.start("unlink", parent.0, Some(name));
+        let w = self.watch.start("unlink", parent.0, Some(name));
         match self.engine.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("unlink", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _w = self.watch.start("rmdir", parent.0, Some(name));
+        let w = self.watch.start("rmdir", parent.0, Some(name));
         match self.engine.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rmdir", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -468,13 +466,13 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _w = self.watch.start("symlink", parent.0, Some(link_name));
+        let w = self.watch.start("symlink", parent.0, Some(link_name));
         match self
             .engine
             .symlink(caller(req), parent.0, link_name, target.as_os_str())
         {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(fail("symlink", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -488,7 +486,7 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _w = self
+        let w = self
             .watch
             .start_to("rename", parent.0, Some(name), newparent.0, newname);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -505,7 +503,7 @@ impl Filesystem for StrataFs {
             .rename(parent.0, name, newparent.0, newname, mode)
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rename", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -517,23 +515,23 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _w = self
+        let w = self
             .watch
             .start_to("link", ino.0, None, newparent.0, newname);
         match self.engine.link(ino.0, newparent.0, newname) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(fail("link", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _w = self.watch.start("open", ino.0, None);
+        let w = self.watch.start("open", ino.0, None);
         if self.refuses_truncating_open(ino.0, flags.0) {
-            return reply.error(fail("open", union::Errno::TXTBSY));
+            return reply.error(self.fail(&w, union::Errno::TXTBSY.into()));
         }
         let (fh, handle) = match self.engine.open(ino.0, flags.0) {
             Ok(h) => h,
-            Err(e) => return reply.error(fail("open", e)),
+            Err(e) => return reply.error(self.fail(&w, e)),
         };
         if flags.0 & OPEN_FOR_EXEC != 0 {
             *self.exec_opens.entry(ino.0).or_insert(0) += 1;
@@ -561,12 +559,12 @@ impl Filesystem for StrataFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _w = self.watch.start("create", parent.0, Some(name));
+        let w = self.watch.start("create", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
         {
             Ok(c) => c,
-            Err(e) => return reply.error(fail("create", e)),
+            Err(e) => return reply.error(self.fail(&w, e)),
         };
         let attr = file_attr(&entry.attr);
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
@@ -599,10 +597,10 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _w = self.watch.start("read", _ino.0, None);
+        let w = self.watch.start("read", _ino.0, None);
         match self.engine.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(fail("read", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -618,7 +616,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _w = self.watch.start("write", ino.0, None);
+        let w = self.watch.start("write", ino.0, None);
         match self.engine.write(fh.0, offset, data) {
             Ok(n) => {
                 // The kernel sets the flag exactly when the writer lacks CAP_FSETID;
@@ -631,7 +629,7 @@ impl Filesystem for StrataFs {
                 }
                 reply.written(n as u32)
             }
-            Err(e) => reply.error(fail("write", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -677,15 +675,15 @@ impl Filesystem for StrataFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("fsync", _ino.0, None);
+        let w = self.watch.start("fsync", _ino.0, None);
         match self.engine.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fsync", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _w = self.watch.start("opendir", ino.0, None);
+        let w = self.watch.start("opendir", ino.0, None);
         match self.engine.opendir(ino.0) {
             // Every change to a layered directory's listing arrives as a request on
             // it, which makes the kernel drop its cached copy: the listing may be
@@ -698,7 +696,7 @@ impl Filesystem for StrataFs {
                 FileHandle(fh),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Err(e) => reply.error(fail("opendir", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -710,10 +708,10 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _w = self.watch.start("readdir", _ino.0, None);
+        let w = self.watch.start("readdir", _ino.0, None);
         let entries = match self.engine.readdir(fh.0, offset) {
             Ok(e) => e,
-            Err(e) => return reply.error(fail("readdir", e)),
+            Err(e) => return reply.error(self.fail(&w, e)),
         };
         for e in entries.iter().skip(offset as usize) {
             if reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), &e.name) {
@@ -731,10 +729,10 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let _w = self.watch.start("readdirplus", ino.0, None);
+        let w = self.watch.start("readdirplus", ino.0, None);
         let entries = match self.engine.readdir(fh.0, offset) {
             Ok(e) => e,
-            Err(e) => return reply.error(fail("readdirplus", e)),
+            Err(e) => return reply.error(self.fail(&w, e)),
         };
         for e in entries.iter().skip(offset as usize) {
             // `.` and `..` carry no lookup reference (the kernel does not count them).
@@ -797,12 +795,12 @@ impl Filesystem for StrataFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let _w = self.watch.start("statfs", ino.0, None);
+        let w = self.watch.start("statfs", ino.0, None);
         match self.engine.statfs_at(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
-            Err(e) => reply.error(fail("statfs", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -816,7 +814,7 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("setxattr", ino.0, Some(name));
+        let w = self.watch.start("setxattr", ino.0, Some(name));
         match self.engine.setxattr(ino.0, name, value, flags) {
             Ok(()) => {
                 // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
@@ -826,22 +824,22 @@ impl Filesystem for StrataFs {
                 }
                 reply.ok()
             }
-            Err(e) => reply.error(fail("setxattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _w = self.watch.start("getxattr", ino.0, Some(name));
+        let w = self.watch.start("getxattr", ino.0, Some(name));
         match self.engine.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
             Ok(_) => reply.error(Errno::ERANGE),
-            Err(e) => reply.error(fail("getxattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _w = self.watch.start("listxattr", ino.0, None);
+        let w = self.watch.start("listxattr", ino.0, None);
         match self.engine.listxattr(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -857,25 +855,25 @@ impl Filesystem for StrataFs {
                     reply.error(Errno::ERANGE)
                 }
             }
-            Err(e) => reply.error(fail("listxattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _w = self.watch.start("removexattr", ino.0, Some(name));
+        let w = self.watch.start("removexattr", ino.0, Some(name));
         match self.engine.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("removexattr", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        let _w = self.watch.start("access", ino.0, None);
+        let w = self.watch.start("access", ino.0, None);
         // The mount always uses default_permissions, so the kernel checks access
         // itself; this only answers whether the inode still exists.
         match self.engine.getattr(ino.0) {
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(fail("access", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -889,13 +887,13 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("fallocate", ino.0, None);
+        let w = self.watch.start("fallocate", ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
             Ok(()) => {
                 self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
                 reply.ok()
             }
-            Err(e) => reply.error(fail("fallocate", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -913,8 +911,10 @@ impl Filesystem for StrataFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let _w = self.watch.start("ioctl", ino.0, None);
-        let fsx = |d: &[u8]| <[u8; FSXATTR_SIZE]>::try_from(d).map_err(|_| union::Errno::INVAL);
+        let w = self.watch.start("ioctl", ino.0, None);
+        let fsx = |d: &[u8]| {
+            <[u8; FSXATTR_SIZE]>::try_from(d).map_err(|_| union::Error::from(union::Errno::INVAL))
+        };
         let done = match cmd {
             c if c == libc::FS_IOC_GETFLAGS as u32 => self
                 .engine
@@ -923,18 +923,18 @@ impl Filesystem for StrataFs {
             c if c == libc::FS_IOC_SETFLAGS as u32 => in_data
                 .get(..4)
                 .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or(union::Errno::INVAL)
+                .ok_or(union::Errno::INVAL.into())
                 .and_then(|f| self.engine.set_inode_flags(ino.0, f))
                 .map(|()| Vec::new()),
             FS_IOC_FSGETXATTR => self.engine.fs_xattr(ino.0).map(|x| x.to_vec()),
             FS_IOC_FSSETXATTR => fsx(in_data)
                 .and_then(|x| self.engine.set_fs_xattr(ino.0, &x))
                 .map(|()| Vec::new()),
-            _ => Err(union::Errno::NOTTY),
+            _ => Err(union::Errno::NOTTY.into()),
         };
         match done {
             Ok(out) => reply.ioctl(0, &out),
-            Err(e) => reply.error(fail("ioctl", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -947,10 +947,10 @@ impl Filesystem for StrataFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _w = self.watch.start("lseek", _ino.0, None);
+        let w = self.watch.start("lseek", _ino.0, None);
         match self.engine.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
-            Err(e) => reply.error(fail("lseek", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
@@ -967,7 +967,7 @@ impl Filesystem for StrataFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let _w = self.watch.start("copy_file_range", _ino_in.0, None);
+        let w = self.watch.start("copy_file_range", _ino_in.0, None);
         match self
             .engine
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
@@ -976,7 +976,7 @@ impl Filesystem for StrataFs {
                 self.kill_privs(req, ino_out.0, union::PrivChange::Data { may_fsetid: None });
                 reply.written(n as u32)
             }
-            Err(e) => reply.error(fail("copy_file_range", e)),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 }

@@ -109,6 +109,11 @@ pub struct Guard<'a> {
     registry: Option<&'a Registry>,
     id: u64,
     accounted: Option<(&'a RequestStats, &'static str, Instant)>,
+    /// What the request concerns, for the log line of its failure.
+    pub op: &'static str,
+    pub ino: u64,
+    pub name: Option<&'a OsStr>,
+    pub to: Option<(u64, &'a OsStr)>,
 }
 
 impl Drop for Guard<'_> {
@@ -198,35 +203,39 @@ impl Watchdog {
     }
 
     /// Registers a request on inode `ino` (and entry `name` in it, if it has one).
-    pub fn start(&self, op: &'static str, ino: u64, name: Option<&OsStr>) -> Guard<'_> {
+    pub fn start<'a>(&'a self, op: &'static str, ino: u64, name: Option<&'a OsStr>) -> Guard<'a> {
         self.register(op, ino, name, None)
     }
 
     /// Registers a request from (`ino`, `name`) to (`to_ino`, `to_name`): rename, link.
-    pub fn start_to(
-        &self,
+    pub fn start_to<'a>(
+        &'a self,
         op: &'static str,
         ino: u64,
-        name: Option<&OsStr>,
+        name: Option<&'a OsStr>,
         to_ino: u64,
-        to_name: &OsStr,
-    ) -> Guard<'_> {
+        to_name: &'a OsStr,
+    ) -> Guard<'a> {
         self.register(op, ino, name, Some((to_ino, to_name)))
     }
 
-    fn register(
-        &self,
+    fn register<'a>(
+        &'a self,
         op: &'static str,
         ino: u64,
-        name: Option<&OsStr>,
-        to: Option<(u64, &OsStr)>,
-    ) -> Guard<'_> {
+        name: Option<&'a OsStr>,
+        to: Option<(u64, &'a OsStr)>,
+    ) -> Guard<'a> {
         let accounted = self.stats.as_deref().map(|s| (s, op, Instant::now()));
         let Some(reg) = self.registry.as_deref() else {
             return Guard {
                 registry: None,
                 id: 0,
                 accounted,
+                op,
+                ino,
+                name,
+                to,
             };
         };
         let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
@@ -247,6 +256,10 @@ impl Watchdog {
             registry: Some(reg),
             id,
             accounted,
+            op,
+            ino,
+            name,
+            to,
         }
     }
 

@@ -306,7 +306,7 @@ impl EngineSubject {
                 match res {
                     Ok(n) if n == data.len() => Ok(Outcome::Done),
                     Ok(_) => Err(Errno::IO),
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.into()),
                 }
             }
             Op::Truncate { path, size } => {
@@ -691,7 +691,9 @@ impl Subject for EngineSubject {
         let mut snap = Snapshot::default();
         let mut inos = BTreeMap::new();
         let mut problems = Vec::new();
-        let root = self.union().and_then(|u| u.getattr(ROOT_INO));
+        let root = self
+            .union()
+            .and_then(|u| u.getattr(ROOT_INO).map_err(Into::into));
         let res = root.and_then(|attr| {
             snap.entries.insert(
                 String::new(),

@@ -92,7 +92,8 @@ impl Union {
                     Errno::ISDIR
                 } else {
                     Errno::INVAL
-                });
+                }
+                .into());
             }
             match fh.and_then(|fh| self.files.get(&fh).map(|f| f.value().clone())) {
                 Some(handle) if handle.writable => sys::fs::ftruncate(&handle.file, size)?,
@@ -107,10 +108,10 @@ impl Union {
                 return Ok(());
             }
             let (atime, mtime) = (time_spec(set.atime), time_spec(set.mtime));
-            match t {
+            Ok(match t {
                 Target::Fd(fd) => sys::fs::utimens_fd(fd, atime, mtime),
                 Target::Entry(dir, name) => sys::fs::utimens_at(dir, name, atime, mtime),
-            }
+            }?)
         })?;
         self.getattr(ino)
     }

@@ -19,7 +19,8 @@ use super::inode::{Inode, LayerRef, ROOT_INO};
 use super::inode_flags::Change;
 use super::override_stat;
 use super::whiteout::is_private_xattr;
-use super::{Errno, Result, UPPER, Union};
+use super::{Errno, Error, Ino, Result, UPPER, Union, WithContext};
+use crate::layer::LayerIdx;
 use crate::sys::{self, fs::RenameKind, fs::TimeSpec, xattr::Target};
 
 /// Whether a copy-up must carry the file's data (a truncate to zero need not).
@@ -96,7 +97,7 @@ impl Union {
             }
         }
         log::warn!("copy-up of inode {}: its parent kept changing", inode.ino);
-        Err(Errno::AGAIN)
+        Err(Errno::AGAIN.into())
     }
 
     /// Copies up `inode` alone; `false` when its parent is not in upper (any more).
@@ -114,7 +115,7 @@ impl Union {
         let (parent_ino, name, src_layer) = {
             let st = inode.state.read();
             if st.detached {
-                return Err(Errno::NOENT);
+                return Err(Errno::NOENT.into());
             }
             (
                 st.parent,
@@ -122,6 +123,31 @@ impl Union {
                 st.top_layer().ok_or(Errno::STALE)?,
             )
         };
+        log::debug!(
+            "copy-up {} from layer {src_layer} ({data:?})",
+            self.describe(inode.ino, None)
+        );
+        self.copy_up_from(inode, parent_ino, &name, src_layer, data)
+            .map_err(|e| self.copy_up_context(e, inode, src_layer))
+    }
+
+    /// What a failed copy-up says: which entry, from which layer.
+    fn copy_up_context(&self, e: Error, inode: &Inode, src_layer: LayerIdx) -> Error {
+        let e = e
+            .doing("copying up")
+            .on(OsStr::new(&self.describe(inode.ino, None)));
+        self.error_from_layer(e, src_layer)
+    }
+
+    /// [`Union::copy_up_entry`] once the entry's copy-up lock is held.
+    fn copy_up_from(
+        &self,
+        inode: &Inode,
+        parent_ino: Ino,
+        name: &OsStr,
+        src_layer: LayerIdx,
+        data: CopyData,
+    ) -> Result<bool> {
         let parent = self.inode(parent_ino)?;
         if !self.is_in_upper(&parent) {
             return Ok(false);
@@ -233,9 +259,13 @@ impl Union {
         let work = self.work_fd()?.clone();
         let temp = self.temp_name();
         let done = build(work.as_fd(), &temp)
-            .and_then(|()| sys::fs::rename_at(work.as_fd(), &temp, dst_dir, dst_name, kind))
+            .and_then(|()| {
+                sys::fs::rename_at(work.as_fd(), &temp, dst_dir, dst_name, kind)
+                    .doing("publishing an entry staged in the work directory")
+            })
             .and_then(|()| match kind {
-                RenameKind::Exchange => super::remove_tree(work.as_fd(), &temp),
+                RenameKind::Exchange => super::remove_tree(work.as_fd(), &temp)
+                    .doing("removing the entry a staged one replaced"),
                 _ => Ok(()),
             });
         if done.is_err() {
@@ -261,7 +291,7 @@ impl Union {
     ) -> Result<()> {
         let st = sys::fs::stat_at(src_dir, name)?;
         if st.st_mode & libc::S_IFMT != inode.kind {
-            return Err(Errno::STALE);
+            return Err(Errno::STALE.into());
         }
         let mode = st.st_mode & 0o7777;
         let times = (
@@ -280,7 +310,7 @@ impl Union {
                 // must be the one object (a layer may change between the two calls).
                 let (src, opened) = sys::fs::open_regular_at(src_dir, name, OFlags::RDONLY)?;
                 if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
-                    return Err(Errno::STALE);
+                    return Err(Errno::STALE.into());
                 }
                 let dst = sys::fs::open_at(
                     work,
@@ -380,15 +410,15 @@ impl Union {
         if size <= DENSE_COPY_MAX {
             return match copy_range(src, dst, 0, size)? {
                 reached if reached == size => Ok(()),
-                _ => sys::fs::ftruncate(dst, size),
+                _ => Ok(sys::fs::ftruncate(dst, size)?),
             };
         }
-        copy_extents(src, dst, size)
+        Ok(copy_extents(src, dst, size)?)
     }
 }
 
 /// [`Union::copy_data`] for a file that may have holes.
-fn copy_extents(src: &File, dst: &File, size: u64) -> Result<()> {
+fn copy_extents(src: &File, dst: &File, size: u64) -> sys::SysResult<()> {
     let mut offset = 0u64;
     while offset < size {
         let start = match sys::fs::lseek(src, offset as i64, libc::SEEK_DATA) {
@@ -396,7 +426,7 @@ fn copy_extents(src: &File, dst: &File, size: u64) -> Result<()> {
             Err(Errno::NXIO) => break,
             // No SEEK_DATA support: treat the rest as data.
             Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => offset,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if start >= size {
             break;
@@ -413,7 +443,7 @@ fn copy_extents(src: &File, dst: &File, size: u64) -> Result<()> {
 
 /// Copies bytes [start, end) at the same offsets, in kernel where possible; returns
 /// the offset reached (short of `end` when the source shrank under us).
-fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<u64> {
+fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> sys::SysResult<u64> {
     let mut pos = start;
     while pos < end {
         let len = (end - pos).min(1 << 30) as usize;
@@ -424,13 +454,13 @@ fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> Result<u64> {
                 return copy_range_by_hand(src, dst, pos, end);
             }
             Err(Errno::INTR) => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(pos)
 }
 
-fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> Result<u64> {
+fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> sys::SysResult<u64> {
     let mut buf = vec![0u8; 1 << 20];
     while pos < end {
         let want = ((end - pos) as usize).min(buf.len());
@@ -450,11 +480,11 @@ fn copy_range_by_hand(src: &File, dst: &File, mut pos: u64, end: u64) -> Result<
 /// Copies user-visible xattrs. Private overlay xattrs stay behind: they describe the
 /// source's place in its layer, not the file. Attributes the upper filesystem
 /// refuses (e.g. security.* on a filesystem without them) are skipped with a log line.
-pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> Result<()> {
+pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> sys::SysResult<()> {
     let names = match sys::xattr::list(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     for name in names {
         // Override xattrs are the file's owner and mode: they travel with it.
@@ -464,14 +494,14 @@ pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> Result<()> {
         let value = match sys::xattr::get(src, &name) {
             Ok(v) => v,
             Err(Errno::NODATA) => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         match sys::xattr::set(dst, &name, &value, 0) {
             Ok(()) => {}
             Err(e @ (Errno::OPNOTSUPP | Errno::PERM | Errno::ACCESS)) => {
                 log::warn!("copy-up: xattr {name:?} not copied: {e}");
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

@@ -27,7 +27,7 @@ use super::whiteout::{
     self, OPAQUE_MARKER, WhiteoutStyle, is_reserved_name, is_whiteout_stat, whiteout_name,
     whiteout_target,
 };
-use super::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, UPPER, Union};
+use super::{Caller, Entry, Errno, Ino, OpenFile, RenameMode, Result, UPPER, Union, WithContext};
 use crate::sys::{self, fs::RenameKind, xattr::Target};
 
 /// What the upper directory holds at a name.
@@ -69,7 +69,7 @@ pub(crate) fn set_owner_and_mode(
     uid: u32,
     gid: u32,
     mode: Option<u32>,
-) -> Result<()> {
+) -> sys::SysResult<()> {
     sys::fs::chown_at(dir, name, Some(uid), Some(gid))?;
     if let Some(mode) = mode {
         sys::fs::chmod_at(dir, name, mode)?;
@@ -84,14 +84,14 @@ impl Union {
         self.check_writable()?;
         sys::fs::check_component(name)?;
         if is_reserved_name(name) {
-            return Err(Errno::INVAL);
+            return Err(Errno::INVAL.into());
         }
         let p = self.inode(parent)?;
         if !p.is_dir() {
-            return Err(Errno::NOTDIR);
+            return Err(Errno::NOTDIR.into());
         }
         if self.resolve(&p, name)?.is_some() {
-            return Err(Errno::EXIST);
+            return Err(Errno::EXIST.into());
         }
         self.copy_up(&p, CopyData::Yes)?;
         Ok(p)
@@ -110,7 +110,7 @@ impl Union {
         let ufd = self.dir_fd(parent, UPPER)?;
         let slot = upper_slot(ufd.as_fd(), name)?;
         if let Slot::Occupied = slot {
-            return Err(Errno::EXIST);
+            return Err(Errno::EXIST.into());
         }
         if let Slot::Free = slot {
             return make(ufd.as_fd(), name);
@@ -239,7 +239,7 @@ impl Union {
         // A char device 0/0 is a whiteout in the overlay format: creating one would
         // make the name vanish. Kernel overlayfs refuses it the same way.
         if kind == libc::S_IFCHR && rdev == 0 {
-            return Err(Errno::PERM);
+            return Err(Errno::PERM.into());
         }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
@@ -261,7 +261,7 @@ impl Union {
                         regular(dir, n)?;
                         stands_for = Kind::from_mode(kind, rdev);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
             let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
@@ -300,7 +300,7 @@ impl Union {
         }
         let inode = self.inode(ino)?;
         if inode.is_dir() {
-            return Err(Errno::PERM);
+            return Err(Errno::PERM.into());
         }
         let p = self.prepare_new_name(newparent, newname)?;
         self.copy_up(&inode, CopyData::Yes)?;
@@ -313,18 +313,22 @@ impl Union {
         }
         let source = match self.entry_loc(&inode) {
             Ok((dir, name, _)) => Source::Name(dir, name),
-            Err(Errno::NOENT) => Source::Pinned(
+            Err(e) if e == Errno::NOENT => Source::Pinned(
                 inode
                     .state
                     .read()
                     .pinned_if_detached()
                     .ok_or(Errno::NOENT)?,
             ),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
-        self.install(&p, newname, false, &mut |dir, n| match &source {
-            Source::Name(src_dir, src_name) => sys::fs::link_at(src_dir.as_fd(), src_name, dir, n),
-            Source::Pinned(pinned) => sys::fs::link_fd(pinned.as_fd(), dir, n),
+        self.install(&p, newname, false, &mut |dir, n| {
+            Ok(match &source {
+                Source::Name(src_dir, src_name) => {
+                    sys::fs::link_at(src_dir.as_fd(), src_name, dir, n)
+                }
+                Source::Pinned(pinned) => sys::fs::link_fd(pinned.as_fd(), dir, n),
+            }?)
         })?;
         self.entry_after_create(&p, newname)
     }
@@ -332,10 +336,10 @@ impl Union {
     pub fn readlink(&self, ino: Ino) -> Result<std::ffi::OsString> {
         let inode = self.inode(ino)?;
         if inode.kind != libc::S_IFLNK {
-            return Err(Errno::INVAL);
+            return Err(Errno::INVAL.into());
         }
         let (pfd, name, _) = self.entry_loc(&inode)?;
-        sys::fs::readlink_at(pfd.as_fd(), &name)
+        Ok(sys::fs::readlink_at(pfd.as_fd(), &name)?)
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
@@ -354,13 +358,13 @@ impl Union {
         sys::fs::check_component(name)?;
         let p = self.inode(parent)?;
         if !p.is_dir() {
-            return Err(Errno::NOTDIR);
+            return Err(Errno::NOTDIR.into());
         }
         let mut found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         let is_dir = found.kind == libc::S_IFDIR;
         match (dir, is_dir) {
-            (true, false) => return Err(Errno::NOTDIR),
-            (false, true) => return Err(Errno::ISDIR),
+            (true, false) => return Err(Errno::NOTDIR.into()),
+            (false, true) => return Err(Errno::ISDIR.into()),
             _ => {}
         }
         if !is_dir
@@ -398,7 +402,7 @@ impl Union {
                 }
             };
             if !self.is_empty_dir(&probe)? {
-                return Err(Errno::NOTEMPTY);
+                return Err(Errno::NOTEMPTY.into());
             }
         }
         if found.kind == libc::S_IFREG && found.top_layer() != UPPER {
@@ -425,8 +429,12 @@ impl Union {
         let needs_whiteout = self.lower_has(parent, name)?;
         let in_upper = found.top_layer() == UPPER;
         let is_dir = found.kind == libc::S_IFDIR;
+        if needs_whiteout {
+            log::debug!("whiteout {}", self.describe(parent.ino, Some(name)));
+        }
         if !in_upper {
-            return whiteout::write_whiteout(ufd.as_fd(), name, self.whiteout_style);
+            return whiteout::write_whiteout(ufd.as_fd(), name, self.whiteout_style)
+                .doing("writing a whiteout");
         }
         if needs_whiteout && self.whiteout_style == WhiteoutStyle::CharDevice {
             // An emptied directory exchanged out holds only whiteouts and markers;
@@ -436,23 +444,26 @@ impl Union {
             } else {
                 RenameKind::Replace
             };
-            return self.publish_from_work(
-                |work, temp| sys::fs::mknod_at(work, temp, libc::S_IFCHR, 0),
-                ufd.as_fd(),
-                name,
-                kind,
-            );
+            return self
+                .publish_from_work(
+                    |work, temp| Ok(sys::fs::mknod_at(work, temp, libc::S_IFCHR, 0)?),
+                    ufd.as_fd(),
+                    name,
+                    kind,
+                )
+                .doing("replacing an upper entry by a whiteout");
         }
         if needs_whiteout {
-            whiteout::write_whiteout(ufd.as_fd(), name, WhiteoutStyle::AufsFile)?;
+            whiteout::write_whiteout(ufd.as_fd(), name, WhiteoutStyle::AufsFile)
+                .doing("writing a whiteout")?;
         }
         if is_dir {
             let sub = sys::fs::open_dir(ufd.as_fd(), name)?;
-            clear_markers(sub.as_fd())?;
+            clear_markers(sub.as_fd()).doing("clearing the markers of a directory")?;
             drop(sub);
-            sys::fs::rmdir_at(ufd.as_fd(), name)
+            Ok(sys::fs::rmdir_at(ufd.as_fd(), name)?)
         } else {
-            sys::fs::unlink_at(ufd.as_fd(), name)
+            Ok(sys::fs::unlink_at(ufd.as_fd(), name)?)
         }
     }
 
@@ -483,18 +494,18 @@ impl Union {
         sys::fs::check_component(name)?;
         sys::fs::check_component(newname)?;
         if is_reserved_name(newname) {
-            return Err(Errno::INVAL);
+            return Err(Errno::INVAL.into());
         }
         let p = self.inode(parent)?;
         let q = self.inode(newparent)?;
         if !p.is_dir() || !q.is_dir() {
-            return Err(Errno::NOTDIR);
+            return Err(Errno::NOTDIR.into());
         }
         let src = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         let dst = self.resolve(&q, newname)?;
         match (mode, &dst) {
-            (RenameMode::NoReplace, Some(_)) => return Err(Errno::EXIST),
-            (RenameMode::Exchange, None) => return Err(Errno::NOENT),
+            (RenameMode::NoReplace, Some(_)) => return Err(Errno::EXIST.into()),
+            (RenameMode::Exchange, None) => return Err(Errno::NOENT.into()),
             _ => {}
         }
         let (src_inode, src_temp) = self.inode_for(parent, name, &src)?;
@@ -548,19 +559,19 @@ impl Union {
             && dst.is_some_and(|d| d.kind == libc::S_IFDIR && has_lower(d));
         if (src_redirect || dst_redirect) && !self.opts.redirect_dir {
             // As kernel overlayfs with redirect_dir=off: `mv` then copies.
-            return Err(Errno::XDEV);
+            return Err(Errno::XDEV.into());
         }
         if let (Some(d), Some(di)) = (dst, dst_inode) {
             let dst_dir = d.kind == libc::S_IFDIR;
             if mode != RenameMode::Exchange {
                 if src_dir && !dst_dir {
-                    return Err(Errno::NOTDIR);
+                    return Err(Errno::NOTDIR.into());
                 }
                 if !src_dir && dst_dir {
-                    return Err(Errno::ISDIR);
+                    return Err(Errno::ISDIR.into());
                 }
                 if dst_dir && !self.is_empty_dir(di)? {
-                    return Err(Errno::NOTEMPTY);
+                    return Err(Errno::NOTEMPTY.into());
                 }
             }
         }
@@ -589,10 +600,10 @@ impl Union {
                 false => None,
             };
             if src_dir && !src_redirect && self.lower_has(q, newname)? {
-                whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
+                self.mark_moved_opaque(src_inode)?;
             }
             if dst_inode.is_dir() && !dst_redirect && self.lower_has(p, name)? {
-                whiteout::mark_opaque(self.dir_fd(dst_inode, UPPER)?.as_fd())?;
+                self.mark_moved_opaque(dst_inode)?;
             }
             sys::fs::rename_at(
                 pfd.as_fd(),
@@ -609,8 +620,14 @@ impl Union {
         }
 
         let src_whiteout = self.lower_has(p, name)?;
+        if src_whiteout {
+            log::debug!(
+                "whiteout {} (renamed away)",
+                self.describe(p.ino, Some(name))
+            );
+        }
         if src_dir && !src_redirect && self.lower_has(q, newname)? {
-            whiteout::mark_opaque(self.dir_fd(src_inode, UPPER)?.as_fd())?;
+            self.mark_moved_opaque(src_inode)?;
         }
         let mut pinned = None;
         if let (Some(d), Some(di)) = (dst, dst_inode) {
@@ -651,11 +668,19 @@ impl Union {
         Ok(())
     }
 
+    /// Makes the upper directory `dir`, about to be moved over a name with lower
+    /// content, opaque: that content must not show through under it.
+    fn mark_moved_opaque(&self, dir: &Inode) -> Result<()> {
+        log::debug!("opaque {}", self.describe(dir.ino, None));
+        whiteout::mark_opaque(self.dir_fd(dir, UPPER)?.as_fd()).doing("marking a directory opaque")
+    }
+
     /// Writes the redirect a directory with lower content needs before its upper copy
     /// is renamed; returns it.
     fn redirect_before_move(&self, dir: &Inode) -> Result<std::ffi::OsString> {
         self.link_up_groups_under(dir)?;
         let origin = self.lower_path(dir)?;
+        log::debug!("redirect {} -> {origin:?}", self.describe(dir.ino, None));
         self.set_redirect(self.dir_fd(dir, UPPER)?.as_fd(), &origin)?;
         Ok(origin)
     }
@@ -682,7 +707,7 @@ impl Union {
         to_dir: BorrowedFd<'_>,
         to: &OsStr,
         whiteout_source: bool,
-    ) -> Result<()> {
+    ) -> sys::SysResult<()> {
         if !whiteout_source {
             return sys::fs::rename_at(from_dir, from, to_dir, to, RenameKind::Replace);
         }
@@ -716,7 +741,7 @@ fn clear_markers(dir: BorrowedFd<'_>) -> Result<()> {
                 .map(|st| is_whiteout_stat(st.st_mode, st.st_rdev))
                 .unwrap_or(false);
         if !is_marker && !is_char_whiteout {
-            return Err(Errno::NOTEMPTY);
+            return Err(Errno::NOTEMPTY.into());
         }
         sys::fs::unlink_at(dir, &entry.name)?;
     }

@@ -48,7 +48,7 @@ impl Union {
     pub fn open(&self, ino: Ino, flags: i32) -> Result<(u64, Arc<OpenFile>)> {
         let inode = self.inode(ino)?;
         if inode.is_dir() {
-            return Err(Errno::ISDIR);
+            return Err(Errno::ISDIR.into());
         }
         let write = wants_write(flags);
         if write {
@@ -80,7 +80,7 @@ impl Union {
                     // An append-only file opens for writing only with O_APPEND,
                     // which the real open otherwise leaves out (see
                     // `real_open_flags`); on it every write appends anyway.
-                    Err(Errno::PERM) if write && flags & libc::O_APPEND != 0 => {
+                    Err(e) if e == Errno::PERM && write && flags & libc::O_APPEND != 0 => {
                         oflags |= OFlags::APPEND;
                         self.open_data(&inode, oflags)?
                     }
@@ -93,11 +93,11 @@ impl Union {
             // The name the inode was last reached by is gone, yet the kernel still
             // reaches the object: by another hard link whose entry it has cached, or
             // by reopening a descriptor of it. The pinned handle is that object.
-            Err(Errno::NOENT) if inode.kind == libc::S_IFREG => {
+            Err(e) if e == Errno::NOENT && inode.kind == libc::S_IFREG => {
                 let pinned = inode.state.read().pinned_if_detached();
                 sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let in_upper = self.has_upper_data(&inode);
         let plain_rdwr = oflags == OFlags::RDWR;
@@ -122,7 +122,7 @@ impl Union {
     pub fn open_upper_rdwr(&self, ino: Ino) -> Result<File> {
         let inode = self.inode(ino)?;
         if !self.has_upper_data(&inode) || inode.kind != libc::S_IFREG {
-            return Err(Errno::INVAL);
+            return Err(Errno::INVAL.into());
         }
         self.open_entry(&inode, OFlags::RDWR | self.atime_open_flags())
     }
@@ -144,7 +144,7 @@ impl Union {
         if inode.state.read().keys.contains(&key) {
             Ok(())
         } else {
-            Err(Errno::STALE)
+            Err(Errno::STALE.into())
         }
     }
 
@@ -173,7 +173,7 @@ impl Union {
         self.files
             .get(&fh)
             .map(|f| f.value().clone())
-            .ok_or(Errno::BADF)
+            .ok_or(Errno::BADF.into())
     }
 
     /// The file a handle reads: its own, or the upper copy once a lower file it was
@@ -209,7 +209,7 @@ impl Union {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         buf.truncate(done);
@@ -219,17 +219,17 @@ impl Union {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let handle = self.file(fh)?;
         if !handle.writable {
-            return Err(Errno::BADF);
+            return Err(Errno::BADF.into());
         }
         let end = offset.saturating_add(data.len() as u64);
         let _charge = self.quota_charge(handle.ino, |old| old.max(end))?;
         let mut done = 0;
         while done < data.len() {
             match sys::fs::pwrite(&handle.file, &data[done..], offset + done as u64) {
-                Ok(0) => return Err(Errno::IO),
+                Ok(0) => return Err(Errno::IO.into()),
                 Ok(n) => done += n,
                 Err(Errno::INTR) => continue,
-                Err(e) if done == 0 => return Err(e),
+                Err(e) if done == 0 => return Err(e.into()),
                 Err(_) => break,
             }
         }
@@ -241,7 +241,7 @@ impl Union {
         if !self.opts.syncs || !handle.writable {
             return Ok(());
         }
-        sys::fs::fsync(&handle.file, data_only)
+        Ok(sys::fs::fsync(&handle.file, data_only)?)
     }
 
     pub fn release(&self, fh: u64) {
@@ -251,15 +251,15 @@ impl Union {
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         let handle = self.file(fh)?;
         if !handle.writable {
-            return Err(Errno::BADF);
+            return Err(Errno::BADF.into());
         }
         let _charge = self.quota_fallocate(handle.ino, offset, length, mode)?;
-        sys::fs::fallocate(&handle.file, mode, offset, length)
+        Ok(sys::fs::fallocate(&handle.file, mode, offset, length)?)
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64> {
         let handle = self.file(fh)?;
-        sys::fs::lseek(self.readable(&handle)?, offset, whence)
+        Ok(sys::fs::lseek(self.readable(&handle)?, offset, whence)?)
     }
 
     pub fn copy_file_range(
@@ -273,7 +273,7 @@ impl Union {
         let src = self.file(fh_in)?;
         let dst = self.file(fh_out)?;
         if !dst.writable {
-            return Err(Errno::BADF);
+            return Err(Errno::BADF.into());
         }
         let len = len.min(1 << 30) as usize;
         let copied = {
@@ -287,7 +287,7 @@ impl Union {
                 let data = self.read(fh_in, off_in, len.min(1 << 24) as u32)?;
                 self.write(fh_out, off_out, &data)
             }
-            other => other,
+            other => Ok(other?),
         }
     }
 }

@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use super::copy_up::CopyData;
 use super::inode::{Inode, ROOT_INO};
 use super::whiteout::whiteout_target;
-use super::{Errno, Result, UPPER, Union};
+use super::{Errno, Result, UPPER, Union, WithContext};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::RenameKind, xattr::Target};
 
@@ -163,7 +163,7 @@ impl Union {
         log::warn!("workdir/index/{key:?} is not a copy this workdir made; removed, not used");
         match sys::fs::unlink_at(index.as_fd(), key) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -197,7 +197,7 @@ impl Union {
                 false
             }
             Err(Errno::NOENT) => false,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if !reuse {
             {
@@ -212,8 +212,9 @@ impl Union {
                 );
                 // EXIST: another name of the group published it first.
                 match published {
-                    Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(e),
+                    Ok(()) => {}
+                    Err(e) if e == Errno::EXIST => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -240,7 +241,7 @@ impl Union {
                 log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
             }
         }
-        sys::fs::unlink_at(index.as_fd(), &key)
+        Ok(sys::fs::unlink_at(index.as_fd(), &key)?)
     }
 
     /// The names of lower object `src_ino` of `src_layer` (link count `src_nlink`) in
@@ -313,6 +314,7 @@ impl Union {
             let upper = self.dir_fd(dir, UPPER)?;
             let copy = sys::fs::stat_at(index.as_fd(), key)?;
             link_or_same(index.as_fd(), key, upper.as_fd(), last, copy.st_ino)
+                .doing("linking a name of a hard-linked file to its copy")
         })
     }
 
@@ -400,7 +402,7 @@ fn link_or_same(
     to_dir: BorrowedFd<'_>,
     to: &OsStr,
     ino: u64,
-) -> Result<()> {
+) -> sys::SysResult<()> {
     match sys::fs::link_at(from_dir, from, to_dir, to) {
         Err(Errno::EXIST) if sys::fs::stat_at(to_dir, to).map(|s| s.st_ino) == Ok(ino) => Ok(()),
         other => other,

@@ -104,14 +104,14 @@ impl Union {
             let top = inode.state.read().top_layer().ok_or(Errno::STALE)?;
             let dir = self.dir_fd(inode, top)?;
             let fd = sys::fs::open_dir_for_listing(dir.as_fd())?;
-            return f(fd.as_fd());
+            return Ok(f(fd.as_fd())?);
         }
         if inode.kind != libc::S_IFREG {
-            return Err(Errno::NOTTY);
+            return Err(Errno::NOTTY.into());
         }
         // Opening moves no atime, so no O_NOATIME (which needs ownership).
         let file = self.open_entry(inode, OFlags::RDONLY)?;
-        f(file.as_fd())
+        Ok(f(file.as_fd())?)
     }
 
     /// EPERM when `inode` is a lower regular file whose append-only or immutable
@@ -142,7 +142,7 @@ impl Union {
                     "append-only"
                 }
             );
-            return Err(Errno::PERM);
+            return Err(Errno::PERM.into());
         }
         Ok(())
     }
@@ -156,9 +156,9 @@ impl Union {
         let file = match sys::fs::open_regular_at(dir, name, OFlags::RDONLY) {
             Ok((file, _)) => file,
             Err(Errno::ACCESS) => return Ok(0),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
-        flags_or_none(sys::fs::inode_flags(file.as_fd()))
+        Ok(flags_or_none(sys::fs::inode_flags(file.as_fd()))?)
     }
 
     /// After the copy-up of a regular file whose source had `flags`: gives the upper

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::inode::{Inode, InodeState, LayerRef, ROOT_INO};
 use super::redirect;
 use super::whiteout;
-use super::{Attr, Entry, Errno, Ino, Result, Union, attr_from_stat};
+use super::{Attr, Entry, Errno, Ino, Result, Union, WithContext, attr_from_stat};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::Stat, xattr::Target};
 
@@ -76,11 +76,11 @@ impl Union {
                 return Ok(t);
             }
             if cur.ino == ROOT_INO {
-                return Err(Errno::IO);
+                return Err(Errno::IO.into());
             }
             parent = cur.state.read().parent;
         }
-        Err(Errno::LOOP)
+        Err(Errno::LOOP.into())
     }
 
     /// An O_PATH handle on `inode`'s directory in layer `idx`: the cached one, or one
@@ -106,7 +106,7 @@ impl Union {
             if let Some(path) = st.redirect.as_ref().filter(|_| st.top_layer() != Some(idx)) {
                 return match redirect::walk(self.layer(idx)?.root_fd(), path)? {
                     redirect::Walk::Dir { fd, .. } => Ok(Some((Arc::new(fd), Some(i.ino)))),
-                    _ => Err(Errno::STALE),
+                    _ => Err(Errno::STALE.into()),
                 };
             }
             below.push((i.ino, st.name.to_os_string()));
@@ -149,7 +149,7 @@ impl Union {
         let (parent, name, layer) = {
             let st = inode.state.read();
             if st.detached {
-                return Err(Errno::NOENT);
+                return Err(Errno::NOENT.into());
             }
             (
                 st.parent,
@@ -191,7 +191,7 @@ impl Union {
         let mut found: Option<Found> = None;
         for (pos, &idx) in refs.iter().enumerate() {
             let pfd = self.dir_fd(parent, idx)?;
-            let st = match probe(&pfd, name)? {
+            let st = match probe(&pfd, name).from_layer(self, idx)? {
                 Probe::WhitedOut => break,
                 Probe::Missing => continue,
                 Probe::Entry(st) => st,
@@ -220,8 +220,10 @@ impl Union {
                 }
                 break;
             }
-            let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), name)?);
-            let marks = redirect::dir_marks(fd.as_fd(), idx < bottom)?;
+            let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), name).from_layer(self, idx)?);
+            let marks = redirect::dir_marks(fd.as_fd(), idx < bottom)
+                .doing("reading a directory's redirect and opaque markers")
+                .from_layer(self, idx)?;
             let r = LayerRef {
                 layer: idx,
                 fd: Some(fd),
@@ -233,7 +235,9 @@ impl Union {
                     if let Some(value) = redirect {
                         // A lower copy moved by redirect in its own layer: the layers
                         // below it hold the content at its redirect.
-                        let path = self.absolute_redirect(parent, value)?;
+                        let path = self
+                            .absolute_redirect(parent, value)
+                            .from_layer(self, idx)?;
                         self.follow_redirect(&mut f, idx, &path)?;
                         f.chained = true;
                         return Ok(Some(f));
@@ -249,7 +253,9 @@ impl Union {
                         chained: false,
                     };
                     if let Some(value) = redirect {
-                        let path = self.absolute_redirect(parent, value)?;
+                        let path = self
+                            .absolute_redirect(parent, value)
+                            .from_layer(self, idx)?;
                         f.chained = self.follow_redirect(&mut f, idx, &path)?;
                         f.redirect = Some(path);
                         return Ok(Some(f));
@@ -295,7 +301,11 @@ impl Union {
         let mut path = path.to_os_string();
         let mut chained = false;
         for idx in top + 1..=bottom {
-            let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), &path)? {
+            let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), &path)
+                .doing("following a redirect")
+                .on(&path)
+                .from_layer(self, idx)?
+            {
                 redirect::Walk::Dir { fd, opaque } => (fd, opaque),
                 redirect::Walk::Missing => continue,
                 redirect::Walk::Stop => break,
@@ -344,11 +354,11 @@ impl Union {
             return r;
         }
         if whiteout::is_reserved_name(name) {
-            return Err(Errno::NOENT);
+            return Err(Errno::NOENT.into());
         }
         let p = self.inode(parent)?;
         if !p.is_dir() {
-            return Err(Errno::NOTDIR);
+            return Err(Errno::NOTDIR.into());
         }
         let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         let (top, st) = (found.top_layer(), found.stat);
@@ -524,7 +534,7 @@ impl Union {
             }
         };
         if st.st_mode & libc::S_IFMT != inode.kind {
-            return Err(Errno::STALE);
+            return Err(Errno::STALE.into());
         }
         Ok(st)
     }

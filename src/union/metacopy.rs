@@ -47,7 +47,7 @@ impl Union {
     }
 
     /// Makes the staged `dst` a stand-in for `size` bytes that live below.
-    pub(crate) fn stage_metacopy(&self, dst: &File, size: u64) -> Result<()> {
+    pub(crate) fn stage_metacopy(&self, dst: &File, size: u64) -> sys::SysResult<()> {
         sys::fs::ftruncate(dst, size)?;
         sys::xattr::set(
             Target::Fd(dst.as_fd()),
@@ -78,7 +78,7 @@ impl Union {
         let (parent_ino, name, data_layer) = {
             let st = inode.state.read();
             if st.detached {
-                return Err(Errno::NOENT);
+                return Err(Errno::NOENT.into());
             }
             let data_layer = st.layers.get(1).map(|l| l.layer).ok_or(Errno::STALE)?;
             (st.parent, st.name.clone(), data_layer)

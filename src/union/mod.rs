@@ -53,6 +53,7 @@ mod acl;
 mod attr;
 mod copy_up;
 mod dir_ops;
+mod error;
 mod file;
 mod graft;
 mod hardlink;
@@ -89,7 +90,7 @@ use inode::{InodeState, InodeTable, LayerRef};
 pub use readdir::DirEntry;
 use whiteout::{WhiteoutStyle, XattrNs};
 
-pub type Result<T> = std::result::Result<T, Errno>;
+pub use error::{Error, Result, WithContext};
 
 pub type StaleAttrHook = Box<dyn Fn(Ino) + Send + Sync>;
 
@@ -243,6 +244,10 @@ pub struct Union {
 
 pub(crate) const UPPER: LayerIdx = 0;
 
+/// Bound on the parent steps [`Union::describe`] takes: deeper than any path the
+/// kernel can hand over (PATH_MAX is 4096 bytes, two per component at least).
+const DESCRIBE_MAX_DEPTH: usize = 2048;
+
 impl Union {
     /// Opens the layers of `config` and prepares the work directory. Fails with a
     /// message naming the path when a layer cannot be used.
@@ -394,22 +399,68 @@ impl Union {
         self.inodes.shrink();
     }
 
+    /// The merged path of `ino`, joined with `name` when given, for log lines. Built
+    /// from the names each inode was last reached by, so a rename racing it may show
+    /// either name. At most [`DESCRIBE_MAX_DEPTH`] steps (a parent chain is a tree
+    /// the engine keeps, but a log line must never spin); a longer or broken chain
+    /// starts with `…` or `<inode N>`.
+    pub fn describe(&self, ino: Ino, name: Option<&OsStr>) -> String {
+        let mut parts: Vec<Box<OsStr>> = Vec::new();
+        if let Some(n) = name {
+            parts.push(n.into());
+        }
+        let mut at = ino;
+        let mut head = String::new();
+        for _ in 0..DESCRIBE_MAX_DEPTH {
+            if at == ROOT_INO {
+                break;
+            }
+            let Some(inode) = self.inodes.get(at) else {
+                head = format!("<inode {at}>");
+                break;
+            };
+            let st = inode.state.read();
+            parts.push(st.name.clone());
+            at = st.parent;
+        }
+        if at != ROOT_INO && head.is_empty() {
+            head = "…".into();
+        }
+        let mut out = head;
+        for p in parts.iter().rev() {
+            out.push('/');
+            out.push_str(&p.to_string_lossy());
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+
+    /// `e`, naming layer `idx` as the one the entry concerned comes from.
+    pub(crate) fn error_from_layer(&self, e: Error, idx: LayerIdx) -> Error {
+        match self.layers.get(idx) {
+            Some(layer) => e.in_layer(idx, &layer.path),
+            None => e,
+        }
+    }
+
     fn inode(&self, ino: Ino) -> Result<Arc<inode::Inode>> {
         // The kernel only names inodes it holds; a miss means the table and the
         // kernel disagree, which is reported rather than trusted.
-        self.inodes.get(ino).ok_or(Errno::STALE)
+        self.inodes.get(ino).ok_or(Errno::STALE.into())
     }
 
     fn check_writable(&self) -> Result<()> {
         if self.opts.read_only || !self.upper {
-            Err(Errno::ROFS)
+            Err(Errno::ROFS.into())
         } else {
             Ok(())
         }
     }
 
     fn work_fd(&self) -> Result<&Arc<OwnedFd>> {
-        self.work.as_ref().ok_or(Errno::ROFS)
+        self.work.as_ref().ok_or(Errno::ROFS.into())
     }
 
     /// A fresh name for staging an entry in the work directory.
@@ -423,7 +474,7 @@ impl Union {
     }
 
     fn layer(&self, idx: LayerIdx) -> Result<&Layer> {
-        self.layers.get(idx).ok_or(Errno::IO)
+        self.layers.get(idx).ok_or(Errno::IO.into())
     }
 
     /// The lowest layer of the merged tree (graft layers come after it and only hang
@@ -459,12 +510,12 @@ struct Workdir {
 /// Prepares `workdir/work` and `workdir/index`, and probes what this process may
 /// write: char-device whiteouts (unless `aufs` asks for `.wh.` files anyway),
 /// trusted.* xattrs.
-fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> Result<Workdir> {
+fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> sys::SysResult<Workdir> {
     let root = sys::fs::open_root(workdir)?;
-    let open_sub = |name: &OsStr| -> Result<OwnedFd> {
+    let open_sub = |name: &OsStr| -> sys::SysResult<OwnedFd> {
         match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
             Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         sys::fs::open_dir(root.as_fd(), name)
     };
@@ -505,12 +556,12 @@ fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> Result<Workdir> {
 /// Depth-first with an explicit stack of open directories, not by recursion: a
 /// staged or left-over tree may be thousands of levels deep. Each turn removes an
 /// entry or descends into one, so it ends on any finite tree.
-pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> sys::SysResult<()> {
     match sys::fs::unlink_at(dir, name) {
         Ok(()) => return Ok(()),
         Err(Errno::ISDIR) | Err(Errno::PERM) => {}
         Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     let mut stack: Vec<(OwnedFd, std::ffi::OsString)> =
         vec![(sys::fs::open_dir(dir, name)?, name.to_os_string())];
@@ -523,7 +574,7 @@ pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> Res
                     subdir = Some(entry.name);
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         match subdir {

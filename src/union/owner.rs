@@ -19,7 +19,7 @@
 
 use super::inode::Inode;
 use super::override_stat::{self, Kind, OverrideStat};
-use super::{Attr, Caller, Errno, Result, Union};
+use super::{Attr, Caller, Errno, Result, Union, WithContext};
 use crate::config::{IdMapping, MountConfig};
 use crate::layer::Layer;
 use crate::sys::{self, fs::Stat, xattr::Target};
@@ -58,21 +58,21 @@ fn backward(maps: &[IdMapping], id: u32) -> Option<u32> {
         .map(|m| m.container.wrapping_add(id - m.host))
 }
 
-fn target_stat(t: Target<'_>) -> Result<Stat> {
+fn target_stat(t: Target<'_>) -> sys::SysResult<Stat> {
     match t {
         Target::Entry(dir, name) => sys::fs::stat_at(dir, name),
         Target::Fd(fd) => sys::fs::fstat(fd),
     }
 }
 
-fn real_chown(t: Target<'_>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+fn real_chown(t: Target<'_>, uid: Option<u32>, gid: Option<u32>) -> sys::SysResult<()> {
     match t {
         Target::Entry(dir, name) => sys::fs::chown_at(dir, name, uid, gid),
         Target::Fd(fd) => sys::fs::fchown(fd, uid, gid),
     }
 }
 
-fn real_chmod(t: Target<'_>, mode: u32) -> Result<()> {
+fn real_chmod(t: Target<'_>, mode: u32) -> sys::SysResult<()> {
     match t {
         Target::Entry(dir, name) => sys::fs::chmod_at(dir, name, mode),
         Target::Fd(fd) => sys::fs::chmod_fd(fd, mode),
@@ -182,7 +182,7 @@ impl OwnerPolicy {
         }
     }
 
-    fn write_override(&self, name: &str, t: Target<'_>, st: &OverrideStat) -> Result<()> {
+    fn write_override(&self, name: &str, t: Target<'_>, st: &OverrideStat) -> sys::SysResult<()> {
         let value = override_stat::format(st);
         match sys::xattr::set(t, std::ffi::OsStr::new(name), value.as_bytes(), 0) {
             // user.* xattrs are not allowed on symlinks: their owner stays the real one,
@@ -255,19 +255,21 @@ impl OwnerPolicy {
             if real_kind != libc::S_IFLNK {
                 real_chmod(t, Self::daemon_mode(real_kind, perm))?;
             }
-            return self.write_override(
-                name,
-                t,
-                &OverrideStat {
-                    uid,
-                    gid,
-                    mode: perm & 0o7777,
-                    kind,
-                },
-            );
+            return self
+                .write_override(
+                    name,
+                    t,
+                    &OverrideStat {
+                        uid,
+                        gid,
+                        mode: perm & 0o7777,
+                        kind,
+                    },
+                )
+                .doing("writing the owner and mode override");
         }
         match real_chown(t, Some(uid), Some(gid)) {
-            Err(e) if !self.squashes() => return Err(e),
+            Err(e) if !self.squashes() => return Err(e.into()),
             _ => {}
         }
         if chmod {
@@ -290,7 +292,7 @@ impl OwnerPolicy {
                 Some(Some(stored)) => Ok(Some(stored)),
                 // Squashed: whatever was asked is accepted (and not stored).
                 Some(None) if self.squashes() => Ok(None),
-                Some(None) => Err(Errno::INVAL),
+                Some(None) => Err(Errno::INVAL.into()),
             }
         };
         let (uid, gid) = (map(uid, &self.uid_map)?, map(gid, &self.gid_map)?);
@@ -315,11 +317,13 @@ impl OwnerPolicy {
                     real_chmod(t, Self::daemon_mode(kind, m))?;
                 }
             }
-            return self.write_override(name, t, &next);
+            return self
+                .write_override(name, t, &next)
+                .doing("writing the owner and mode override");
         }
         if uid.is_some() || gid.is_some() {
             match real_chown(t, uid, gid) {
-                Err(e) if !self.squashes() => return Err(e),
+                Err(e) if !self.squashes() => return Err(e.into()),
                 _ => {}
             }
         }
@@ -347,12 +351,13 @@ impl OwnerPolicy {
         // override too; an unprivileged daemon keeps its own.
         match real_chown(dst, Some(st.st_uid), Some(st.st_gid)) {
             Ok(()) | Err(Errno::PERM) | Err(Errno::INVAL) => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         if chmod {
             real_chmod(dst, Self::daemon_mode(st.st_mode & libc::S_IFMT, mode))?;
         }
         self.write_override(name, dst, &ov)
+            .doing("writing the owner and mode override")
     }
 }
 

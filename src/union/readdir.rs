@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 
 use super::inode::Inode;
 use super::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
-use super::{Errno, Ino, Result, UPPER, Union};
+use super::{Errno, Ino, Result, UPPER, Union, WithContext};
 use crate::sys;
 
 #[derive(Debug, Clone)]
@@ -78,7 +78,10 @@ impl Union {
             let fd = self.dir_fd(inode, idx)?;
             // Whiteouts of this layer hide names of the layers below only.
             let mut hidden_below = Vec::new();
-            for raw in sys::fs::read_dir(fd.as_fd())? {
+            let listing = sys::fs::read_dir(fd.as_fd())
+                .doing("listing a directory")
+                .from_layer(self, idx)?;
+            for raw in listing {
                 if raw.name == OPAQUE_MARKER {
                     continue;
                 }
@@ -164,7 +167,7 @@ impl Union {
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
         let inode = self.inode(ino)?;
         if !inode.is_dir() {
-            return Err(Errno::NOTDIR);
+            return Err(Errno::NOTDIR.into());
         }
         let entries = self.snapshot(&inode)?;
         let fh = self.new_handle();

@@ -157,7 +157,7 @@ impl Union {
         let key = self.xattr_ns.overlay("redirect");
         sys::xattr::set(Target::Fd(upper), &key, origin.as_bytes(), 0).map_err(|e| {
             log::warn!("rename: cannot record redirect {origin:?}: {e}; answering EXDEV");
-            Errno::XDEV
+            Errno::XDEV.into()
         })
     }
 }

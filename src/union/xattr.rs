@@ -10,17 +10,21 @@ use crate::sys::{self, xattr::Target};
 
 impl Union {
     /// Runs `f` on the xattr target of `ino` in its top-most layer.
-    fn with_xattr_target<T>(&self, ino: Ino, f: impl FnOnce(Target<'_>) -> Result<T>) -> Result<T> {
+    fn with_xattr_target<T>(
+        &self,
+        ino: Ino,
+        f: impl FnOnce(Target<'_>) -> sys::SysResult<T>,
+    ) -> Result<T> {
         if !self.opts.xattrs {
-            return Err(Errno::OPNOTSUPP);
+            return Err(Errno::OPNOTSUPP.into());
         }
         let inode = self.inode(ino)?;
-        self.object_target(&inode, f)
+        self.object_target(&inode, |t| Ok(f(t)?))
     }
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
         if is_private_xattr(name) {
-            return Err(Errno::NODATA);
+            return Err(Errno::NODATA.into());
         }
         self.with_xattr_target(ino, |t| sys::xattr::get(t, name))
     }
@@ -32,7 +36,7 @@ impl Union {
 
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         if is_private_xattr(name) {
-            return Err(Errno::OPNOTSUPP);
+            return Err(Errno::OPNOTSUPP.into());
         }
         self.check_writable()?;
         self.copy_up(&*self.inode(ino)?, CopyData::Meta)?;
@@ -41,7 +45,7 @@ impl Union {
 
     pub fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
         if is_private_xattr(name) {
-            return Err(Errno::OPNOTSUPP);
+            return Err(Errno::OPNOTSUPP.into());
         }
         self.check_writable()?;
         let inode = self.inode(ino)?;

@@ -234,7 +234,10 @@ fn unlink_and_rmdir_of_lower_entries_leave_whiteouts() {
     u.unlink(ROOT_INO, OsStr::new("f")).unwrap();
     assert_eq!(walk(&u, "f"), Err(Errno::NOENT));
     let d = walk(&u, "d").unwrap();
-    assert_eq!(u.rmdir(ROOT_INO, OsStr::new("d")), Err(Errno::NOTEMPTY));
+    assert_eq!(
+        u.rmdir(ROOT_INO, OsStr::new("d")),
+        Err(Errno::NOTEMPTY.into())
+    );
     u.unlink(d, OsStr::new("inner")).unwrap();
     u.rmdir(ROOT_INO, OsStr::new("d")).unwrap();
     assert!(list(&u, "").is_empty());
@@ -328,7 +331,7 @@ fn rename_of_files_and_dirs_with_and_without_lower_content() {
             OsStr::new("moved"),
             RenameMode::NoReplace
         ),
-        Err(Errno::EXIST)
+        Err(Errno::EXIST.into())
     );
     drop(u);
     let u = l.union();
@@ -342,11 +345,11 @@ fn read_only_mounts_refuse_changes() {
     l.write("l2/f", "x");
     let u = Union::new(&l.config(false)).unwrap();
     let f = walk(&u, "f").unwrap();
-    assert_eq!(u.open(f, libc::O_WRONLY).err(), Some(Errno::ROFS));
-    assert_eq!(u.unlink(ROOT_INO, OsStr::new("f")), Err(Errno::ROFS));
+    assert_eq!(u.open(f, libc::O_WRONLY).err(), Some(Errno::ROFS.into()));
+    assert_eq!(u.unlink(ROOT_INO, OsStr::new("f")), Err(Errno::ROFS.into()));
     assert_eq!(
         u.mkdir(ME, ROOT_INO, OsStr::new("n"), 0o755).err(),
-        Some(Errno::ROFS)
+        Some(Errno::ROFS.into())
     );
     assert_eq!(
         u.setattr(
@@ -358,7 +361,7 @@ fn read_only_mounts_refuse_changes() {
             None
         )
         .err(),
-        Some(Errno::ROFS)
+        Some(Errno::ROFS.into())
     );
     assert_eq!(read_all(&u, "f").unwrap(), "x");
 }
@@ -370,12 +373,12 @@ fn char_device_zero_zero_cannot_be_created() {
     assert_eq!(
         u.mknod(ME, ROOT_INO, OsStr::new("c"), libc::S_IFCHR | 0o644, 0)
             .err(),
-        Some(Errno::PERM)
+        Some(Errno::PERM.into())
     );
     assert_eq!(
         u.mknod(ME, ROOT_INO, OsStr::new(".wh.x"), libc::S_IFREG | 0o644, 0)
             .err(),
-        Some(Errno::INVAL)
+        Some(Errno::INVAL.into())
     );
 }
 
@@ -405,11 +408,11 @@ fn private_xattrs_are_hidden_and_protected() {
     assert!(!names.iter().any(|n| n == "user.overlay.opaque"));
     assert_eq!(
         u.getxattr(d, OsStr::new("user.overlay.opaque")),
-        Err(Errno::NODATA)
+        Err(Errno::NODATA.into())
     );
     assert_eq!(
         u.setxattr(d, OsStr::new("trusted.overlay.opaque"), b"y", 0),
-        Err(Errno::OPNOTSUPP)
+        Err(Errno::OPNOTSUPP.into())
     );
     assert_eq!(list(&u, "d"), ["f"], "a non-'y' opaque value does not hide");
 }
@@ -424,7 +427,7 @@ fn hostile_symlinks_are_never_followed_out_of_a_layer() {
     assert_eq!(u.getattr(etc).unwrap().kind(), libc::S_IFLNK);
     assert_eq!(
         u.lookup(etc, OsStr::new("passwd")).err(),
-        Some(Errno::NOTDIR)
+        Some(Errno::NOTDIR.into())
     );
     assert_eq!(u.readlink(etc).unwrap(), "/");
     // chmod of a symlink's target must not happen through the link.

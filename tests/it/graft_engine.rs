@@ -105,12 +105,15 @@ fn operations_under_a_graft_go_to_the_volume_only() {
     let g = walk(&u, "data/v/d/g").unwrap();
     assert_eq!(
         u.rename(dir.attr.ino, os("g"), etc, os("g"), RenameMode::Replace),
-        Err(Errno::XDEV)
+        Err(Errno::XDEV.into())
     );
-    assert_eq!(u.link(conf, vol.attr.ino, os("l")).err(), Some(Errno::XDEV));
-    assert_eq!(u.link(g, etc, os("l")).err(), Some(Errno::XDEV));
-    assert_eq!(u.rmdir(data, os("v")), Err(Errno::BUSY));
-    assert_eq!(u.rmdir(ROOT_INO, os("data")), Err(Errno::BUSY));
+    assert_eq!(
+        u.link(conf, vol.attr.ino, os("l")).err(),
+        Some(Errno::XDEV.into())
+    );
+    assert_eq!(u.link(g, etc, os("l")).err(), Some(Errno::XDEV.into()));
+    assert_eq!(u.rmdir(data, os("v")), Err(Errno::BUSY.into()));
+    assert_eq!(u.rmdir(ROOT_INO, os("data")), Err(Errno::BUSY.into()));
     assert_eq!(
         u.rename(
             ROOT_INO,
@@ -119,16 +122,16 @@ fn operations_under_a_graft_go_to_the_volume_only() {
             os("srv2"),
             RenameMode::Replace
         ),
-        Err(Errno::BUSY)
+        Err(Errno::BUSY.into())
     );
     let srv = walk(&u, "srv").unwrap();
     assert_eq!(
         u.mkdir(Caller::ROOT, srv, os("x"), 0o755).err(),
-        Some(Errno::ROFS)
+        Some(Errno::ROFS.into())
     );
     let h = walk(&u, "srv/h").unwrap();
-    assert_eq!(u.open(h, libc::O_WRONLY).err(), Some(Errno::ROFS));
-    assert_eq!(u.unlink(srv, os("h")), Err(Errno::ROFS));
+    assert_eq!(u.open(h, libc::O_WRONLY).err(), Some(Errno::ROFS.into()));
+    assert_eq!(u.unlink(srv, os("h")), Err(Errno::ROFS.into()));
 
     // Unlinking inside the volume removes the file there, leaving no whiteout.
     u.unlink(dir.attr.ino, os("g")).unwrap();
@@ -201,7 +204,7 @@ fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
     assert!(u.lookup(v, os(".wh.plain")).is_ok());
     assert_eq!(
         u.create(Caller::ROOT, v, os("f"), 0o644, 0).err(),
-        Some(Errno::ROFS)
+        Some(Errno::ROFS.into())
     );
 }
 

@@ -331,3 +331,51 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
     assert_eq!(nlink(&m.join("in-layer")), 1);
     m.unmount();
 }
+
+/// A podman user whose container fails with ENOSPC must be able to tell from the
+/// daemon's log which file, copied up from which layer, did not fit: the failed
+/// request's line names the operation, the merged path and the engine's context.
+#[test]
+fn a_failed_copy_up_is_logged_with_its_path_and_layer() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let big = vec![7u8; 3 << 20];
+    let l = Layers::new(&[LayerSpec::new().file("d/big", &big)]);
+    let small = Tmpfs::new(&l.root.join("small"), "1m");
+    for d in ["u", "w"] {
+        fs::create_dir(small.path.join(d)).unwrap();
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        l.lowerdir(),
+        small.path.join("u").display(),
+        small.path.join("w").display()
+    );
+    let mut m = StrataMount::with_options(&options, &l.merged, &l.root);
+    let err = OpenOptions::new()
+        .append(true)
+        .open(m.join("d/big"))
+        .expect_err("a 3 MiB copy-up fits in a 1 MiB upper");
+    assert_eq!(io_errno(&err), libc::ENOSPC, "{err}");
+    assert_eq!(
+        fs::read(m.join("d/big")).unwrap(),
+        big,
+        "the lower file shows"
+    );
+    m.unmount();
+    let log = m.log_text();
+    let lower = l.lowerdir();
+    let line = log
+        .lines()
+        .find(|line| line.contains("open /d/big: "))
+        .unwrap_or_else(|| panic!("no log line for the failed open:\n{log}"));
+    for part in [
+        "WARN",
+        "No space left on device",
+        "while copying up \"/d/big\" from layer 1",
+        lower.as_str(),
+    ] {
+        assert!(line.contains(part), "{part:?} missing in {line:?}");
+    }
+}

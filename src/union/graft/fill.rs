@@ -16,7 +16,7 @@ impl Union {
         self.populate_dir(src, root)?;
         let attr = self.getattr(src)?;
         sys::fs::fchown(root, Some(attr.uid), Some(attr.gid))?;
-        sys::fs::chmod_fd(root, attr.mode & 0o7777)
+        Ok(sys::fs::chmod_fd(root, attr.mode & 0o7777)?)
     }
 
     /// The bytes the content of the merged directory `src` would use in a volume,
@@ -106,7 +106,12 @@ impl Union {
             sec: t.sec,
             nsec: t.nsec,
         };
-        sys::fs::utimens_at(dst, name, at(attr.atime), at(attr.mtime))
+        Ok(sys::fs::utimens_at(
+            dst,
+            name,
+            at(attr.atime),
+            at(attr.mtime),
+        )?)
     }
 }
 

@@ -138,7 +138,7 @@ pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), Str
         for (i, comp) in comps.iter().enumerate() {
             let attr = match union.lookup(parent, comp) {
                 Ok(e) => e.attr,
-                Err(Errno::NOENT) => break,
+                Err(e) if e == Errno::NOENT => break,
                 Err(e) => return Err(format!("{what}: {target}: {e}")),
             };
             if attr.kind() != libc::S_IFDIR {
@@ -288,7 +288,7 @@ impl Union {
                 let e = match self.lookup(parent, comp) {
                     Ok(e) => e,
                     // Hidden by a whiteout or an opaque directory above the scaffold.
-                    Err(Errno::NOENT) if self.upper => self
+                    Err(e) if e == Errno::NOENT && self.upper => self
                         .mkdir(daemon_caller(), parent, comp, 0o755)
                         .map_err(|e| format!("{what}: creating {target}: {e}"))?,
                     Err(e) => return Err(format!("{what}: {target}: {e}")),
@@ -309,7 +309,7 @@ impl Union {
                     self.forget(e.attr.ino, 1);
                     return Err(format!("{what}: {target} is not a directory in the layers"));
                 }
-                Err(Errno::NOENT) => None,
+                Err(e) if e == Errno::NOENT => None,
                 Err(e) => return Err(format!("{what}: {target}: {e}")),
             };
             let root = self.layer(layer).map_err(|e| e.to_string())?.root.clone();
@@ -380,7 +380,7 @@ impl Union {
 
     fn graft_check_writable(&self, gi: usize) -> Result<()> {
         if self.grafts.list[gi].read_only {
-            Err(Errno::ROFS)
+            Err(Errno::ROFS.into())
         } else {
             Ok(())
         }

@@ -138,11 +138,11 @@ impl Union {
         let (inode, gi, p) = match (src, dst) {
             (None, None) => return None,
             (Some((inode, a)), Some((p, b))) if a == b => (inode, a, p),
-            _ => return Some(Err(Errno::XDEV)),
+            _ => return Some(Err(Errno::XDEV.into())),
         };
         Some((|| {
             if inode.is_dir() {
-                return Err(Errno::PERM);
+                return Err(Errno::PERM.into());
             }
             let pfd = self.graft_new_name(&p, gi, newname)?;
             let (src_dir, src_name, _) = self.entry_loc(&inode)?;
@@ -155,7 +155,10 @@ impl Union {
     /// of its ancestors.
     pub(crate) fn graft_remove(&self, parent: Ino, name: &OsStr, dir: bool) -> Option<Result<()>> {
         let Some((p, gi)) = self.graft_dir(parent) else {
-            return self.grafts.pinned(parent, name).then_some(Err(Errno::BUSY));
+            return self
+                .grafts
+                .pinned(parent, name)
+                .then_some(Err(Errno::BUSY.into()));
         };
         Some((|| {
             sys::fs::check_component(name)?;
@@ -165,8 +168,8 @@ impl Union {
             let st = sys::fs::stat_at(pfd.as_fd(), name)?;
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
             match (dir, is_dir) {
-                (true, false) => return Err(Errno::NOTDIR),
-                (false, true) => return Err(Errno::ISDIR),
+                (true, false) => return Err(Errno::NOTDIR.into()),
+                (false, true) => return Err(Errno::ISDIR.into()),
                 _ => {}
             }
             let child = self.inodes.by_identity(tagged_key(layer, &st));
@@ -216,11 +219,13 @@ impl Union {
             (None, None) => {
                 let busy =
                     self.grafts.pinned(parent, name) || self.grafts.pinned(newparent, newname);
-                return busy.then_some(Err(Errno::BUSY));
+                return busy.then_some(Err(Errno::BUSY.into()));
             }
             (Some((p, a)), Some((q, b))) if a == b => (p, q, a),
-            (None, Some(_)) if self.grafts.pinned(parent, name) => return Some(Err(Errno::BUSY)),
-            _ => return Some(Err(Errno::XDEV)),
+            (None, Some(_)) if self.grafts.pinned(parent, name) => {
+                return Some(Err(Errno::BUSY.into()));
+            }
+            _ => return Some(Err(Errno::XDEV.into())),
         };
         Some((|| {
             sys::fs::check_component(name)?;
@@ -233,7 +238,7 @@ impl Union {
             let dst_st = match sys::fs::stat_at(qfd.as_fd(), newname) {
                 Ok(st) => Some(st),
                 Err(Errno::NOENT) => None,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             let same = dst_st
                 .as_ref()

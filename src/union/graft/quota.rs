@@ -63,7 +63,7 @@ impl Union {
             }
         })?;
         if beyond_eof_kept && charge.is_some() {
-            return Err(Errno::OPNOTSUPP);
+            return Err(Errno::OPNOTSUPP.into());
         }
         Ok(charge)
     }
