@@ -155,12 +155,12 @@ impl Union {
         let src_dir = self.dir_fd(&parent, src_layer)?;
         let mut data = data;
         let flags = if inode.kind == libc::S_IFREG {
-            self.lower_flags_at(src_dir.as_fd(), &name)?
+            self.lower_flags_at(src_dir.as_fd(), name)?
         } else {
             0
         };
         if !inode.is_dir() {
-            let src = sys::fs::stat_at(src_dir.as_fd(), &name)?;
+            let src = sys::fs::stat_at(src_dir.as_fd(), name)?;
             if src.st_nlink > 1 && self.index.is_some() {
                 let data = if data == CopyData::No {
                     data
@@ -170,7 +170,7 @@ impl Union {
                 self.copy_up_linked(
                     inode,
                     &parent,
-                    &name,
+                    name,
                     src_layer,
                     (src.st_ino, src.st_nlink),
                     data,
@@ -186,12 +186,12 @@ impl Union {
         }
         let dst_dir = self.dir_fd(&parent, UPPER)?;
         self.publish_from_work(
-            |work, temp| self.stage_copy(inode, src_dir.as_fd(), &name, work, temp, data, None),
+            |work, temp| self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None),
             dst_dir.as_fd(),
-            &name,
+            name,
             RenameKind::NoReplace,
         )?;
-        let upper_stat = sys::fs::stat_at(dst_dir.as_fd(), &name)?;
+        let upper_stat = sys::fs::stat_at(dst_dir.as_fd(), name)?;
         // Recorded before the layers point at the copy: an open racing with this
         // copy-up checks what it opened against the identities (file.rs).
         self.inodes
@@ -199,7 +199,7 @@ impl Union {
         {
             let mut st = inode.state.write();
             if inode.is_dir() {
-                let fd = sys::fs::open_dir(dst_dir.as_fd(), &name)?;
+                let fd = sys::fs::open_dir(dst_dir.as_fd(), name)?;
                 st.layers.insert(
                     0,
                     LayerRef {
@@ -426,7 +426,7 @@ fn copy_extents(src: &File, dst: &File, size: u64) -> sys::SysResult<()> {
             Err(Errno::NXIO) => break,
             // No SEEK_DATA support: treat the rest as data.
             Err(Errno::INVAL) | Err(Errno::OPNOTSUPP) => offset,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         if start >= size {
             break;
@@ -454,7 +454,7 @@ fn copy_range(src: &File, dst: &File, start: u64, end: u64) -> sys::SysResult<u6
                 return copy_range_by_hand(src, dst, pos, end);
             }
             Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     Ok(pos)
@@ -484,7 +484,7 @@ pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> sys::SysResult<()
     let names = match sys::xattr::list(src) {
         Ok(n) => n,
         Err(Errno::OPNOTSUPP) => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     for name in names {
         // Override xattrs are the file's owner and mode: they travel with it.
@@ -494,14 +494,14 @@ pub(crate) fn copy_xattrs(src: Target<'_>, dst: Target<'_>) -> sys::SysResult<()
         let value = match sys::xattr::get(src, &name) {
             Ok(v) => v,
             Err(Errno::NODATA) => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         match sys::xattr::set(dst, &name, &value, 0) {
             Ok(()) => {}
             Err(e @ (Errno::OPNOTSUPP | Errno::PERM | Errno::ACCESS)) => {
                 log::warn!("copy-up: xattr {name:?} not copied: {e}");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     Ok(())

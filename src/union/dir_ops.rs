@@ -320,7 +320,7 @@ impl Union {
                     .pinned_if_detached()
                     .ok_or(Errno::NOENT)?,
             ),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         self.install(&p, newname, false, &mut |dir, n| {
             Ok(match &source {

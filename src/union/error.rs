@@ -112,7 +112,7 @@ pub trait WithContext<T> {
     fn doing(self, doing: &'static str) -> Result<T>;
     fn on(self, path: &OsStr) -> Result<T>;
     /// Names layer `idx` of `union` as the one the entry comes from.
-    fn from_layer(self, union: &Union, idx: LayerIdx) -> Result<T>;
+    fn in_layer_of(self, union: &Union, idx: LayerIdx) -> Result<T>;
 }
 
 impl<T, E: Into<Error>> WithContext<T> for std::result::Result<T, E> {
@@ -122,7 +122,7 @@ impl<T, E: Into<Error>> WithContext<T> for std::result::Result<T, E> {
     fn on(self, path: &OsStr) -> Result<T> {
         self.map_err(|e| e.into().on(path))
     }
-    fn from_layer(self, union: &Union, idx: LayerIdx) -> Result<T> {
+    fn in_layer_of(self, union: &Union, idx: LayerIdx) -> Result<T> {
         self.map_err(|e| union.error_from_layer(e.into(), idx))
     }
 }

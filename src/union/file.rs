@@ -97,7 +97,7 @@ impl Union {
                 let pinned = inode.state.read().pinned_if_detached();
                 sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         let in_upper = self.has_upper_data(&inode);
         let plain_rdwr = oflags == OFlags::RDWR;

@@ -214,7 +214,7 @@ impl Union {
                 match published {
                     Ok(()) => {}
                     Err(e) if e == Errno::EXIST => {}
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
         }

@@ -191,7 +191,7 @@ impl Union {
         let mut found: Option<Found> = None;
         for (pos, &idx) in refs.iter().enumerate() {
             let pfd = self.dir_fd(parent, idx)?;
-            let st = match probe(&pfd, name).from_layer(self, idx)? {
+            let st = match probe(&pfd, name).in_layer_of(self, idx)? {
                 Probe::WhitedOut => break,
                 Probe::Missing => continue,
                 Probe::Entry(st) => st,
@@ -220,10 +220,10 @@ impl Union {
                 }
                 break;
             }
-            let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), name).from_layer(self, idx)?);
+            let fd = Arc::new(sys::fs::open_dir(pfd.as_fd(), name).in_layer_of(self, idx)?);
             let marks = redirect::dir_marks(fd.as_fd(), idx < bottom)
                 .doing("reading a directory's redirect and opaque markers")
-                .from_layer(self, idx)?;
+                .in_layer_of(self, idx)?;
             let r = LayerRef {
                 layer: idx,
                 fd: Some(fd),
@@ -237,7 +237,7 @@ impl Union {
                         // below it hold the content at its redirect.
                         let path = self
                             .absolute_redirect(parent, value)
-                            .from_layer(self, idx)?;
+                            .in_layer_of(self, idx)?;
                         self.follow_redirect(&mut f, idx, &path)?;
                         f.chained = true;
                         return Ok(Some(f));
@@ -255,7 +255,7 @@ impl Union {
                     if let Some(value) = redirect {
                         let path = self
                             .absolute_redirect(parent, value)
-                            .from_layer(self, idx)?;
+                            .in_layer_of(self, idx)?;
                         f.chained = self.follow_redirect(&mut f, idx, &path)?;
                         f.redirect = Some(path);
                         return Ok(Some(f));
@@ -304,7 +304,7 @@ impl Union {
             let (fd, opaque) = match redirect::walk(self.layer(idx)?.root_fd(), &path)
                 .doing("following a redirect")
                 .on(&path)
-                .from_layer(self, idx)?
+                .in_layer_of(self, idx)?
             {
                 redirect::Walk::Dir { fd, opaque } => (fd, opaque),
                 redirect::Walk::Missing => continue,

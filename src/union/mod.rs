@@ -515,7 +515,7 @@ fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> sys::SysResult<Work
     let open_sub = |name: &OsStr| -> sys::SysResult<OwnedFd> {
         match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
             Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         sys::fs::open_dir(root.as_fd(), name)
     };
@@ -561,7 +561,7 @@ pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> sys
         Ok(()) => return Ok(()),
         Err(Errno::ISDIR) | Err(Errno::PERM) => {}
         Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
     let mut stack: Vec<(OwnedFd, std::ffi::OsString)> =
         vec![(sys::fs::open_dir(dir, name)?, name.to_os_string())];
@@ -574,7 +574,7 @@ pub(crate) fn remove_tree(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr) -> sys
                     subdir = Some(entry.name);
                     break;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         match subdir {

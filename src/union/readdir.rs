@@ -80,7 +80,7 @@ impl Union {
             let mut hidden_below = Vec::new();
             let listing = sys::fs::read_dir(fd.as_fd())
                 .doing("listing a directory")
-                .from_layer(self, idx)?;
+                .in_layer_of(self, idx)?;
             for raw in listing {
                 if raw.name == OPAQUE_MARKER {
                     continue;

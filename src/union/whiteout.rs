@@ -90,7 +90,7 @@ pub(crate) fn probe(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Probe> {
             Ok(_) => Ok(Probe::AufsWhiteout),
             Err(_) => Ok(Probe::Missing),
         },
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -116,7 +116,7 @@ pub fn dir_is_opaque_given(dir: BorrowedFd<'_>, xattr_names: &[OsString]) -> Sys
     match sys::fs::stat_at(dir, OsStr::new(OPAQUE_MARKER)) {
         Ok(_) => Ok(true),
         Err(Errno::NOENT) => Ok(false),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -179,7 +179,7 @@ pub fn mark_opaque(dir: BorrowedFd<'_>) -> SysResult<()> {
             log::warn!("opaque marker file not written ({e}); the xattr stands");
             Ok(())
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
