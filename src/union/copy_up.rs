@@ -34,13 +34,6 @@ pub(crate) enum CopyData {
 }
 
 impl Union {
-    pub(crate) fn is_in_upper(&self, inode: &Inode) -> bool {
-        if let Some(in_place) = self.graft_in_place(inode) {
-            return in_place;
-        }
-        self.upper && inode.state.read().top_layer() == Some(UPPER)
-    }
-
     /// Whether the upper copy holds the data too (it is no metadata-only copy).
     pub(crate) fn has_upper_data(&self, inode: &Inode) -> bool {
         let st = inode.state.read();
@@ -64,13 +57,14 @@ impl Union {
         self.copy_up_for(inode, data, Change::Modify)
     }
 
-    /// [`Union::copy_up`] for `change`: EPERM instead when the lower file's
-    /// append-only or immutable flag refuses it (see inode_flags.rs).
-    pub(crate) fn copy_up_for(&self, inode: &Inode, data: CopyData, change: Change) -> Result<()> {
-        self.check_writable()?;
-        if let Some(r) = self.graft_copy_up(inode) {
-            return r;
-        }
+    /// [`Union::copy_up_for`] of a merged entry: EPERM instead when the lower file's
+    /// append-only or immutable flag refuses `change` (see inode_flags.rs).
+    pub(crate) fn merged_copy_up(
+        &self,
+        inode: &Inode,
+        data: CopyData,
+        change: Change,
+    ) -> Result<()> {
         if !self.copied_enough(inode, data) {
             self.refuse_protected(inode, change)?;
         }

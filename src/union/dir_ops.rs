@@ -157,8 +157,8 @@ impl Union {
         Ok(self.owner.stored_stat(Target::Fd(fd.as_fd()), st))
     }
 
-    /// Creates and opens a regular file.
-    pub fn create(
+    /// [`Union::create`] in a merged directory.
+    pub(crate) fn merged_create(
         &self,
         caller: Caller,
         parent: Ino,
@@ -166,9 +166,6 @@ impl Union {
         mode: u32,
         flags: i32,
     ) -> Result<(Entry, u64, Arc<OpenFile>)> {
-        if let Some(r) = self.graft_create(caller, parent, name, mode) {
-            return r;
-        }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
@@ -208,10 +205,13 @@ impl Union {
         Ok((entry, fh, handle))
     }
 
-    pub fn mkdir(&self, caller: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Entry> {
-        if let Some(r) = self.graft_mkdir(caller, parent, name, mode) {
-            return r;
-        }
+    pub(crate) fn merged_mkdir(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<Entry> {
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, extra) = new_owner(caller, &self.parent_upper_stat(&p)?, true);
@@ -224,7 +224,7 @@ impl Union {
         self.entry_after_create(&p, name)
     }
 
-    pub fn mknod(
+    pub(crate) fn merged_mknod(
         &self,
         caller: Caller,
         parent: Ino,
@@ -232,9 +232,6 @@ impl Union {
         mode: u32,
         rdev: u64,
     ) -> Result<Entry> {
-        if let Some(r) = self.graft_mknod(caller, parent, name, mode, rdev) {
-            return r;
-        }
         let kind = mode & libc::S_IFMT;
         // A char device 0/0 is a whiteout in the overlay format: creating one would
         // make the name vanish. Kernel overlayfs refuses it the same way.
@@ -271,16 +268,13 @@ impl Union {
         self.entry_after_create(&p, name)
     }
 
-    pub fn symlink(
+    pub(crate) fn merged_symlink(
         &self,
         caller: Caller,
         parent: Ino,
         name: &OsStr,
         target: &OsStr,
     ) -> Result<Entry> {
-        if let Some(r) = self.graft_symlink(caller, parent, name, target) {
-            return r;
-        }
         let p = self.prepare_new_name(parent, name)?;
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
@@ -294,10 +288,7 @@ impl Union {
 
     /// Makes `newname` in `newparent` another name of `ino` (copied up first, so that
     /// both names share the upper file).
-    pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Entry> {
-        if let Some(r) = self.graft_link(ino, newparent, newname) {
-            return r;
-        }
+    pub(crate) fn merged_link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Entry> {
         let inode = self.inode(ino)?;
         if inode.is_dir() {
             return Err(Errno::PERM.into());
@@ -342,18 +333,8 @@ impl Union {
         Ok(sys::fs::readlink_at(pfd.as_fd(), &name)?)
     }
 
-    pub fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, false)
-    }
-
-    pub fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.remove(parent, name, true)
-    }
-
-    fn remove(&self, parent: Ino, name: &OsStr, dir: bool) -> Result<()> {
-        if let Some(r) = self.graft_remove(parent, name, dir) {
-            return r;
-        }
+    /// unlink (`dir` false) or rmdir in a merged directory.
+    pub(crate) fn merged_remove(&self, parent: Ino, name: &OsStr, dir: bool) -> Result<()> {
         self.check_writable()?;
         sys::fs::check_component(name)?;
         let p = self.inode(parent)?;
@@ -479,7 +460,7 @@ impl Union {
         }
     }
 
-    pub fn rename(
+    pub(crate) fn merged_rename(
         &self,
         parent: Ino,
         name: &OsStr,
@@ -487,9 +468,6 @@ impl Union {
         newname: &OsStr,
         mode: RenameMode,
     ) -> Result<()> {
-        if let Some(r) = self.graft_rename(parent, name, newparent, newname, mode) {
-            return r;
-        }
         self.check_writable()?;
         sys::fs::check_component(name)?;
         sys::fs::check_component(newname)?;

@@ -347,12 +347,8 @@ impl Union {
         Ok(false)
     }
 
-    /// Looks `name` up in `parent` and takes a kernel reference on the result.
-    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Entry> {
-        sys::fs::check_component(name)?;
-        if let Some(r) = self.graft_lookup(parent, name) {
-            return r;
-        }
+    /// [`Union::lookup`] in a merged directory (the name already checked).
+    pub(crate) fn merged_lookup(&self, parent: Ino, name: &OsStr) -> Result<Entry> {
         if whiteout::is_reserved_name(name) {
             return Err(Errno::NOENT.into());
         }

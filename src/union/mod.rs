@@ -53,6 +53,7 @@ mod acl;
 mod attr;
 mod copy_up;
 mod dir_ops;
+mod dispatch;
 mod error;
 mod file;
 mod graft;

@@ -122,10 +122,8 @@ impl Union {
         Ok(self.merge_listing(inode)?.is_empty())
     }
 
-    fn snapshot(&self, inode: &Inode) -> Result<Vec<DirEntry>> {
-        if let Some(r) = self.graft_snapshot(inode) {
-            return r;
-        }
+    /// [`Union::snapshot`] of a merged directory.
+    pub(crate) fn merged_snapshot(&self, inode: &Inode) -> Result<Vec<DirEntry>> {
         let mut entries = dot_entries(inode);
         // Upper entries here may carry an origin number: in a directory merged with
         // lower layers (copy-ups land there) or one marked impure.

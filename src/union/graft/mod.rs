@@ -30,6 +30,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::dispatch::{Backing, Route};
 use super::inode::{Inode, InodeState, LayerRef};
 use super::lookup::Found;
 use super::readdir::DirEntry;
@@ -359,26 +360,50 @@ impl Union {
         Ok(())
     }
 
-    /// The graft `inode` lies in, if any.
-    fn graft_index(&self, inode: &Inode) -> Option<usize> {
+    /// What backs `inode`: the union's layers, or the directory of graft `gi` (an
+    /// inode belongs to the graft whose layer holds it: grafts are the last layers).
+    pub(crate) fn backing(&self, inode: &Inode) -> Backing {
         if self.grafts.list.is_empty() {
-            return None;
+            return Backing::Merged;
         }
-        let top = inode.state.read().top_layer()?;
-        top.checked_sub(self.grafts.base)
-            .filter(|i| *i < self.grafts.list.len())
+        let graft = inode.state.read().top_layer().and_then(|top| {
+            top.checked_sub(self.grafts.base)
+                .filter(|i| *i < self.grafts.list.len())
+        });
+        match graft {
+            Some(gi) => Backing::Graft(gi),
+            None => Backing::Merged,
+        }
     }
 
-    fn graft_dir(&self, ino: Ino) -> Option<(Arc<Inode>, usize)> {
+    /// [`Union::backing`] of the inode numbered `ino`, with the inode when it is a
+    /// graft's. An inode the table does not hold is left to the union code, which
+    /// answers ESTALE for it.
+    pub(crate) fn route(&self, ino: Ino) -> Route {
         if self.grafts.list.is_empty() {
-            return None;
+            return Route::Merged;
         }
-        let inode = self.inode(ino).ok()?;
-        let gi = self.graft_index(&inode)?;
-        Some((inode, gi))
+        let Ok(inode) = self.inode(ino) else {
+            return Route::Merged;
+        };
+        match self.backing(&inode) {
+            Backing::Graft(gi) => Route::Graft(inode, gi),
+            Backing::Merged => Route::Merged,
+        }
     }
 
-    fn graft_check_writable(&self, gi: usize) -> Result<()> {
+    /// Whether `name` in `parent` is a graft point or leads to one: it cannot be
+    /// removed or renamed (EBUSY).
+    pub(crate) fn pins_a_graft(&self, parent: Ino, name: &OsStr) -> bool {
+        !self.grafts.list.is_empty() && self.grafts.pinned(parent, name)
+    }
+
+    /// The graft whose root is `name` in the merged directory `parent`, if any.
+    pub(crate) fn graft_point(&self, parent: Ino, name: &OsStr) -> Option<usize> {
+        self.grafts.point(parent, name)
+    }
+
+    pub(crate) fn graft_check_writable(&self, gi: usize) -> Result<()> {
         if self.grafts.list[gi].read_only {
             Err(Errno::ROFS.into())
         } else {
@@ -388,46 +413,33 @@ impl Union {
 
     /// Cache lifetime of `ino`'s attributes.
     pub fn attr_ttl(&self, ino: Ino) -> Duration {
-        match self.graft_dir(ino) {
-            Some(_) => GRAFT_TTL,
-            None => self.opts.ttl,
+        match self.route(ino) {
+            Route::Graft(..) => GRAFT_TTL,
+            Route::Merged => self.opts.ttl,
         }
     }
 
     /// Whether `ino` lies under a graft (its data may change behind the kernel's back).
     pub fn is_grafted(&self, ino: Ino) -> bool {
-        self.graft_dir(ino).is_some()
+        matches!(self.route(ino), Route::Graft(..))
     }
 
     /// Whether every write to `ino` must reach the daemon (it is size-limited), so
     /// that it cannot be opened with passthrough.
     pub fn io_needs_daemon(&self, ino: Ino) -> bool {
-        self.graft_dir(ino)
-            .is_some_and(|(_, gi)| self.grafts.list[gi].quota.is_some())
-    }
-
-    /// copy_up hook: a graft entry is written in place; `Some` for graft inodes.
-    pub(crate) fn graft_copy_up(&self, inode: &Inode) -> Option<Result<()>> {
-        let gi = self.graft_index(inode)?;
-        Some(self.graft_check_writable(gi))
-    }
-
-    /// is_in_upper hook: a writable graft entry is the copy all writers share.
-    pub(crate) fn graft_in_place(&self, inode: &Inode) -> Option<bool> {
-        let gi = self.graft_index(inode)?;
-        Some(!self.grafts.list[gi].read_only)
-    }
-
-    /// lookup hook: names in a graft directory, and graft points themselves.
-    pub(crate) fn graft_lookup(&self, parent: Ino, name: &OsStr) -> Option<Result<Entry>> {
-        if let Some((p, _)) = self.graft_dir(parent) {
-            return Some(self.graft_child(&p, name));
+        match self.route(ino) {
+            Route::Graft(_, gi) => self.grafts.list[gi].quota.is_some(),
+            Route::Merged => false,
         }
-        let gi = self.grafts.point(parent, name)?;
-        Some(self.graft_root_entry(gi, parent, name))
     }
 
-    fn graft_root_entry(&self, gi: usize, parent: Ino, name: &OsStr) -> Result<Entry> {
+    /// Whether graft `gi` is mounted read-only.
+    pub(crate) fn graft_read_only(&self, gi: usize) -> bool {
+        self.grafts.list[gi].read_only
+    }
+
+    /// The entry of graft `gi`'s root, as `name` in the merged directory `parent`.
+    pub(crate) fn graft_root_entry(&self, gi: usize, parent: Ino, name: &OsStr) -> Result<Entry> {
         let layer_idx = self.grafts.list[gi].layer;
         let layer = self.layer(layer_idx)?;
         let st = sys::fs::fstat(layer.root_fd())?;
@@ -459,7 +471,7 @@ impl Union {
     }
 
     /// Looks `name` up in the graft directory `p`, taking a kernel reference.
-    fn graft_child(&self, p: &Inode, name: &OsStr) -> Result<Entry> {
+    pub(crate) fn graft_child(&self, p: &Inode, name: &OsStr) -> Result<Entry> {
         sys::fs::check_component(name)?;
         let layer = p.state.read().top_layer().ok_or(Errno::STALE)?;
         let pfd = self.dir_fd(p, layer)?;
@@ -485,38 +497,36 @@ impl Union {
         })
     }
 
-    /// readdir hook for a graft directory: its plain listing (no whiteout logic).
-    pub(crate) fn graft_snapshot(&self, inode: &Inode) -> Option<Result<Vec<DirEntry>>> {
-        let gi = self.graft_index(inode)?;
-        Some((|| {
-            let layer = self.grafts.list[gi].layer;
-            let fd = self.dir_fd(inode, layer)?;
-            let dev = self.layer(layer)?.dev;
-            let mut entries = super::readdir::dot_entries(inode);
-            for raw in sys::fs::read_dir(fd.as_fd())? {
-                let key = (dev ^ ((layer as u64 + 1) << 56), raw.ino);
-                let ino = match self.inodes.by_identity(key) {
-                    Some(i) => i.ino,
-                    None => self.derived_ino(layer, raw.ino),
-                };
-                let kind = match raw.kind {
-                    0 => match sys::fs::stat_at(fd.as_fd(), &raw.name) {
-                        Ok(st) => st.st_mode & libc::S_IFMT,
-                        Err(_) => continue,
-                    },
-                    k => k,
-                };
-                let next_offset = entries.len() as u64 + 1;
-                entries.push(DirEntry {
-                    ino,
-                    next_offset,
-                    kind,
-                    name: raw.name,
-                    listed_in: None,
-                });
-            }
-            Ok(entries)
-        })())
+    /// The listing of the directory `inode` of graft `gi`: its plain listing (no
+    /// whiteout logic).
+    pub(crate) fn graft_snapshot(&self, inode: &Inode, gi: usize) -> Result<Vec<DirEntry>> {
+        let layer = self.grafts.list[gi].layer;
+        let fd = self.dir_fd(inode, layer)?;
+        let dev = self.layer(layer)?.dev;
+        let mut entries = super::readdir::dot_entries(inode);
+        for raw in sys::fs::read_dir(fd.as_fd())? {
+            let key = (dev ^ ((layer as u64 + 1) << 56), raw.ino);
+            let ino = match self.inodes.by_identity(key) {
+                Some(i) => i.ino,
+                None => self.derived_ino(layer, raw.ino),
+            };
+            let kind = match raw.kind {
+                0 => match sys::fs::stat_at(fd.as_fd(), &raw.name) {
+                    Ok(st) => st.st_mode & libc::S_IFMT,
+                    Err(_) => continue,
+                },
+                k => k,
+            };
+            let next_offset = entries.len() as u64 + 1;
+            entries.push(DirEntry {
+                ino,
+                next_offset,
+                kind,
+                name: raw.name,
+                listed_in: None,
+            });
+        }
+        Ok(entries)
     }
 
     /// readdir hook for a union directory holding graft points: each is listed (even
@@ -558,7 +568,7 @@ impl Union {
     /// statfs as seen from `ino`: under a graft, the volume's filesystem, its blocks
     /// capped by the size limit when there is one; elsewhere the union's.
     pub fn statfs_at(&self, ino: Ino) -> Result<StatFs> {
-        let Some((_, gi)) = self.graft_dir(ino) else {
+        let Route::Graft(_, gi) = self.route(ino) else {
             return self.statfs();
         };
         let graft = &self.grafts.list[gi];

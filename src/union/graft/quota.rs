@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::union::dispatch::Route;
 use crate::union::inode::Inode;
 use crate::union::{Errno, Ino, Result, Union};
 use crate::volume::quota::Quota;
@@ -18,7 +19,7 @@ impl Union {
         ino: Ino,
         new_size: impl FnOnce(u64) -> u64,
     ) -> Result<Option<QuotaCharge<'_>>> {
-        let Some((inode, gi)) = self.graft_dir(ino) else {
+        let Route::Graft(inode, gi) = self.route(ino) else {
             return Ok(None);
         };
         let Some(quota) = &self.grafts.list[gi].quota else {
