@@ -38,7 +38,7 @@ impl Union {
         let inode = self.inode(ino)?;
         let st = self.stat_inode(&inode)?;
         let mut attr = self.shown_attr(&inode, self.attr_of(&inode, &st));
-        if !inode.is_dir() && inode.state.read().layers.len() > 1 {
+        if inode.state.read().is_metacopy() {
             // A metadata-only copy occupies what its data does below.
             let (dir, name) = self.data_loc(&inode)?;
             attr.blocks = sys::fs::stat_at(dir.as_fd(), &name)?.st_blocks as u64;
@@ -61,9 +61,7 @@ impl Union {
     ) -> Result<Attr> {
         let same = {
             let state = inode.state.read();
-            !state.detached
-                && state.top_layer() == Some(layer)
-                && (inode.is_dir() || state.layers.len() == 1)
+            !state.detached && state.top_layer() == Some(layer) && !state.is_metacopy()
         };
         if same && st.st_mode & libc::S_IFMT == inode.kind {
             Ok(self.shown_attr(inode, self.attr_of(inode, st)))

@@ -37,7 +37,7 @@ impl Union {
     /// Whether the upper copy holds the data too (it is no metadata-only copy).
     pub(crate) fn has_upper_data(&self, inode: &Inode) -> bool {
         let st = inode.state.read();
-        self.upper && st.top_layer() == Some(UPPER) && (inode.is_dir() || st.layers.len() == 1)
+        self.upper && st.top_layer() == Some(UPPER) && !st.is_metacopy()
     }
 
     fn copied_enough(&self, inode: &Inode, data: CopyData) -> bool {

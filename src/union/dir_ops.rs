@@ -666,7 +666,7 @@ impl Union {
     /// An entry shown with its origin's number and moved into an upper-only directory
     /// makes that directory impure, so that listings read the number (see origin.rs).
     fn note_moved_in(&self, dir: &Inode, dir_fd: BorrowedFd<'_>, name: &OsStr, moved: &Inode) {
-        if dir.state.read().layers.len() > 1 {
+        if dir.state.read().merges_layers() {
             return;
         }
         let own_number = sys::fs::stat_at(dir_fd, name)

@@ -78,6 +78,9 @@ pub struct InodeState {
     /// Upper copies of lower hard-linked files: the links the file has outside
     /// every layer (see origin.rs), counted in the st_nlink it shows.
     pub outside_links: u32,
+    /// Whether the inode is a directory: what `layers` means depends on it. Set
+    /// once, by [`InodeTable::insert`] (an inode never changes type).
+    dir: bool,
 }
 
 /// Bound on the names remembered per hard-linked file: a layer or a client may make
@@ -143,7 +146,27 @@ impl InodeState {
             redirect: redirect.map(OsString::into_boxed_os_str),
             other_names: OtherNames::default(),
             outside_links: 0,
+            dir: false,
         }
+    }
+
+    /// A directory merging the content of more than one layer (a copied-up or
+    /// redirected one with lower content below, or a lower one over others).
+    pub fn merges_layers(&self) -> bool {
+        self.dir && self.layers.len() > 1
+    }
+
+    /// A metadata-only copy (see metacopy.rs): the layer below that holds its data.
+    /// Non-directories hold one layer, or exactly this second one.
+    pub fn metacopy_data_layer(&self) -> Option<LayerIdx> {
+        match self.dir {
+            true => None,
+            false => self.layers.get(1).map(|l| l.layer),
+        }
+    }
+
+    pub fn is_metacopy(&self) -> bool {
+        self.metacopy_data_layer().is_some()
     }
 
     /// After a copy-up or link-up: the entry now lives in the upper layer alone.
@@ -344,7 +367,8 @@ impl InodeTable {
     /// and free; otherwise the next reserved number is. Reserved numbers are handed
     /// out once each and no derived number reaches their range, so the loop ends at
     /// the latest on its second turn.
-    pub fn insert(&self, preferred: Ino, kind: u32, state: InodeState) -> Arc<Inode> {
+    pub fn insert(&self, preferred: Ino, kind: u32, mut state: InodeState) -> Arc<Inode> {
+        state.dir = kind == libc::S_IFDIR;
         let keys = state.keys.clone();
         let root_free = !self.inodes.contains_key(&ROOT_INO);
         let usable = |ino: Ino| {

@@ -541,7 +541,7 @@ impl Union {
     pub(crate) fn attr_of(&self, inode: &Inode, st: &Stat) -> Attr {
         let mut attr = attr_from_stat(inode.ino, st);
         let state = inode.state.read();
-        if inode.is_dir() && state.layers.len() > 1 {
+        if state.merges_layers() {
             attr.nlink = 1;
         }
         if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {

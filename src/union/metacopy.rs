@@ -80,7 +80,7 @@ impl Union {
             if st.detached {
                 return Err(Errno::NOENT.into());
             }
-            let data_layer = st.layers.get(1).map(|l| l.layer).ok_or(Errno::STALE)?;
+            let data_layer = st.metacopy_data_layer().ok_or(Errno::STALE)?;
             (st.parent, st.name.clone(), data_layer)
         };
         let parent = self.inode(parent_ino)?;
@@ -117,7 +117,7 @@ impl Union {
     pub(crate) fn open_data(&self, inode: &Inode, flags: OFlags) -> Result<File> {
         let (meta_only, layer) = {
             let st = inode.state.read();
-            (st.layers.len() > 1, st.top_layer().ok_or(Errno::NOENT)?)
+            (st.is_metacopy(), st.top_layer().ok_or(Errno::NOENT)?)
         };
         let (pfd, name) = self.data_loc(inode)?;
         let (file, st) = sys::fs::open_regular_at(pfd.as_fd(), &name, flags)?;
@@ -135,7 +135,7 @@ impl Union {
         &self,
         inode: &Inode,
     ) -> Result<(std::sync::Arc<std::os::fd::OwnedFd>, std::ffi::OsString)> {
-        let data_layer = inode.state.read().layers.get(1).map(|l| l.layer);
+        let data_layer = inode.state.read().metacopy_data_layer();
         let (pfd, name, _) = self.entry_loc(inode)?;
         match data_layer {
             Some(layer) if !inode.is_dir() => {

@@ -136,7 +136,7 @@ impl Union {
         };
         let origins_in = upper_fd
             .as_ref()
-            .filter(|fd| inode.state.read().layers.len() > 1 || self.is_impure(fd.as_fd()));
+            .filter(|fd| inode.state.read().merges_layers() || self.is_impure(fd.as_fd()));
         for m in self.merge_listing(inode)? {
             let dev = self.layer(m.layer)?.dev;
             // d_ino must equal the st_ino a lookup gives: the live inode's number when
