@@ -709,16 +709,13 @@ impl Filesystem for StrataFs {
         mut reply: ReplyDirectory,
     ) {
         let w = self.watch.start("readdir", _ino.0, None);
-        let entries = match self.engine.readdir(fh.0, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(self.fail(&w, e)),
-        };
-        for e in entries.iter().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), &e.name) {
-                break;
-            }
+        let done = self.engine.readdir_into(fh.0, offset, |e| {
+            reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), &e.name)
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -730,43 +727,23 @@ impl Filesystem for StrataFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let w = self.watch.start("readdirplus", ino.0, None);
-        let entries = match self.engine.readdir(fh.0, offset) {
-            Ok(e) => e,
-            Err(e) => return reply.error(self.fail(&w, e)),
-        };
-        for e in entries.iter().skip(offset as usize) {
-            // `.` and `..` carry no lookup reference (the kernel does not count them).
-            let looked_up = if e.name == "." || e.name == ".." {
-                self.engine
-                    .getattr(if e.name == "." { ino.0 } else { e.ino })
-                    .or_else(|_| self.engine.getattr(ino.0))
-                    .map(|a| (a, self.engine.attr_ttl(a.ino), false))
-            } else {
-                self.engine
-                    .lookup_listed(ino.0, e)
-                    .map(|en| (en.attr, en.ttl, true))
-            };
-            let (attr, ttl, counted) = match looked_up {
-                Ok(x) => x,
-                // Vanished since the snapshot: leave it out of this batch.
-                Err(_) => continue,
-            };
-            if reply.add(
-                INodeNo(attr.ino),
-                e.next_offset,
-                &e.name,
-                &ttl,
-                &file_attr(&attr),
-                Generation(0),
-            ) {
-                if counted {
-                    // Not sent: give the reference back.
-                    self.engine.forget(attr.ino, 1);
-                }
-                break;
-            }
+        let done = self
+            .engine
+            .readdirplus_into(ino.0, fh.0, offset, |e, attr, ttl| {
+                let attr = file_attr(attr);
+                reply.add(
+                    INodeNo(attr.ino.0),
+                    e.next_offset,
+                    &e.name,
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                )
+            });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(&w, e)),
         }
-        reply.ok();
     }
 
     fn releasedir(

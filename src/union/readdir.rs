@@ -13,12 +13,13 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use super::inode::Inode;
 use super::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
-use super::{Errno, Ino, Result, UPPER, Union, WithContext};
+use super::{Attr, Errno, Ino, Result, UPPER, Union, WithContext};
 use crate::sys;
 
 #[derive(Debug, Clone)]
@@ -193,6 +194,59 @@ impl Union {
             return Ok(fresh);
         }
         Ok(handle.entries.lock().clone())
+    }
+
+    /// Hands the entries of directory handle `fh` from `offset` on to `add`, until
+    /// `add` says the reply is full (returns true). Offsets are the engine's: an
+    /// entry's `next_offset` is where the next call resumes.
+    pub fn readdir_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> Result<()> {
+        let entries = self.readdir(fh, offset)?;
+        for e in entries.iter().skip(offset as usize) {
+            if add(e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// readdirplus of the directory `dir` through handle `fh`: as
+    /// [`Union::readdir_into`], each entry with its attributes and their cache
+    /// lifetime. Every entry but `.` and `..` is looked up, since the kernel takes a
+    /// reference on each one it is sent; the entry that no longer fits gives its
+    /// reference back. An entry gone since the snapshot is left out.
+    pub fn readdirplus_into(
+        &self,
+        dir: Ino,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, &Attr, Duration) -> bool,
+    ) -> Result<()> {
+        let entries = self.readdir(fh, offset)?;
+        for e in entries.iter().skip(offset as usize) {
+            let looked_up = if e.name == "." || e.name == ".." {
+                // Not counted by the kernel: no reference taken.
+                self.getattr(if e.name == "." { dir } else { e.ino })
+                    .or_else(|_| self.getattr(dir))
+                    .map(|a| (a, self.attr_ttl(a.ino), false))
+            } else {
+                self.lookup_listed(dir, e).map(|en| (en.attr, en.ttl, true))
+            };
+            let Ok((attr, ttl, counted)) = looked_up else {
+                continue;
+            };
+            if add(e, &attr, ttl) {
+                if counted {
+                    self.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) {
