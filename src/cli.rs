@@ -150,7 +150,9 @@ Unknown options are ignored with a warning, printed before any other error.
 Environment:
   STRATAFS_LOG             log filter (env_logger syntax: error, warn, info, debug,
                            trace, or per module: stratafs=debug); default warn, or
-                           debug with -d
+                           with -d debug: each request with its path, copy-ups,
+                           whiteouts, redirects (STRATAFS_LOG=debug adds fuser's
+                           raw request lines)
   STRATAFS_STATE_DIR       volume state directory (as --state-dir)
   FUSE_OVERLAYFS_DISABLE_OVL_WHITEOUT  if set, whiteouts are `.wh.NAME` files, never
                            char 0/0 devices (as for fuse-overlayfs)

@@ -18,8 +18,10 @@ fn init_logging(debug: bool, target: Option<&LogTarget>) -> Result<(), String> {
     // fuser warns when the mount is already gone at shutdown (an external unmount): not
     // news. A log was asked for to see why a mount ended: it gets info lines too
     // (the configuration, the signal that ended it, passthrough refused).
+    // `-d` logs each request with its path (fuse/adapter.rs); fuser's own request
+    // lines, by inode number, come with STRATAFS_LOG=debug.
     let level = match (debug, target.is_some()) {
-        (true, _) => "debug",
+        (true, _) => "debug,fuser::request=info",
         (false, true) => "info,fuser=error",
         (false, false) => "warn,fuser=error",
     };

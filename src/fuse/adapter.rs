@@ -64,7 +64,56 @@ impl StrataFs {
     }
 }
 
+/// Requests whose name is an xattr's, not an entry's.
+fn names_an_xattr(op: &str) -> bool {
+    matches!(op, "getxattr" | "setxattr" | "removexattr")
+}
+
 impl StrataFs {
+    /// Registers a request with the watchdog (and the accounting); at debug level,
+    /// logs it with the merged path it concerns.
+    fn start<'a>(&'a self, op: &'static str, ino: u64, name: Option<&'a OsStr>) -> Guard<'a> {
+        let req = self.watch.start(op, ino, name);
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!("{op} {}", self.describe(&req));
+        }
+        req
+    }
+
+    /// [`StrataFs::start`] of a request from (`ino`, `name`) to (`to_ino`, `to_name`).
+    fn start_to<'a>(
+        &'a self,
+        op: &'static str,
+        ino: u64,
+        name: Option<&'a OsStr>,
+        to_ino: u64,
+        to_name: &'a OsStr,
+    ) -> Guard<'a> {
+        let req = self.watch.start_to(op, ino, name, to_ino, to_name);
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!("{op} {}", self.describe(&req));
+        }
+        req
+    }
+
+    /// What a request concerns, for its log lines: `/a/b`, `/a/b -> /c`, or
+    /// `/a/b xattr user.x`.
+    fn describe(&self, req: &Guard<'_>) -> String {
+        let entry = match names_an_xattr(req.op) {
+            true => None,
+            false => req.name,
+        };
+        let mut out = self.engine.describe(req.ino, entry);
+        if let (true, Some(x)) = (names_an_xattr(req.op), req.name) {
+            out.push_str(&format!(" xattr {}", x.to_string_lossy()));
+        }
+        if let Some((to_ino, to_name)) = req.to {
+            out.push_str(" -> ");
+            out.push_str(&self.engine.describe(to_ino, Some(to_name)));
+        }
+        out
+    }
+
     /// The one place an engine error becomes the reply's errno. Every failed request
     /// gets a log line naming the operation, the merged path it concerns and the
     /// engine's context: at debug level for the answers clients expect (ENOENT,
@@ -77,14 +126,7 @@ impl StrataFs {
             log::Level::Warn
         };
         if log::log_enabled!(level) {
-            let path = self.engine.describe(req.ino, req.name);
-            match req.to {
-                Some((to_ino, to_name)) => {
-                    let to = self.engine.describe(to_ino, Some(to_name));
-                    log::log!(level, "{} {path} -> {to}: {err}", req.op)
-                }
-                None => log::log!(level, "{} {path}: {err}", req.op),
-            }
+            log::log!(level, "{} {}: {err}", req.op, self.describe(req));
         }
         Errno::from_i32(err.errno().raw_os_error())
     }
@@ -326,7 +368,7 @@ impl Filesystem for StrataFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let w = self.watch.start("lookup", parent.0, Some(name));
+        let w = self.start("lookup", parent.0, Some(name));
         match self.engine.lookup(parent.0, name) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -334,12 +376,12 @@ impl Filesystem for StrataFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _w = self.watch.start("forget", ino.0, None);
+        let _w = self.start("forget", ino.0, None);
         self.engine.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let w = self.watch.start("getattr", ino.0, None);
+        let w = self.start("getattr", ino.0, None);
         match self.engine.getattr(ino.0) {
             Ok(a) => reply.attr(&self.attr_ttl(ino.0), &file_attr(&a)),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -364,7 +406,7 @@ impl Filesystem for StrataFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let w = self.watch.start("setattr", ino.0, None);
+        let w = self.start("setattr", ino.0, None);
         let set = SetAttr {
             mode,
             uid,
@@ -397,7 +439,7 @@ impl Filesystem for StrataFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let w = self.watch.start("readlink", ino.0, None);
+        let w = self.start("readlink", ino.0, None);
         match self.engine.readlink(ino.0) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -414,7 +456,7 @@ impl Filesystem for StrataFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let w = self.watch.start("mknod", parent.0, Some(name));
+        let w = self.start("mknod", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self
             .engine
@@ -434,7 +476,7 @@ impl Filesystem for StrataFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let w = self.watch.start("mkdir", parent.0, Some(name));
+        let w = self.start("mkdir", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         match self.engine.mkdir(caller(req), parent.0, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
@@ -443,7 +485,7 @@ impl Filesystem for StrataFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.watch.start("unlink", parent.0, Some(name));
+        let w = self.start("unlink", parent.0, Some(name));
         match self.engine.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -451,7 +493,7 @@ impl Filesystem for StrataFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.watch.start("rmdir", parent.0, Some(name));
+        let w = self.start("rmdir", parent.0, Some(name));
         match self.engine.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -466,7 +508,7 @@ impl Filesystem for StrataFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let w = self.watch.start("symlink", parent.0, Some(link_name));
+        let w = self.start("symlink", parent.0, Some(link_name));
         match self
             .engine
             .symlink(caller(req), parent.0, link_name, target.as_os_str())
@@ -486,9 +528,7 @@ impl Filesystem for StrataFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let w = self
-            .watch
-            .start_to("rename", parent.0, Some(name), newparent.0, newname);
+        let w = self.start_to("rename", parent.0, Some(name), newparent.0, newname);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -515,9 +555,7 @@ impl Filesystem for StrataFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let w = self
-            .watch
-            .start_to("link", ino.0, None, newparent.0, newname);
+        let w = self.start_to("link", ino.0, None, newparent.0, newname);
         match self.engine.link(ino.0, newparent.0, newname) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -525,7 +563,7 @@ impl Filesystem for StrataFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let w = self.watch.start("open", ino.0, None);
+        let w = self.start("open", ino.0, None);
         if self.refuses_truncating_open(ino.0, flags.0) {
             return reply.error(self.fail(&w, union::Errno::TXTBSY.into()));
         }
@@ -559,7 +597,7 @@ impl Filesystem for StrataFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let w = self.watch.start("create", parent.0, Some(name));
+        let w = self.start("create", parent.0, Some(name));
         let mode = self.engine.creation_mode(parent.0, mode, umask);
         let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
         {
@@ -597,7 +635,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let w = self.watch.start("read", _ino.0, None);
+        let w = self.start("read", _ino.0, None);
         match self.engine.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -616,7 +654,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let w = self.watch.start("write", ino.0, None);
+        let w = self.start("write", ino.0, None);
         match self.engine.write(fh.0, offset, data) {
             Ok(n) => {
                 // The kernel sets the flag exactly when the writer lacks CAP_FSETID;
@@ -641,7 +679,7 @@ impl Filesystem for StrataFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("flush", _ino.0, None);
+        let _w = self.start("flush", _ino.0, None);
         reply.ok();
     }
 
@@ -655,7 +693,7 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("release", _ino.0, None);
+        let _w = self.start("release", _ino.0, None);
         if let Some((_, ino)) = self.exec_handles.remove(&fh.0) {
             self.exec_opens.remove_if_mut(&ino, |_, n| {
                 *n -= 1;
@@ -675,7 +713,7 @@ impl Filesystem for StrataFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let w = self.watch.start("fsync", _ino.0, None);
+        let w = self.start("fsync", _ino.0, None);
         match self.engine.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -683,7 +721,7 @@ impl Filesystem for StrataFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let w = self.watch.start("opendir", ino.0, None);
+        let w = self.start("opendir", ino.0, None);
         match self.engine.opendir(ino.0) {
             // Every change to a layered directory's listing arrives as a request on
             // it, which makes the kernel drop its cached copy: the listing may be
@@ -708,7 +746,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let w = self.watch.start("readdir", _ino.0, None);
+        let w = self.start("readdir", _ino.0, None);
         let done = self.engine.readdir_into(fh.0, offset, |e| {
             reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), &e.name)
         });
@@ -726,7 +764,7 @@ impl Filesystem for StrataFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let w = self.watch.start("readdirplus", ino.0, None);
+        let w = self.start("readdirplus", ino.0, None);
         let done = self
             .engine
             .readdirplus_into(ino.0, fh.0, offset, |e, attr, ttl| {
@@ -754,7 +792,7 @@ impl Filesystem for StrataFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("releasedir", _ino.0, None);
+        let _w = self.start("releasedir", _ino.0, None);
         self.engine.releasedir(fh.0);
         reply.ok();
     }
@@ -767,12 +805,12 @@ impl Filesystem for StrataFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _w = self.watch.start("fsyncdir", _ino.0, None);
+        let _w = self.start("fsyncdir", _ino.0, None);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let w = self.watch.start("statfs", ino.0, None);
+        let w = self.start("statfs", ino.0, None);
         match self.engine.statfs_at(ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -791,7 +829,7 @@ impl Filesystem for StrataFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let w = self.watch.start("setxattr", ino.0, Some(name));
+        let w = self.start("setxattr", ino.0, Some(name));
         match self.engine.setxattr(ino.0, name, value, flags) {
             Ok(()) => {
                 // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
@@ -806,7 +844,7 @@ impl Filesystem for StrataFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let w = self.watch.start("getxattr", ino.0, Some(name));
+        let w = self.start("getxattr", ino.0, Some(name));
         match self.engine.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -816,7 +854,7 @@ impl Filesystem for StrataFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let w = self.watch.start("listxattr", ino.0, None);
+        let w = self.start("listxattr", ino.0, None);
         match self.engine.listxattr(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -837,7 +875,7 @@ impl Filesystem for StrataFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.watch.start("removexattr", ino.0, Some(name));
+        let w = self.start("removexattr", ino.0, Some(name));
         match self.engine.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -845,7 +883,7 @@ impl Filesystem for StrataFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        let w = self.watch.start("access", ino.0, None);
+        let w = self.start("access", ino.0, None);
         // The mount always uses default_permissions, so the kernel checks access
         // itself; this only answers whether the inode still exists.
         match self.engine.getattr(ino.0) {
@@ -864,7 +902,7 @@ impl Filesystem for StrataFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let w = self.watch.start("fallocate", ino.0, None);
+        let w = self.start("fallocate", ino.0, None);
         match self.engine.fallocate(fh.0, offset, length, mode) {
             Ok(()) => {
                 self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
@@ -888,7 +926,7 @@ impl Filesystem for StrataFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let w = self.watch.start("ioctl", ino.0, None);
+        let w = self.start("ioctl", ino.0, None);
         let fsx = |d: &[u8]| {
             <[u8; FSXATTR_SIZE]>::try_from(d).map_err(|_| union::Error::from(union::Errno::INVAL))
         };
@@ -924,7 +962,7 @@ impl Filesystem for StrataFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let w = self.watch.start("lseek", _ino.0, None);
+        let w = self.start("lseek", _ino.0, None);
         match self.engine.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(self.fail(&w, e)),
@@ -944,7 +982,7 @@ impl Filesystem for StrataFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let w = self.watch.start("copy_file_range", _ino_in.0, None);
+        let w = self.start("copy_file_range", _ino_in.0, None);
         match self
             .engine
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)

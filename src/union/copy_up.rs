@@ -118,8 +118,17 @@ impl Union {
             )
         };
         log::debug!(
-            "copy-up {} from layer {src_layer} ({data:?})",
-            self.describe(inode.ino, None)
+            "copy-up {} from layer {src_layer} ({}){}",
+            self.describe(inode.ino, None),
+            self.layers
+                .get(src_layer)
+                .map_or(std::path::Path::new("?"), |l| &l.path)
+                .display(),
+            match data {
+                CopyData::Yes => "",
+                CopyData::No => ", without data",
+                CopyData::Meta => ", metadata only where allowed",
+            }
         );
         self.copy_up_from(inode, parent_ino, &name, src_layer, data)
             .map_err(|e| self.copy_up_context(e, inode, src_layer))

@@ -658,7 +658,10 @@ impl Union {
     fn redirect_before_move(&self, dir: &Inode) -> Result<std::ffi::OsString> {
         self.link_up_groups_under(dir)?;
         let origin = self.lower_path(dir)?;
-        log::debug!("redirect {} -> {origin:?}", self.describe(dir.ino, None));
+        log::debug!(
+            "redirect {}: lower content at {origin:?}",
+            self.describe(dir.ino, None)
+        );
         self.set_redirect(self.dir_fd(dir, UPPER)?.as_fd(), &origin)?;
         Ok(origin)
     }

@@ -379,3 +379,40 @@ fn a_failed_copy_up_is_logged_with_its_path_and_layer() {
         assert!(line.contains(part), "{part:?} missing in {line:?}");
     }
 }
+
+/// `-d` is how a user finds out what a mount did to their files: each request with
+/// the merged path it concerns, and the union's own steps (copy-ups, whiteouts,
+/// redirects) with theirs.
+#[test]
+fn debug_output_names_the_paths_of_requests_and_union_steps() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerSpec::new().file("d/f", "hi\n").file("g", "x\n")]);
+    let mut m = StrataMount::with_args(&l.rw_options(), &["-d"], &l.merged, &l.root);
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("d/f"))
+        .and_then(|mut f| f.write_all(b"more\n"))
+        .unwrap();
+    fs::remove_file(m.join("g")).unwrap();
+    fs::rename(m.join("d"), m.join("d3")).unwrap();
+    assert!(fs::metadata(m.join("missing")).is_err());
+    m.unmount();
+    let log = m.log_text();
+    for line in [
+        "open /d/f",
+        "copy-up /d/f from layer 1 (",
+        "unlink /g",
+        "whiteout /g",
+        "rename /d -> /d3",
+        "redirect /d: lower content at \"/d\"",
+        "lookup /missing: No such file or directory",
+    ] {
+        assert!(log.contains(line), "{line:?} not in the -d output:\n{log}");
+    }
+    assert!(
+        !log.contains("fuser::request"),
+        "-d shows requests by path, not fuser's raw lines:\n{log}"
+    );
+}
