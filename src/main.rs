@@ -95,6 +95,28 @@ impl Write for SyslogWriter {
     }
 }
 
+/// `stratafs umount`: like umount(8), then, as `docker run --rm` does before it
+/// returns, waits (a bounded while) for the mount's daemon to end its volume claims,
+/// so that a `:delete` volume is gone when the command returns. Mounts of the
+/// default volume store (or STRATAFS_STATE_DIR's) are waited for; a lazily detached
+/// busy mount ends later, by design.
+fn unmount(mountpoint: &std::path::Path, lazy: bool) -> i32 {
+    let daemons = stratafs::volume::Store::open(None)
+        .map(|store| stratafs::volume::claims::daemons_at(&store, mountpoint))
+        .unwrap_or_default();
+    let code = stratafs::fuse::unmount(mountpoint, lazy);
+    if code == 0
+        && !lazy
+        && !stratafs::volume::claims::wait_for_exit(&daemons, std::time::Duration::from_secs(10))
+    {
+        eprintln!(
+            "stratafs: {} unmounted; its daemon (pid {daemons:?}) is still releasing its volumes",
+            mountpoint.display()
+        );
+    }
+    code
+}
+
 fn main() -> ExitCode {
     // Nothing opened later may land on fds 0-2.
     process::ensure_stdio_open();
@@ -124,7 +146,7 @@ fn main() -> ExitCode {
                 1
             }
         },
-        Ok(Command::Umount { mountpoint, lazy }) => stratafs::fuse::unmount(&mountpoint, lazy),
+        Ok(Command::Umount { mountpoint, lazy }) => unmount(&mountpoint, lazy),
         Ok(Command::Volume(args)) => stratafs::volume::cli::run(&args),
         Ok(Command::Demo) => {
             let _ = init_logging(false, None);

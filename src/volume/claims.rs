@@ -180,6 +180,54 @@ pub fn claim(
     })
 }
 
+/// The daemons of the mount at `mountpoint` that hold volumes of `store` (none when
+/// it uses no volume of it, or the store cannot be read).
+pub fn daemons_at(store: &Store, mountpoint: &Path) -> Vec<u32> {
+    let Ok(at) = fs::canonicalize(mountpoint) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = store
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|v| v.users())
+        .filter(|u| fs::canonicalize(&u.mountpoint).is_ok_and(|p| p == at))
+        .map(|u| u.pid)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Waits, at most `limit`, until the processes `pids` have ended: a daemon ends its
+/// claims (and removes its `:delete` volumes) on its way out, after the kernel
+/// already let `umount` return. Whether they all ended.
+pub fn wait_for_exit(pids: &[u32], limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let alive = pids.iter().any(|pid| is_running(*pid));
+        if !alive {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has: a daemon started
+/// in the foreground stays one until its parent reaps it).
+fn is_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) S ...`: comm may hold spaces and parentheses, the state follows the last `)`.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+}
+
 /// The live mounts using the volume in `volume_dir`. Records of dead mounts are
 /// removed on the way.
 pub fn users(volume_dir: &Path) -> Vec<MountUse> {

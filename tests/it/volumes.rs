@@ -974,3 +974,31 @@ fn delete_reclaims_the_volume_a_mount_created_when_it_ends() {
         "{err}"
     );
 }
+
+/// As `docker run --rm`: when `stratafs umount` returns, the `:delete` volume of the
+/// mount is gone, not removed a moment later by the exiting daemon.
+#[test]
+fn umount_returns_once_a_delete_volume_is_removed() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let s = Scene::new(LayerSpec::new());
+    let mut m = s.mount("a", "volume=scratch:/data:delete");
+    // Enough entries that removing them takes the exiting daemon a while.
+    for i in 0..2000 {
+        fs::write(m.join(&format!("data/f{i}")), "x").unwrap();
+    }
+    let mountpoint = m.path().to_str().unwrap().to_string();
+    let (ok, _, err) = s.cli(&["umount", &mountpoint]);
+    assert!(ok, "{err}");
+    assert!(
+        !s.state.join("volumes").join("scratch").exists(),
+        "the volume is still there when umount returned"
+    );
+    let status = m.daemon_exited();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the daemon had not ended cleanly when umount returned: {status:?}\n{}",
+        m.output()
+    );
+}
