@@ -174,7 +174,7 @@ pub fn command() -> clap::Command {
         .subcommand(mount_command())
         .subcommand(
             with_help(base_command("umount"))
-                .about("Unmount a stratafs mount; a busy one only with --lazy")
+                .about("Unmount a stratafs mount (a busy one only with --lazy); returns once its daemon has released its volumes")
                 .arg(mountpoint_arg())
                 .arg(
                     Arg::new("lazy")
