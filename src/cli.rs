@@ -219,12 +219,47 @@ pub(crate) fn subcommand(path: &[&str]) -> Option<clap::Command> {
     Some(cmd.no_binary_name(true))
 }
 
-/// The names of the first-word subcommands.
+/// The first-word subcommands.
+const SUBCOMMANDS: [&str; 7] = [
+    "mount",
+    "umount",
+    "demo",
+    "volume",
+    "completions",
+    "man",
+    "help",
+];
+
 fn is_subcommand(word: &str) -> bool {
-    matches!(
-        word,
-        "mount" | "umount" | "demo" | "volume" | "completions" | "man" | "help"
-    )
+    SUBCOMMANDS.contains(&word)
+}
+
+/// A mistyped subcommand (`stratafs volum ls`) parses as the mount form's
+/// [SOURCE] MOUNTPOINT. Without any -o that form cannot mount, so when its first
+/// word is no existing path and is within two edits of a subcommand, the typo is
+/// what to report.
+fn mistyped_subcommand(args: &[OsString]) -> Option<CliError> {
+    let gives_options = args.iter().any(|a| {
+        let a = a.as_encoded_bytes();
+        a.starts_with(b"-o") || a.starts_with(b"--o")
+    });
+    let word = args.first()?.to_str()?;
+    if gives_options || word.starts_with('-') || std::path::Path::new(word).exists() {
+        return None;
+    }
+    let (distance, meant) = SUBCOMMANDS
+        .iter()
+        .map(|s| (strsim::levenshtein(word, s), s))
+        .min()?;
+    if distance > 2 {
+        return None;
+    }
+    Some(CliError::usage(
+        format!(
+            "unknown command '{word}' (did you mean '{meant}'?); to mount, give -o lowerdir=DIR"
+        ),
+        "stratafs",
+    ))
 }
 
 /// The help of the command `words` names (longest known prefix), as `--help` prints it.
@@ -661,6 +696,9 @@ fn single_mountpoint(m: &ArgMatches) -> PathBuf {
 }
 
 fn legacy_form(args: &[OsString], warnings: &mut Vec<String>) -> Result<Command, CliError> {
+    if let Some(e) = mistyped_subcommand(args) {
+        return Err(e);
+    }
     let m = get_matches(&[], args)?;
     let mut pos: Vec<PathBuf> = m
         .get_many::<PathBuf>("args")
@@ -1157,6 +1195,36 @@ mod tests {
             }
             Ok(c) => panic!("{v:?} unexpectedly gave {c:?}"),
         }
+    }
+
+    #[test]
+    fn a_mistyped_subcommand_is_named_with_what_was_meant() {
+        for (typo, meant) in [
+            (&["volum", "ls"][..], "volume"),
+            (&["moutn", "--lower", "x", "m"], "mount"),
+            (&["umont", "/nonexistent/m"], "umount"),
+            (&["dmeo"], "demo"),
+        ] {
+            let e = fail(typo);
+            assert_eq!(e.exit_code(), 2, "{typo:?}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("unknown command '{}'", typo[0]))
+                    && text.contains(&format!("did you mean '{meant}'")),
+                "{typo:?}: {text}"
+            );
+        }
+        // An existing directory is a mountpoint, whatever its name; with -o it mounts.
+        let d = Dirs::new();
+        let e = fail(&[&d.p("mnt")]);
+        assert!(!e.to_string().contains("unknown command"), "{e}");
+        let (c, ..) = mount(&[
+            "-o",
+            &format!("lowerdir={}", d.p("l1")),
+            "stratafs",
+            &d.p("mnt"),
+        ]);
+        assert_eq!(c.mountpoint, d.root.join("mnt"));
     }
 
     #[test]
