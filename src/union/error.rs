@@ -66,25 +66,16 @@ impl Error {
     /// Says what was being done, unless an inner step already did: the innermost
     /// context is the most precise one.
     pub fn doing(mut self, doing: &'static str) -> Error {
-        self.context.get_or_insert_with(|| {
-            Box::new(Context {
-                doing,
-                path: None,
-                layer: None,
-            })
-        });
+        let ctx = self.context_mut();
+        if ctx.doing.is_empty() {
+            ctx.doing = doing;
+        }
         self
     }
 
     /// Names the entry concerned, unless an inner step already did.
     pub fn on(mut self, path: &OsStr) -> Error {
-        let ctx = self.context.get_or_insert_with(|| {
-            Box::new(Context {
-                doing: "",
-                path: None,
-                layer: None,
-            })
-        });
+        let ctx = self.context_mut();
         if ctx.path.is_none() {
             ctx.path = Some(path.into());
         }
@@ -93,17 +84,22 @@ impl Error {
 
     /// Names the layer the entry comes from, unless an inner step already did.
     pub fn in_layer(mut self, idx: LayerIdx, dir: &std::path::Path) -> Error {
-        let ctx = self.context.get_or_insert_with(|| {
+        let ctx = self.context_mut();
+        if ctx.layer.is_none() {
+            ctx.layer = Some((idx, dir.into()));
+        }
+        self
+    }
+
+    /// The context, made empty on first use (allocated only on this failure path).
+    fn context_mut(&mut self) -> &mut Context {
+        self.context.get_or_insert_with(|| {
             Box::new(Context {
                 doing: "",
                 path: None,
                 layer: None,
             })
-        });
-        if ctx.layer.is_none() {
-            ctx.layer = Some((idx, dir.into()));
-        }
-        self
+        })
     }
 }
 

@@ -10,6 +10,22 @@ use std::process::{Command, Stdio};
 
 use crate::fixture::{self, LayerSpec, Layers, StrataMount, Tmpfs, errno_name, io_errno};
 
+/// An upper and a workdir on a tmpfs of `size` (kept mounted while the value
+/// lives), and the options of a mount of `l`'s lowers over them.
+fn small_upper(l: &Layers, size: &str) -> (Tmpfs, String) {
+    let small = Tmpfs::new(&l.root.join("small"), size);
+    for d in ["u", "w"] {
+        fs::create_dir(small.path.join(d)).unwrap();
+    }
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        l.lowerdir(),
+        small.path.join("u").display(),
+        small.path.join("w").display()
+    );
+    (small, options)
+}
+
 fn nlink(p: &Path) -> u64 {
     fs::symlink_metadata(p)
         .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
@@ -296,16 +312,7 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
         .unwrap();
     }
     // Upper and work on a 4 MiB filesystem: no room for a copy of either file.
-    let small = Tmpfs::new(&l.root.join("small"), "4m");
-    for d in ["u", "w"] {
-        fs::create_dir(small.path.join(d)).unwrap();
-    }
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        l.lowerdir(),
-        small.path.join("u").display(),
-        small.path.join("w").display()
-    );
+    let (_small, options) = small_upper(&l, "4m");
     let mut m = StrataMount::with_options(&options, &l.merged, &l.root);
     assert_eq!(nlink(&m.join("t/a/f0")), 2);
     if let Err(e) = fs::remove_dir_all(m.join("t/a")) {
@@ -342,16 +349,7 @@ fn a_failed_copy_up_is_logged_with_its_path_and_layer() {
     }
     let big = vec![7u8; 3 << 20];
     let l = Layers::new(&[LayerSpec::new().file("d/big", &big)]);
-    let small = Tmpfs::new(&l.root.join("small"), "1m");
-    for d in ["u", "w"] {
-        fs::create_dir(small.path.join(d)).unwrap();
-    }
-    let options = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        l.lowerdir(),
-        small.path.join("u").display(),
-        small.path.join("w").display()
-    );
+    let (_small, options) = small_upper(&l, "1m");
     let mut m = StrataMount::with_options(&options, &l.merged, &l.root);
     let err = OpenOptions::new()
         .append(true)
