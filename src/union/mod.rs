@@ -1,6 +1,9 @@
 //! The union engine: a merged, copy-on-write view of the layers, addressed by inode
 //! number like a FUSE filesystem but with no FUSE types. Every method returns
-//! `Result<T, Errno>`; nothing here panics on any input.
+//! `Result<T, Error>` ([`Error`]: the errno a request is answered with and what was
+//! being done, on which entry, from which layer); nothing here panics on any input.
+//! Requests that depend on what backs an entry (the layers, or a graft's
+//! directory) are routed once, in dispatch.rs.
 //!
 //! # LOCKING
 //!
