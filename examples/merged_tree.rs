@@ -1,37 +1,28 @@
 //! Prints the merged view of some layers without mounting anything: the union engine
-//! is a library.
+//! is a library. Uses only the public API (`stratafs::Engine`).
 //!
 //! Usage: cargo run --example merged_tree -- TOP_LAYER [LOWER_LAYER...]
 
-use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use stratafs::MountConfig;
-use stratafs::union::{Ino, ROOT_INO, Union};
+use stratafs::{Engine, Node};
 
-fn print_dir(u: &Union, ino: Ino, prefix: &str) -> Result<(), String> {
-    let fh = u
-        .opendir(ino)
-        .map_err(|e| format!("opendir {prefix}: {e}"))?;
-    let entries = u
-        .readdir(fh, 0)
-        .map_err(|e| format!("readdir {prefix}: {e}"))?;
-    u.releasedir(fh);
-    for e in entries.iter().filter(|e| e.name != "." && e.name != "..") {
-        let path = format!("{prefix}/{}", e.name.to_string_lossy());
-        let entry = u
-            .lookup(ino, OsStr::new(&e.name))
-            .map_err(|err| format!("{path}: {err}"))?;
-        let kind = entry.attr.kind();
+/// Prints `dir`'s entries and, depth first, those of its subdirectories. The depth
+/// is the tree's: a listing can only name what the layers hold.
+fn print_dir(dir: &Node<'_>, prefix: &Path) -> Result<(), stratafs::Error> {
+    for entry in dir.read_dir()? {
+        let path = prefix.join(&entry.name);
+        let node = dir.lookup(&entry.name)?;
+        let attr = node.attr()?;
         println!(
-            "{:o} {:>8} {path}",
-            entry.attr.mode & 0o7777,
-            entry.attr.size
+            "{:o} {:>8} {}",
+            attr.mode & 0o7777,
+            attr.size,
+            path.display()
         );
-        if kind == libc::S_IFDIR {
-            print_dir(u, entry.attr.ino, &path)?;
+        if attr.kind() == libc::S_IFDIR {
+            print_dir(&node, &path)?;
         }
-        u.forget(entry.attr.ino, 1);
     }
     Ok(())
 }
@@ -43,9 +34,14 @@ fn main() {
         std::process::exit(2);
     }
     // No upper layer: a read-only union, nothing on disk changes.
-    let config = MountConfig::new(layers, PathBuf::from("/"));
-    let result = Union::new(&config).and_then(|u| print_dir(&u, ROOT_INO, ""));
-    if let Err(e) = result {
+    let engine = match Engine::builder(layers).open() {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("merged_tree: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = print_dir(&engine.root(), Path::new("/")) {
         eprintln!("merged_tree: {e}");
         std::process::exit(1);
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stratafs::sys::process;
+use crate::sys::process;
 
 /// Builds the sample image: a base layer and an app layer that overrides and deletes.
 fn build_layers(root: &Path) -> std::io::Result<()> {
@@ -162,7 +162,7 @@ fn demo() -> Result<(), String> {
     println!("unmounting {}", merged.display());
     // A shell left inside the mount keeps it busy: detach it then (and say so) rather
     // than leave it behind.
-    stratafs::fuse::unmount(&merged, true);
+    crate::fuse::unmount(&merged, true);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

@@ -20,12 +20,13 @@ pub struct Layer {
     /// index of the layer's filesystem among the distinct filesystems of the mount,
     /// in the top bits.
     pub ino_bits: u64,
-    pub writable: bool,
 }
 
 impl Layer {
-    pub fn open(path: &Path, writable: bool) -> SysResult<Layer> {
-        Layer::with_root(path, sys::fs::open_root(path)?, writable)
+    /// A layer reached through its path as given (upper, graft, scaffold): whether
+    /// it may be written is the union's to decide, per request.
+    pub fn open(path: &Path) -> SysResult<Layer> {
+        Layer::with_root(path, sys::fs::open_root(path)?)
     }
 
     /// A lower layer of the merged tree: its root as a private copy of its own
@@ -38,17 +39,16 @@ impl Layer {
                 path.display()
             );
         }
-        Layer::with_root(path, root, false)
+        Layer::with_root(path, root)
     }
 
-    fn with_root(path: &Path, root: OwnedFd, writable: bool) -> SysResult<Layer> {
+    fn with_root(path: &Path, root: OwnedFd) -> SysResult<Layer> {
         let st = sys::fs::fstat(root.as_fd())?;
         Ok(Layer {
             path: path.to_path_buf(),
             root: Arc::new(root),
             dev: st.st_dev,
             ino_bits: 0,
-            writable,
         })
     }
 

@@ -9,8 +9,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use libfuzzer_sys::fuzz_target;
-use stratafs::union::override_stat;
-use stratafs::union::whiteout::{
+use stratafs::testing::codecs::override_stat;
+use stratafs::testing::codecs::whiteout::{
     OPAQUE_MARKER, WHITEOUT_PREFIX, is_opaque_value, is_private_xattr, is_reserved_name,
     is_whiteout_stat, whiteout_name, whiteout_target,
 };

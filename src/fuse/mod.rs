@@ -18,7 +18,7 @@ use crate::config::MountConfig;
 use crate::sys::Errno;
 use crate::sys::mount;
 use crate::sys::process::{self, Forked};
-use crate::union::Union;
+use crate::union::{Setup, Union};
 pub use adapter::StrataFs;
 use stats::RequestStats;
 
@@ -226,9 +226,9 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     };
     process::clear_umask();
     process::tune_allocator();
-    let engine = match Union::new(config) {
+    let engine = match Union::new(config, &Setup::for_mount()) {
         Ok(e) => Arc::new(e),
-        Err(msg) => return fail(report, msg),
+        Err(e) => return fail(report, e.to_string()),
     };
     // Signals are taken by one thread (below); every thread started from here on
     // inherits the block.

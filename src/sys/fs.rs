@@ -426,12 +426,6 @@ pub fn fsync(file: &File, data_only: bool) -> SysResult<()> {
     }
 }
 
-/// fsync of a directory given by an O_PATH handle (O_PATH fds cannot be synced).
-pub fn fsync_dir(dir: BorrowedFd<'_>) -> SysResult<()> {
-    let fd = open_dir_for_listing(dir)?;
-    rustix::fs::fsync(&fd)
-}
-
 pub fn ftruncate(file: &File, len: u64) -> SysResult<()> {
     rustix::fs::ftruncate(file, len)
 }

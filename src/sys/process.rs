@@ -15,14 +15,31 @@ pub enum Forked {
 }
 
 /// Forks the process, connecting parent and child with a pipe through which the
-/// child reports whether the mount came up.
-///
-/// Must be called while the process is single-threaded: after fork only the calling
-/// thread exists in the child, so any other thread's locks would stay held forever.
+/// child reports whether the mount came up. Refused (EBUSY) unless the process is
+/// single-threaded: after fork only the calling thread exists in the child, so any
+/// other thread's locks would stay held forever. The check is what makes this safe
+/// to call: with one thread, none can be started between the check and the fork.
 pub fn fork_with_pipe() -> SysResult<Forked> {
+    if thread_count()? != 1 {
+        return Err(rustix::io::Errno::BUSY);
+    }
+    // SAFETY: the process has one thread (checked above, and only this thread could
+    // start another), the condition under which fork in a Rust program is sound.
+    unsafe { fork_single_threaded() }
+}
+
+/// Threads of this process, from /proc/self/task (one directory per thread).
+fn thread_count() -> SysResult<usize> {
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))?;
+    Ok(tasks.count())
+}
+
+/// # Safety
+/// The process must be single-threaded.
+unsafe fn fork_single_threaded() -> SysResult<Forked> {
     let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    // SAFETY: the caller guarantees no other thread exists, which is the condition
-    // under which fork in a Rust program is sound.
+    // SAFETY: the caller guarantees no other thread exists.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(rustix::io::Errno::from_raw_os_error(errno()));
@@ -106,6 +123,13 @@ pub fn ensure_stdio_open() {
 /// caller's umask), so the daemon's own umask is cleared.
 pub fn clear_umask() {
     rustix::process::umask(rustix::fs::Mode::empty());
+}
+
+/// The current (soft) open-file limit, changing nothing.
+pub fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
 }
 
 /// Raises the open-file limit as far as this process may: to the system's ceiling
@@ -283,11 +307,6 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Detaches the mount at `path` (lazy unmount), for shutdown on a signal.
-pub fn lazy_unmount(path: &std::path::Path) -> SysResult<()> {
-    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
 }
 
 /// f_type of the filesystem holding `path` (used to wait for a mount to be live).

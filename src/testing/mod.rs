@@ -19,3 +19,23 @@ pub use layers::Scenario;
 pub use model::Model;
 pub use ops::{Op, RelPath, RenameFlag, p};
 pub use runner::{Checks, EngineSubject, Subject, check_sequence, run_engine};
+
+/// The engine's request API, as the FUSE adapter drives it, for the tests that call
+/// it directly (tests/it/engine.rs, graft_engine.rs). Not the library's public API
+/// ([`crate::Engine`] is), which is why it is only here.
+pub mod engine {
+    pub use crate::union::{
+        Caller, DEFAULT_TTL, Errno, GRAFT_TTL, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union,
+    };
+}
+
+/// The on-disk codecs, for the fuzz target that feeds them hostile bytes.
+pub mod codecs {
+    pub use crate::union::{override_stat, whiteout};
+}
+
+/// Inodes the engine behind `engine` holds (the root included): what dropped
+/// [`crate::Node`] and [`crate::File`] handles must have given back.
+pub fn held_inodes(engine: &crate::Engine) -> usize {
+    engine.union.inode_count()
+}

@@ -19,7 +19,7 @@ use super::model::{Kind, Model, OpResult, Outcome, SnapEntry, Snapshot, StatView
 use super::ops::{self, Op, RelPath, RenameFlag};
 use crate::MountConfig;
 use crate::union::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
-use crate::union::{Attr, Caller, Errno, Ino, ROOT_INO, RenameMode, SetAttr, Union};
+use crate::union::{Attr, Caller, Errno, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union};
 
 /// A system the model is compared with: the engine, or a mounted filesystem.
 pub trait Subject {
@@ -146,7 +146,7 @@ struct OpenHandle {
 impl EngineSubject {
     pub fn new(scenario: &Scenario) -> Result<EngineSubject, String> {
         let ws = Workspace::new(scenario)?;
-        let union = Union::new(&ws.config())?;
+        let union = Union::new(&ws.config(), &Setup::for_mount()).map_err(|e| e.to_string())?;
         Ok(EngineSubject {
             ws,
             union: Some(union),
@@ -469,7 +469,9 @@ impl EngineSubject {
                 }
                 self.forget_all();
                 self.union = None;
-                self.union = Some(Union::new(&self.ws.config()).map_err(|_| Errno::IO)?);
+                self.union = Some(
+                    Union::new(&self.ws.config(), &Setup::for_mount()).map_err(|_| Errno::IO)?,
+                );
                 Ok(Outcome::Done)
             }
         }

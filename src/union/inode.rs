@@ -400,10 +400,6 @@ impl InodeTable {
         }
     }
 
-    pub fn add_lookup(&self, inode: &Inode) {
-        inode.lookups.fetch_add(1, Ordering::AcqRel);
-    }
-
     /// Finds the inode standing for `key` and takes a kernel reference on it. The
     /// count is raised while the table's shard guard is held, so a concurrent
     /// `forget` either sees the new reference or has already removed the inode
@@ -454,10 +450,6 @@ impl InodeTable {
         self.inodes.shrink_to_fit();
         self.identity.shrink_to_fit();
         self.fd_cache.lock().shrink_to_fit();
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inodes.is_empty()
     }
 }
 

@@ -70,6 +70,7 @@ pub mod override_stat;
 mod owner;
 mod readdir;
 mod redirect;
+mod setup;
 pub mod whiteout;
 mod xattr;
 
@@ -81,20 +82,19 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::config::MountConfig;
-use crate::layer::{Layer, LayerIdx, assign_ino_bits};
+use crate::layer::{Layer, LayerIdx};
 use crate::sys;
 pub use crate::sys::Errno;
-use crate::sys::xattr::Target;
 pub use acl::PrivChange;
 pub use file::OpenFile;
+#[cfg(feature = "testing")]
 pub use graft::GRAFT_TTL;
+use inode::InodeTable;
 pub use inode::{Ino, ROOT_INO};
-use inode::{InodeState, InodeTable, LayerRef};
-pub use readdir::DirEntry;
 use whiteout::{WhiteoutStyle, XattrNs};
 
 pub use error::{Error, Result, WithContext};
+pub use setup::{Setup, SetupError, StaleWork};
 
 pub type StaleAttrHook = Box<dyn Fn(Ino) + Send + Sync>;
 
@@ -107,6 +107,8 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The credentials the model tests and fuzz targets act with.
+    #[cfg(feature = "testing")]
     pub const ROOT: Caller = Caller {
         uid: 0,
         gid: 0,
@@ -253,120 +255,6 @@ pub(crate) const UPPER: LayerIdx = 0;
 const DESCRIBE_MAX_DEPTH: usize = 2048;
 
 impl Union {
-    /// Opens the layers of `config` and prepares the work directory. Fails with a
-    /// message naming the path when a layer cannot be used.
-    pub fn new(config: &MountConfig) -> std::result::Result<Union, String> {
-        let mut layers = Vec::new();
-        if let Some(upper) = &config.upperdir {
-            layers.push(
-                Layer::open(upper, true)
-                    .map_err(|e| format!("upperdir {}: {e}", upper.display()))?,
-            );
-        }
-        for lower in &config.lowerdirs {
-            layers.push(
-                Layer::open_lower(lower)
-                    .map_err(|e| format!("lowerdir {}: {e}", lower.display()))?,
-            );
-        }
-        if layers.is_empty() {
-            return Err("no layers given".into());
-        }
-        graft::check_targets(config)?;
-        let mut prepared = graft::prepare(config)?;
-        layers.extend(prepared.scaffold.take());
-        let graft_base = layers.len();
-        layers.append(&mut prepared.layers);
-        assign_ino_bits(&mut layers);
-        let upper = config.upperdir.is_some();
-        let workdir = match (&config.upperdir, &config.workdir) {
-            (Some(_), Some(workdir)) => Some(
-                prepare_workdir(workdir, config.aufs_whiteouts)
-                    .map_err(|e| format!("workdir {}: {e}", workdir.display()))?,
-            ),
-            (Some(_), None) => return Err("upperdir needs a workdir".into()),
-            _ => None,
-        };
-        let whiteout_style = workdir
-            .as_ref()
-            .map_or(WhiteoutStyle::CharDevice, |w| w.whiteout_style);
-        let xattr_ns = workdir.as_ref().map_or(XattrNs::User, |w| w.xattr_ns);
-        let (work, index) = match workdir {
-            Some(w) => (Some(Arc::new(w.work)), Some(Arc::new(w.index))),
-            None => (None, None),
-        };
-        let hardlinks = hardlink::AliasMaps::new(layers.len());
-        let nofile = sys::process::raise_nofile_limit();
-        let opts = Options {
-            read_only: config.read_only(),
-            syncs: config.syncs(),
-            ttl: config.timeout.unwrap_or(DEFAULT_TTL),
-            xattrs: !config.noxattrs,
-            redirect_dir: config.redirect_dir.as_deref() != Some("off"),
-            metacopy: config.metacopy,
-            acl: !config.noacl,
-            noatime: config.fuse.atime == Some(false),
-        };
-        let owner = owner::OwnerPolicy::new(config, &layers);
-        let mut union = Union {
-            layers,
-            upper,
-            work,
-            index,
-            whiteout_style,
-            xattr_ns,
-            hardlinks,
-            inodes: InodeTable::new(nofile / 2),
-            files: DashMap::new(),
-            dirs: DashMap::new(),
-            next_handle: AtomicU64::new(1),
-            next_temp: AtomicU64::new(1),
-            reflink: std::sync::atomic::AtomicBool::new(true),
-            pid: std::process::id(),
-            opts,
-            owner,
-            stale_attr_hook: std::sync::OnceLock::new(),
-            grafts: graft::Grafts::new(graft_base),
-        };
-        union
-            .insert_root()
-            .map_err(|e| format!("layer roots: {e}"))?;
-        union.install_grafts(config, prepared)?;
-        if !union.opts.read_only {
-            if let Err(e) = union.finish_interrupted_link_ups() {
-                log::warn!("finishing interrupted hard-link copy-ups: {e}");
-            }
-        }
-        Ok(union)
-    }
-
-    fn insert_root(&self) -> Result<()> {
-        let mut refs = Vec::new();
-        // Graft layers are not part of the merged tree; they hang off graft points.
-        let union_layers = &self.layers[..self.grafts.base];
-        for (idx, layer) in union_layers.iter().enumerate() {
-            refs.push(LayerRef {
-                layer: idx,
-                fd: Some(layer.root.clone()),
-            });
-            // An opaque lower root hides the layers below it, as for any directory.
-            if idx + 1 < union_layers.len() && whiteout::dir_is_opaque(layer.root_fd())? {
-                break;
-            }
-        }
-        let top = &self.layers[0];
-        let st = sys::fs::fstat(top.root_fd())?;
-        let state = InodeState::new(
-            ROOT_INO,
-            Default::default(),
-            refs,
-            vec![(st.st_dev, st.st_ino)],
-            None,
-        );
-        self.inodes.insert(ROOT_INO, libc::S_IFDIR, state);
-        Ok(())
-    }
-
     pub fn options(&self) -> &Options {
         &self.opts
     }
@@ -387,10 +275,6 @@ impl Union {
         if let Some(hook) = self.stale_attr_hook.get() {
             hook(ino);
         }
-    }
-
-    pub fn has_upper(&self) -> bool {
-        self.upper
     }
 
     /// Number of inodes the kernel currently holds (for tests and diagnostics).
@@ -497,63 +381,6 @@ impl Union {
             ino
         }
     }
-}
-
-/// What the work directory gives a writable mount.
-struct Workdir {
-    /// `workdir/work`: staging for copy-ups and new entries; emptied at mount (a crash
-    /// during a copy-up leaves only staged copies there, never user data).
-    work: OwnedFd,
-    /// `workdir/index`: copies of lower hard-link groups while their names are being
-    /// linked up; kept across mounts so an interrupted link-up is finished later.
-    index: OwnedFd,
-    whiteout_style: WhiteoutStyle,
-    xattr_ns: XattrNs,
-}
-
-/// Prepares `workdir/work` and `workdir/index`, and probes what this process may
-/// write: char-device whiteouts (unless `aufs` asks for `.wh.` files anyway),
-/// trusted.* xattrs.
-fn prepare_workdir(workdir: &std::path::Path, aufs: bool) -> sys::SysResult<Workdir> {
-    let root = sys::fs::open_root(workdir)?;
-    let open_sub = |name: &OsStr| -> sys::SysResult<OwnedFd> {
-        match sys::fs::mkdir_at(root.as_fd(), name, 0o700) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e),
-        }
-        sys::fs::open_dir(root.as_fd(), name)
-    };
-    let work = open_sub(OsStr::new("work"))?;
-    for entry in sys::fs::read_dir(work.as_fd())? {
-        remove_tree(work.as_fd(), &entry.name)?;
-    }
-    let index = open_sub(OsStr::new("index"))?;
-    let probe = OsStr::new("#stratafs-whiteout-probe");
-    let whiteout_style = if aufs {
-        WhiteoutStyle::AufsFile
-    } else {
-        match sys::fs::mknod_at(work.as_fd(), probe, libc::S_IFCHR, 0) {
-            Ok(()) => {
-                let _ = sys::fs::unlink_at(work.as_fd(), probe);
-                WhiteoutStyle::CharDevice
-            }
-            Err(_) => WhiteoutStyle::AufsFile,
-        }
-    };
-    let trusted_probe = XattrNs::Trusted.own("probe");
-    let xattr_ns = match sys::xattr::set(Target::Fd(work.as_fd()), &trusted_probe, b"y", 0) {
-        Ok(()) => {
-            let _ = sys::xattr::remove(Target::Fd(work.as_fd()), &trusted_probe);
-            XattrNs::Trusted
-        }
-        Err(_) => XattrNs::User,
-    };
-    Ok(Workdir {
-        work,
-        index,
-        whiteout_style,
-        xattr_ns,
-    })
 }
 
 /// Removes `name` under `dir` and everything below it without following symlinks.

@@ -175,14 +175,6 @@ impl Quota {
         self.update(|used, _| Ok(used)).unwrap_or(0)
     }
 
-    /// Recounts the volume and stores the result.
-    pub fn rescan(&self) -> SysResult<u64> {
-        let start = Instant::now();
-        let used = self.update(|_, _| scan_usage(self.root.as_fd()))?;
-        *self.last_rescan.lock() = Some((Instant::now(), start.elapsed()));
-        Ok(used)
-    }
-
     /// Reserves `grow` bytes, or fails with ENOSPC when that would pass the limit
     /// (after a recount, in case files were removed behind the ledger's back).
     pub fn reserve(&self, grow: u64) -> SysResult<()> {

@@ -318,10 +318,6 @@ impl Store {
         Ok(Store { root })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-
     fn volumes_dir(&self) -> PathBuf {
         self.root.join(VOLUMES)
     }

@@ -10,6 +10,7 @@ mod fixture;
 mod graft_engine;
 mod hostile;
 mod inode_flags;
+mod library;
 mod model;
 mod mounted;
 mod posix;

@@ -34,7 +34,7 @@ use super::dispatch::{Backing, Route};
 use super::inode::{Inode, InodeState, LayerRef};
 use super::lookup::Found;
 use super::readdir::DirEntry;
-use super::{Caller, Entry, Errno, Ino, ROOT_INO, Result, StatFs, Union};
+use super::{Caller, Entry, Errno, Ino, ROOT_INO, Result, Setup, StatFs, Union};
 use crate::config::{GraftSource, MountConfig};
 use crate::layer::{Layer, LayerIdx};
 use crate::sys::{self, fs::Stat};
@@ -116,7 +116,10 @@ fn graft_name(source: &GraftSource) -> String {
 /// so a refused mount leaves nothing behind. A missing component is fine (it is
 /// created later); one that is not a directory is not. `install_grafts` meets the
 /// same refusals should the layers change in between.
-pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), String> {
+pub(crate) fn check_targets(
+    config: &MountConfig,
+    setup: &Setup,
+) -> std::result::Result<(), String> {
     if config.grafts.is_empty() {
         return Ok(());
     }
@@ -130,7 +133,7 @@ pub(crate) fn check_targets(config: &MountConfig) -> std::result::Result<(), Str
     view.upperdir = None;
     view.workdir = None;
     view.grafts.clear();
-    let union = Union::new(&view)?;
+    let union = Union::new(&view, setup).map_err(|e| e.to_string())?;
     for spec in &config.grafts {
         let what = graft_name(&spec.source);
         let target = spec.target.display();
@@ -233,8 +236,7 @@ pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, Str
                 (vol.data_dir(), Some((vol, lock)))
             }
         };
-        let layer = Layer::open(&path, writable_mount && !spec.read_only)
-            .map_err(|e| format!("{what}: {}: {e}", path.display()))?;
+        let layer = Layer::open(&path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
         prepared.layers.push(layer);
         prepared.volumes.push(volume);
     }

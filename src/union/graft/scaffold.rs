@@ -49,7 +49,7 @@ impl Scaffold {
                 .create(dir.path().join(rel))
                 .map_err(|e| format!("graft scaffold for {}: {e}", spec.target.display()))?;
         }
-        let layer = Layer::open(dir.path(), false).map_err(|e| fail(&e))?;
+        let layer = Layer::open(dir.path()).map_err(|e| fail(&e))?;
         Ok((
             layer,
             Scaffold {
