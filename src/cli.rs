@@ -25,7 +25,7 @@ use crate::options::{self, OptionsError, ParsedOptions};
 
 /// Where a mount's daemon logs, if not to stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogTarget {
+pub(crate) enum LogTarget {
     /// `log=FILE`, made absolute (the daemon changes directory).
     File(PathBuf),
     /// `log=syslog`: datagrams to /dev/log. A file named `syslog` is `log=./syslog`.
@@ -36,7 +36,7 @@ pub enum LogTarget {
 // Built once per process; boxing the config would only complicate matching.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// Mount a validated configuration. `debug` is `-d`, `--debug` or `-o debug`;
     /// `foreground` is `-f` or `-d`.
     Mount {
@@ -62,7 +62,7 @@ pub enum Command {
 /// shown even when validation fails afterwards: a misspelt option is usually why a
 /// later check fails (`upperdr=` makes `workdir=` look like it lacks an upperdir).
 #[derive(Debug)]
-pub struct Invocation {
+pub(crate) struct Invocation {
     /// One line each, without the `stratafs: warning: ` prefix; printed first.
     pub warnings: Vec<String>,
     pub command: Result<Command, CliError>,
@@ -71,7 +71,7 @@ pub struct Invocation {
 /// Why the command line was rejected. Display has no `stratafs: ` prefix; it is one
 /// line except for [`CliError::Clap`].
 #[derive(Debug, thiserror::Error)]
-pub enum CliError {
+pub(crate) enum CliError {
     /// The argument vector itself is malformed (missing MOUNTPOINT, ...). `help` is
     /// the command whose `--help` explains the form (`stratafs mount`).
     #[error("{message}; try '{help} --help'")]
@@ -115,7 +115,7 @@ impl CliError {
 /// fuse-overlayfs prints the FUSE library it runs on; `podman info` shows this text.
 const FUSE_LIBRARY: &str = "fuser 0.18";
 
-pub fn version_text() -> String {
+pub(crate) fn version_text() -> String {
     format!(
         "stratafs version {}\nFUSE library version: {FUSE_LIBRARY}\n",
         env!("CARGO_PKG_VERSION")
@@ -137,7 +137,7 @@ stratafs [-f] [-d] -o OPTIONS [-o OPTIONS...] MOUNTPOINT
 /// The `-o` options (from the table in `options`), then the quoting rule, the
 /// environment and the exit codes: shown after the flags in `stratafs --help`; the man
 /// page has each as a section of its own.
-pub fn options_help() -> String {
+pub(crate) fn options_help() -> String {
     format!("{}\n{HELP_TAIL}", options::help_text())
 }
 
@@ -275,7 +275,7 @@ fn help_for(words: &[&str]) -> String {
 }
 
 /// Parses `args` (including the program name at index 0, as from `std::env::args_os`).
-pub fn parse_args(args: Vec<OsString>) -> Invocation {
+pub(crate) fn parse_args(args: Vec<OsString>) -> Invocation {
     let mut warnings = Vec::new();
     let command = parse_command(args, &mut warnings);
     Invocation { warnings, command }
@@ -398,7 +398,7 @@ fn man_heading(title: &str) -> String {
 /// stratafs(1): the root command rendered by clap_mangen, the `-o` options,
 /// environment and exit status as sections of their own, then every subcommand
 /// (recursively) with its usage, description and flags.
-pub fn man_page() -> String {
+pub(crate) fn man_page() -> String {
     let root = command();
     let mut out = Vec::new();
     let man = clap_mangen::Man::new(root.clone()).date("");
@@ -950,7 +950,10 @@ fn check_mappings(option: &str, maps: &[IdMapping]) -> Result<(), CliError> {
 
 /// Validates parsed options against the filesystem and builds the mount's configuration.
 /// Everything `MountConfig` promises about its fields is established here.
-pub fn build_config(opts: &ParsedOptions, mountpoint: &Path) -> Result<MountConfig, CliError> {
+pub(crate) fn build_config(
+    opts: &ParsedOptions,
+    mountpoint: &Path,
+) -> Result<MountConfig, CliError> {
     let lowers = match &opts.lowerdirs {
         Some(l) if !l.is_empty() => l,
         _ => {

@@ -332,7 +332,7 @@ pub const OPTIONS: &[OptionSpec] = &[
 ];
 
 /// The table entry for `key`, if it is an option at all.
-pub fn lookup(key: &str) -> Option<&'static OptionSpec> {
+pub(crate) fn lookup(key: &str) -> Option<&'static OptionSpec> {
     OPTIONS.iter().find(|o| o.matches(key))
 }
 
@@ -369,7 +369,7 @@ fn wrap_into(out: &mut String, text: &str, indent: usize) {
 
 /// The rows of one group: the options sharing a row (entries with an empty `help`
 /// joined to the next one), and that row's text.
-pub fn rows(group: Group) -> Vec<(Vec<&'static OptionSpec>, &'static str)> {
+pub(crate) fn rows(group: Group) -> Vec<(Vec<&'static OptionSpec>, &'static str)> {
     let mut rows = Vec::new();
     let mut pending = Vec::new();
     for o in OPTIONS.iter().filter(|o| o.group == group) {
@@ -387,7 +387,7 @@ pub fn rows(group: Group) -> Vec<(Vec<&'static OptionSpec>, &'static str)> {
 /// The `-o` sections of `stratafs --help`, rendered from [`OPTIONS`]: a heading per
 /// group, then one row per option (name and value syntax, then the meaning in an
 /// aligned column); the ignored words as one wrapped list.
-pub fn help_text() -> String {
+pub(crate) fn help_text() -> String {
     let mut out = String::new();
     for group in Group::ALL {
         if !out.is_empty() {
@@ -815,7 +815,7 @@ fn parse_lowerdir(value: &str) -> Result<Vec<PathBuf>, OptionsError> {
 
 /// Whether `name` is acceptable as a volume name: `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most
 /// 255 bytes, so it is always a single, non-hidden file name in the state directory.
-pub fn valid_volume_name(name: &str) -> bool {
+pub(crate) fn valid_volume_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 255
@@ -827,7 +827,7 @@ pub fn valid_volume_name(name: &str) -> bool {
 /// Normalises a graft target: absolute, no `.` or empty components, no trailing `/`.
 /// `..` is refused rather than resolved, because lexical resolution could disagree
 /// with what a symlink in the merged view would make it mean.
-pub fn normalize_target(option: &str, target: &str) -> Result<PathBuf, OptionsError> {
+pub(crate) fn normalize_target(option: &str, target: &str) -> Result<PathBuf, OptionsError> {
     if !target.starts_with('/') {
         return Err(invalid(option, target, "target path must be absolute"));
     }
@@ -891,7 +891,7 @@ fn graft_flags(
 }
 
 /// `NAME:/path[:ro][:nocopy][:nocreate|:delete]`, as for `-o volume=` and `--volume`.
-pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
+pub(crate) fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
     let parts = split_escaped(value);
     let [name, target, flags @ ..] = parts.as_slice() else {
         return Err(invalid(
@@ -920,7 +920,7 @@ pub fn parse_volume(value: &str) -> Result<GraftSpec, OptionsError> {
 }
 
 /// `/host/dir:/path[:ro]`, as for `-o bind=` and `--bind`.
-pub fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
+pub(crate) fn parse_bind(value: &str) -> Result<GraftSpec, OptionsError> {
     let parts = split_escaped(value);
     let [source, target, flags @ ..] = parts.as_slice() else {
         return Err(invalid("bind", value, "expected /host/dir:/path[:ro]"));
