@@ -21,6 +21,7 @@ use std::sync::Arc;
 use crate::config::MountConfig;
 use crate::sys;
 use crate::union::{Caller, Ino, ROOT_INO, RenameMode, Setup, StaleWork, Union};
+use crate::volume::attach::GraftSources;
 
 pub use crate::union::{Attr, Errno, Error, SetupError, Time};
 
@@ -74,7 +75,7 @@ impl EngineBuilder {
     }
 
     pub fn open(self) -> Result<Engine, SetupError> {
-        let union = Union::new(&self.config, &self.setup)?;
+        let union = Union::new(&self.config, &self.setup, GraftSources::none())?;
         let (uid, gid) = sys::process::ids();
         Ok(Engine {
             union,

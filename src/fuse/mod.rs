@@ -19,6 +19,7 @@ use crate::sys::Errno;
 use crate::sys::mount;
 use crate::sys::process::{self, Forked};
 use crate::union::{Setup, Union};
+use crate::volume;
 pub use adapter::StrataFs;
 use stats::RequestStats;
 
@@ -226,7 +227,14 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     };
     process::clear_umask();
     process::tune_allocator();
-    let engine = match Union::new(config, &Setup::for_mount()) {
+    // Volumes are created and claimed here, before the engine exists; it only
+    // receives their opened directories.
+    let setup = Setup::for_mount();
+    let grafts = match volume::attach::open(config, &setup) {
+        Ok(g) => g,
+        Err(msg) => return fail(report, msg),
+    };
+    let engine = match Union::new(config, &setup, grafts) {
         Ok(e) => Arc::new(e),
         Err(e) => return fail(report, e.to_string()),
     };

@@ -27,6 +27,15 @@ pub mod engine {
     pub use crate::union::{
         Caller, DEFAULT_TTL, Errno, GRAFT_TTL, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union,
     };
+    pub use crate::volume::attach::{GraftSources, open as open_graft_sources};
+
+    /// What a mount does to open its union: grafts attached (volumes created and
+    /// claimed), then the engine built on them.
+    pub fn open_as_mount(config: &crate::MountConfig) -> Result<Union, String> {
+        let setup = Setup::for_mount();
+        let grafts = open_graft_sources(config, &setup)?;
+        Union::new(config, &setup, grafts).map_err(|e| e.to_string())
+    }
 }
 
 /// The on-disk codecs, for the fuzz target that feeds them hostile bytes.

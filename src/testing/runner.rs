@@ -20,6 +20,7 @@ use super::ops::{self, Op, RelPath, RenameFlag};
 use crate::MountConfig;
 use crate::union::whiteout::{OPAQUE_MARKER, is_whiteout_stat, whiteout_target};
 use crate::union::{Attr, Caller, Errno, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union};
+use crate::volume::attach::GraftSources;
 
 /// A system the model is compared with: the engine, or a mounted filesystem.
 pub trait Subject {
@@ -146,7 +147,8 @@ struct OpenHandle {
 impl EngineSubject {
     pub fn new(scenario: &Scenario) -> Result<EngineSubject, String> {
         let ws = Workspace::new(scenario)?;
-        let union = Union::new(&ws.config(), &Setup::for_mount()).map_err(|e| e.to_string())?;
+        let union = Union::new(&ws.config(), &Setup::for_mount(), GraftSources::none())
+            .map_err(|e| e.to_string())?;
         Ok(EngineSubject {
             ws,
             union: Some(union),
@@ -470,7 +472,8 @@ impl EngineSubject {
                 self.forget_all();
                 self.union = None;
                 self.union = Some(
-                    Union::new(&self.ws.config(), &Setup::for_mount()).map_err(|_| Errno::IO)?,
+                    Union::new(&self.ws.config(), &Setup::for_mount(), GraftSources::none())
+                        .map_err(|_| Errno::IO)?,
                 );
                 Ok(Outcome::Done)
             }

@@ -60,6 +60,7 @@ mod dispatch;
 mod error;
 mod file;
 mod graft;
+pub(crate) use graft::graft_name;
 mod hardlink;
 pub mod inode;
 mod inode_flags;

@@ -16,6 +16,7 @@ use crate::config::MountConfig;
 use crate::layer::{Layer, assign_ino_bits};
 use crate::sys::xattr::Target;
 use crate::sys::{self, Errno};
+use crate::volume::attach::GraftSources;
 
 /// What only the caller may decide, because it acts on the whole process or on
 /// data the caller owns: the engine never raises limits or clears directories on
@@ -99,7 +100,12 @@ impl SetupError {
 impl Union {
     /// Opens the layers of `config` and prepares the work directory as `setup`
     /// allows. Fails naming the path (and the layer's role) that cannot be used.
-    pub fn new(config: &MountConfig, setup: &Setup) -> std::result::Result<Union, SetupError> {
+    /// `grafts` are the opened sources of `config.grafts` (`volume::attach::open`).
+    pub fn new(
+        config: &MountConfig,
+        setup: &Setup,
+        mut grafts: GraftSources,
+    ) -> std::result::Result<Union, SetupError> {
         let mut layers = Vec::new();
         if let Some(upper) = &config.upperdir {
             layers.push(Layer::open(upper).map_err(|e| SetupError::layer("upperdir", upper, e))?);
@@ -112,11 +118,23 @@ impl Union {
         if layers.is_empty() {
             return Err(SetupError::NoLayers);
         }
-        graft::check_targets(config, setup).map_err(SetupError::Graft)?;
-        let mut prepared = graft::prepare(config).map_err(SetupError::Graft)?;
-        layers.extend(prepared.scaffold.take());
+        if grafts.layers.len() != config.grafts.len() {
+            return Err(SetupError::Graft(format!(
+                "{} graft sources opened for {} grafts",
+                grafts.layers.len(),
+                config.grafts.len()
+            )));
+        }
+        let scaffold = match config.grafts.is_empty() {
+            true => None,
+            false => Some(graft::Scaffold::build(config).map_err(SetupError::Graft)?),
+        };
+        let scaffold_dir = scaffold.map(|(layer, dir)| {
+            layers.push(layer);
+            dir
+        });
         let graft_base = layers.len();
-        layers.append(&mut prepared.layers);
+        layers.append(&mut grafts.layers);
         assign_ino_bits(&mut layers);
         let upper = config.upperdir.is_some();
         let workdir = match (&config.upperdir, &config.workdir) {
@@ -170,7 +188,7 @@ impl Union {
         };
         union.insert_root().map_err(SetupError::LayerRoots)?;
         union
-            .install_grafts(config, prepared)
+            .install_grafts(config, scaffold_dir, grafts)
             .map_err(SetupError::Graft)?;
         if !union.opts.read_only {
             if let Err(e) = union.finish_interrupted_link_ups() {

@@ -1,8 +1,9 @@
 //! Named volumes: persistent directories kept in a state directory (`store`), which
 //! mounts use (`claims`) and whose size may be limited (`quota`), and the `stratafs
-//! volume` commands (`cli`). Grafting them into a merged view is the engine's
-//! business (`union::graft`).
+//! volume` commands (`cli`). Attaching them to a mount (`attach`) opens their
+//! directories for the engine, which grafts them into the merged view (`union::graft`).
 
+pub(crate) mod attach;
 pub mod claims;
 pub mod cli;
 pub mod quota;

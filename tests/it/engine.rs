@@ -7,7 +7,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use stratafs::MountConfig;
-use stratafs::testing::engine::{Caller, Errno, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union};
+use stratafs::testing::engine::{
+    Caller, Errno, GraftSources, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union,
+};
 
 struct Layers {
     _dir: tempfile::TempDir,
@@ -43,7 +45,12 @@ impl Layers {
         c
     }
     fn union(&self) -> Union {
-        Union::new(&self.config(true), &Setup::for_mount()).expect("union")
+        Union::new(
+            &self.config(true),
+            &Setup::for_mount(),
+            GraftSources::none(),
+        )
+        .expect("union")
     }
 }
 
@@ -343,7 +350,7 @@ fn rename_of_files_and_dirs_with_and_without_lower_content() {
 fn read_only_mounts_refuse_changes() {
     let l = Layers::new();
     l.write("l2/f", "x");
-    let u = Union::new(&l.config(false), &Setup::for_mount()).unwrap();
+    let u = Union::new(&l.config(false), &Setup::for_mount(), GraftSources::none()).unwrap();
     let f = walk(&u, "f").unwrap();
     assert_eq!(u.open(f, libc::O_WRONLY).err(), Some(Errno::ROFS.into()));
     assert_eq!(u.unlink(ROOT_INO, OsStr::new("f")), Err(Errno::ROFS.into()));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use stratafs::MountConfig;
 use stratafs::config::{GraftSource, GraftSpec};
 use stratafs::testing::engine::{
-    Caller, DEFAULT_TTL, Errno, GRAFT_TTL, Ino, ROOT_INO, RenameMode, Setup, Union,
+    Caller, DEFAULT_TTL, Errno, GRAFT_TTL, Ino, ROOT_INO, RenameMode, Union, open_as_mount,
 };
 
 struct Scene {
@@ -68,13 +68,10 @@ fn os(s: &str) -> &OsStr {
 #[test]
 fn operations_under_a_graft_go_to_the_volume_only() {
     let s = Scene::new();
-    let u = Union::new(
-        &s.config(vec![
-            graft(GraftSource::Volume("v".into()), "/data/v", false),
-            graft(GraftSource::Bind(s.p("host")), "/srv", true),
-        ]),
-        &Setup::for_mount(),
-    )
+    let u = open_as_mount(&s.config(vec![
+        graft(GraftSource::Volume("v".into()), "/data/v", false),
+        graft(GraftSource::Bind(s.p("host")), "/srv", true),
+    ]))
     .unwrap();
     let data = walk(&u, "data").unwrap();
     let vol = u.lookup(data, os("v")).unwrap();
@@ -147,8 +144,8 @@ fn operations_under_a_graft_go_to_the_volume_only() {
 #[test]
 fn mount_time_refusals_name_the_graft() {
     let s = Scene::new();
-    let err = |grafts| match Union::new(&s.config(grafts), &Setup::for_mount()) {
-        Err(e) => e.to_string(),
+    let err = |grafts| match open_as_mount(&s.config(grafts)) {
+        Err(e) => e,
         Ok(_) => panic!("mounted"),
     };
     let e = err(vec![graft(
@@ -196,7 +193,7 @@ fn a_read_only_union_shows_the_path_to_a_graft_and_the_graft_read_only() {
     )]);
     c.upperdir = None;
     c.workdir = None;
-    let u = Union::new(&c, &Setup::for_mount()).unwrap();
+    let u = open_as_mount(&c).unwrap();
     assert_eq!(names(&u, ROOT_INO), ["etc", "new"]);
     let deep = walk(&u, "new/deep").unwrap();
     assert_eq!(names(&u, deep), ["v"]);
@@ -220,9 +217,9 @@ fn nocreate_is_enforced_when_the_mount_takes_the_volume() {
     let s = Scene::new();
     let mut g = graft(GraftSource::Volume("ghost".into()), "/data", false);
     g.nocreate = true;
-    let err = match Union::new(&s.config(vec![g]), &Setup::for_mount()) {
+    let err = match open_as_mount(&s.config(vec![g])) {
         Ok(_) => panic!("a :nocreate graft of a missing volume mounted"),
-        Err(e) => e.to_string(),
+        Err(e) => e,
     };
     assert!(
         err.contains("volume ghost does not exist") && err.contains("nocreate"),
@@ -241,23 +238,20 @@ fn delete_removes_only_the_volume_the_mount_created() {
         g.delete = true;
         g
     };
-    let u = Union::new(&s.config(vec![spec("scratch")]), &Setup::for_mount()).unwrap();
+    let u = open_as_mount(&s.config(vec![spec("scratch")])).unwrap();
     assert!(s.p("state/volumes/scratch/_data").is_dir());
     drop(u);
     assert!(!s.p("state/volumes/scratch").exists(), "not removed");
 
-    let kept = Union::new(
-        &s.config(vec![graft(
-            GraftSource::Volume("kept".into()),
-            "/kept",
-            false,
-        )]),
-        &Setup::for_mount(),
-    )
+    let kept = open_as_mount(&s.config(vec![graft(
+        GraftSource::Volume("kept".into()),
+        "/kept",
+        false,
+    )]))
     .unwrap();
     drop(kept);
     fs::write(s.p("state/volumes/kept/_data/f"), "mine").unwrap();
-    let u = Union::new(&s.config(vec![spec("kept")]), &Setup::for_mount()).unwrap();
+    let u = open_as_mount(&s.config(vec![spec("kept")])).unwrap();
     drop(u);
     assert_eq!(
         fs::read_to_string(s.p("state/volumes/kept/_data/f")).unwrap(),
@@ -289,11 +283,7 @@ fn a_mount_failing_after_creating_a_delete_volume_removes_it() {
         .unwrap();
     assert!(created.success());
     std::thread::spawn(move || {
-        let _ = tx.send(
-            Union::new(&config, &Setup::for_mount())
-                .err()
-                .map(|e| e.to_string()),
-        );
+        let _ = tx.send(open_as_mount(&config).err());
     });
     let err = rx
         .recv_timeout(std::time::Duration::from_secs(20))

@@ -24,6 +24,8 @@ mod ops;
 mod quota;
 mod scaffold;
 
+pub(crate) use scaffold::Scaffold;
+
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
@@ -36,11 +38,11 @@ use super::lookup::Found;
 use super::readdir::DirEntry;
 use super::{Caller, Entry, Errno, Ino, ROOT_INO, Result, Setup, StatFs, Union};
 use crate::config::{GraftSource, MountConfig};
-use crate::layer::{Layer, LayerIdx};
+use crate::layer::LayerIdx;
 use crate::sys::{self, fs::Stat};
-use crate::volume::claims::{self, Claim, MountUse};
+use crate::volume::attach::GraftSources;
+use crate::volume::claims::Claim;
 use crate::volume::quota::Quota;
-use crate::volume::{Store, Volume};
 
 /// How long the kernel may cache entries and attributes under a graft.
 pub const GRAFT_TTL: Duration = Duration::ZERO;
@@ -90,160 +92,11 @@ impl Grafts {
     }
 }
 
-/// What `prepare` opened before the union exists: the extra layers and the locks
-/// that must be held while the mount runs (claims) or until it is set up (volume locks).
-pub(crate) struct Prepared {
-    pub scaffold: Option<Layer>,
-    pub layers: Vec<Layer>,
-    scaffold_dir: Option<scaffold::Scaffold>,
-    /// Per graft: the volume (named volumes only) and its held lock. Declared before
-    /// `claims` so that it drops first: a claim ending with `:delete` takes the
-    /// volume's lock to remove it, and would wait forever on ours.
-    volumes: Vec<Option<(Volume, std::fs::File)>>,
-    claims: Vec<Claim>,
-}
-
-fn graft_name(source: &GraftSource) -> String {
+pub(crate) fn graft_name(source: &GraftSource) -> String {
     match source {
         GraftSource::Volume(n) => format!("volume {n}"),
         GraftSource::Bind(p) => format!("bind {}", p.display()),
     }
-}
-
-/// Refuses graft targets the layers cannot take, before anything is created for the
-/// mount (volumes, claims, workdir/{work,index}): each target is walked on a
-/// read-only view of the layers (upper and lowers as lowers, no workdir, no grafts),
-/// so a refused mount leaves nothing behind. A missing component is fine (it is
-/// created later); one that is not a directory is not. `install_grafts` meets the
-/// same refusals should the layers change in between.
-pub(crate) fn check_targets(
-    config: &MountConfig,
-    setup: &Setup,
-) -> std::result::Result<(), String> {
-    if config.grafts.is_empty() {
-        return Ok(());
-    }
-    let mut view = config.clone();
-    view.lowerdirs = config
-        .upperdir
-        .iter()
-        .chain(&config.lowerdirs)
-        .cloned()
-        .collect();
-    view.upperdir = None;
-    view.workdir = None;
-    view.grafts.clear();
-    let union = Union::new(&view, setup).map_err(|e| e.to_string())?;
-    for spec in &config.grafts {
-        let what = graft_name(&spec.source);
-        let target = spec.target.display();
-        let mut parent = ROOT_INO;
-        let comps: Vec<&OsStr> = spec.target.iter().skip(1).collect();
-        for (i, comp) in comps.iter().enumerate() {
-            let attr = match union.lookup(parent, comp) {
-                Ok(e) => e.attr,
-                Err(e) if e == Errno::NOENT => break,
-                Err(e) => return Err(format!("{what}: {target}: {e}")),
-            };
-            if attr.kind() != libc::S_IFDIR {
-                return Err(if i + 1 == comps.len() {
-                    format!("{what}: {target} is not a directory in the layers")
-                } else {
-                    format!("{what}: {target}: a path component is not a directory")
-                });
-            }
-            parent = attr.ino;
-        }
-    }
-    Ok(())
-}
-
-/// Opens the sources of the grafts of `config`: creates missing named volumes (unless
-/// `:nocreate`), takes their claims (failing when the volume's access mode refuses
-/// this mount; a `:delete` volume created here is removed when its claim ends), and builds the
-/// scaffold layer. Nothing is mounted yet, so a failure here leaves no trace.
-pub(crate) fn prepare(config: &MountConfig) -> std::result::Result<Prepared, String> {
-    let mut prepared = Prepared {
-        scaffold: None,
-        layers: Vec::new(),
-        scaffold_dir: None,
-        claims: Vec::new(),
-        volumes: Vec::new(),
-    };
-    if config.grafts.is_empty() {
-        return Ok(prepared);
-    }
-    for (i, a) in config.grafts.iter().enumerate() {
-        // Checked before any volume lock is taken: locking one volume twice would wait
-        // on ourselves.
-        if config.grafts[..i].iter().any(|b| b.source == a.source) {
-            return Err(format!(
-                "{}: grafted twice in one mount",
-                graft_name(&a.source)
-            ));
-        }
-        for b in &config.grafts {
-            if a.target != b.target && b.target.starts_with(&a.target) {
-                return Err(format!(
-                    "{}: {} lies inside the graft at {}; nested grafts are not supported",
-                    graft_name(&b.source),
-                    b.target.display(),
-                    a.target.display()
-                ));
-            }
-        }
-    }
-    let writable_mount = !config.read_only();
-    // Volume locks are taken in name order, so that two mounts of the same volumes
-    // listed in different orders cannot wait on each other.
-    let mut locked = HashMap::new();
-    let mut names: Vec<(&String, bool)> = config
-        .grafts
-        .iter()
-        .filter_map(|g| match &g.source {
-            GraftSource::Volume(n) => Some((n, !g.nocreate)),
-            GraftSource::Bind(_) => None,
-        })
-        .collect();
-    names.sort();
-    let mut store = None;
-    if !names.is_empty() {
-        let s = Store::open(config.state_dir.as_deref()).map_err(|e| e.to_string())?;
-        for (name, create) in names {
-            let held = s.lock_volume(name, create).map_err(|e| e.to_string())?;
-            locked.insert(name.clone(), held);
-        }
-        store = Some(s);
-    }
-    for spec in &config.grafts {
-        let what = graft_name(&spec.source);
-        let (path, volume) = match &spec.source {
-            GraftSource::Bind(p) => (p.clone(), None),
-            GraftSource::Volume(name) => {
-                let (vol, lock, created) = locked.remove(name).ok_or("volume lock lost")?;
-                let who = MountUse {
-                    pid: std::process::id(),
-                    mountpoint: config.mountpoint.clone(),
-                    target: spec.target.clone(),
-                    read_only: spec.read_only || !writable_mount,
-                };
-                let mut claim = claims::claim(name, &vol.dir, &who, vol.meta.access())
-                    .map_err(|e| e.to_string())?;
-                if let (true, true, Some(s)) = (spec.delete, created, &store) {
-                    claim.remove_volume_on_drop(s.clone());
-                }
-                prepared.claims.push(claim);
-                (vol.data_dir(), Some((vol, lock)))
-            }
-        };
-        let layer = Layer::open(&path).map_err(|e| format!("{what}: {}: {e}", path.display()))?;
-        prepared.layers.push(layer);
-        prepared.volumes.push(volume);
-    }
-    let (layer, guard) = scaffold::Scaffold::build(config)?;
-    prepared.scaffold = Some(layer);
-    prepared.scaffold_dir = Some(guard);
-    Ok(prepared)
 }
 
 fn tagged_key(layer: LayerIdx, st: &Stat) -> (u64, u64) {
@@ -251,6 +104,54 @@ fn tagged_key(layer: LayerIdx, st: &Stat) -> (u64, u64) {
 }
 
 impl Union {
+    /// Refuses graft targets the layers cannot take, before anything is created for the
+    /// mount (volumes, claims, workdir/{work,index}): each target is walked on a
+    /// read-only view of the layers (upper and lowers as lowers, no workdir, no grafts),
+    /// so a refused mount leaves nothing behind. A missing component is fine (it is
+    /// created later); one that is not a directory is not. `install_grafts` meets the
+    /// same refusals should the layers change in between.
+    pub(crate) fn check_graft_targets(
+        config: &MountConfig,
+        setup: &Setup,
+    ) -> std::result::Result<(), String> {
+        if config.grafts.is_empty() {
+            return Ok(());
+        }
+        let mut view = config.clone();
+        view.lowerdirs = config
+            .upperdir
+            .iter()
+            .chain(&config.lowerdirs)
+            .cloned()
+            .collect();
+        view.upperdir = None;
+        view.workdir = None;
+        view.grafts.clear();
+        let union = Union::new(&view, setup, GraftSources::none()).map_err(|e| e.to_string())?;
+        for spec in &config.grafts {
+            let what = graft_name(&spec.source);
+            let target = spec.target.display();
+            let mut parent = ROOT_INO;
+            let comps: Vec<&OsStr> = spec.target.iter().skip(1).collect();
+            for (i, comp) in comps.iter().enumerate() {
+                let attr = match union.lookup(parent, comp) {
+                    Ok(e) => e.attr,
+                    Err(e) if e == Errno::NOENT => break,
+                    Err(e) => return Err(format!("{what}: {target}: {e}")),
+                };
+                if attr.kind() != libc::S_IFDIR {
+                    return Err(if i + 1 == comps.len() {
+                        format!("{what}: {target} is not a directory in the layers")
+                    } else {
+                        format!("{what}: {target}: a path component is not a directory")
+                    });
+                }
+                parent = attr.ino;
+            }
+        }
+        Ok(())
+    }
+
     /// The identity key lookup registers for the object `st` of `layer`: tagged with
     /// the layer in a graft (whose sources may share a filesystem with the layers).
     pub(crate) fn identity_key(&self, layer: LayerIdx, st: &Stat) -> (u64, u64) {
@@ -267,14 +168,12 @@ impl Union {
     pub(crate) fn install_grafts(
         &mut self,
         config: &MountConfig,
-        prepared: Prepared,
+        scaffold_dir: Option<scaffold::Scaffold>,
+        sources: GraftSources,
     ) -> std::result::Result<(), String> {
-        let Prepared {
-            scaffold_dir,
-            claims,
-            volumes,
-            ..
-        } = prepared;
+        let GraftSources {
+            volumes, claims, ..
+        } = sources;
         let mut list = Vec::new();
         let mut points: HashMap<Ino, Vec<(OsString, usize)>> = HashMap::new();
         let mut anchors: HashMap<Ino, Vec<OsString>> = HashMap::new();
