@@ -61,7 +61,7 @@ impl Union {
     ) -> Result<Attr> {
         let same = {
             let state = inode.state.read();
-            !state.detached && state.top_layer() == Some(layer) && !state.is_metacopy()
+            !state.is_detached() && state.top_layer() == Some(layer) && !state.is_metacopy()
         };
         if same && st.st_mode & libc::S_IFMT == inode.kind {
             Ok(self.shown_attr(inode, self.attr_of(inode, st)))

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use rustix::fs::OFlags;
 
-use super::inode::{Inode, LayerRef, ROOT_INO};
+use super::inode::{Inode, ROOT_INO};
 use super::inode_flags::Change;
 use super::override_stat;
 use super::whiteout::is_private_xattr;
@@ -108,12 +108,12 @@ impl Union {
         }
         let (parent_ino, name, src_layer) = {
             let st = inode.state.read();
-            if st.detached {
+            if st.is_detached() {
                 return Err(Errno::NOENT.into());
             }
             (
-                st.parent,
-                st.name.clone(),
+                st.parent(),
+                Box::<OsStr>::from(st.name()),
                 st.top_layer().ok_or(Errno::STALE)?,
             )
         };
@@ -203,22 +203,11 @@ impl Union {
             let mut st = inode.state.write();
             if inode.is_dir() {
                 let fd = sys::fs::open_dir(dst_dir.as_fd(), name)?;
-                st.layers.insert(
-                    0,
-                    LayerRef {
-                        layer: UPPER,
-                        fd: Some(Arc::new(fd)),
-                    },
-                );
+                st.dir_copied_up(Arc::new(fd));
             } else {
-                st.set_upper_only();
-                if data == CopyData::Meta {
-                    // The data stays in the source layer until a writer comes.
-                    st.layers.push(LayerRef {
-                        layer: src_layer,
-                        fd: None,
-                    });
-                }
+                // A metadata-only copy leaves the data in the source layer until a
+                // writer comes.
+                st.file_copied_up((data == CopyData::Meta).then_some(src_layer));
             }
         }
         if inode.is_dir() {
@@ -359,7 +348,7 @@ impl Union {
                 )?;
                 // A directory reached through a redirect keeps it: its lower
                 // content is still there, not at its name.
-                if let Some(path) = inode.state.read().redirect.clone() {
+                if let Some(path) = inode.state.read().redirect().map(Box::<OsStr>::from) {
                     self.set_redirect(dst.as_fd(), &path)?;
                 }
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;

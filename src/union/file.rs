@@ -141,7 +141,7 @@ impl Union {
     /// records its identity before pointing the inode's layers at it.
     pub(crate) fn check_identity(&self, inode: &Inode, layer: LayerIdx, st: &Stat) -> Result<()> {
         let key = self.identity_key(layer, st);
-        if inode.state.read().keys.contains(&key) {
+        if inode.state.read().has_key(key) {
             Ok(())
         } else {
             Err(Errno::STALE.into())

@@ -231,9 +231,7 @@ impl Union {
         // Recorded before the layers point at the copy (see copy_up_entry).
         self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
         {
-            let mut st = inode.state.write();
-            st.set_upper_only();
-            st.outside_links = outside;
+            inode.state.write().linked_up(outside);
         }
 
         for (idx, path) in names {
@@ -323,7 +321,7 @@ impl Union {
     /// not yet copied-up hard-link group with a name inside it is linked up first.
     pub(crate) fn link_up_groups_under(&self, dir: &Inode) -> Result<()> {
         let prefix = super::redirect::join(&self.lower_path(dir)?, OsStr::new(""));
-        let layers: Vec<LayerIdx> = dir.state.read().layers.iter().map(|l| l.layer).collect();
+        let layers = dir.state.read().layer_indexes();
         for idx in layers.into_iter().filter(|i| *i != UPPER || !self.upper) {
             let dev = self.layer(idx)?.dev;
             let inside: Vec<(u64, OsString)> = self

@@ -48,25 +48,30 @@ pub type Layers = SmallVec<[LayerRef; 1]>;
 /// Identity keys (dev, ino) of an inode: usually one, kept inline.
 pub type IdentityKeys = SmallVec<[(u64, u64); 1]>;
 
+/// What an inode stands for. The fields that say where its content is (`layers`,
+/// `redirect`, `keys`, `outside_links`, `detached`/`pinned`) change only through
+/// the methods below, each named for the event it records, so that the invariants
+/// stated per field hold wherever the state is written (this file).
 pub struct InodeState {
     /// The name through which the entry was last reached: copy-up and name-relative
     /// syscalls use it. Root: (ROOT_INO, "").
-    pub parent: Ino,
-    pub name: Box<OsStr>,
+    parent: Ino,
+    name: Box<OsStr>,
     /// Layers holding the entry, top-down. Directories: every layer merged into the
-    /// view (stopping at an opaque one). Non-directories: exactly one.
-    pub layers: Layers,
+    /// view (stopping at an opaque one). Non-directories: one, or two for a
+    /// metadata-only copy (the upper copy, then the layer holding the data).
+    layers: Layers,
     /// Identity keys registered for this inode in `InodeTable::identity`.
-    pub keys: IdentityKeys,
+    keys: IdentityKeys,
     /// Set once the entry's last known name was removed through the mount: the
     /// name no longer leads to it. `pinned` then keeps the object reachable for
     /// fstat-style getattr while the kernel still holds the inode.
-    pub detached: bool,
-    pub pinned: Option<Arc<OwnedFd>>,
+    detached: bool,
+    pinned: Option<Arc<OwnedFd>>,
     /// Directories moved through the mount (or found so): the absolute path, in the
     /// lower layers, of the content merged under them. Their layers below the top one
     /// sit at this path rather than at `parent/name`.
-    pub redirect: Option<Box<OsStr>>,
+    redirect: Option<Box<OsStr>>,
     /// Non-directories: the other names (hard links) the kernel reached the entry
     /// by, besides `parent`/`name`. Each led to the entry when recorded and is kept
     /// right by every rename and removal through the mount, so when `parent/name`
@@ -77,7 +82,7 @@ pub struct InodeState {
     other_names: OtherNames,
     /// Upper copies of lower hard-linked files: the links the file has outside
     /// every layer (see origin.rs), counted in the st_nlink it shows.
-    pub outside_links: u32,
+    outside_links: u32,
     /// Whether the inode is a directory: what `layers` means depends on it. Set
     /// once, by [`InodeTable::insert`] (an inode never changes type).
     dir: bool,
@@ -175,6 +180,112 @@ impl InodeState {
             layer: super::UPPER,
             fd: None,
         }];
+    }
+
+    /// A directory was copied up: the upper copy (opened as `fd`) is merged above
+    /// the layers it had.
+    pub fn dir_copied_up(&mut self, fd: Arc<OwnedFd>) {
+        self.layers.insert(
+            0,
+            LayerRef {
+                layer: super::UPPER,
+                fd: Some(fd),
+            },
+        );
+    }
+
+    /// A non-directory was copied up; `data_left_in` is the layer still holding its
+    /// data after a metadata-only copy-up.
+    pub fn file_copied_up(&mut self, data_left_in: Option<LayerIdx>) {
+        self.set_upper_only();
+        if let Some(layer) = data_left_in {
+            self.layers.push(LayerRef { layer, fd: None });
+        }
+    }
+
+    /// A lower hard-link group was linked up: the upper copy also has `outside`
+    /// links outside every layer (counted in its st_nlink).
+    pub fn linked_up(&mut self, outside: u32) {
+        self.set_upper_only();
+        self.outside_links = outside;
+    }
+
+    /// A lookup found a non-directory at `layers` again (a copy-up or a change in a
+    /// layer may have moved it).
+    pub fn refound_file(&mut self, layers: impl IntoIterator<Item = LayerRef>) {
+        if !self.dir {
+            self.layers = layers.into_iter().collect();
+        }
+    }
+
+    /// A lookup found the directory's lower content at `path` (its redirect).
+    pub fn refound_redirect(&mut self, path: OsString) {
+        self.redirect = Some(path.into_boxed_os_str());
+    }
+
+    pub fn with_outside_links(mut self, outside: u32) -> InodeState {
+        self.outside_links = outside;
+        self
+    }
+
+    /// The directory the entry was last reached in (see `name`).
+    pub fn parent(&self) -> Ino {
+        self.parent
+    }
+
+    /// The name the entry was last reached by, in `parent()`.
+    pub fn name(&self) -> &OsStr {
+        &self.name
+    }
+
+    pub fn layers(&self) -> &[LayerRef] {
+        &self.layers
+    }
+
+    /// The indexes of `layers`, top-down.
+    pub fn layer_indexes(&self) -> Vec<LayerIdx> {
+        self.layers.iter().map(|l| l.layer).collect()
+    }
+
+    pub fn in_layer(&self, idx: LayerIdx) -> bool {
+        self.layers.iter().any(|l| l.layer == idx)
+    }
+
+    /// Keeps `fd` as the handle of this directory in layer `idx`, unless one is
+    /// kept already; true when kept (the caller then tells the fd budget,
+    /// `InodeTable::note_cached_fd`).
+    pub fn cache_fd(&mut self, idx: LayerIdx, fd: &Arc<OwnedFd>) -> bool {
+        match self.layers.iter_mut().find(|l| l.layer == idx) {
+            Some(r) if r.fd.is_none() => {
+                r.fd = Some(fd.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The fd budget took back the handle in layer `idx`; it is reopened on use.
+    fn drop_cached_fd(&mut self, idx: LayerIdx) {
+        if let Some(r) = self.layers.iter_mut().find(|l| l.layer == idx) {
+            r.fd = None;
+        }
+    }
+
+    pub fn redirect(&self) -> Option<&OsStr> {
+        self.redirect.as_deref()
+    }
+
+    pub fn outside_links(&self) -> u32 {
+        self.outside_links
+    }
+
+    pub fn has_key(&self, key: (u64, u64)) -> bool {
+        self.keys.contains(&key)
+    }
+
+    /// The entry's last known name was removed through the mount.
+    pub fn is_detached(&self) -> bool {
+        self.detached
     }
 
     fn is_named(&self, parent: Ino, name: &std::ffi::OsStr) -> bool {
@@ -331,9 +442,7 @@ impl InodeTable {
         };
         let Some((weak, idx)) = evicted else { return };
         if let Some(old) = weak.upgrade() {
-            if let Some(r) = old.state.write().layers.iter_mut().find(|l| l.layer == idx) {
-                r.fd = None;
-            }
+            old.state.write().drop_cached_fd(idx);
         }
     }
     pub fn get(&self, ino: Ino) -> Option<Arc<Inode>> {

@@ -69,7 +69,7 @@ impl Union {
         if let Some(t) = visit(inode)? {
             return Ok(t);
         }
-        let mut parent = inode.state.read().parent;
+        let mut parent = inode.state.read().parent();
         for _ in 0..=self.inodes.len() {
             let cur = self.inode(parent)?;
             if let Some(t) = visit(&cur)? {
@@ -78,7 +78,7 @@ impl Union {
             if cur.ino == ROOT_INO {
                 return Err(Errno::IO.into());
             }
-            parent = cur.state.read().parent;
+            parent = cur.state.read().parent();
         }
         Err(Errno::LOOP.into())
     }
@@ -92,7 +92,7 @@ impl Union {
         let (mut fd, opened_for) = self.walk_up(inode, |i| {
             let st = i.state.read();
             let r = st
-                .layers
+                .layers()
                 .iter()
                 .find(|l| l.layer == idx)
                 .ok_or(Errno::NOENT)?;
@@ -103,13 +103,13 @@ impl Union {
                 return Ok(Some((self.layer(idx)?.root.clone(), None)));
             }
             // Below the top copy, a redirected directory sits at its redirect path.
-            if let Some(path) = st.redirect.as_ref().filter(|_| st.top_layer() != Some(idx)) {
+            if let Some(path) = st.redirect().filter(|_| st.top_layer() != Some(idx)) {
                 return match redirect::walk(self.layer(idx)?.root_fd(), path)? {
                     redirect::Walk::Dir { fd, .. } => Ok(Some((Arc::new(fd), Some(i.ino)))),
                     _ => Err(Errno::STALE.into()),
                 };
             }
-            below.push((i.ino, st.name.to_os_string()));
+            below.push((i.ino, st.name().to_os_string()));
             Ok(None)
         })?;
         if let Some(ino) = opened_for {
@@ -128,16 +128,7 @@ impl Union {
         let Some(target) = self.inodes.get(ino) else {
             return;
         };
-        let cached = {
-            let mut st = target.state.write();
-            match st.layers.iter_mut().find(|l| l.layer == idx) {
-                Some(r) if r.fd.is_none() => {
-                    r.fd = Some(fd.clone());
-                    true
-                }
-                _ => false,
-            }
-        };
+        let cached = target.state.write().cache_fd(idx, fd);
         if cached {
             self.inodes.note_cached_fd(&target, idx);
         }
@@ -148,12 +139,12 @@ impl Union {
     pub(crate) fn entry_loc(&self, inode: &Inode) -> Result<(Arc<OwnedFd>, OsString, LayerIdx)> {
         let (parent, name, layer) = {
             let st = inode.state.read();
-            if st.detached {
+            if st.is_detached() {
                 return Err(Errno::NOENT.into());
             }
             (
-                st.parent,
-                st.name.clone(),
+                st.parent(),
+                Box::<OsStr>::from(st.name()),
                 st.top_layer().ok_or(Errno::NOENT)?,
             )
         };
@@ -186,7 +177,7 @@ impl Union {
 
     /// Resolves `name` in the merged directory `parent`; `None` when it does not exist.
     pub(crate) fn resolve(&self, parent: &Inode, name: &OsStr) -> Result<Option<Found>> {
-        let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
+        let refs = parent.state.read().layer_indexes();
         let bottom = self.bottom_layer();
         let mut found: Option<Found> = None;
         for (pos, &idx) in refs.iter().enumerate() {
@@ -332,7 +323,7 @@ impl Union {
     /// Whether `name` exists in the layers of `parent` below the upper one, i.e.
     /// whether removing or moving the upper entry must leave a whiteout.
     pub(crate) fn lower_has(&self, parent: &Inode, name: &OsStr) -> Result<bool> {
-        let refs: Vec<LayerIdx> = parent.state.read().layers.iter().map(|l| l.layer).collect();
+        let refs = parent.state.read().layer_indexes();
         for idx in refs
             .into_iter()
             .filter(|i| *i != super::UPPER || !self.upper)
@@ -381,10 +372,7 @@ impl Union {
         let p = self.inode(parent)?;
         let (in_layers, has_upper) = {
             let st = p.state.read();
-            (
-                st.layers.iter().any(|l| l.layer == idx),
-                st.layers.iter().any(|l| l.layer == super::UPPER),
-            )
+            (st.in_layer(idx), st.in_layer(super::UPPER))
         };
         if !p.is_dir() || !in_layers || self.is_grafted(parent) {
             return self.lookup(parent, name);
@@ -452,9 +440,9 @@ impl Union {
                 inode.reached_by(parent, name);
                 let mut st = inode.state.write();
                 if !inode.is_dir() {
-                    st.layers = found.layers.into_iter().collect();
-                } else if found.redirect.is_some() {
-                    st.redirect = found.redirect.map(OsString::into_boxed_os_str);
+                    st.refound_file(found.layers);
+                } else if let Some(path) = found.redirect {
+                    st.refound_redirect(path);
                 }
                 return Ok(inode.clone());
             }
@@ -474,14 +462,14 @@ impl Union {
             .filter(|l| l.fd.is_some())
             .map(|l| l.layer)
             .collect();
-        let mut state = InodeState::new(
+        let state = InodeState::new(
             parent,
             name.to_os_string(),
             found.layers,
             vec![key],
             found.redirect,
-        );
-        state.outside_links = outside_links;
+        )
+        .with_outside_links(outside_links);
         let inode = self.inodes.insert(preferred, found.kind, state);
         if !found.chained {
             for idx in cached {
@@ -545,11 +533,11 @@ impl Union {
             attr.nlink = 1;
         }
         if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {
-            attr.nlink = attr.nlink.saturating_add(state.outside_links);
+            attr.nlink = attr.nlink.saturating_add(state.outside_links());
         }
         // A removed lower entry lives on below its whiteout; to its open handles it
         // is gone (an upper one's own count already says so).
-        if state.detached && state.top_layer() != Some(super::UPPER) {
+        if state.is_detached() && state.top_layer() != Some(super::UPPER) {
             attr.nlink = 0;
         }
         attr

@@ -77,11 +77,15 @@ impl Union {
     pub(crate) fn finish_metacopy(&self, inode: &Inode, data: CopyData) -> Result<()> {
         let (parent_ino, name, data_layer) = {
             let st = inode.state.read();
-            if st.detached {
+            if st.is_detached() {
                 return Err(Errno::NOENT.into());
             }
             let data_layer = st.metacopy_data_layer().ok_or(Errno::STALE)?;
-            (st.parent, st.name.clone(), data_layer)
+            (
+                st.parent(),
+                Box::<std::ffi::OsStr>::from(st.name()),
+                data_layer,
+            )
         };
         let parent = self.inode(parent_ino)?;
         let upper = self.dir_fd(&parent, UPPER)?;
@@ -139,7 +143,7 @@ impl Union {
         let (pfd, name, _) = self.entry_loc(inode)?;
         match data_layer {
             Some(layer) if !inode.is_dir() => {
-                let parent = self.inode(inode.state.read().parent)?;
+                let parent = self.inode(inode.state.read().parent())?;
                 Ok((self.dir_fd(&parent, layer)?, name))
             }
             _ => Ok((pfd, name)),

@@ -309,8 +309,8 @@ impl Union {
                 break;
             };
             let st = inode.state.read();
-            parts.push(st.name.clone());
-            at = st.parent;
+            parts.push(Box::<OsStr>::from(st.name()));
+            at = st.parent();
         }
         if at != ROOT_INO && head.is_empty() {
             head = "…".into();

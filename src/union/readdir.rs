@@ -50,7 +50,7 @@ struct Merged {
 
 /// The `.` and `..` entries every listing starts with (offsets 1 and 2).
 pub(crate) fn dot_entries(inode: &Inode) -> Vec<DirEntry> {
-    let parent = inode.state.read().parent;
+    let parent = inode.state.read().parent();
     vec![
         DirEntry {
             ino: inode.ino,
@@ -72,7 +72,7 @@ pub(crate) fn dot_entries(inode: &Inode) -> Vec<DirEntry> {
 impl Union {
     /// Lists the merged directory, `.` and `..` excluded.
     fn merge_listing(&self, inode: &Inode) -> Result<Vec<Merged>> {
-        let refs: Vec<usize> = inode.state.read().layers.iter().map(|l| l.layer).collect();
+        let refs = inode.state.read().layer_indexes();
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut out = Vec::new();
         for idx in refs {

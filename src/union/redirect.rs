@@ -129,10 +129,10 @@ impl Union {
                 return Ok(Some(OsString::new()));
             }
             let st = i.state.read();
-            if let Some(r) = &st.redirect {
+            if let Some(r) = st.redirect() {
                 return Ok(Some(r.to_os_string()));
             }
-            names.push(st.name.clone());
+            names.push(Box::<OsStr>::from(st.name()));
             Ok(None)
         })?;
         Ok(names
