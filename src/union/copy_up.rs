@@ -304,26 +304,23 @@ impl Union {
                 if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
                     return Err(Errno::STALE.into());
                 }
-                let dst = sys::fs::open_at(
+                let size = st.st_size as u64;
+                let Made::File(dst) = self.make_copy(
                     work,
                     temp,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                    0o600,
-                )?;
+                    Content::File {
+                        from: data_from.unwrap_or(&src),
+                        size,
+                        data,
+                    },
+                )?
+                else {
+                    return Err(Errno::IO.into());
+                };
                 // Only data needs the fsync below: the metadata of the staged file
                 // reaches the journal with the rename that publishes it (the kernel
                 // overlay syncs only when it copied data, too).
-                let copied_data = match data {
-                    CopyData::Yes => {
-                        self.copy_data(data_from.unwrap_or(&src), &dst, st.st_size as u64)?;
-                        st.st_size > 0
-                    }
-                    CopyData::No => false,
-                    CopyData::Meta => {
-                        self.stage_metacopy(&dst, st.st_size as u64)?;
-                        false
-                    }
-                };
+                let copied_data = data == CopyData::Yes && size > 0;
                 self.copy_metadata(
                     inode,
                     Target::Fd(src.as_fd()),
@@ -337,8 +334,9 @@ impl Union {
                 }
             }
             libc::S_IFDIR => {
-                sys::fs::mkdir_at(work, temp, 0o700)?;
-                let dst = sys::fs::open_dir(work, temp)?;
+                let Made::Dir(dst) = self.make_copy(work, temp, Content::Dir)? else {
+                    return Err(Errno::IO.into());
+                };
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -355,7 +353,7 @@ impl Union {
             }
             libc::S_IFLNK => {
                 let target = sys::fs::readlink_at(src_dir, name)?;
-                sys::fs::symlink_at(&target, work, temp)?;
+                self.make_copy(work, temp, Content::Symlink(&target))?;
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -366,7 +364,11 @@ impl Union {
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             kind => {
-                sys::fs::mknod_at(work, temp, kind | mode, st.st_rdev)?;
+                let special = Content::Special {
+                    mode: kind | mode,
+                    rdev: st.st_rdev,
+                };
+                self.make_copy(work, temp, special)?;
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -378,6 +380,75 @@ impl Union {
             }
         }
         Ok(())
+    }
+}
+
+/// What one copied entry is made from. Every copy of an entry (a copy-up staged in
+/// the work directory, a volume filled from the merged view) makes it the same way
+/// ([`Union::make_copy`]) and then gives it its metadata, each its own way: a
+/// copy-up the layer's stored owner, mode and private xattrs; a fill the view's.
+pub(crate) enum Content<'a> {
+    /// A regular file with the data of `from` (`size` bytes) as `data` says.
+    File {
+        from: &'a File,
+        size: u64,
+        data: CopyData,
+    },
+    Dir,
+    Symlink(&'a OsStr),
+    /// A device, fifo or socket: `mode` with its type bits.
+    Special {
+        mode: u32,
+        rdev: u64,
+    },
+}
+
+/// A copy just made, with what its metadata is set through.
+pub(crate) enum Made {
+    /// Opened for writing.
+    File(File),
+    /// Opened as a directory, for the entries copied into it.
+    Dir(std::os::fd::OwnedFd),
+    Other,
+}
+
+impl Union {
+    /// Makes `dir/name` (which must not exist) from `content`, private to its owner
+    /// (mode 0600/0700) until the caller gives it its metadata.
+    pub(crate) fn make_copy(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        content: Content<'_>,
+    ) -> Result<Made> {
+        Ok(match content {
+            Content::File { from, size, data } => {
+                let dst = sys::fs::open_at(
+                    dir,
+                    name,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                    0o600,
+                )?;
+                match data {
+                    CopyData::Yes => self.copy_data(from, &dst, size)?,
+                    CopyData::No => {}
+                    CopyData::Meta => self.stage_metacopy(&dst, size)?,
+                }
+                Made::File(dst)
+            }
+            Content::Dir => {
+                sys::fs::mkdir_at(dir, name, 0o700)?;
+                Made::Dir(sys::fs::open_dir(dir, name)?)
+            }
+            Content::Symlink(target) => {
+                sys::fs::symlink_at(target, dir, name)?;
+                Made::Other
+            }
+            Content::Special { mode, rdev } => {
+                sys::fs::mknod_at(dir, name, mode, rdev)?;
+                Made::Other
+            }
+        })
     }
 }
 

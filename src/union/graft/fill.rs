@@ -7,6 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rustix::fs::OFlags;
 
 use crate::sys::{self, fs::TimeSpec, xattr::Target};
+use crate::union::copy_up::{Content, CopyData, Made};
 use crate::union::{Attr, Ino, Result, Time, Union};
 
 impl Union {
@@ -67,26 +68,32 @@ impl Union {
         let perm = attr.mode & 0o7777;
         match attr.kind() {
             libc::S_IFDIR => {
-                sys::fs::mkdir_at(dst, name, 0o700)?;
-                let sub = sys::fs::open_dir(dst, name)?;
+                let Made::Dir(sub) = self.make_copy(dst, name, Content::Dir)? else {
+                    return Err(crate::sys::Errno::IO.into());
+                };
                 self.populate_dir(attr.ino, sub.as_fd())?;
             }
             libc::S_IFREG => {
                 let inode = self.inode(attr.ino)?;
                 let from = self.open_data(&inode, OFlags::RDONLY)?;
-                let to = sys::fs::open_at(
-                    dst,
-                    name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                    0o600,
-                )?;
-                self.copy_data(&from, &to, attr.size)?;
+                let content = Content::File {
+                    from: &from,
+                    size: attr.size,
+                    data: CopyData::Yes,
+                };
+                self.make_copy(dst, name, content)?;
             }
             libc::S_IFLNK => {
                 let target = self.readlink(attr.ino)?;
-                sys::fs::symlink_at(&target, dst, name)?;
+                self.make_copy(dst, name, Content::Symlink(&target))?;
             }
-            kind => sys::fs::mknod_at(dst, name, kind | perm, attr.rdev)?,
+            kind => {
+                let special = Content::Special {
+                    mode: kind | perm,
+                    rdev: attr.rdev,
+                };
+                self.make_copy(dst, name, special)?;
+            }
         }
         sys::fs::chown_at(dst, name, Some(attr.uid), Some(attr.gid))?;
         if attr.kind() != libc::S_IFLNK {
