@@ -15,6 +15,9 @@ pub mod mounted;
 pub mod ops;
 pub mod runner;
 
+/// The product's own list of the xattr namespaces a union filesystem keeps to itself,
+/// so that tests checking "never shown" check exactly what the engine hides.
+pub use crate::union::whiteout::is_private_xattr;
 pub use layers::Scenario;
 pub use model::Model;
 pub use ops::{Op, RelPath, RenameFlag, p};

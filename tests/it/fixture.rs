@@ -21,6 +21,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use stratafs::testing::is_private_xattr;
+
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 pub const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
@@ -350,18 +352,6 @@ pub fn names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Private xattr namespaces a union filesystem keeps for itself and never shows.
-pub fn is_private_xattr(name: &str) -> bool {
-    [
-        "trusted.overlay.",
-        "user.overlay.",
-        "user.fuseoverlayfs.",
-        "user.stratafs.",
-    ]
-    .iter()
-    .any(|p| name.starts_with(p))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1844,7 +1834,7 @@ fn walk(p: &Path, rel: &str, mode: SnapMode, out: &mut BTreeMap<String, Entry>) 
             Vec::new()
         });
         for n in names {
-            let private = is_private_xattr(&n);
+            let private = is_private_xattr(OsStr::new(&n));
             if mode == SnapMode::RawLayer && private {
                 if n.ends_with(".opaque") {
                     opaque |= lgetxattr(p, &n).is_ok_and(|v| v == b"y");

@@ -26,7 +26,7 @@
 //! as R with many ticks); `STRATAFS_HOSTILE_GDB=1` adds every thread's stack.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -38,6 +38,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use libc::{EIO, ENOENT, ESTALE};
+use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
     self, Errno, Format, LayerSpec, Layers, Meta, StrataMount, Tmpfs, errno, errno_name, io_errno,
@@ -627,7 +628,7 @@ fn probe_hostile(m: &mut Bounded, rel: &str) {
     ) {
         let private: Vec<_> = names
             .iter()
-            .filter(|n| fixture::is_private_xattr(n) || n.ends_with("override_stat"))
+            .filter(|n| is_private_xattr(OsStr::new(n)) || n.ends_with("override_stat"))
             .collect();
         assert!(
             private.is_empty(),

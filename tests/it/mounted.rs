@@ -3,7 +3,7 @@
 //! O_APPEND, daemon mode, signals, concurrency.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -13,6 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use libc::{EEXIST, ENODATA, ENOENT, ENXIO, EPERM, EROFS};
+use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
     self, Errno, FIXED_MTIME, FUSE_SUPER_MAGIC, Format, LayerSpec, Layers, Meta, StrataDaemon,
@@ -628,7 +629,7 @@ fn assert_no_private_xattrs(p: &Path) {
         llistxattr(p).unwrap_or_else(|e| panic!("listxattr {}: {}", p.display(), errno_name(e)));
     let leaked: Vec<_> = names
         .iter()
-        .filter(|n| fixture::is_private_xattr(n))
+        .filter(|n| is_private_xattr(OsStr::new(n)))
         .collect();
     assert!(
         leaked.is_empty(),
