@@ -15,8 +15,8 @@ use std::path::Path;
 use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM};
 
 use crate::fixture::{
-    self, Errno, Format, KernelOverlay, Kind, LayerSpec, Layers, Meta, StrataMount, cpath, errno,
-    errno_name, io_errno, kind_of,
+    self, Errno, Format, KernelOverlay, LayerBuilder, Layers, Meta, StrataMount, TreeKind, cpath,
+    errno, errno_name, io_errno, kind_of,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -301,14 +301,14 @@ fn assert_no_write_through_symlink(root: &Path, op: &Op) {
 
 fn describe_stat(md: &fs::Metadata) -> String {
     let kind = match kind_of(md) {
-        Kind::File => "file",
-        Kind::Dir => "dir",
-        Kind::Symlink => "symlink",
-        Kind::Fifo => "fifo",
-        Kind::Socket => "socket",
-        Kind::CharDev => "chr",
-        Kind::BlockDev => "blk",
-        Kind::Unreadable => "unreadable",
+        TreeKind::File => "file",
+        TreeKind::Dir => "dir",
+        TreeKind::Symlink => "symlink",
+        TreeKind::Fifo => "fifo",
+        TreeKind::Socket => "socket",
+        TreeKind::CharDev => "chr",
+        TreeKind::BlockDev => "blk",
+        TreeKind::Unreadable => "unreadable",
     };
     let mut s = format!(
         "{kind} {:04o} {}:{} nlink={}",
@@ -458,12 +458,12 @@ struct Differential {
 
 /// Lowers (top-most first) built twice: kernel-native for the kernel, `strata_fmt` for
 /// stratafs. `None` when the prerequisites are missing and skipping was asked for.
-fn setup(lowers: &[LayerSpec], strata_fmt: Format) -> Option<Differential> {
+fn setup(lowers: &[LayerBuilder], strata_fmt: Format) -> Option<Differential> {
     setup_with(lowers, strata_fmt, false)
 }
 
 /// [`setup`], with both mounted `metacopy=on` when asked.
-fn setup_with(lowers: &[LayerSpec], strata_fmt: Format, metacopy: bool) -> Option<Differential> {
+fn setup_with(lowers: &[LayerBuilder], strata_fmt: Format, metacopy: bool) -> Option<Differential> {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return None;
     }
@@ -682,7 +682,7 @@ impl InodeSurvey {
 #[test]
 fn copy_up_of_files_in_nested_lower_dirs() {
     let f3 = fixture::pattern(200_000, 3);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .dir_with("a", Meta::new().mode(0o755).xattr("user.dirtag", "a"))
         .dir_with("a/b", Meta::new().mode(0o750).owner(1000, 1000))
         .dir_with("a/b/c", Meta::new().mode(0o700))
@@ -742,7 +742,7 @@ fn copy_up_of_files_in_nested_lower_dirs() {
 
 #[test]
 fn delete_lower_entries_then_recreate_as_file_and_dir() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("f", "lower f")
         .file("g", "lower g")
         .file("d/x", "x")
@@ -809,7 +809,7 @@ fn delete_lower_entries_then_recreate_as_file_and_dir() {
 /// Whiteouts and opaque dirs in the top lower, in `fmt` on the stratafs side (the kernel
 /// always gets its native char-0/0 + trusted.overlay.opaque): the views must agree.
 fn lower_whiteouts_and_opaque_dirs(fmt: Format) {
-    let top = LayerSpec::new()
+    let top = LayerBuilder::new()
         .whiteout("w_file")
         .whiteout("w_dir")
         .whiteout("sub/w_nested")
@@ -820,7 +820,7 @@ fn lower_whiteouts_and_opaque_dirs(fmt: Format) {
         .file("merge/top", "top")
         .file("plain", "plain")
         .opaque_dir("op_empty");
-    let bottom = LayerSpec::new()
+    let bottom = LayerBuilder::new()
         .file("w_file", "hidden")
         .file("w_dir/a", "hidden")
         .file("sub/w_nested", "hidden")
@@ -887,14 +887,14 @@ fn lower_formats_user_overlay_opaque_xattr() {
 
 #[test]
 fn three_lowers_shadowing() {
-    let l1 = LayerSpec::new()
+    let l1 = LayerBuilder::new()
         .file("p", "L1 p is a file") // over a dir p/ in L2
         .file("q/in_l1", "q") // a dir over a file q in L2
         .file("r/x", "L1 x")
         .file("s", "L1 s") // over a whiteout in L2 over a file in L3
         .whiteout("t") // hides L3's dir t
         .file("u/l1", "l1");
-    let l2 = LayerSpec::new()
+    let l2 = LayerBuilder::new()
         .file("p/inner", "hidden")
         .file("q", "L2 q")
         .file("r/a", "L2 a")
@@ -903,7 +903,7 @@ fn three_lowers_shadowing() {
         .file("v", "L2 v") // a file over a dir v/ in L3
         .opaque_dir("u")
         .file("u/l2", "l2");
-    let l3 = LayerSpec::new()
+    let l3 = LayerBuilder::new()
         .file("p/l3", "hidden")
         .file("r/b", "L3 b")
         .file("r/c", "L3 c")
@@ -965,7 +965,7 @@ fn three_lowers_shadowing() {
 
 #[test]
 fn rename_files_across_dirs_noreplace_exchange() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("a/f1", "f1")
         .file("a/f2", "f2")
         .file("a/f3", "f3")
@@ -1037,7 +1037,7 @@ fn rename_files_across_dirs_noreplace_exchange() {
 
 #[test]
 fn rmdir_of_merged_dirs_judged_on_the_merged_view() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("e/1", "1")
         .file("e/2", "2")
         .file("e/sub/3", "3")
@@ -1082,7 +1082,7 @@ fn rmdir_of_merged_dirs_judged_on_the_merged_view() {
 
 #[test]
 fn hard_links_made_through_the_mount() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("h/orig", "original")
         .file("h/pair1", "pair")
         .hardlink("h/pair2", "h/pair1")
@@ -1117,7 +1117,7 @@ fn hard_links_made_through_the_mount() {
 
 #[test]
 fn chmod_chown_truncate_utimes_of_lower_entries() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("m/a", "aaaa")
         .file_with("m/b", "b", Meta::new().owner(1000, 1000).mode(0o755))
         .file_with("m/c", "cccc", Meta::new().mode(0o600))
@@ -1181,7 +1181,7 @@ fn symlinks_including_a_hostile_root_link() {
     };
     let canary_times = (ctimes(&canary_dir), ctimes(&canary_dir.join("canary")));
 
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .symlink("etc", "/")
         .symlink("esc", &canary_target)
         .symlink("rel", "d/target")
@@ -1238,7 +1238,7 @@ fn symlinks_including_a_hostile_root_link() {
 #[test]
 fn xattrs_set_get_list_remove_on_lower_entries() {
     let big = vec![b'v'; 4000];
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file_with(
             "x/file",
             "f",
@@ -1282,7 +1282,7 @@ fn xattrs_set_get_list_remove_on_lower_entries() {
 
 #[test]
 fn special_files_fifo_socket_devices_and_the_whiteout_device() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("dev/existing", "e")
         .fifo("dev/lowerfifo");
     let Some(mut d) = setup(&[lower], Format::NATIVE) else {
@@ -1312,7 +1312,7 @@ fn special_files_fifo_socket_devices_and_the_whiteout_device() {
 /// compares again, so the redirects must persist.
 #[test]
 fn rename_of_directories_with_lower_content() {
-    let base = LayerSpec::new()
+    let base = LayerBuilder::new()
         .file("src/a.txt", "a")
         .file("src/sub/deep.txt", "deep")
         .dir("src/sub/empty")
@@ -1324,7 +1324,7 @@ fn rename_of_directories_with_lower_content() {
         .file("ex2/two", "2")
         .file("gone/g.txt", "g")
         .dir("dest");
-    let top = LayerSpec::new().file("merged/top.txt", "top");
+    let top = LayerBuilder::new().file("merged/top.txt", "top");
     let Some(mut d) = setup(&[top, base], Format::NATIVE) else {
         return;
     };
@@ -1381,7 +1381,7 @@ fn rename_of_directories_with_lower_content() {
 /// the remount the harness does.
 #[test]
 fn hard_links_of_lower_layers_stay_linked() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("h1", "shared")
         .hardlink("d/h2", "h1")
         .hardlink("e/h3", "h1")
@@ -1424,7 +1424,7 @@ fn hard_links_of_lower_layers_stay_linked() {
 #[test]
 fn metadata_only_copy_up_with_metacopy_on() {
     let big = fixture::pattern(3 << 20, 7);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("big", &big)
         .file("d/meta", &big[..2 << 20])
         .file("written", &big[..(1 << 20) + 5]);

@@ -41,8 +41,8 @@ use libc::{EIO, ENOENT, ESTALE};
 use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
-    self, Errno, Format, LayerSpec, Layers, Meta, StrataMount, Tmpfs, errno, errno_name, io_errno,
-    statfs_bounded,
+    self, Errno, Format, LayerBuilder, Layers, Meta, StrataMount, Tmpfs, errno, errno_name,
+    io_errno, statfs_bounded,
 };
 
 /// How long one mounted call may take. Every call here is small: a healthy mount
@@ -429,7 +429,7 @@ impl Bounded {
 // ---------------------------------------------------------------------------------------
 
 /// The content every case has in its bottom lower layer, untouched by the garbage.
-fn base(spec: LayerSpec) -> LayerSpec {
+fn base(spec: LayerBuilder) -> LayerBuilder {
     spec.file("plain", "plain\n")
         .file("pdir/inner", "inner\n")
         .file("linked", "linked\n")
@@ -728,11 +728,11 @@ fn origin_case(case: &str, value: &[u8]) {
             .xattr(ROOT_ORIGIN, value)
             .xattr(USER_ORIGIN, value)
     };
-    let upper = LayerSpec::new()
+    let upper = LayerBuilder::new()
         .file_with("victim", "victim\n", marks())
         .dir_with("vdir", marks())
         .file("vdir/x", "x\n");
-    let l = Layers::build(&[base(LayerSpec::new())], Some(&upper), Format::NATIVE);
+    let l = Layers::build(&[base(LayerBuilder::new())], Some(&upper), Format::NATIVE);
     let mut m = Bounded::mount(case, &l.rw_options(), &l);
     let root = must(case, "lstat of the root", m.lstat("."));
     for rel in ["victim", "vdir"] {
@@ -800,7 +800,7 @@ fn origin_shared_by_cp_a_copy() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("orig", "orig\n")]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("orig", "orig\n")]);
     let shown = {
         let mut m = Bounded::mount(case, &l.rw_options(), &l);
         let st = must(case, "lookup of \"orig\"", m.lstat("orig"));
@@ -895,13 +895,13 @@ fn redirect_case(case: &str, value: &[u8], on: On) {
     if !fixture::require_fuse() {
         return;
     }
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("d/keep", "keep\n")
         .file("other/o", "o\n")
         .symlink("esc", "/etc");
     let l = Layers::build(&[bottom], None, Format::NATIVE);
     let t = TmpLayer::new(&l, "hostile-layer");
-    LayerSpec::new()
+    LayerBuilder::new()
         .dir_with("d", redirect_meta(value))
         .file("d/mine", "mine\n")
         .build(&t.layer(), Format::NATIVE);
@@ -1013,12 +1013,12 @@ fn redirect_cycle() {
         return;
     }
     let cyc = || {
-        LayerSpec::new()
+        LayerBuilder::new()
             .dir_with("a", redirect_meta(b"/b"))
             .dir_with("b", redirect_meta(b"/a"))
             .dir_with("c", redirect_meta(b"c"))
     };
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("a/fa", "a\n")
         .file("b/fb", "b\n")
         .file("c/fc", "c\n");
@@ -1055,12 +1055,10 @@ fn metacopy_garbage_on_a_small_file() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = base(LayerSpec::new()).file("mc", "lower data\n").file_with(
-        "mc_lower",
-        "in a lower\n",
-        metacopy_meta(),
-    );
-    let upper = LayerSpec::new().file_with("mc", "upper\n", metacopy_meta());
+    let lower = base(LayerBuilder::new())
+        .file("mc", "lower data\n")
+        .file_with("mc_lower", "in a lower\n", metacopy_meta());
+    let upper = LayerBuilder::new().file_with("mc", "upper\n", metacopy_meta());
     let l = Layers::build(&[lower], Some(&upper), Format::NATIVE);
     let mut m = Bounded::mount(case, &l.rw_options(), &l);
     // A small file cannot be a stand-in: its own data is what the upper holds.
@@ -1080,8 +1078,8 @@ fn metacopy_garbage_on_a_large_file() {
         return;
     }
     let data = fixture::pattern(2 * MIB as usize, 7);
-    let lower = base(LayerSpec::new()).file("mc", &data);
-    let upper = LayerSpec::new()
+    let lower = base(LayerBuilder::new()).file("mc", &data);
+    let upper = LayerBuilder::new()
         .sparse("mc", 2 * MIB, &[(0, b"upper")], metacopy_meta())
         .sparse("mc_alone", 2 * MIB, &[(0, b"alone")], metacopy_meta());
     let l = Layers::build(&[lower], Some(&upper), Format::NATIVE);
@@ -1134,8 +1132,8 @@ fn override_stat_garbage() {
         &[b'9'; 4000],
     ];
     let ov = |v: &[u8]| Meta::new().xattr("user.containers.override_stat", v);
-    let mut lower = base(LayerSpec::new());
-    let mut upper = LayerSpec::new();
+    let mut lower = base(LayerBuilder::new());
+    let mut upper = LayerBuilder::new();
     let mut hostile = Vec::new();
     for (i, v) in bad.iter().enumerate() {
         lower = lower.file_with(&format!("os{i}"), format!("os{i}\n"), ov(v));
@@ -1167,12 +1165,12 @@ fn opaque_markers_on_files() {
             .xattr("trusted.overlay.opaque", b"y")
             .xattr("user.overlay.opaque", b"y")
     };
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("of/x", "x\n")
         .file("of2/y", "y\n")
         .file("odir/keep", "keep\n");
-    let middle = LayerSpec::new().file_with("of2", "middle-of2\n", opq());
-    let upper = LayerSpec::new()
+    let middle = LayerBuilder::new().file_with("of2", "middle-of2\n", opq());
+    let upper = LayerBuilder::new()
         .file_with("of", "upper-of\n", opq())
         .dir("odir/.wh..wh..opq");
     let l = Layers::build(&[middle, bottom], Some(&upper), Format::NATIVE);
@@ -1259,15 +1257,15 @@ fn lower_is_a_kernel_overlay_with_xino() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let ext = l.root.join("xa");
     fs::create_dir(&ext).unwrap();
-    LayerSpec::new()
+    LayerBuilder::new()
         .file("fa", "fa\n")
         .file("shared/from_ext", "e\n")
         .build(&ext, Format::NATIVE);
     let t = Tmpfs::new(&l.root.join("xt"), "16m");
-    LayerSpec::new()
+    LayerBuilder::new()
         .file("ft", "ft\n")
         .file("dt/x", "x\n")
         .file("shared/from_tmpfs", "t\n")
@@ -1312,12 +1310,12 @@ fn lower_is_a_stratafs_mount() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let inner = Layers::new(&[
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("i_top", "top\n")
             .file("idir/a", "a\n"),
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("i_bottom", "bottom\n")
             .file("idir/b", "b\n"),
     ]);
@@ -1353,12 +1351,12 @@ fn lower_is_a_kernel_overlay() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let inner = Layers::new(&[
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("k_top", "top\n")
             .file("kdir/a", "a\n"),
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("k_bottom", "bottom\n")
             .file("kdir/b", "b\n"),
     ]);
@@ -1596,8 +1594,8 @@ fn hardlink_across_two_lower_layers() {
         return;
     }
     let l = Layers::new(&[
-        LayerSpec::new().file("f", "shared\n"),
-        base(LayerSpec::new()),
+        LayerBuilder::new().file("f", "shared\n"),
+        base(LayerBuilder::new()),
     ]);
     fs::hard_link(l.lowers[0].join("f"), l.lowers[1].join("g")).unwrap();
     let script = [
@@ -1639,7 +1637,7 @@ fn lower_hardlink_names_outside_the_layer() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("f", "outside-linked\n")]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("f", "outside-linked\n")]);
     let outside = l.root.join("outside_name");
     fs::hard_link(l.lowers[0].join("f"), &outside).unwrap();
     let script = [
@@ -1671,7 +1669,7 @@ fn nested_layers() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())
+    let l = Layers::new(&[base(LayerBuilder::new())
         .file("sub/s", "s\n")
         .file("sub/inner/i", "i\n")]);
     let lowerdir = format!("{}/sub:{}", l.lowers[0].display(), l.lowers[0].display());
@@ -1709,7 +1707,9 @@ fn two_tmpfs_mount_points_in_a_lower() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("m1/under", "under\n").dir("m2")]);
+    let l = Layers::new(&[base(LayerBuilder::new())
+        .file("m1/under", "under\n")
+        .dir("m2")]);
     let t1 = Tmpfs::new(&l.lowers[0].join("m1"), "4m");
     let t2 = Tmpfs::new(&l.lowers[0].join("m2"), "4m");
     fs::write(t1.path.join("f"), "f1\n").unwrap();
@@ -1866,7 +1866,7 @@ fn deep_chain_9000_directories() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let _cleanup = DeepCleanup(l.root.clone());
     make_chain(&l.lowers[0], CHAIN_DEPTH, b"bottom\n");
     let script = [
@@ -1905,7 +1905,7 @@ fn kernel_metacopy_upper_completed_then_new_files() {
         return;
     }
     let data = fixture::pattern(2 * MIB as usize, 11);
-    let l = Layers::new(&[base(LayerSpec::new()).file("big", &data)]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("big", &data)]);
     {
         let _k = fixture::KernelOverlay::with_metacopy(&l, true);
         fixture::chmod(&l.merged.join("big"), 0o600).unwrap();
@@ -1975,7 +1975,7 @@ fn kernel_made_redirects_in_lowers_and_upper() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())
+    let l = Layers::new(&[base(LayerBuilder::new())
         .file("a/fa", "fa\n")
         .file("b/fb", "fb\n")]);
     let dirs: Vec<PathBuf> = ["u1", "w1", "u2", "w2", "km"]
@@ -2063,11 +2063,11 @@ fn rootless_origin_case(case: &str, value: &[u8]) {
     if !fixture::require_fuse() {
         return;
     }
-    let upper = LayerSpec::new()
+    let upper = LayerBuilder::new()
         .file_with("victim", "victim\n", Meta::new().xattr(USER_ORIGIN, value))
         .dir_with("vdir", Meta::new().xattr(USER_ORIGIN, value))
         .file("vdir/x", "x\n");
-    let l = Layers::build(&[base(LayerSpec::new())], Some(&upper), Format::AUFS);
+    let l = Layers::build(&[base(LayerBuilder::new())], Some(&upper), Format::AUFS);
     let out_dir = l.root.join("out");
     fs::create_dir(&out_dir).unwrap();
     let log = l.root.join("userns-daemon.log");
