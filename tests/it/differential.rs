@@ -7,167 +7,96 @@
 //! `fails`), so a scenario cannot pass vacuously by doing nothing on both sides.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM};
 
 use crate::fixture::{
-    self, Errno, Format, KernelOverlay, LayerBuilder, Layers, Meta, StrataMount, TreeKind, cpath,
-    errno, errno_name, io_errno, kind_of,
+    self, Answer, Errno, Format, KernelOverlay, LayerBuilder, Layers, Meta, StrataMount, Syscall,
+    errno_name, summarize,
 };
 
 // ---------------------------------------------------------------------------------------
-// Operation vocabulary
+// Steps: a call of the one path vocabulary (`fixture::Syscall`), with what the kernel
+// is known to answer
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
-enum Op {
-    Read(String),
-    Readlink(String),
-    /// lstat, rendered as "kind mode uid:gid nlink=N [size=S] [rdev=M:m]".
-    Stat(String),
-    /// Sorted names with a type suffix: `/` dir, `@` symlink, `|` fifo, `=` socket, `%` char dev.
-    ReadDir(String),
-    Write(String, u64, Vec<u8>),
-    Append(String, Vec<u8>),
-    Truncate(String, u64),
-    Create(String, u32, Vec<u8>),
-    Mkdir(String, u32),
-    Unlink(String),
-    Rmdir(String),
-    Rename(String, String, u32),
-    Symlink(String, String),
-    Link(String, String),
-    Chmod(String, u32),
-    Chown(String, u32, u32),
-    Utimes(String, i64, i64),
-    SetXattr(String, String, Vec<u8>, i32),
-    GetXattr(String, String),
-    ListXattr(String),
-    RemoveXattr(String, String),
-    Mkfifo(String, u32),
-    Mknod(String, u32, u32, u32),
+fn read(p: &str) -> Syscall {
+    Syscall::Read(p.into())
 }
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn readlink(p: &str) -> Syscall {
+    Syscall::Readlink(p.into())
 }
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Op::Read(p) => write!(f, "read {p}"),
-            Op::Readlink(p) => write!(f, "readlink {p}"),
-            Op::Stat(p) => write!(f, "lstat {p}"),
-            Op::ReadDir(p) => write!(f, "readdir {p}"),
-            Op::Write(p, o, d) => write!(f, "pwrite {p} @{o} {:?}", summarize(d)),
-            Op::Append(p, d) => write!(f, "append {p} {:?}", summarize(d)),
-            Op::Truncate(p, l) => write!(f, "truncate {p} {l}"),
-            Op::Create(p, m, d) => write!(f, "create(O_EXCL) {p} {m:04o} {:?}", summarize(d)),
-            Op::Mkdir(p, m) => write!(f, "mkdir {p} {m:04o}"),
-            Op::Unlink(p) => write!(f, "unlink {p}"),
-            Op::Rmdir(p) => write!(f, "rmdir {p}"),
-            Op::Rename(a, b, fl) => {
-                let how = match *fl {
-                    0 => "rename",
-                    libc::RENAME_NOREPLACE => "rename(NOREPLACE)",
-                    libc::RENAME_EXCHANGE => "rename(EXCHANGE)",
-                    _ => "rename(?)",
-                };
-                write!(f, "{how} {a} -> {b}")
-            }
-            Op::Symlink(t, p) => write!(f, "symlink {p} -> {t}"),
-            Op::Link(a, b) => write!(f, "link {a} {b}"),
-            Op::Chmod(p, m) => write!(f, "chmod {p} {m:04o}"),
-            Op::Chown(p, u, g) => write!(f, "lchown {p} {u}:{g}"),
-            Op::Utimes(p, a, m) => write!(f, "utimes(nofollow) {p} atime={a} mtime={m}"),
-            Op::SetXattr(p, n, v, fl) => write!(f, "lsetxattr {p} {n}={:?} flags={fl}", lossy(v)),
-            Op::GetXattr(p, n) => write!(f, "lgetxattr {p} {n}"),
-            Op::ListXattr(p) => write!(f, "llistxattr {p}"),
-            Op::RemoveXattr(p, n) => write!(f, "lremovexattr {p} {n}"),
-            Op::Mkfifo(p, m) => write!(f, "mkfifo {p} {m:04o}"),
-            Op::Mknod(p, m, ma, mi) => write!(f, "mknod {p} {m:o} {ma}:{mi}"),
-        }
-    }
+fn stat(p: &str) -> Syscall {
+    Syscall::Stat(p.into())
 }
-
-fn read(p: &str) -> Op {
-    Op::Read(p.into())
+fn readdir(p: &str) -> Syscall {
+    Syscall::ReadDir(p.into())
 }
-fn readlink(p: &str) -> Op {
-    Op::Readlink(p.into())
+fn write(p: &str, off: u64, d: &[u8]) -> Syscall {
+    Syscall::Write(p.into(), off, d.to_vec())
 }
-fn stat(p: &str) -> Op {
-    Op::Stat(p.into())
+fn append(p: &str, d: &[u8]) -> Syscall {
+    Syscall::Append(p.into(), d.to_vec())
 }
-fn readdir(p: &str) -> Op {
-    Op::ReadDir(p.into())
+fn truncate(p: &str, len: u64) -> Syscall {
+    Syscall::Truncate(p.into(), len)
 }
-fn write(p: &str, off: u64, d: &[u8]) -> Op {
-    Op::Write(p.into(), off, d.to_vec())
+fn create(p: &str, mode: u32, d: &[u8]) -> Syscall {
+    Syscall::Create(p.into(), mode, d.to_vec())
 }
-fn append(p: &str, d: &[u8]) -> Op {
-    Op::Append(p.into(), d.to_vec())
+fn mkdir(p: &str, mode: u32) -> Syscall {
+    Syscall::Mkdir(p.into(), mode)
 }
-fn truncate(p: &str, len: u64) -> Op {
-    Op::Truncate(p.into(), len)
+fn unlink(p: &str) -> Syscall {
+    Syscall::Unlink(p.into())
 }
-fn create(p: &str, mode: u32, d: &[u8]) -> Op {
-    Op::Create(p.into(), mode, d.to_vec())
+fn rmdir(p: &str) -> Syscall {
+    Syscall::Rmdir(p.into())
 }
-fn mkdir(p: &str, mode: u32) -> Op {
-    Op::Mkdir(p.into(), mode)
+fn rename(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), 0)
 }
-fn unlink(p: &str) -> Op {
-    Op::Unlink(p.into())
+fn rename_noreplace(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), libc::RENAME_NOREPLACE)
 }
-fn rmdir(p: &str) -> Op {
-    Op::Rmdir(p.into())
+fn rename_exchange(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), libc::RENAME_EXCHANGE)
 }
-fn rename(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), 0)
+fn symlink(target: &str, p: &str) -> Syscall {
+    Syscall::Symlink(target.into(), p.into())
 }
-fn rename_noreplace(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), libc::RENAME_NOREPLACE)
+fn link(a: &str, b: &str) -> Syscall {
+    Syscall::Link(a.into(), b.into())
 }
-fn rename_exchange(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), libc::RENAME_EXCHANGE)
+fn chmod(p: &str, m: u32) -> Syscall {
+    Syscall::Chmod(p.into(), m)
 }
-fn symlink(target: &str, p: &str) -> Op {
-    Op::Symlink(target.into(), p.into())
+fn chown(p: &str, u: u32, g: u32) -> Syscall {
+    Syscall::Chown(p.into(), u, g)
 }
-fn link(a: &str, b: &str) -> Op {
-    Op::Link(a.into(), b.into())
+fn utimes(p: &str, a: i64, m: i64) -> Syscall {
+    Syscall::Utimes(p.into(), a, m)
 }
-fn chmod(p: &str, m: u32) -> Op {
-    Op::Chmod(p.into(), m)
+fn setxattr(p: &str, n: &str, v: &[u8], flags: i32) -> Syscall {
+    Syscall::SetXattr(p.into(), n.into(), v.to_vec(), flags)
 }
-fn chown(p: &str, u: u32, g: u32) -> Op {
-    Op::Chown(p.into(), u, g)
+fn getxattr(p: &str, n: &str) -> Syscall {
+    Syscall::GetXattr(p.into(), n.into())
 }
-fn utimes(p: &str, a: i64, m: i64) -> Op {
-    Op::Utimes(p.into(), a, m)
+fn listxattr(p: &str) -> Syscall {
+    Syscall::ListXattr(p.into())
 }
-fn setxattr(p: &str, n: &str, v: &[u8], flags: i32) -> Op {
-    Op::SetXattr(p.into(), n.into(), v.to_vec(), flags)
+fn removexattr(p: &str, n: &str) -> Syscall {
+    Syscall::RemoveXattr(p.into(), n.into())
 }
-fn getxattr(p: &str, n: &str) -> Op {
-    Op::GetXattr(p.into(), n.into())
+fn mkfifo(p: &str, m: u32) -> Syscall {
+    Syscall::Mkfifo(p.into(), m)
 }
-fn listxattr(p: &str) -> Op {
-    Op::ListXattr(p.into())
-}
-fn removexattr(p: &str, n: &str) -> Op {
-    Op::RemoveXattr(p.into(), n.into())
-}
-fn mkfifo(p: &str, m: u32) -> Op {
-    Op::Mkfifo(p.into(), m)
-}
-fn mknod(p: &str, mode: u32, major: u32, minor: u32) -> Op {
-    Op::Mknod(p.into(), mode, major, minor)
+fn mknod(p: &str, mode: u32, major: u32, minor: u32) -> Syscall {
+    Syscall::Mknod(p.into(), mode, major, minor)
 }
 
 /// What an operation answered: a rendered value, or an errno.
@@ -178,14 +107,6 @@ fn show(o: &Outcome) -> String {
         Ok(v) if v.is_empty() => "ok".into(),
         Ok(v) => format!("ok: {v}"),
         Err(e) => errno_name(*e),
-    }
-}
-
-/// Bytes as shown in outcomes: short UTF-8 quoted, anything else by length and hash.
-fn summarize(d: &[u8]) -> String {
-    match std::str::from_utf8(d) {
-        Ok(s) if d.len() <= 64 => format!("{s:?}"),
-        _ => format!("<{} bytes, hash {:016x}>", d.len(), fixture::hash_bytes(d)),
     }
 }
 
@@ -200,11 +121,11 @@ enum Expect {
 }
 
 struct Step {
-    op: Op,
+    op: Syscall,
     expect: Expect,
 }
 
-impl Op {
+impl Syscall {
     fn ok(self) -> Step {
         Step {
             op: self,
@@ -238,17 +159,26 @@ impl Op {
     /// follows a symlink in the final component.
     fn mutated_paths(&self) -> (Vec<&str>, bool) {
         match self {
-            Op::Read(_) | Op::Readlink(_) | Op::Stat(_) | Op::ReadDir(_) => (vec![], false),
-            Op::GetXattr(..) | Op::ListXattr(_) => (vec![], false),
-            Op::Write(p, ..) | Op::Append(p, _) | Op::Truncate(p, _) | Op::Chmod(p, _) => {
-                (vec![p], true)
+            Syscall::Read(_) | Syscall::Readlink(_) | Syscall::Stat(_) | Syscall::ReadDir(_) => {
+                (vec![], false)
             }
-            Op::Create(p, ..) | Op::Mkdir(p, _) | Op::Unlink(p) | Op::Rmdir(p) => (vec![p], false),
-            Op::Chown(p, ..) | Op::Utimes(p, ..) | Op::SetXattr(p, ..) | Op::RemoveXattr(p, _) => {
+            Syscall::GetXattr(..) | Syscall::ListXattr(_) => (vec![], false),
+            Syscall::Write(p, ..)
+            | Syscall::Append(p, _)
+            | Syscall::Truncate(p, _)
+            | Syscall::Chmod(p, _) => (vec![p], true),
+            Syscall::Create(p, ..)
+            | Syscall::Mkdir(p, _)
+            | Syscall::Unlink(p)
+            | Syscall::Rmdir(p) => (vec![p], false),
+            Syscall::Chown(p, ..)
+            | Syscall::Utimes(p, ..)
+            | Syscall::SetXattr(p, ..)
+            | Syscall::RemoveXattr(p, _) => (vec![p], false),
+            Syscall::Mkfifo(p, _) | Syscall::Mknod(p, ..) | Syscall::Symlink(_, p) => {
                 (vec![p], false)
             }
-            Op::Mkfifo(p, _) | Op::Mknod(p, ..) | Op::Symlink(_, p) => (vec![p], false),
-            Op::Rename(a, b, _) | Op::Link(a, b) => (vec![a, b], false),
+            Syscall::Rename(a, b, _) | Syscall::Link(a, b) => (vec![a, b], false),
         }
     }
 }
@@ -277,7 +207,7 @@ impl Expect {
 }
 
 /// The test must never modify anything through a symlink (a layer holds `etc -> /`).
-fn assert_no_write_through_symlink(root: &Path, op: &Op) {
+fn assert_no_write_through_symlink(root: &Path, op: &Syscall) {
     let (paths, follows_last) = op.mutated_paths();
     for rel in paths {
         let comps: Vec<&str> = rel.split('/').collect();
@@ -299,144 +229,10 @@ fn assert_no_write_through_symlink(root: &Path, op: &Op) {
     }
 }
 
-fn describe_stat(md: &fs::Metadata) -> String {
-    let kind = match kind_of(md) {
-        TreeKind::File => "file",
-        TreeKind::Dir => "dir",
-        TreeKind::Symlink => "symlink",
-        TreeKind::Fifo => "fifo",
-        TreeKind::Socket => "socket",
-        TreeKind::CharDev => "chr",
-        TreeKind::BlockDev => "blk",
-        TreeKind::Unreadable => "unreadable",
-    };
-    let mut s = format!(
-        "{kind} {:04o} {}:{} nlink={}",
-        md.mode() & 0o7777,
-        md.uid(),
-        md.gid(),
-        md.nlink()
-    );
-    if md.is_file() {
-        s += &format!(" size={}", md.size());
-    }
-    if md.file_type().is_char_device() || md.file_type().is_block_device() {
-        s += &format!(
-            " rdev={}:{}",
-            libc::major(md.rdev()),
-            libc::minor(md.rdev())
-        );
-    }
-    s
-}
-
-fn ret(r: libc::c_int) -> Outcome {
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(String::new())
-    }
-}
-
-fn io<T>(r: std::io::Result<T>) -> Result<T, Errno> {
-    r.map_err(|e| io_errno(&e))
-}
-
-fn apply(root: &Path, op: &Op) -> Outcome {
+/// Makes `op` below `root` through the one path executor, its answer rendered.
+fn apply(root: &Path, op: &Syscall) -> Outcome {
     assert_no_write_through_symlink(root, op);
-    let p = |rel: &str| {
-        if rel == "." {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        }
-    };
-    match op {
-        Op::Read(f) => Ok(summarize(&io(fs::read(p(f)))?)),
-        Op::Readlink(f) => Ok(io(fs::read_link(p(f)))?.to_string_lossy().into_owned()),
-        Op::Stat(f) => Ok(describe_stat(&io(fs::symlink_metadata(p(f)))?)),
-        Op::ReadDir(d) => {
-            let mut v = Vec::new();
-            for e in io(fs::read_dir(p(d)))? {
-                let e = io(e)?;
-                let ft = io(e.file_type())?;
-                let suffix = if ft.is_dir() {
-                    "/"
-                } else if ft.is_symlink() {
-                    "@"
-                } else if ft.is_fifo() {
-                    "|"
-                } else if ft.is_socket() {
-                    "="
-                } else if ft.is_char_device() {
-                    "%"
-                } else if ft.is_block_device() {
-                    "#"
-                } else {
-                    ""
-                };
-                v.push(format!("{}{suffix}", e.file_name().to_string_lossy()));
-            }
-            v.sort();
-            Ok(v.join(" "))
-        }
-        Op::Write(f, off, d) => {
-            let file = io(OpenOptions::new().write(true).open(p(f)))?;
-            io(file.write_all_at(d, *off))?;
-            Ok(String::new())
-        }
-        Op::Append(f, d) => {
-            let mut file = io(OpenOptions::new().append(true).open(p(f)))?;
-            io(file.write_all(d))?;
-            Ok(String::new())
-        }
-        Op::Truncate(f, len) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::truncate(c.as_ptr(), *len as libc::off_t) })
-        }
-        Op::Create(f, mode, d) => {
-            let mut file = io(OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(*mode)
-                .open(p(f)))?;
-            io(file.write_all(d))?;
-            Ok(String::new())
-        }
-        Op::Mkdir(f, mode) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::mkdir(c.as_ptr(), *mode as libc::mode_t) })
-        }
-        Op::Unlink(f) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::unlink(c.as_ptr()) })
-        }
-        Op::Rmdir(f) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::rmdir(c.as_ptr()) })
-        }
-        Op::Rename(a, b, flags) => fixture::rename2(&p(a), &p(b), *flags).map(|_| String::new()),
-        Op::Symlink(t, f) => {
-            let (ct, cf) = (std::ffi::CString::new(t.as_str()).unwrap(), cpath(&p(f)));
-            ret(unsafe { libc::symlink(ct.as_ptr(), cf.as_ptr()) })
-        }
-        Op::Link(a, b) => {
-            let (ca, cb) = (cpath(&p(a)), cpath(&p(b)));
-            ret(unsafe { libc::link(ca.as_ptr(), cb.as_ptr()) })
-        }
-        Op::Chmod(f, m) => fixture::chmod(&p(f), *m).map(|_| String::new()),
-        Op::Chown(f, u, g) => fixture::lchown(&p(f), *u, *g).map(|_| String::new()),
-        Op::Utimes(f, a, m) => fixture::lutimes(&p(f), *a, *m).map(|_| String::new()),
-        Op::SetXattr(f, n, v, fl) => fixture::lsetxattr(&p(f), n, v, *fl).map(|_| String::new()),
-        Op::GetXattr(f, n) => fixture::lgetxattr(&p(f), n).map(|v| summarize(&v)),
-        Op::ListXattr(f) => fixture::llistxattr(&p(f)).map(|mut v| {
-            v.sort();
-            v.join(" ")
-        }),
-        Op::RemoveXattr(f, n) => fixture::lremovexattr(&p(f), n).map(|_| String::new()),
-        Op::Mkfifo(f, m) => fixture::mkfifo(&p(f), *m).map(|_| String::new()),
-        Op::Mknod(f, m, ma, mi) => fixture::mknod(&p(f), *m, *ma, *mi).map(|_| String::new()),
-    }
+    fixture::apply(root, op).and_then(Answer::render)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use stratafs::testing::layers::{self, GeneratedLayer, LowerEntry, OpaqueFormat, WhiteoutFormat};
 use stratafs::testing::model::Model;
-use stratafs::testing::mounted::MountedSubject;
 use stratafs::testing::ops;
 use stratafs::testing::ops::RenameFlag;
 use stratafs::testing::{Checks, Op, Scenario, check_sequence, p, run_engine};
 
-use crate::fixture::{self, KernelOverlay, Layers, StrataMount};
+use crate::fixture::{self, KernelOverlay, Layers, MountedSubject, StrataMount};
 
 /// Fixed, so that every run of the suite tries the same cases. For exploring,
 /// `STRATAFS_MODEL_SEED=N` changes it and `STRATAFS_MODEL_CASES=N` sets the count.
