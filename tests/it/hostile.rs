@@ -41,8 +41,8 @@ use libc::{EIO, ENOENT, ESTALE};
 use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
-    self, Errno, Format, LayerBuilder, Layers, Meta, StrataMount, Tmpfs, errno, errno_name,
-    io_errno, statfs_bounded,
+    self, Answer, Errno, Format, LayerBuilder, Layers, Meta, StrataMount, Syscall, Tmpfs, errno,
+    errno_name, io_errno, statfs_bounded,
 };
 
 /// How long one mounted call may take. Every call here is small: a healthy mount
@@ -1383,7 +1383,7 @@ fn lower_is_a_kernel_overlay() {
 
 /// One step of a script run on kernel overlayfs and on stratafs over the same lowers.
 #[derive(Clone, Debug)]
-enum Op {
+enum ScriptStep {
     Lstat(&'static str),
     Read(&'static str),
     List(&'static str),
@@ -1456,17 +1456,40 @@ fn deep_file(root: &Path, depth: usize, flags: i32) -> Result<fs::File, Errno> {
     Ok(unsafe { fs::File::from_raw_fd(fd) })
 }
 
-fn run_op(root: &Path, op: &Op) -> String {
+fn run_op(root: &Path, op: &ScriptStep) -> String {
     use std::io::Read;
+    // The path calls go through the one path executor, rendered as this script shows them.
+    let call = |c: Syscall| fixture::apply(root, &c);
     match op {
-        Op::Lstat(p) => lstat_st(&root.join(p)).map_or_else(errstr, |s| st_line(&s)),
-        Op::Read(p) => read_all(&root.join(p)).map_or_else(errstr, |d| show(&d)),
-        Op::List(p) => list_raw(&root.join(p)).map_or_else(errstr, |mut v| {
-            v.sort();
-            format!("{v:?}")
-        }),
-        Op::Append(p, data) => append_to(&root.join(p), data).map_or_else(errstr, |_| "ok".into()),
-        Op::Inos(names) => {
+        ScriptStep::Lstat(p) => {
+            call(Syscall::Stat(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Stat(md) => st_line(&St::of(&md)),
+                _ => unreachable!("lstat answers a stat"),
+            })
+        }
+        ScriptStep::Read(p) => {
+            call(Syscall::Read(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Data(d) => show(&d),
+                _ => unreachable!("read answers data"),
+            })
+        }
+        ScriptStep::List(p) => {
+            call(Syscall::ReadDir(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Listing(entries) => {
+                    let mut v: Vec<String> = entries
+                        .iter()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect();
+                    v.sort();
+                    format!("{v:?}")
+                }
+                _ => unreachable!("readdir answers a listing"),
+            })
+        }
+        ScriptStep::Append(p, data) => {
+            call(Syscall::Append(p.to_string(), data.to_vec())).map_or_else(errstr, |_| "ok".into())
+        }
+        ScriptStep::Inos(names) => {
             let mut groups: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
             let mut errors = Vec::new();
             for n in *names {
@@ -1479,16 +1502,18 @@ fn run_op(root: &Path, op: &Op) -> String {
             parts.sort();
             format!("{} {}", parts.join(" "), errors.join(" "))
         }
-        Op::DeepRead(depth) => deep_file(root, *depth, libc::O_RDONLY)
+        ScriptStep::DeepRead(depth) => deep_file(root, *depth, libc::O_RDONLY)
             .and_then(|mut f| {
                 let mut v = Vec::new();
                 f.read_to_end(&mut v).map_err(|e| io_errno(&e))?;
                 Ok(v)
             })
             .map_or_else(errstr, |d| show(&d)),
-        Op::DeepAppend(depth, data) => deep_file(root, *depth, libc::O_WRONLY | libc::O_APPEND)
-            .and_then(|mut f| f.write_all(data).map_err(|e| io_errno(&e)))
-            .map_or_else(errstr, |_| "ok".into()),
+        ScriptStep::DeepAppend(depth, data) => {
+            deep_file(root, *depth, libc::O_WRONLY | libc::O_APPEND)
+                .and_then(|mut f| f.write_all(data).map_err(|e| io_errno(&e)))
+                .map_or_else(errstr, |_| "ok".into())
+        }
     }
 }
 
@@ -1530,7 +1555,7 @@ fn versus_kernel(
     case: &str,
     l: &Layers,
     lowerdir: &str,
-    script: &[Op],
+    script: &[ScriptStep],
     timeout: Duration,
 ) -> Option<(Bounded, Vec<String>)> {
     let kd = KernelDirs::new(l);
@@ -1599,17 +1624,17 @@ fn hardlink_across_two_lower_layers() {
     ]);
     fs::hard_link(l.lowers[0].join("f"), l.lowers[1].join("g")).unwrap();
     let script = [
-        Op::Lstat("f"),
-        Op::Lstat("g"),
-        Op::Inos(&["f", "g", "plain"]),
-        Op::Read("g"),
-        Op::Append("f", b"app\n"),
-        Op::Read("f"),
-        Op::Read("g"),
-        Op::Lstat("f"),
-        Op::Lstat("g"),
-        Op::Inos(&["f", "g", "plain"]),
-        Op::List(""),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Lstat("g"),
+        ScriptStep::Inos(&["f", "g", "plain"]),
+        ScriptStep::Read("g"),
+        ScriptStep::Append("f", b"app\n"),
+        ScriptStep::Read("f"),
+        ScriptStep::Read("g"),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Lstat("g"),
+        ScriptStep::Inos(&["f", "g", "plain"]),
+        ScriptStep::List(""),
     ];
     let (mut m, mut diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1641,13 +1666,13 @@ fn lower_hardlink_names_outside_the_layer() {
     let outside = l.root.join("outside_name");
     fs::hard_link(l.lowers[0].join("f"), &outside).unwrap();
     let script = [
-        Op::Lstat("f"),
-        Op::Read("f"),
-        Op::Inos(&["f", "plain", "linked"]),
-        Op::Append("f", b"more\n"),
-        Op::Read("f"),
-        Op::Lstat("f"),
-        Op::Inos(&["f", "plain", "linked"]),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Read("f"),
+        ScriptStep::Inos(&["f", "plain", "linked"]),
+        ScriptStep::Append("f", b"more\n"),
+        ScriptStep::Read("f"),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Inos(&["f", "plain", "linked"]),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1674,11 +1699,11 @@ fn nested_layers() {
         .file("sub/inner/i", "i\n")]);
     let lowerdir = format!("{}/sub:{}", l.lowers[0].display(), l.lowers[0].display());
     let script = [
-        Op::List(""),
-        Op::List("sub"),
-        Op::Read("s"),
-        Op::Read("sub/s"),
-        Op::Inos(&["", "sub", "inner", "sub/inner"]),
+        ScriptStep::List(""),
+        ScriptStep::List("sub"),
+        ScriptStep::Read("s"),
+        ScriptStep::Read("sub/s"),
+        ScriptStep::Inos(&["", "sub", "inner", "sub/inner"]),
     ];
     let Some((mut m, diffs)) = versus_kernel(case, &l, &lowerdir, &script, PROBE_TIMEOUT) else {
         return;
@@ -1715,17 +1740,17 @@ fn two_tmpfs_mount_points_in_a_lower() {
     fs::write(t1.path.join("f"), "f1\n").unwrap();
     fs::write(t2.path.join("f"), "f2\n").unwrap();
     let script = [
-        Op::List(""),
-        Op::Lstat("m1"),
-        Op::Lstat("m2"),
-        Op::Inos(&["", "m1", "m2", "plain"]),
-        Op::List("m1"),
-        Op::List("m2"),
-        Op::Read("m1/under"),
-        Op::Read("m1/f"),
-        Op::Read("m2/f"),
-        Op::Append("m2/f", b"more\n"),
-        Op::Read("m2/f"),
+        ScriptStep::List(""),
+        ScriptStep::Lstat("m1"),
+        ScriptStep::Lstat("m2"),
+        ScriptStep::Inos(&["", "m1", "m2", "plain"]),
+        ScriptStep::List("m1"),
+        ScriptStep::List("m2"),
+        ScriptStep::Read("m1/under"),
+        ScriptStep::Read("m1/f"),
+        ScriptStep::Read("m2/f"),
+        ScriptStep::Append("m2/f", b"more\n"),
+        ScriptStep::Read("m2/f"),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1870,10 +1895,10 @@ fn deep_chain_9000_directories() {
     let _cleanup = DeepCleanup(l.root.clone());
     make_chain(&l.lowers[0], CHAIN_DEPTH, b"bottom\n");
     let script = [
-        Op::DeepRead(CHAIN_DEPTH),
-        Op::DeepAppend(CHAIN_DEPTH, b"appended\n"),
-        Op::DeepRead(CHAIN_DEPTH),
-        Op::Read("plain"),
+        ScriptStep::DeepRead(CHAIN_DEPTH),
+        ScriptStep::DeepAppend(CHAIN_DEPTH, b"appended\n"),
+        ScriptStep::DeepRead(CHAIN_DEPTH),
+        ScriptStep::Read("plain"),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, DEEP_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1882,7 +1907,7 @@ fn deep_chain_9000_directories() {
     m.remount();
     let root = m.mp.clone();
     let got = m.probe("read of the bottom file after the remount", move || {
-        run_op(&root, &Op::DeepRead(CHAIN_DEPTH))
+        run_op(&root, &ScriptStep::DeepRead(CHAIN_DEPTH))
     });
     assert_eq!(
         got,
@@ -1997,14 +2022,14 @@ fn kernel_made_redirects_in_lowers_and_upper() {
         "{case}: kernel overlayfs wrote no absolute redirect; the case would test nothing"
     );
     let script = [
-        Op::List(""),
-        Op::List("b"),
-        Op::List("c"),
-        Op::List("c/a"),
-        Op::Read("b/fb"),
-        Op::Read("c/a/fa"),
-        Op::Read("b/fa"),
-        Op::Inos(&["b", "c/a", "c", "plain"]),
+        ScriptStep::List(""),
+        ScriptStep::List("b"),
+        ScriptStep::List("c"),
+        ScriptStep::List("c/a"),
+        ScriptStep::Read("b/fb"),
+        ScriptStep::Read("c/a/fa"),
+        ScriptStep::Read("b/fa"),
+        ScriptStep::Inos(&["b", "c/a", "c", "plain"]),
     ];
     // The kernel-made upper as the upper of both mounts, read-only probes only
     // (kernel first, then stratafs, so neither sees the other's changes).
