@@ -1475,14 +1475,7 @@ fn run_op(root: &Path, op: &ScriptStep) -> String {
         }
         ScriptStep::List(p) => {
             call(Syscall::ReadDir(p.to_string())).map_or_else(errstr, |a| match a {
-                Answer::Listing(entries) => {
-                    let mut v: Vec<String> = entries
-                        .iter()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect();
-                    v.sort();
-                    format!("{v:?}")
-                }
+                Answer::Listing(entries) => format!("{:?}", fixture::sorted_names(&entries)),
                 _ => unreachable!("readdir answers a listing"),
             })
         }
