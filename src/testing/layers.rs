@@ -5,7 +5,6 @@
 //! `trusted.overlay.opaque=y` or a `.wh..wh..opq` entry.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -17,20 +16,74 @@ use proptest::prelude::*;
 use super::ops::{self, RelPath};
 use crate::union::whiteout::{OPAQUE_MARKER, whiteout_name};
 
+/// How a whiteout is written in a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
 pub enum WhiteoutFormat {
-    /// char device 0/0 (the kernel's format; needs root to make).
+    /// A char device 0/0 at the name (the kernel's format; needs root to make).
     CharDevice,
-    /// `.wh.NAME` (AUFS, as containers/storage extracts layers rootless).
+    /// An empty `.wh.NAME` beside the name (AUFS / OCI layers, as containers/storage
+    /// extracts layers rootless).
     Aufs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+/// How a directory is marked opaque in a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpaqueFormat {
     /// `trusted.overlay.opaque=y` (the kernel's format; needs root to set).
-    Xattr,
-    /// a `.wh..wh..opq` entry in the directory.
+    TrustedXattr,
+    /// `user.overlay.opaque=y` (kernel overlayfs mounted `userxattr`).
+    UserXattr,
+    /// A `.wh..wh..opq` entry in the directory (AUFS / OCI layers).
     Aufs,
+}
+
+/// The opaque formats generated layers use. Not [`OpaqueFormat::UserXattr`]: with it
+/// the same fuzz input or proptest seed would decode to another scenario than before
+/// it existed, and the engine reads it through the same code path as the trusted
+/// one. Hand-written fixture layers test it.
+pub const GENERATED_OPAQUE_FORMATS: [OpaqueFormat; 2] =
+    [OpaqueFormat::TrustedXattr, OpaqueFormat::Aufs];
+
+impl<'a> Arbitrary<'a> for OpaqueFormat {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        // The derive's own variant choice (multiply and shift over a u32), so that an
+        // input picks the format the derived two-variant enum picked.
+        let n = GENERATED_OPAQUE_FORMATS.len() as u64;
+        let i = (u64::from(u32::arbitrary(u)?) * n) >> 32;
+        Ok(GENERATED_OPAQUE_FORMATS[i as usize])
+    }
+
+    fn size_hint(depth: usize) -> (usize, Option<usize>) {
+        u32::size_hint(depth)
+    }
+}
+
+/// Writes a whiteout hiding `hidden` (the path of the name it hides).
+pub fn write_whiteout(hidden: &Path, format: WhiteoutFormat) -> io::Result<()> {
+    match format {
+        // Mode 0, as the kernel makes its own whiteouts.
+        WhiteoutFormat::CharDevice => rustix::fs::mknodat(
+            rustix::fs::CWD,
+            hidden,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .map_err(io::Error::from),
+        WhiteoutFormat::Aufs => {
+            let name = hidden.file_name().ok_or(io::ErrorKind::InvalidInput)?;
+            fs::write(hidden.with_file_name(whiteout_name(name)), b"")
+        }
+    }
+}
+
+/// Marks the existing directory `dir` opaque.
+pub fn mark_opaque(dir: &Path, format: OpaqueFormat) -> io::Result<()> {
+    match format {
+        OpaqueFormat::TrustedXattr => set_xattr(dir, "trusted.overlay.opaque", b"y"),
+        OpaqueFormat::UserXattr => set_xattr(dir, "user.overlay.opaque", b"y"),
+        OpaqueFormat::Aufs => fs::write(dir.join(OPAQUE_MARKER), b""),
+    }
 }
 
 /// One entry of a lower layer. `u8` fields index the tables of [`ops`].
@@ -62,10 +115,11 @@ pub fn file_data(len: u8, byte: u8) -> Vec<u8> {
     vec![b'A' + byte % 26; (len % 12) as usize]
 }
 
-/// One lower layer: entries by path. Parents missing from the map are plain
+/// One generated layer (a lower, or the upper's starting content) over the name
+/// alphabet of [`ops`]: entries by path, each marker in its own format. Parents missing from the map are plain
 /// directories; an entry under a non-directory is dropped (see [`Scenario::normalized`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LayerSpec {
+pub struct GeneratedLayer {
     pub entries: BTreeMap<RelPath, LowerEntry>,
 }
 
@@ -73,21 +127,21 @@ pub struct LayerSpec {
 /// already holds (as after an earlier session: files, whiteouts, opaque dirs).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scenario {
-    pub lowers: Vec<LayerSpec>,
-    pub upper: LayerSpec,
+    pub lowers: Vec<GeneratedLayer>,
+    pub upper: GeneratedLayer,
 }
 
 pub const MAX_LOWERS: usize = 3;
 pub const MAX_ENTRIES: usize = 12;
 
-impl<'a> Arbitrary<'a> for LayerSpec {
+impl<'a> Arbitrary<'a> for GeneratedLayer {
     fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
         let n = u.int_in_range(0..=MAX_ENTRIES)?;
         let mut entries = BTreeMap::new();
         for _ in 0..n {
             entries.insert(RelPath::arbitrary(u)?, LowerEntry::arbitrary(u)?);
         }
-        Ok(LayerSpec { entries })
+        Ok(GeneratedLayer { entries })
     }
 }
 
@@ -96,12 +150,12 @@ impl<'a> Arbitrary<'a> for Scenario {
         let n = u.int_in_range(1..=MAX_LOWERS)?;
         let mut lowers = Vec::with_capacity(n);
         for _ in 0..n {
-            lowers.push(LayerSpec::arbitrary(u)?);
+            lowers.push(GeneratedLayer::arbitrary(u)?);
         }
         let upper = if u.ratio(1, 3)? {
-            LayerSpec::arbitrary(u)?
+            GeneratedLayer::arbitrary(u)?
         } else {
-            LayerSpec::default()
+            GeneratedLayer::default()
         };
         Ok(Scenario { lowers, upper })
     }
@@ -112,7 +166,8 @@ fn whiteout_format() -> impl Strategy<Value = WhiteoutFormat> {
 }
 
 fn opaque_format() -> impl Strategy<Value = OpaqueFormat> {
-    prop_oneof![Just(OpaqueFormat::Xattr), Just(OpaqueFormat::Aufs)]
+    // GENERATED_OPAQUE_FORMATS, spelled as before so that seeds keep their meaning.
+    prop_oneof![Just(OpaqueFormat::TrustedXattr), Just(OpaqueFormat::Aufs)]
 }
 
 fn lower_entry() -> impl Strategy<Value = LowerEntry> {
@@ -128,14 +183,14 @@ fn lower_entry() -> impl Strategy<Value = LowerEntry> {
     ]
 }
 
-fn layer_spec() -> impl Strategy<Value = LayerSpec> {
+fn layer_spec() -> impl Strategy<Value = GeneratedLayer> {
     prop::collection::btree_map(ops::rel_path(), lower_entry(), 0..=MAX_ENTRIES)
-        .prop_map(|entries| LayerSpec { entries })
+        .prop_map(|entries| GeneratedLayer { entries })
 }
 
 /// One to three lower layers; an upper that starts empty two times in three.
 pub fn scenario() -> impl Strategy<Value = Scenario> {
-    let upper = prop_oneof![2 => Just(LayerSpec::default()), 1 => layer_spec()];
+    let upper = prop_oneof![2 => Just(GeneratedLayer::default()), 1 => layer_spec()];
     (prop::collection::vec(layer_spec(), 1..=MAX_LOWERS), upper)
         .prop_map(|(lowers, upper)| Scenario { lowers, upper })
 }
@@ -158,7 +213,7 @@ impl Scenario {
     }
 
     /// Every layer top-down: the upper (index 0), then the lowers.
-    pub fn layers_top_down(&self) -> Vec<&LayerSpec> {
+    pub fn layers_top_down(&self) -> Vec<&GeneratedLayer> {
         std::iter::once(&self.upper).chain(&self.lowers).collect()
     }
 
@@ -176,7 +231,7 @@ impl Scenario {
     }
 }
 
-impl LayerSpec {
+impl GeneratedLayer {
     /// Writes the layer under `dir` (which must exist and be empty).
     pub fn build(&self, dir: &Path) -> io::Result<()> {
         let layer = self;
@@ -196,7 +251,7 @@ impl LayerSpec {
     }
 }
 
-fn normalize_layer(layer: &LayerSpec, native_only: bool, rootless: bool) -> LayerSpec {
+fn normalize_layer(layer: &GeneratedLayer, native_only: bool, rootless: bool) -> GeneratedLayer {
     let mut out: BTreeMap<RelPath, LowerEntry> = BTreeMap::new();
     // BTreeMap order puts a parent before its children.
     for (path, entry) in &layer.entries {
@@ -221,7 +276,7 @@ fn normalize_layer(layer: &LayerSpec, native_only: bool, rootless: bool) -> Laye
                 opaque: Some(if rootless {
                     OpaqueFormat::Aufs
                 } else {
-                    OpaqueFormat::Xattr
+                    OpaqueFormat::TrustedXattr
                 }),
                 xattr: *xattr,
             },
@@ -229,7 +284,7 @@ fn normalize_layer(layer: &LayerSpec, native_only: bool, rootless: bool) -> Laye
         };
         out.insert(path.clone(), entry);
     }
-    LayerSpec { entries: out }
+    GeneratedLayer { entries: out }
 }
 
 /// Makes every proper ancestor of `path` a directory in `out`; false when one is
@@ -275,7 +330,6 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
 
 fn build_entry(root: &Path, path: &RelPath, entry: &LowerEntry) -> io::Result<()> {
     let target = root.join(path.to_path_string());
-    let parent = target.parent().unwrap_or(root).to_path_buf();
     match entry {
         LowerEntry::File {
             len, byte, xattr, ..
@@ -287,28 +341,14 @@ fn build_entry(root: &Path, path: &RelPath, entry: &LowerEntry) -> io::Result<()
         }
         LowerEntry::Dir { opaque, xattr, .. } => {
             fs::create_dir(&target)?;
-            match opaque {
-                Some(OpaqueFormat::Xattr) => set_xattr(&target, "trusted.overlay.opaque", b"y")?,
-                Some(OpaqueFormat::Aufs) => fs::write(target.join(OPAQUE_MARKER), b"")?,
-                None => {}
+            if let Some(format) = opaque {
+                mark_opaque(&target, *format)?;
             }
             if let Some(v) = xattr {
                 set_xattr(&target, ops::xattr_name_of(*v), ops::xattr_value_of(*v))?;
             }
         }
-        LowerEntry::Whiteout(WhiteoutFormat::CharDevice) => {
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                &target,
-                rustix::fs::FileType::CharacterDevice,
-                rustix::fs::Mode::from_raw_mode(0o600),
-                0,
-            )
-            .map_err(io::Error::from)?;
-        }
-        LowerEntry::Whiteout(WhiteoutFormat::Aufs) => {
-            fs::write(parent.join(whiteout_name(OsStr::new(path.name()))), b"")?;
-        }
+        LowerEntry::Whiteout(format) => write_whiteout(&target, *format)?,
         LowerEntry::Symlink { target: t } => symlink(ops::symlink_target_of(*t), &target)?,
         LowerEntry::HardLink { to } => fs::hard_link(root.join(to.to_path_string()), &target)?,
     }

@@ -7,14 +7,22 @@
 //! - [`layers`]: generated lower layers, with both whiteout and opaque formats.
 //! - [`model`]: the model and the errno each operation must give.
 //! - [`runner`]: the engine as the system under test, and the comparison loop.
-//! - [`mounted`]: the same operations on a mounted directory (FUSE or kernel overlayfs).
+//!
+//! The same operations on a mounted directory (FUSE or kernel overlayfs) are made by
+//! the integration tests' fixture (tests/it/fixture/mounted_subject.rs), through the
+//! one executor of path system calls the differential tests use too: some of those
+//! calls have no safe wrapper, and this crate admits `unsafe` only in `sys`.
 
 pub mod layers;
 pub mod model;
-pub mod mounted;
 pub mod ops;
 pub mod runner;
 
+/// The errno type of [`model::OpResult`], for subjects outside this crate.
+pub use crate::union::Errno;
+/// The product's own list of the xattr namespaces a union filesystem keeps to itself,
+/// so that tests checking "never shown" check exactly what the engine hides.
+pub use crate::union::whiteout::is_private_xattr;
 pub use layers::Scenario;
 pub use model::Model;
 pub use ops::{Op, RelPath, RenameFlag, p};

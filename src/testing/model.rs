@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::layers::{LayerSpec, LowerEntry, Scenario, file_data};
+use super::layers::{GeneratedLayer, LowerEntry, Scenario, file_data};
 use super::ops::{self, Op, RelPath, RenameFlag};
 use crate::union::Errno;
 
@@ -150,7 +150,7 @@ impl Model {
             fds: [None; ops::FD_SLOTS],
         };
         // Layer 0 is the upper layer, the lowers follow.
-        let layers: Vec<LayerSpec> = scenario.layers_top_down().into_iter().cloned().collect();
+        let layers: Vec<GeneratedLayer> = scenario.layers_top_down().into_iter().cloned().collect();
         let all: Vec<usize> = (0..layers.len()).collect();
         let mut ids: BTreeMap<(usize, Vec<&'static str>), ObjId> = BTreeMap::new();
         let children = model.merge_dir(&layers, &all, &[], &mut ids);
@@ -163,7 +163,7 @@ impl Model {
     /// first opaque one).
     fn merge_dir(
         &mut self,
-        lowers: &[LayerSpec],
+        lowers: &[GeneratedLayer],
         layers: &[usize],
         at: &[&'static str],
         ids: &mut BTreeMap<(usize, Vec<&'static str>), ObjId>,
@@ -237,7 +237,7 @@ impl Model {
     /// The model object of a lower non-directory; hard links of one layer share it.
     fn lower_object(
         &mut self,
-        lowers: &[LayerSpec],
+        lowers: &[GeneratedLayer],
         layer: usize,
         at: &[&'static str],
         entry: &LowerEntry,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fixture::{LayerSpec, Layers, StrataDaemon, StrataMount, mount_at, require_fuse};
+use crate::fixture::{LayerBuilder, Layers, StrataDaemon, StrataMount, mount_at, require_fuse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stratafs");
 
@@ -577,7 +577,7 @@ fn mount_subcommand_errors() {
 // ---------------------------------------------------------------------------------------
 
 fn one_file_layers() -> Layers {
-    Layers::new(&[LayerSpec::new().file("f", b"lower\n")])
+    Layers::new(&[LayerBuilder::new().file("f", b"lower\n")])
 }
 
 #[test]
@@ -1234,8 +1234,8 @@ fn lowerdir_plus_stacks_layers() {
         return;
     }
     let l = Layers::new(&[
-        LayerSpec::new().file("top", b"1").file("both", b"top"),
-        LayerSpec::new()
+        LayerBuilder::new().file("top", b"1").file("both", b"top"),
+        LayerBuilder::new()
             .file("bottom", b"2")
             .file("both", b"bottom"),
     ]);

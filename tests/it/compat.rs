@@ -142,7 +142,7 @@ impl Storage {
             (
                 "base",
                 "BASE",
-                LayerSpec::new()
+                LayerBuilder::new()
                     .file("etc/os-release", "base\n")
                     .file("etc/gone", "x")
                     .file("bin/tool", "tool"),
@@ -150,7 +150,7 @@ impl Storage {
             (
                 "top",
                 "TOP",
-                LayerSpec::new()
+                LayerBuilder::new()
                     .file("etc/top", "top\n")
                     .whiteout("etc/gone"),
             ),
@@ -333,7 +333,7 @@ fn a_failure_in_the_daemon_is_reported_on_stderr() {
 
 fn owner_layers() -> Layers {
     Layers::build(
-        &[LayerSpec::new()
+        &[LayerBuilder::new()
             .file_with("root-owned", "r", Meta::new().owner(0, 0).mode(0o644))
             .file_with("five", "5", Meta::new().owner(5, 5).mode(0o644))
             .file_with("fifty", "50", Meta::new().owner(50, 60).mode(0o644))
@@ -514,7 +514,7 @@ fn override_xattrs_in_lower_layers_are_read_and_survive_copy_up() {
         return;
     }
     let l = Layers::build(
-        &[LayerSpec::new()
+        &[LayerBuilder::new()
             .file_with(
                 "suid",
                 "#!/bin/sh\n",
@@ -680,7 +680,7 @@ fn char_devices_under(dir: &Path) -> Vec<PathBuf> {
 
 fn userns_layers() -> Layers {
     Layers::build(
-        &[LayerSpec::new()
+        &[LayerBuilder::new()
             .file("etc/passwd", "root:x:0:0\n")
             .file("etc/remove-me", "x")
             .file("data/big", vec![7u8; 300_000])
@@ -818,7 +818,7 @@ fn rootless_directory_rename_hard_links_and_inode_numbers() {
         return;
     }
     let l = Layers::build(
-        &[LayerSpec::new()
+        &[LayerBuilder::new()
             .file("tree/a/deep.txt", "deep")
             .file("tree/top.txt", "top")
             .file("h1", "linked")

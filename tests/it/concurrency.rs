@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::fixture::{self, Errno, LayerSpec, Layers, StrataMount, errno_name, hash_bytes};
+use crate::fixture::{self, Errno, LayerBuilder, Layers, StrataMount, errno_name, hash_bytes};
 
 const WORKERS: usize = 5;
 /// A syscall of a worker that takes longer than this is a hang.
@@ -83,7 +83,7 @@ impl Rng {
 
 fn layers() -> Layers {
     let kib = |n: usize, seed: u64| fixture::pattern(n * 1024, seed);
-    let mut bottom = LayerSpec::new()
+    let mut bottom = LayerBuilder::new()
         .file("m/a", kib(8, 1))
         .hardlink("d1/a", "m/a")
         .hardlink("m/deep/a", "m/a")
@@ -103,7 +103,7 @@ fn layers() -> Layers {
     for w in 0..WORKERS {
         bottom = bottom.file(&format!("m/w{w}"), kib(8, 100 + w as u64));
     }
-    let top = LayerSpec::new()
+    let top = LayerBuilder::new()
         .file("m/c", kib(4, 7))
         .file("m/f0", b"m f0\n")
         .hardlink("d1/f0", "m/f0")
@@ -907,7 +907,7 @@ fn a_request_stuck_in_a_layer_is_reported_once_by_the_watchdog() {
     if !fixture::require_fuse() {
         return;
     }
-    let inner_l = Layers::new(&[LayerSpec::new().file("present", b"here\n")]);
+    let inner_l = Layers::new(&[LayerBuilder::new().file("present", b"here\n")]);
     let inner = StrataMount::read_only(&inner_l);
     let outer_l = Layers::new(&[]);
     let options = format!(
@@ -974,7 +974,7 @@ fn a_reader_open_on_a_lower_file_sees_a_truncate_by_path() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("f", b"lower data here\n")]);
+    let l = Layers::new(&[LayerBuilder::new().file("f", b"lower data here\n")]);
     let m = StrataMount::new(&l);
     let p = m.join("f");
     let r = fs::File::open(&p).unwrap();

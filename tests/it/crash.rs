@@ -30,8 +30,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::fixture::{
-    self, Content, Kind, LayerSpec, Layers, Meta, StrataMount, content_of, hash_bytes, kind_of,
-    pattern,
+    self, ContentDigest, LayerBuilder, Layers, Meta, StrataMount, TreeKind, content_of, hash_bytes,
+    kind_of, pattern,
 };
 
 const MIB: usize = 1 << 20;
@@ -97,12 +97,12 @@ fn workload_seed(name: &str) -> u64 {
 
 #[derive(Clone, Debug)]
 struct Seen {
-    kind: Kind,
+    kind: TreeKind,
     ino: u64,
     nlink: u64,
     mode: u32,
     mtime: i64,
-    content: Option<Content>,
+    content: Option<ContentDigest>,
     target: Option<String>,
 }
 
@@ -131,11 +131,11 @@ fn walk(root: &Path) -> Result<Tree, String> {
                 .map_err(|e| format!("lstat {crel:?} (listed by readdir): {e}"))?;
             let kind = kind_of(&md);
             let content = match kind {
-                Kind::File => Some(content_of(&p).map_err(|e| format!("read {crel:?}: {e}"))?),
+                TreeKind::File => Some(content_of(&p).map_err(|e| format!("read {crel:?}: {e}"))?),
                 _ => None,
             };
             let target = match kind {
-                Kind::Symlink => Some(
+                TreeKind::Symlink => Some(
                     fs::read_link(&p)
                         .map_err(|e| format!("readlink {crel:?}: {e}"))?
                         .to_string_lossy()
@@ -143,7 +143,7 @@ fn walk(root: &Path) -> Result<Tree, String> {
                 ),
                 _ => None,
             };
-            if kind == Kind::Dir {
+            if kind == TreeKind::Dir {
                 stack.push(crel.clone());
             }
             let seen = Seen {
@@ -163,8 +163,8 @@ fn walk(root: &Path) -> Result<Tree, String> {
     Ok(out)
 }
 
-fn content(data: &[u8]) -> Content {
-    Content {
+fn content(data: &[u8]) -> ContentDigest {
+    ContentDigest {
         len: data.len() as u64,
         hash: hash_bytes(data),
         head: data[..data.len().min(48)].to_vec(),
@@ -328,18 +328,18 @@ fn reset_upper(l: &Layers) {
 // ---------------------------------------------------------------------------------------
 
 /// What a workload's check gets: the tree after the remount and the steps reported.
-struct Outcome<'a> {
+struct TrialOutcome<'a> {
     tree: &'a Tree,
     lines: &'a [String],
 }
 
-impl Outcome<'_> {
+impl TrialOutcome<'_> {
     fn reported(&self, step: &str) -> bool {
         self.lines.iter().any(|l| l == step)
     }
 }
 
-type Check = fn(&Outcome<'_>) -> Vec<String>;
+type Check = fn(&TrialOutcome<'_>) -> Vec<String>;
 
 struct Crash {
     name: &'static str,
@@ -507,7 +507,7 @@ impl Crash {
                     m.output()
                 )
             });
-        let problems = (self.check)(&Outcome {
+        let problems = (self.check)(&TrialOutcome {
             tree: &tree,
             lines: &lines,
         });
@@ -555,7 +555,7 @@ impl Crash {
 fn lower_groups(lower: &Tree) -> Vec<Vec<String>> {
     let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for (p, s) in lower {
-        if s.kind != Kind::Dir && s.nlink > 1 {
+        if s.kind != TreeKind::Dir && s.nlink > 1 {
             by_ino.entry(s.ino).or_default().push(p.clone());
         }
     }
@@ -614,8 +614,8 @@ fn same_entry(seen: &Seen, lower: &Seen) -> bool {
 
 struct Patched {
     name: &'static str,
-    lower: Content,
-    new: Content,
+    lower: ContentDigest,
+    new: ContentDigest,
 }
 
 static COPY_UP: std::sync::OnceLock<Vec<Patched>> = std::sync::OnceLock::new();
@@ -638,7 +638,7 @@ fn kill_during_copy_up_of_large_files() {
     let deep = pattern(8 * MIB, 16);
     let patch = pattern(4096, 99);
     let chunk_refs: Vec<(u64, &[u8])> = chunks.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("big", &big)
         .sparse("sparse", (64 * MIB) as u64, &chunk_refs, Meta::new())
         .file("big2", &big2)
@@ -693,7 +693,7 @@ printf 'tail\n' >> "$M/a/b/c/deep"
 sync "$M/a/b/c/deep"
 echo deep
 "#;
-    fn check(o: &Outcome<'_>) -> Vec<String> {
+    fn check(o: &TrialOutcome<'_>) -> Vec<String> {
         let mut out = Vec::new();
         for f in COPY_UP.get().unwrap() {
             let step = f.name.rsplit('/').next().unwrap();
@@ -781,7 +781,7 @@ fn kill_during_renames_of_directories_with_lower_content() {
     if !fixture::require_fuse() {
         return;
     }
-    let mut lower = LayerSpec::new().file("into/keep", "keep\n");
+    let mut lower = LayerBuilder::new().file("into/keep", "keep\n");
     for i in 0..RENAMED_DIRS {
         lower = lower
             .file(&format!("d{i:02}/f1"), format!("f1 of d{i:02}\n"))
@@ -805,12 +805,12 @@ done
 "#,
         ids.join(" ")
     );
-    fn check(o: &Outcome<'_>) -> Vec<String> {
+    fn check(o: &TrialOutcome<'_>) -> Vec<String> {
         let lower = RENAME_LOWER.get().unwrap();
         let mut out = Vec::new();
         for i in 0..RENAMED_DIRS {
             let (from, to) = (format!("d{i:02}"), renamed_to(i));
-            let at = |p: &str| o.tree.get(p).is_some_and(|s| s.kind == Kind::Dir);
+            let at = |p: &str| o.tree.get(p).is_some_and(|s| s.kind == TreeKind::Dir);
             match (at(&from), at(&to)) {
                 (true, true) => out.push(format!("{from} and {to} both show the directory")),
                 (false, false) => out.push(format!("neither {from} nor {to} shows the directory")),
@@ -895,7 +895,7 @@ fn kill_during_rm_rf_of_a_lower_tree_with_hard_links() {
     if !fixture::require_fuse() {
         return;
     }
-    let mut lower = LayerSpec::new().file("keep/plain", "plain\n");
+    let mut lower = LayerBuilder::new().file("keep/plain", "plain\n");
     for a in 0..6 {
         for b in 0..4 {
             for f in 0..3 {
@@ -926,7 +926,7 @@ fn kill_during_rm_rf_of_a_lower_tree_with_hard_links() {
     assert!(RM_LOWER.set(lower_tree(&layers)).is_ok(), "set once");
 
     let script = r#"cd "$M" && rm -rfv tree && echo done"#;
-    fn check(o: &Outcome<'_>) -> Vec<String> {
+    fn check(o: &TrialOutcome<'_>) -> Vec<String> {
         let lower = RM_LOWER.get().unwrap();
         let mut out = Vec::new();
         let removed = removed_paths(o.lines);
@@ -969,7 +969,7 @@ fn kill_during_rm_rf_of_a_lower_tree_with_hard_links() {
         .iter()
         .filter(|(p, _)| *p == "tree" || p.starts_with("tree/"))
         .map(|(p, s)| match s.kind {
-            Kind::Dir => format!("removed directory '{p}'"),
+            TreeKind::Dir => format!("removed directory '{p}'"),
             _ => format!("removed '{p}'"),
         })
         .collect();
@@ -990,7 +990,7 @@ static TAR: std::sync::OnceLock<(Tree, Tree)> = std::sync::OnceLock::new();
 static TAR_FILES: std::sync::OnceLock<BTreeMap<String, Vec<u8>>> = std::sync::OnceLock::new();
 
 /// Whether `c` is the content of the first `c.len` bytes of `data`.
-fn is_prefix(c: &Content, data: &[u8]) -> bool {
+fn is_prefix(c: &ContentDigest, data: &[u8]) -> bool {
     c.len <= data.len() as u64 && content(&data[..c.len as usize]) == *c
 }
 const TAR_TARGETS: usize = 3;
@@ -1004,7 +1004,7 @@ fn kill_during_untar_into_lower_directories() {
     if !fixture::require_fuse() {
         return;
     }
-    let mut archive = LayerSpec::new()
+    let mut archive = LayerBuilder::new()
         .file("etc/conf", "new conf\n")
         .file_with(
             "usr/bin/tool",
@@ -1023,7 +1023,7 @@ fn kill_during_untar_into_lower_directories() {
             format!("doc {j}\n").repeat(200),
         );
     }
-    let mut lower = LayerSpec::new();
+    let mut lower = LayerBuilder::new();
     for i in 0..TAR_TARGETS {
         lower = lower
             .file(&format!("t{i}/etc/conf"), format!("old conf {i}\n"))
@@ -1047,7 +1047,7 @@ fn kill_during_untar_into_lower_directories() {
     let arch = walk(&stage).unwrap();
     let files: Vec<&str> = arch
         .iter()
-        .filter(|(_, s)| s.kind == Kind::File)
+        .filter(|(_, s)| s.kind == TreeKind::File)
         .map(|(p, _)| p.as_str())
         .collect();
     assert!(
@@ -1067,7 +1067,7 @@ done
         ids.join(" "),
         files.join(" ")
     );
-    fn check(o: &Outcome<'_>) -> Vec<String> {
+    fn check(o: &TrialOutcome<'_>) -> Vec<String> {
         let (arch, lower) = TAR.get().unwrap();
         let data = TAR_FILES.get().unwrap();
         let mut out = Vec::new();
@@ -1089,12 +1089,14 @@ done
                     continue;
                 }
                 let ok = match s.kind {
-                    Kind::File => {
+                    TreeKind::File => {
                         let c = s.content.as_ref().unwrap();
                         l.is_some_and(|l| l.content.as_ref() == Some(c))
-                            || a.is_some_and(|a| a.kind == Kind::File && is_prefix(c, &data[rel]))
+                            || a.is_some_and(|a| {
+                                a.kind == TreeKind::File && is_prefix(c, &data[rel])
+                            })
                     }
-                    Kind::Symlink => a.is_some_and(|a| a.target == s.target),
+                    TreeKind::Symlink => a.is_some_and(|a| a.target == s.target),
                     k => a.is_some_and(|a| a.kind == k) || l.is_some_and(|l| l.kind == k),
                 };
                 if !ok {
@@ -1113,7 +1115,8 @@ done
                             let same = s.kind == a.kind
                                 && s.content == a.content
                                 && s.target == a.target
-                                && (a.kind != Kind::File || (s.mode, s.mtime) == (a.mode, a.mtime));
+                                && (a.kind != TreeKind::File
+                                    || (s.mode, s.mtime) == (a.mode, a.mtime));
                             if !same {
                                 out.push(format!(
                                     "{p}: tar into {t} was reported done, shows {s:?}, the \
@@ -1168,7 +1171,7 @@ fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
         return;
     }
     let data = pattern(40_000, 5);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("a/g", &data)
         .hardlink("b/g", "a/g")
         .hardlink("c/d/g", "a/g");

@@ -7,167 +7,96 @@
 //! `fails`), so a scenario cannot pass vacuously by doing nothing on both sides.
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use libc::{EEXIST, EISDIR, ENODATA, ENOENT, ENOTDIR, ENOTEMPTY, EPERM};
 
 use crate::fixture::{
-    self, Errno, Format, KernelOverlay, Kind, LayerSpec, Layers, Meta, StrataMount, cpath, errno,
-    errno_name, io_errno, kind_of,
+    self, Answer, Errno, Format, KernelOverlay, LayerBuilder, Layers, Meta, StrataMount, Syscall,
+    errno_name, summarize,
 };
 
 // ---------------------------------------------------------------------------------------
-// Operation vocabulary
+// Steps: a call of the one path vocabulary (`fixture::Syscall`), with what the kernel
+// is known to answer
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
-enum Op {
-    Read(String),
-    Readlink(String),
-    /// lstat, rendered as "kind mode uid:gid nlink=N [size=S] [rdev=M:m]".
-    Stat(String),
-    /// Sorted names with a type suffix: `/` dir, `@` symlink, `|` fifo, `=` socket, `%` char dev.
-    ReadDir(String),
-    Write(String, u64, Vec<u8>),
-    Append(String, Vec<u8>),
-    Truncate(String, u64),
-    Create(String, u32, Vec<u8>),
-    Mkdir(String, u32),
-    Unlink(String),
-    Rmdir(String),
-    Rename(String, String, u32),
-    Symlink(String, String),
-    Link(String, String),
-    Chmod(String, u32),
-    Chown(String, u32, u32),
-    Utimes(String, i64, i64),
-    SetXattr(String, String, Vec<u8>, i32),
-    GetXattr(String, String),
-    ListXattr(String),
-    RemoveXattr(String, String),
-    Mkfifo(String, u32),
-    Mknod(String, u32, u32, u32),
+fn read(p: &str) -> Syscall {
+    Syscall::Read(p.into())
 }
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn readlink(p: &str) -> Syscall {
+    Syscall::Readlink(p.into())
 }
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Op::Read(p) => write!(f, "read {p}"),
-            Op::Readlink(p) => write!(f, "readlink {p}"),
-            Op::Stat(p) => write!(f, "lstat {p}"),
-            Op::ReadDir(p) => write!(f, "readdir {p}"),
-            Op::Write(p, o, d) => write!(f, "pwrite {p} @{o} {:?}", summarize(d)),
-            Op::Append(p, d) => write!(f, "append {p} {:?}", summarize(d)),
-            Op::Truncate(p, l) => write!(f, "truncate {p} {l}"),
-            Op::Create(p, m, d) => write!(f, "create(O_EXCL) {p} {m:04o} {:?}", summarize(d)),
-            Op::Mkdir(p, m) => write!(f, "mkdir {p} {m:04o}"),
-            Op::Unlink(p) => write!(f, "unlink {p}"),
-            Op::Rmdir(p) => write!(f, "rmdir {p}"),
-            Op::Rename(a, b, fl) => {
-                let how = match *fl {
-                    0 => "rename",
-                    libc::RENAME_NOREPLACE => "rename(NOREPLACE)",
-                    libc::RENAME_EXCHANGE => "rename(EXCHANGE)",
-                    _ => "rename(?)",
-                };
-                write!(f, "{how} {a} -> {b}")
-            }
-            Op::Symlink(t, p) => write!(f, "symlink {p} -> {t}"),
-            Op::Link(a, b) => write!(f, "link {a} {b}"),
-            Op::Chmod(p, m) => write!(f, "chmod {p} {m:04o}"),
-            Op::Chown(p, u, g) => write!(f, "lchown {p} {u}:{g}"),
-            Op::Utimes(p, a, m) => write!(f, "utimes(nofollow) {p} atime={a} mtime={m}"),
-            Op::SetXattr(p, n, v, fl) => write!(f, "lsetxattr {p} {n}={:?} flags={fl}", lossy(v)),
-            Op::GetXattr(p, n) => write!(f, "lgetxattr {p} {n}"),
-            Op::ListXattr(p) => write!(f, "llistxattr {p}"),
-            Op::RemoveXattr(p, n) => write!(f, "lremovexattr {p} {n}"),
-            Op::Mkfifo(p, m) => write!(f, "mkfifo {p} {m:04o}"),
-            Op::Mknod(p, m, ma, mi) => write!(f, "mknod {p} {m:o} {ma}:{mi}"),
-        }
-    }
+fn stat(p: &str) -> Syscall {
+    Syscall::Stat(p.into())
 }
-
-fn read(p: &str) -> Op {
-    Op::Read(p.into())
+fn readdir(p: &str) -> Syscall {
+    Syscall::ReadDir(p.into())
 }
-fn readlink(p: &str) -> Op {
-    Op::Readlink(p.into())
+fn write(p: &str, off: u64, d: &[u8]) -> Syscall {
+    Syscall::Write(p.into(), off, d.to_vec())
 }
-fn stat(p: &str) -> Op {
-    Op::Stat(p.into())
+fn append(p: &str, d: &[u8]) -> Syscall {
+    Syscall::Append(p.into(), d.to_vec())
 }
-fn readdir(p: &str) -> Op {
-    Op::ReadDir(p.into())
+fn truncate(p: &str, len: u64) -> Syscall {
+    Syscall::Truncate(p.into(), len)
 }
-fn write(p: &str, off: u64, d: &[u8]) -> Op {
-    Op::Write(p.into(), off, d.to_vec())
+fn create(p: &str, mode: u32, d: &[u8]) -> Syscall {
+    Syscall::Create(p.into(), mode, d.to_vec())
 }
-fn append(p: &str, d: &[u8]) -> Op {
-    Op::Append(p.into(), d.to_vec())
+fn mkdir(p: &str, mode: u32) -> Syscall {
+    Syscall::Mkdir(p.into(), mode)
 }
-fn truncate(p: &str, len: u64) -> Op {
-    Op::Truncate(p.into(), len)
+fn unlink(p: &str) -> Syscall {
+    Syscall::Unlink(p.into())
 }
-fn create(p: &str, mode: u32, d: &[u8]) -> Op {
-    Op::Create(p.into(), mode, d.to_vec())
+fn rmdir(p: &str) -> Syscall {
+    Syscall::Rmdir(p.into())
 }
-fn mkdir(p: &str, mode: u32) -> Op {
-    Op::Mkdir(p.into(), mode)
+fn rename(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), 0)
 }
-fn unlink(p: &str) -> Op {
-    Op::Unlink(p.into())
+fn rename_noreplace(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), libc::RENAME_NOREPLACE)
 }
-fn rmdir(p: &str) -> Op {
-    Op::Rmdir(p.into())
+fn rename_exchange(a: &str, b: &str) -> Syscall {
+    Syscall::Rename(a.into(), b.into(), libc::RENAME_EXCHANGE)
 }
-fn rename(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), 0)
+fn symlink(target: &str, p: &str) -> Syscall {
+    Syscall::Symlink(target.into(), p.into())
 }
-fn rename_noreplace(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), libc::RENAME_NOREPLACE)
+fn link(a: &str, b: &str) -> Syscall {
+    Syscall::Link(a.into(), b.into())
 }
-fn rename_exchange(a: &str, b: &str) -> Op {
-    Op::Rename(a.into(), b.into(), libc::RENAME_EXCHANGE)
+fn chmod(p: &str, m: u32) -> Syscall {
+    Syscall::Chmod(p.into(), m)
 }
-fn symlink(target: &str, p: &str) -> Op {
-    Op::Symlink(target.into(), p.into())
+fn chown(p: &str, u: u32, g: u32) -> Syscall {
+    Syscall::Chown(p.into(), u, g)
 }
-fn link(a: &str, b: &str) -> Op {
-    Op::Link(a.into(), b.into())
+fn utimes(p: &str, a: i64, m: i64) -> Syscall {
+    Syscall::Utimes(p.into(), a, m)
 }
-fn chmod(p: &str, m: u32) -> Op {
-    Op::Chmod(p.into(), m)
+fn setxattr(p: &str, n: &str, v: &[u8], flags: i32) -> Syscall {
+    Syscall::SetXattr(p.into(), n.into(), v.to_vec(), flags)
 }
-fn chown(p: &str, u: u32, g: u32) -> Op {
-    Op::Chown(p.into(), u, g)
+fn getxattr(p: &str, n: &str) -> Syscall {
+    Syscall::GetXattr(p.into(), n.into())
 }
-fn utimes(p: &str, a: i64, m: i64) -> Op {
-    Op::Utimes(p.into(), a, m)
+fn listxattr(p: &str) -> Syscall {
+    Syscall::ListXattr(p.into())
 }
-fn setxattr(p: &str, n: &str, v: &[u8], flags: i32) -> Op {
-    Op::SetXattr(p.into(), n.into(), v.to_vec(), flags)
+fn removexattr(p: &str, n: &str) -> Syscall {
+    Syscall::RemoveXattr(p.into(), n.into())
 }
-fn getxattr(p: &str, n: &str) -> Op {
-    Op::GetXattr(p.into(), n.into())
+fn mkfifo(p: &str, m: u32) -> Syscall {
+    Syscall::Mkfifo(p.into(), m)
 }
-fn listxattr(p: &str) -> Op {
-    Op::ListXattr(p.into())
-}
-fn removexattr(p: &str, n: &str) -> Op {
-    Op::RemoveXattr(p.into(), n.into())
-}
-fn mkfifo(p: &str, m: u32) -> Op {
-    Op::Mkfifo(p.into(), m)
-}
-fn mknod(p: &str, mode: u32, major: u32, minor: u32) -> Op {
-    Op::Mknod(p.into(), mode, major, minor)
+fn mknod(p: &str, mode: u32, major: u32, minor: u32) -> Syscall {
+    Syscall::Mknod(p.into(), mode, major, minor)
 }
 
 /// What an operation answered: a rendered value, or an errno.
@@ -178,14 +107,6 @@ fn show(o: &Outcome) -> String {
         Ok(v) if v.is_empty() => "ok".into(),
         Ok(v) => format!("ok: {v}"),
         Err(e) => errno_name(*e),
-    }
-}
-
-/// Bytes as shown in outcomes: short UTF-8 quoted, anything else by length and hash.
-fn summarize(d: &[u8]) -> String {
-    match std::str::from_utf8(d) {
-        Ok(s) if d.len() <= 64 => format!("{s:?}"),
-        _ => format!("<{} bytes, hash {:016x}>", d.len(), fixture::hash_bytes(d)),
     }
 }
 
@@ -200,11 +121,11 @@ enum Expect {
 }
 
 struct Step {
-    op: Op,
+    op: Syscall,
     expect: Expect,
 }
 
-impl Op {
+impl Syscall {
     fn ok(self) -> Step {
         Step {
             op: self,
@@ -238,17 +159,26 @@ impl Op {
     /// follows a symlink in the final component.
     fn mutated_paths(&self) -> (Vec<&str>, bool) {
         match self {
-            Op::Read(_) | Op::Readlink(_) | Op::Stat(_) | Op::ReadDir(_) => (vec![], false),
-            Op::GetXattr(..) | Op::ListXattr(_) => (vec![], false),
-            Op::Write(p, ..) | Op::Append(p, _) | Op::Truncate(p, _) | Op::Chmod(p, _) => {
-                (vec![p], true)
+            Syscall::Read(_) | Syscall::Readlink(_) | Syscall::Stat(_) | Syscall::ReadDir(_) => {
+                (vec![], false)
             }
-            Op::Create(p, ..) | Op::Mkdir(p, _) | Op::Unlink(p) | Op::Rmdir(p) => (vec![p], false),
-            Op::Chown(p, ..) | Op::Utimes(p, ..) | Op::SetXattr(p, ..) | Op::RemoveXattr(p, _) => {
+            Syscall::GetXattr(..) | Syscall::ListXattr(_) => (vec![], false),
+            Syscall::Write(p, ..)
+            | Syscall::Append(p, _)
+            | Syscall::Truncate(p, _)
+            | Syscall::Chmod(p, _) => (vec![p], true),
+            Syscall::Create(p, ..)
+            | Syscall::Mkdir(p, _)
+            | Syscall::Unlink(p)
+            | Syscall::Rmdir(p) => (vec![p], false),
+            Syscall::Chown(p, ..)
+            | Syscall::Utimes(p, ..)
+            | Syscall::SetXattr(p, ..)
+            | Syscall::RemoveXattr(p, _) => (vec![p], false),
+            Syscall::Mkfifo(p, _) | Syscall::Mknod(p, ..) | Syscall::Symlink(_, p) => {
                 (vec![p], false)
             }
-            Op::Mkfifo(p, _) | Op::Mknod(p, ..) | Op::Symlink(_, p) => (vec![p], false),
-            Op::Rename(a, b, _) | Op::Link(a, b) => (vec![a, b], false),
+            Syscall::Rename(a, b, _) | Syscall::Link(a, b) => (vec![a, b], false),
         }
     }
 }
@@ -277,7 +207,7 @@ impl Expect {
 }
 
 /// The test must never modify anything through a symlink (a layer holds `etc -> /`).
-fn assert_no_write_through_symlink(root: &Path, op: &Op) {
+fn assert_no_write_through_symlink(root: &Path, op: &Syscall) {
     let (paths, follows_last) = op.mutated_paths();
     for rel in paths {
         let comps: Vec<&str> = rel.split('/').collect();
@@ -299,144 +229,10 @@ fn assert_no_write_through_symlink(root: &Path, op: &Op) {
     }
 }
 
-fn describe_stat(md: &fs::Metadata) -> String {
-    let kind = match kind_of(md) {
-        Kind::File => "file",
-        Kind::Dir => "dir",
-        Kind::Symlink => "symlink",
-        Kind::Fifo => "fifo",
-        Kind::Socket => "socket",
-        Kind::CharDev => "chr",
-        Kind::BlockDev => "blk",
-        Kind::Unreadable => "unreadable",
-    };
-    let mut s = format!(
-        "{kind} {:04o} {}:{} nlink={}",
-        md.mode() & 0o7777,
-        md.uid(),
-        md.gid(),
-        md.nlink()
-    );
-    if md.is_file() {
-        s += &format!(" size={}", md.size());
-    }
-    if md.file_type().is_char_device() || md.file_type().is_block_device() {
-        s += &format!(
-            " rdev={}:{}",
-            libc::major(md.rdev()),
-            libc::minor(md.rdev())
-        );
-    }
-    s
-}
-
-fn ret(r: libc::c_int) -> Outcome {
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(String::new())
-    }
-}
-
-fn io<T>(r: std::io::Result<T>) -> Result<T, Errno> {
-    r.map_err(|e| io_errno(&e))
-}
-
-fn apply(root: &Path, op: &Op) -> Outcome {
+/// Makes `op` below `root` through the one path executor, its answer rendered.
+fn apply(root: &Path, op: &Syscall) -> Outcome {
     assert_no_write_through_symlink(root, op);
-    let p = |rel: &str| {
-        if rel == "." {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        }
-    };
-    match op {
-        Op::Read(f) => Ok(summarize(&io(fs::read(p(f)))?)),
-        Op::Readlink(f) => Ok(io(fs::read_link(p(f)))?.to_string_lossy().into_owned()),
-        Op::Stat(f) => Ok(describe_stat(&io(fs::symlink_metadata(p(f)))?)),
-        Op::ReadDir(d) => {
-            let mut v = Vec::new();
-            for e in io(fs::read_dir(p(d)))? {
-                let e = io(e)?;
-                let ft = io(e.file_type())?;
-                let suffix = if ft.is_dir() {
-                    "/"
-                } else if ft.is_symlink() {
-                    "@"
-                } else if ft.is_fifo() {
-                    "|"
-                } else if ft.is_socket() {
-                    "="
-                } else if ft.is_char_device() {
-                    "%"
-                } else if ft.is_block_device() {
-                    "#"
-                } else {
-                    ""
-                };
-                v.push(format!("{}{suffix}", e.file_name().to_string_lossy()));
-            }
-            v.sort();
-            Ok(v.join(" "))
-        }
-        Op::Write(f, off, d) => {
-            let file = io(OpenOptions::new().write(true).open(p(f)))?;
-            io(file.write_all_at(d, *off))?;
-            Ok(String::new())
-        }
-        Op::Append(f, d) => {
-            let mut file = io(OpenOptions::new().append(true).open(p(f)))?;
-            io(file.write_all(d))?;
-            Ok(String::new())
-        }
-        Op::Truncate(f, len) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::truncate(c.as_ptr(), *len as libc::off_t) })
-        }
-        Op::Create(f, mode, d) => {
-            let mut file = io(OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(*mode)
-                .open(p(f)))?;
-            io(file.write_all(d))?;
-            Ok(String::new())
-        }
-        Op::Mkdir(f, mode) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::mkdir(c.as_ptr(), *mode as libc::mode_t) })
-        }
-        Op::Unlink(f) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::unlink(c.as_ptr()) })
-        }
-        Op::Rmdir(f) => {
-            let c = cpath(&p(f));
-            ret(unsafe { libc::rmdir(c.as_ptr()) })
-        }
-        Op::Rename(a, b, flags) => fixture::rename2(&p(a), &p(b), *flags).map(|_| String::new()),
-        Op::Symlink(t, f) => {
-            let (ct, cf) = (std::ffi::CString::new(t.as_str()).unwrap(), cpath(&p(f)));
-            ret(unsafe { libc::symlink(ct.as_ptr(), cf.as_ptr()) })
-        }
-        Op::Link(a, b) => {
-            let (ca, cb) = (cpath(&p(a)), cpath(&p(b)));
-            ret(unsafe { libc::link(ca.as_ptr(), cb.as_ptr()) })
-        }
-        Op::Chmod(f, m) => fixture::chmod(&p(f), *m).map(|_| String::new()),
-        Op::Chown(f, u, g) => fixture::lchown(&p(f), *u, *g).map(|_| String::new()),
-        Op::Utimes(f, a, m) => fixture::lutimes(&p(f), *a, *m).map(|_| String::new()),
-        Op::SetXattr(f, n, v, fl) => fixture::lsetxattr(&p(f), n, v, *fl).map(|_| String::new()),
-        Op::GetXattr(f, n) => fixture::lgetxattr(&p(f), n).map(|v| summarize(&v)),
-        Op::ListXattr(f) => fixture::llistxattr(&p(f)).map(|mut v| {
-            v.sort();
-            v.join(" ")
-        }),
-        Op::RemoveXattr(f, n) => fixture::lremovexattr(&p(f), n).map(|_| String::new()),
-        Op::Mkfifo(f, m) => fixture::mkfifo(&p(f), *m).map(|_| String::new()),
-        Op::Mknod(f, m, ma, mi) => fixture::mknod(&p(f), *m, *ma, *mi).map(|_| String::new()),
-    }
+    fixture::apply(root, op).and_then(Answer::render)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -458,12 +254,12 @@ struct Differential {
 
 /// Lowers (top-most first) built twice: kernel-native for the kernel, `strata_fmt` for
 /// stratafs. `None` when the prerequisites are missing and skipping was asked for.
-fn setup(lowers: &[LayerSpec], strata_fmt: Format) -> Option<Differential> {
+fn setup(lowers: &[LayerBuilder], strata_fmt: Format) -> Option<Differential> {
     setup_with(lowers, strata_fmt, false)
 }
 
 /// [`setup`], with both mounted `metacopy=on` when asked.
-fn setup_with(lowers: &[LayerSpec], strata_fmt: Format, metacopy: bool) -> Option<Differential> {
+fn setup_with(lowers: &[LayerBuilder], strata_fmt: Format, metacopy: bool) -> Option<Differential> {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return None;
     }
@@ -682,7 +478,7 @@ impl InodeSurvey {
 #[test]
 fn copy_up_of_files_in_nested_lower_dirs() {
     let f3 = fixture::pattern(200_000, 3);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .dir_with("a", Meta::new().mode(0o755).xattr("user.dirtag", "a"))
         .dir_with("a/b", Meta::new().mode(0o750).owner(1000, 1000))
         .dir_with("a/b/c", Meta::new().mode(0o700))
@@ -742,7 +538,7 @@ fn copy_up_of_files_in_nested_lower_dirs() {
 
 #[test]
 fn delete_lower_entries_then_recreate_as_file_and_dir() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("f", "lower f")
         .file("g", "lower g")
         .file("d/x", "x")
@@ -809,7 +605,7 @@ fn delete_lower_entries_then_recreate_as_file_and_dir() {
 /// Whiteouts and opaque dirs in the top lower, in `fmt` on the stratafs side (the kernel
 /// always gets its native char-0/0 + trusted.overlay.opaque): the views must agree.
 fn lower_whiteouts_and_opaque_dirs(fmt: Format) {
-    let top = LayerSpec::new()
+    let top = LayerBuilder::new()
         .whiteout("w_file")
         .whiteout("w_dir")
         .whiteout("sub/w_nested")
@@ -820,7 +616,7 @@ fn lower_whiteouts_and_opaque_dirs(fmt: Format) {
         .file("merge/top", "top")
         .file("plain", "plain")
         .opaque_dir("op_empty");
-    let bottom = LayerSpec::new()
+    let bottom = LayerBuilder::new()
         .file("w_file", "hidden")
         .file("w_dir/a", "hidden")
         .file("sub/w_nested", "hidden")
@@ -887,14 +683,14 @@ fn lower_formats_user_overlay_opaque_xattr() {
 
 #[test]
 fn three_lowers_shadowing() {
-    let l1 = LayerSpec::new()
+    let l1 = LayerBuilder::new()
         .file("p", "L1 p is a file") // over a dir p/ in L2
         .file("q/in_l1", "q") // a dir over a file q in L2
         .file("r/x", "L1 x")
         .file("s", "L1 s") // over a whiteout in L2 over a file in L3
         .whiteout("t") // hides L3's dir t
         .file("u/l1", "l1");
-    let l2 = LayerSpec::new()
+    let l2 = LayerBuilder::new()
         .file("p/inner", "hidden")
         .file("q", "L2 q")
         .file("r/a", "L2 a")
@@ -903,7 +699,7 @@ fn three_lowers_shadowing() {
         .file("v", "L2 v") // a file over a dir v/ in L3
         .opaque_dir("u")
         .file("u/l2", "l2");
-    let l3 = LayerSpec::new()
+    let l3 = LayerBuilder::new()
         .file("p/l3", "hidden")
         .file("r/b", "L3 b")
         .file("r/c", "L3 c")
@@ -965,7 +761,7 @@ fn three_lowers_shadowing() {
 
 #[test]
 fn rename_files_across_dirs_noreplace_exchange() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("a/f1", "f1")
         .file("a/f2", "f2")
         .file("a/f3", "f3")
@@ -1037,7 +833,7 @@ fn rename_files_across_dirs_noreplace_exchange() {
 
 #[test]
 fn rmdir_of_merged_dirs_judged_on_the_merged_view() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("e/1", "1")
         .file("e/2", "2")
         .file("e/sub/3", "3")
@@ -1082,7 +878,7 @@ fn rmdir_of_merged_dirs_judged_on_the_merged_view() {
 
 #[test]
 fn hard_links_made_through_the_mount() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("h/orig", "original")
         .file("h/pair1", "pair")
         .hardlink("h/pair2", "h/pair1")
@@ -1117,7 +913,7 @@ fn hard_links_made_through_the_mount() {
 
 #[test]
 fn chmod_chown_truncate_utimes_of_lower_entries() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("m/a", "aaaa")
         .file_with("m/b", "b", Meta::new().owner(1000, 1000).mode(0o755))
         .file_with("m/c", "cccc", Meta::new().mode(0o600))
@@ -1181,7 +977,7 @@ fn symlinks_including_a_hostile_root_link() {
     };
     let canary_times = (ctimes(&canary_dir), ctimes(&canary_dir.join("canary")));
 
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .symlink("etc", "/")
         .symlink("esc", &canary_target)
         .symlink("rel", "d/target")
@@ -1238,7 +1034,7 @@ fn symlinks_including_a_hostile_root_link() {
 #[test]
 fn xattrs_set_get_list_remove_on_lower_entries() {
     let big = vec![b'v'; 4000];
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file_with(
             "x/file",
             "f",
@@ -1282,7 +1078,7 @@ fn xattrs_set_get_list_remove_on_lower_entries() {
 
 #[test]
 fn special_files_fifo_socket_devices_and_the_whiteout_device() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("dev/existing", "e")
         .fifo("dev/lowerfifo");
     let Some(mut d) = setup(&[lower], Format::NATIVE) else {
@@ -1312,7 +1108,7 @@ fn special_files_fifo_socket_devices_and_the_whiteout_device() {
 /// compares again, so the redirects must persist.
 #[test]
 fn rename_of_directories_with_lower_content() {
-    let base = LayerSpec::new()
+    let base = LayerBuilder::new()
         .file("src/a.txt", "a")
         .file("src/sub/deep.txt", "deep")
         .dir("src/sub/empty")
@@ -1324,7 +1120,7 @@ fn rename_of_directories_with_lower_content() {
         .file("ex2/two", "2")
         .file("gone/g.txt", "g")
         .dir("dest");
-    let top = LayerSpec::new().file("merged/top.txt", "top");
+    let top = LayerBuilder::new().file("merged/top.txt", "top");
     let Some(mut d) = setup(&[top, base], Format::NATIVE) else {
         return;
     };
@@ -1381,7 +1177,7 @@ fn rename_of_directories_with_lower_content() {
 /// the remount the harness does.
 #[test]
 fn hard_links_of_lower_layers_stay_linked() {
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("h1", "shared")
         .hardlink("d/h2", "h1")
         .hardlink("e/h3", "h1")
@@ -1424,7 +1220,7 @@ fn hard_links_of_lower_layers_stay_linked() {
 #[test]
 fn metadata_only_copy_up_with_metacopy_on() {
     let big = fixture::pattern(3 << 20, 7);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("big", &big)
         .file("d/meta", &big[..2 << 20])
         .file("written", &big[..(1 << 20) + 5]);

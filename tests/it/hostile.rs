@@ -26,7 +26,7 @@
 //! as R with many ticks); `STRATAFS_HOSTILE_GDB=1` adds every thread's stack.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -38,10 +38,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use libc::{EIO, ENOENT, ESTALE};
+use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
-    self, Errno, Format, LayerSpec, Layers, Meta, StrataMount, Tmpfs, errno, errno_name, io_errno,
-    statfs_bounded,
+    self, Answer, Errno, Format, LayerBuilder, Layers, Meta, StrataMount, Syscall, Tmpfs, errno,
+    errno_name, io_errno, statfs_bounded,
 };
 
 /// How long one mounted call may take. Every call here is small: a healthy mount
@@ -428,7 +429,7 @@ impl Bounded {
 // ---------------------------------------------------------------------------------------
 
 /// The content every case has in its bottom lower layer, untouched by the garbage.
-fn base(spec: LayerSpec) -> LayerSpec {
+fn base(spec: LayerBuilder) -> LayerBuilder {
     spec.file("plain", "plain\n")
         .file("pdir/inner", "inner\n")
         .file("linked", "linked\n")
@@ -627,7 +628,7 @@ fn probe_hostile(m: &mut Bounded, rel: &str) {
     ) {
         let private: Vec<_> = names
             .iter()
-            .filter(|n| fixture::is_private_xattr(n) || n.ends_with("override_stat"))
+            .filter(|n| is_private_xattr(OsStr::new(n)) || n.ends_with("override_stat"))
             .collect();
         assert!(
             private.is_empty(),
@@ -727,11 +728,11 @@ fn origin_case(case: &str, value: &[u8]) {
             .xattr(ROOT_ORIGIN, value)
             .xattr(USER_ORIGIN, value)
     };
-    let upper = LayerSpec::new()
+    let upper = LayerBuilder::new()
         .file_with("victim", "victim\n", marks())
         .dir_with("vdir", marks())
         .file("vdir/x", "x\n");
-    let l = Layers::build(&[base(LayerSpec::new())], Some(&upper), Format::NATIVE);
+    let l = Layers::build(&[base(LayerBuilder::new())], Some(&upper), Format::NATIVE);
     let mut m = Bounded::mount(case, &l.rw_options(), &l);
     let root = must(case, "lstat of the root", m.lstat("."));
     for rel in ["victim", "vdir"] {
@@ -799,7 +800,7 @@ fn origin_shared_by_cp_a_copy() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("orig", "orig\n")]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("orig", "orig\n")]);
     let shown = {
         let mut m = Bounded::mount(case, &l.rw_options(), &l);
         let st = must(case, "lookup of \"orig\"", m.lstat("orig"));
@@ -894,13 +895,13 @@ fn redirect_case(case: &str, value: &[u8], on: On) {
     if !fixture::require_fuse() {
         return;
     }
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("d/keep", "keep\n")
         .file("other/o", "o\n")
         .symlink("esc", "/etc");
     let l = Layers::build(&[bottom], None, Format::NATIVE);
     let t = TmpLayer::new(&l, "hostile-layer");
-    LayerSpec::new()
+    LayerBuilder::new()
         .dir_with("d", redirect_meta(value))
         .file("d/mine", "mine\n")
         .build(&t.layer(), Format::NATIVE);
@@ -1012,12 +1013,12 @@ fn redirect_cycle() {
         return;
     }
     let cyc = || {
-        LayerSpec::new()
+        LayerBuilder::new()
             .dir_with("a", redirect_meta(b"/b"))
             .dir_with("b", redirect_meta(b"/a"))
             .dir_with("c", redirect_meta(b"c"))
     };
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("a/fa", "a\n")
         .file("b/fb", "b\n")
         .file("c/fc", "c\n");
@@ -1054,12 +1055,10 @@ fn metacopy_garbage_on_a_small_file() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = base(LayerSpec::new()).file("mc", "lower data\n").file_with(
-        "mc_lower",
-        "in a lower\n",
-        metacopy_meta(),
-    );
-    let upper = LayerSpec::new().file_with("mc", "upper\n", metacopy_meta());
+    let lower = base(LayerBuilder::new())
+        .file("mc", "lower data\n")
+        .file_with("mc_lower", "in a lower\n", metacopy_meta());
+    let upper = LayerBuilder::new().file_with("mc", "upper\n", metacopy_meta());
     let l = Layers::build(&[lower], Some(&upper), Format::NATIVE);
     let mut m = Bounded::mount(case, &l.rw_options(), &l);
     // A small file cannot be a stand-in: its own data is what the upper holds.
@@ -1079,8 +1078,8 @@ fn metacopy_garbage_on_a_large_file() {
         return;
     }
     let data = fixture::pattern(2 * MIB as usize, 7);
-    let lower = base(LayerSpec::new()).file("mc", &data);
-    let upper = LayerSpec::new()
+    let lower = base(LayerBuilder::new()).file("mc", &data);
+    let upper = LayerBuilder::new()
         .sparse("mc", 2 * MIB, &[(0, b"upper")], metacopy_meta())
         .sparse("mc_alone", 2 * MIB, &[(0, b"alone")], metacopy_meta());
     let l = Layers::build(&[lower], Some(&upper), Format::NATIVE);
@@ -1133,8 +1132,8 @@ fn override_stat_garbage() {
         &[b'9'; 4000],
     ];
     let ov = |v: &[u8]| Meta::new().xattr("user.containers.override_stat", v);
-    let mut lower = base(LayerSpec::new());
-    let mut upper = LayerSpec::new();
+    let mut lower = base(LayerBuilder::new());
+    let mut upper = LayerBuilder::new();
     let mut hostile = Vec::new();
     for (i, v) in bad.iter().enumerate() {
         lower = lower.file_with(&format!("os{i}"), format!("os{i}\n"), ov(v));
@@ -1166,12 +1165,12 @@ fn opaque_markers_on_files() {
             .xattr("trusted.overlay.opaque", b"y")
             .xattr("user.overlay.opaque", b"y")
     };
-    let bottom = base(LayerSpec::new())
+    let bottom = base(LayerBuilder::new())
         .file("of/x", "x\n")
         .file("of2/y", "y\n")
         .file("odir/keep", "keep\n");
-    let middle = LayerSpec::new().file_with("of2", "middle-of2\n", opq());
-    let upper = LayerSpec::new()
+    let middle = LayerBuilder::new().file_with("of2", "middle-of2\n", opq());
+    let upper = LayerBuilder::new()
         .file_with("of", "upper-of\n", opq())
         .dir("odir/.wh..wh..opq");
     let l = Layers::build(&[middle, bottom], Some(&upper), Format::NATIVE);
@@ -1258,15 +1257,15 @@ fn lower_is_a_kernel_overlay_with_xino() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let ext = l.root.join("xa");
     fs::create_dir(&ext).unwrap();
-    LayerSpec::new()
+    LayerBuilder::new()
         .file("fa", "fa\n")
         .file("shared/from_ext", "e\n")
         .build(&ext, Format::NATIVE);
     let t = Tmpfs::new(&l.root.join("xt"), "16m");
-    LayerSpec::new()
+    LayerBuilder::new()
         .file("ft", "ft\n")
         .file("dt/x", "x\n")
         .file("shared/from_tmpfs", "t\n")
@@ -1311,12 +1310,12 @@ fn lower_is_a_stratafs_mount() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let inner = Layers::new(&[
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("i_top", "top\n")
             .file("idir/a", "a\n"),
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("i_bottom", "bottom\n")
             .file("idir/b", "b\n"),
     ]);
@@ -1352,12 +1351,12 @@ fn lower_is_a_kernel_overlay() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let inner = Layers::new(&[
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("k_top", "top\n")
             .file("kdir/a", "a\n"),
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("k_bottom", "bottom\n")
             .file("kdir/b", "b\n"),
     ]);
@@ -1384,7 +1383,7 @@ fn lower_is_a_kernel_overlay() {
 
 /// One step of a script run on kernel overlayfs and on stratafs over the same lowers.
 #[derive(Clone, Debug)]
-enum Op {
+enum ScriptStep {
     Lstat(&'static str),
     Read(&'static str),
     List(&'static str),
@@ -1457,17 +1456,33 @@ fn deep_file(root: &Path, depth: usize, flags: i32) -> Result<fs::File, Errno> {
     Ok(unsafe { fs::File::from_raw_fd(fd) })
 }
 
-fn run_op(root: &Path, op: &Op) -> String {
+fn run_op(root: &Path, op: &ScriptStep) -> String {
     use std::io::Read;
+    // The path calls go through the one path executor, rendered as this script shows them.
+    let call = |c: Syscall| fixture::apply(root, &c);
     match op {
-        Op::Lstat(p) => lstat_st(&root.join(p)).map_or_else(errstr, |s| st_line(&s)),
-        Op::Read(p) => read_all(&root.join(p)).map_or_else(errstr, |d| show(&d)),
-        Op::List(p) => list_raw(&root.join(p)).map_or_else(errstr, |mut v| {
-            v.sort();
-            format!("{v:?}")
-        }),
-        Op::Append(p, data) => append_to(&root.join(p), data).map_or_else(errstr, |_| "ok".into()),
-        Op::Inos(names) => {
+        ScriptStep::Lstat(p) => {
+            call(Syscall::Stat(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Stat(md) => st_line(&St::of(&md)),
+                _ => unreachable!("lstat answers a stat"),
+            })
+        }
+        ScriptStep::Read(p) => {
+            call(Syscall::Read(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Data(d) => show(&d),
+                _ => unreachable!("read answers data"),
+            })
+        }
+        ScriptStep::List(p) => {
+            call(Syscall::ReadDir(p.to_string())).map_or_else(errstr, |a| match a {
+                Answer::Listing(entries) => format!("{:?}", fixture::sorted_names(&entries)),
+                _ => unreachable!("readdir answers a listing"),
+            })
+        }
+        ScriptStep::Append(p, data) => {
+            call(Syscall::Append(p.to_string(), data.to_vec())).map_or_else(errstr, |_| "ok".into())
+        }
+        ScriptStep::Inos(names) => {
             let mut groups: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
             let mut errors = Vec::new();
             for n in *names {
@@ -1480,16 +1495,18 @@ fn run_op(root: &Path, op: &Op) -> String {
             parts.sort();
             format!("{} {}", parts.join(" "), errors.join(" "))
         }
-        Op::DeepRead(depth) => deep_file(root, *depth, libc::O_RDONLY)
+        ScriptStep::DeepRead(depth) => deep_file(root, *depth, libc::O_RDONLY)
             .and_then(|mut f| {
                 let mut v = Vec::new();
                 f.read_to_end(&mut v).map_err(|e| io_errno(&e))?;
                 Ok(v)
             })
             .map_or_else(errstr, |d| show(&d)),
-        Op::DeepAppend(depth, data) => deep_file(root, *depth, libc::O_WRONLY | libc::O_APPEND)
-            .and_then(|mut f| f.write_all(data).map_err(|e| io_errno(&e)))
-            .map_or_else(errstr, |_| "ok".into()),
+        ScriptStep::DeepAppend(depth, data) => {
+            deep_file(root, *depth, libc::O_WRONLY | libc::O_APPEND)
+                .and_then(|mut f| f.write_all(data).map_err(|e| io_errno(&e)))
+                .map_or_else(errstr, |_| "ok".into())
+        }
     }
 }
 
@@ -1531,7 +1548,7 @@ fn versus_kernel(
     case: &str,
     l: &Layers,
     lowerdir: &str,
-    script: &[Op],
+    script: &[ScriptStep],
     timeout: Duration,
 ) -> Option<(Bounded, Vec<String>)> {
     let kd = KernelDirs::new(l);
@@ -1595,22 +1612,22 @@ fn hardlink_across_two_lower_layers() {
         return;
     }
     let l = Layers::new(&[
-        LayerSpec::new().file("f", "shared\n"),
-        base(LayerSpec::new()),
+        LayerBuilder::new().file("f", "shared\n"),
+        base(LayerBuilder::new()),
     ]);
     fs::hard_link(l.lowers[0].join("f"), l.lowers[1].join("g")).unwrap();
     let script = [
-        Op::Lstat("f"),
-        Op::Lstat("g"),
-        Op::Inos(&["f", "g", "plain"]),
-        Op::Read("g"),
-        Op::Append("f", b"app\n"),
-        Op::Read("f"),
-        Op::Read("g"),
-        Op::Lstat("f"),
-        Op::Lstat("g"),
-        Op::Inos(&["f", "g", "plain"]),
-        Op::List(""),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Lstat("g"),
+        ScriptStep::Inos(&["f", "g", "plain"]),
+        ScriptStep::Read("g"),
+        ScriptStep::Append("f", b"app\n"),
+        ScriptStep::Read("f"),
+        ScriptStep::Read("g"),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Lstat("g"),
+        ScriptStep::Inos(&["f", "g", "plain"]),
+        ScriptStep::List(""),
     ];
     let (mut m, mut diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1638,17 +1655,17 @@ fn lower_hardlink_names_outside_the_layer() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("f", "outside-linked\n")]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("f", "outside-linked\n")]);
     let outside = l.root.join("outside_name");
     fs::hard_link(l.lowers[0].join("f"), &outside).unwrap();
     let script = [
-        Op::Lstat("f"),
-        Op::Read("f"),
-        Op::Inos(&["f", "plain", "linked"]),
-        Op::Append("f", b"more\n"),
-        Op::Read("f"),
-        Op::Lstat("f"),
-        Op::Inos(&["f", "plain", "linked"]),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Read("f"),
+        ScriptStep::Inos(&["f", "plain", "linked"]),
+        ScriptStep::Append("f", b"more\n"),
+        ScriptStep::Read("f"),
+        ScriptStep::Lstat("f"),
+        ScriptStep::Inos(&["f", "plain", "linked"]),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1670,16 +1687,16 @@ fn nested_layers() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())
+    let l = Layers::new(&[base(LayerBuilder::new())
         .file("sub/s", "s\n")
         .file("sub/inner/i", "i\n")]);
     let lowerdir = format!("{}/sub:{}", l.lowers[0].display(), l.lowers[0].display());
     let script = [
-        Op::List(""),
-        Op::List("sub"),
-        Op::Read("s"),
-        Op::Read("sub/s"),
-        Op::Inos(&["", "sub", "inner", "sub/inner"]),
+        ScriptStep::List(""),
+        ScriptStep::List("sub"),
+        ScriptStep::Read("s"),
+        ScriptStep::Read("sub/s"),
+        ScriptStep::Inos(&["", "sub", "inner", "sub/inner"]),
     ];
     let Some((mut m, diffs)) = versus_kernel(case, &l, &lowerdir, &script, PROBE_TIMEOUT) else {
         return;
@@ -1708,23 +1725,25 @@ fn two_tmpfs_mount_points_in_a_lower() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new()).file("m1/under", "under\n").dir("m2")]);
+    let l = Layers::new(&[base(LayerBuilder::new())
+        .file("m1/under", "under\n")
+        .dir("m2")]);
     let t1 = Tmpfs::new(&l.lowers[0].join("m1"), "4m");
     let t2 = Tmpfs::new(&l.lowers[0].join("m2"), "4m");
     fs::write(t1.path.join("f"), "f1\n").unwrap();
     fs::write(t2.path.join("f"), "f2\n").unwrap();
     let script = [
-        Op::List(""),
-        Op::Lstat("m1"),
-        Op::Lstat("m2"),
-        Op::Inos(&["", "m1", "m2", "plain"]),
-        Op::List("m1"),
-        Op::List("m2"),
-        Op::Read("m1/under"),
-        Op::Read("m1/f"),
-        Op::Read("m2/f"),
-        Op::Append("m2/f", b"more\n"),
-        Op::Read("m2/f"),
+        ScriptStep::List(""),
+        ScriptStep::Lstat("m1"),
+        ScriptStep::Lstat("m2"),
+        ScriptStep::Inos(&["", "m1", "m2", "plain"]),
+        ScriptStep::List("m1"),
+        ScriptStep::List("m2"),
+        ScriptStep::Read("m1/under"),
+        ScriptStep::Read("m1/f"),
+        ScriptStep::Read("m2/f"),
+        ScriptStep::Append("m2/f", b"more\n"),
+        ScriptStep::Read("m2/f"),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, PROBE_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1865,14 +1884,14 @@ fn deep_chain_9000_directories() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())]);
+    let l = Layers::new(&[base(LayerBuilder::new())]);
     let _cleanup = DeepCleanup(l.root.clone());
     make_chain(&l.lowers[0], CHAIN_DEPTH, b"bottom\n");
     let script = [
-        Op::DeepRead(CHAIN_DEPTH),
-        Op::DeepAppend(CHAIN_DEPTH, b"appended\n"),
-        Op::DeepRead(CHAIN_DEPTH),
-        Op::Read("plain"),
+        ScriptStep::DeepRead(CHAIN_DEPTH),
+        ScriptStep::DeepAppend(CHAIN_DEPTH, b"appended\n"),
+        ScriptStep::DeepRead(CHAIN_DEPTH),
+        ScriptStep::Read("plain"),
     ];
     let (mut m, diffs) = versus_kernel(case, &l, &l.lowerdir(), &script, DEEP_TIMEOUT)
         .expect("kernel overlayfs mounts these layers");
@@ -1881,7 +1900,7 @@ fn deep_chain_9000_directories() {
     m.remount();
     let root = m.mp.clone();
     let got = m.probe("read of the bottom file after the remount", move || {
-        run_op(&root, &Op::DeepRead(CHAIN_DEPTH))
+        run_op(&root, &ScriptStep::DeepRead(CHAIN_DEPTH))
     });
     assert_eq!(
         got,
@@ -1904,7 +1923,7 @@ fn kernel_metacopy_upper_completed_then_new_files() {
         return;
     }
     let data = fixture::pattern(2 * MIB as usize, 11);
-    let l = Layers::new(&[base(LayerSpec::new()).file("big", &data)]);
+    let l = Layers::new(&[base(LayerBuilder::new()).file("big", &data)]);
     {
         let _k = fixture::KernelOverlay::with_metacopy(&l, true);
         fixture::chmod(&l.merged.join("big"), 0o600).unwrap();
@@ -1974,7 +1993,7 @@ fn kernel_made_redirects_in_lowers_and_upper() {
     if !fixture::require_fuse() || !fixture::require_kernel_overlay() {
         return;
     }
-    let l = Layers::new(&[base(LayerSpec::new())
+    let l = Layers::new(&[base(LayerBuilder::new())
         .file("a/fa", "fa\n")
         .file("b/fb", "fb\n")]);
     let dirs: Vec<PathBuf> = ["u1", "w1", "u2", "w2", "km"]
@@ -1996,14 +2015,14 @@ fn kernel_made_redirects_in_lowers_and_upper() {
         "{case}: kernel overlayfs wrote no absolute redirect; the case would test nothing"
     );
     let script = [
-        Op::List(""),
-        Op::List("b"),
-        Op::List("c"),
-        Op::List("c/a"),
-        Op::Read("b/fb"),
-        Op::Read("c/a/fa"),
-        Op::Read("b/fa"),
-        Op::Inos(&["b", "c/a", "c", "plain"]),
+        ScriptStep::List(""),
+        ScriptStep::List("b"),
+        ScriptStep::List("c"),
+        ScriptStep::List("c/a"),
+        ScriptStep::Read("b/fb"),
+        ScriptStep::Read("c/a/fa"),
+        ScriptStep::Read("b/fa"),
+        ScriptStep::Inos(&["b", "c/a", "c", "plain"]),
     ];
     // The kernel-made upper as the upper of both mounts, read-only probes only
     // (kernel first, then stratafs, so neither sees the other's changes).
@@ -2062,11 +2081,11 @@ fn rootless_origin_case(case: &str, value: &[u8]) {
     if !fixture::require_fuse() {
         return;
     }
-    let upper = LayerSpec::new()
+    let upper = LayerBuilder::new()
         .file_with("victim", "victim\n", Meta::new().xattr(USER_ORIGIN, value))
         .dir_with("vdir", Meta::new().xattr(USER_ORIGIN, value))
         .file("vdir/x", "x\n");
-    let l = Layers::build(&[base(LayerSpec::new())], Some(&upper), Format::AUFS);
+    let l = Layers::build(&[base(LayerBuilder::new())], Some(&upper), Format::AUFS);
     let out_dir = l.root.join("out");
     fs::create_dir(&out_dir).unwrap();
     let log = l.root.join("userns-daemon.log");

@@ -10,7 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, Meta, StrataMount, io_errno};
+use crate::fixture::{self, KernelOverlay, LayerBuilder, Layers, Meta, StrataMount, io_errno};
 use crate::posix_acl::{BOB, Step, bob, root, run_steps};
 
 /// Clears append-only and immutable below the given directories when dropped, so
@@ -78,7 +78,7 @@ fn shown_flags(p: &Path) -> String {
 /// Lower files for every scenario; those named lo_* carry flags in the lower layer
 /// (set on the layer directly, before mounting). World-traversable for BOB.
 fn flag_layers() -> Layers {
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("new.log", "one\n")
         .file("frozen", "ice\n")
         .file("lo_append", "one\n")

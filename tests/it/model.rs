@@ -8,14 +8,13 @@ use std::rc::Rc;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-use stratafs::testing::layers::{self, LayerSpec, LowerEntry, OpaqueFormat, WhiteoutFormat};
+use stratafs::testing::layers::{self, GeneratedLayer, LowerEntry, OpaqueFormat, WhiteoutFormat};
 use stratafs::testing::model::Model;
-use stratafs::testing::mounted::MountedSubject;
 use stratafs::testing::ops;
 use stratafs::testing::ops::RenameFlag;
 use stratafs::testing::{Checks, Op, Scenario, check_sequence, p, run_engine};
 
-use crate::fixture::{self, KernelOverlay, Layers, StrataMount};
+use crate::fixture::{self, KernelOverlay, Layers, MountedSubject, StrataMount};
 
 /// Fixed, so that every run of the suite tries the same cases. For exploring,
 /// `STRATAFS_MODEL_SEED=N` changes it and `STRATAFS_MODEL_CASES=N` sets the count.
@@ -96,8 +95,8 @@ fn engine_matches_model_in_a_user_namespace() {
 // Regressions: shrunk failures, pinned
 // ---------------------------------------------------------------------------------------
 
-fn layer(entries: &[(&str, LowerEntry)]) -> LayerSpec {
-    LayerSpec {
+fn layer(entries: &[(&str, LowerEntry)]) -> GeneratedLayer {
+    GeneratedLayer {
         entries: entries.iter().map(|(k, v)| (p(k), v.clone())).collect(),
     }
 }
@@ -119,10 +118,10 @@ fn dir() -> LowerEntry {
     }
 }
 
-fn pinned(lowers: Vec<LayerSpec>, ops: &[Op]) {
+fn pinned(lowers: Vec<GeneratedLayer>, ops: &[Op]) {
     let scenario = Scenario {
         lowers,
-        upper: LayerSpec::default(),
+        upper: GeneratedLayer::default(),
     };
     if let Err(e) = run_engine(&scenario, ops, Checks::default()) {
         panic!("{e}");
@@ -178,7 +177,7 @@ fn reader_opened_before_copy_up_sees_the_copy() {
 fn a_redirect_stops_at_an_opaque_directory_on_its_path() {
     let opaque_dir = LowerEntry::Dir {
         mode: 0,
-        opaque: Some(OpaqueFormat::Xattr),
+        opaque: Some(OpaqueFormat::TrustedXattr),
         xattr: None,
     };
     pinned(
@@ -235,8 +234,8 @@ fn other_hard_link_opens_after_the_last_used_name_is_removed() {
         Op::Stat { path: p("a") },
     ];
     let scenario = Scenario {
-        lowers: vec![LayerSpec::default()],
-        upper: LayerSpec::default(),
+        lowers: vec![GeneratedLayer::default()],
+        upper: GeneratedLayer::default(),
     };
     let l = mounted_layers(&scenario);
     let m = Rc::new(RefCell::new(StrataMount::new(&l)));
@@ -262,7 +261,7 @@ fn other_hard_link_opens_after_the_last_used_name_is_removed() {
 #[test]
 fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
     for (wh, op) in [
-        (WhiteoutFormat::CharDevice, OpaqueFormat::Xattr),
+        (WhiteoutFormat::CharDevice, OpaqueFormat::TrustedXattr),
         (WhiteoutFormat::Aufs, OpaqueFormat::Aufs),
     ] {
         let top = layer(&[
@@ -285,7 +284,7 @@ fn model_merges_whiteouts_and_opaque_dirs_of_both_formats() {
         ]);
         let scenario = Scenario {
             lowers: vec![top, bottom],
-            upper: LayerSpec::default(),
+            upper: GeneratedLayer::default(),
         };
         let mut model = Model::from_scenario(&scenario, 0o755);
         let names = |m: &mut Model, path| m.apply(&Op::Readdir { path });
@@ -314,7 +313,7 @@ const MOUNT_CASES: u32 = 500;
 /// Builds the scenario's lowers into fixture layers (kernel formats only: kernel
 /// overlayfs reads no AUFS markers).
 fn mounted_layers(scenario: &Scenario) -> Layers {
-    let specs = vec![fixture::LayerSpec::new(); scenario.lowers.len()];
+    let specs = vec![fixture::LayerBuilder::new(); scenario.lowers.len()];
     let l = Layers::build(&specs, None, fixture::Format::NATIVE);
     for (i, dir) in l.lowers.iter().enumerate() {
         scenario.build_layer(i, dir).expect("build layer");
@@ -418,7 +417,7 @@ fn kernel_overlay_matches_model() {
 /// included (it assumes a layer never whites out what no layer below has).
 fn kernel_comparable(s: &Scenario) -> Scenario {
     let all = s.layers_top_down();
-    let keep = |i: usize, l: &LayerSpec| LayerSpec {
+    let keep = |i: usize, l: &GeneratedLayer| GeneratedLayer {
         entries: l
             .entries
             .iter()
@@ -445,7 +444,7 @@ fn kernel_comparable(s: &Scenario) -> Scenario {
 
 /// The layers (indices into `layers`, top-down) merged into the directory `dir`, as
 /// lookup finds them.
-fn dir_layers(layers: &[&LayerSpec], dir: &[&str]) -> Vec<usize> {
+fn dir_layers(layers: &[&GeneratedLayer], dir: &[&str]) -> Vec<usize> {
     let mut merged: Vec<usize> = (0..layers.len()).collect();
     for depth in 1..=dir.len() {
         let path = p(&dir[..depth].join("/"));

@@ -3,7 +3,7 @@
 //! O_APPEND, daemon mode, signals, concurrency.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -13,9 +13,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use libc::{EEXIST, ENODATA, ENOENT, ENXIO, EPERM, EROFS};
+use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
-    self, Errno, FIXED_MTIME, FUSE_SUPER_MAGIC, Format, LayerSpec, Layers, Meta, StrataDaemon,
+    self, Errno, FIXED_MTIME, FUSE_SUPER_MAGIC, Format, LayerBuilder, Layers, Meta, StrataDaemon,
     StrataMount, Tmpfs, cpath, errno, errno_name, io_errno, lgetxattr, llistxattr, lsetxattr,
     lstat, pattern,
 };
@@ -199,7 +200,7 @@ fn read_only_mount_reads_work_and_changes_answer_erofs() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file_with("f", "content", Meta::new().xattr("user.k", "v"))
         .file("d/g", "g")
         .dir("d/empty")
@@ -279,7 +280,7 @@ fn mknod_of_a_whiteout_device_is_eperm_other_special_files_work() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("dev/existing", "e")]);
+    let l = Layers::new(&[LayerBuilder::new().file("dev/existing", "e")]);
     let m = StrataMount::new(&l);
     let p = |r: &str| m.join(r);
 
@@ -367,19 +368,19 @@ fn readdir_hides_whiteouts_and_opaque_markers_and_lists_dot_entries() {
     if !fixture::require_fuse() {
         return;
     }
-    let native = LayerSpec::new()
+    let native = LayerBuilder::new()
         .whiteout("wh_char")
         .opaque_dir("opq_x")
         .file("opq_x/visible", "v")
         .dir_with("opq_u", Meta::new().xattr("user.overlay.opaque", "y"))
         .file("opq_u/mine", "m")
         .file("dir/top", "t");
-    let aufs = LayerSpec::new()
+    let aufs = LayerBuilder::new()
         .whiteout("wh_aufs")
         .whiteout("dir/inner_gone")
         .opaque_dir("opq_a")
         .file("opq_a/visible", "v");
-    let bottom = LayerSpec::new()
+    let bottom = LayerBuilder::new()
         .file("wh_char", "hidden")
         .file("wh_aufs", "hidden")
         .file("opq_x/hidden", "hidden")
@@ -441,9 +442,9 @@ fn readdir_hides_whiteouts_and_opaque_markers_and_lists_dot_entries() {
 
 /// A directory big enough to need several getdents calls, merged from three layers.
 fn big_merged_dir() -> Layers {
-    let mut bottom = LayerSpec::new();
-    let mut top = LayerSpec::new();
-    let mut upper = LayerSpec::new();
+    let mut bottom = LayerBuilder::new();
+    let mut top = LayerBuilder::new();
+    let mut upper = LayerBuilder::new();
     for i in 0..700 {
         bottom = bottom.file(&format!("big/bottom_entry_{i:04}"), "b");
         top = top.file(&format!("big/top_entry_{i:04}"), "t");
@@ -560,7 +561,7 @@ fn readdir_of_a_directory_modified_while_read_does_not_loop() {
     if !fixture::require_fuse() {
         return;
     }
-    let mut lower = LayerSpec::new();
+    let mut lower = LayerBuilder::new();
     for i in 0..1000 {
         lower = lower.file(&format!("busy/orig_{i:04}"), "o");
     }
@@ -628,7 +629,7 @@ fn assert_no_private_xattrs(p: &Path) {
         llistxattr(p).unwrap_or_else(|e| panic!("listxattr {}: {}", p.display(), errno_name(e)));
     let leaked: Vec<_> = names
         .iter()
-        .filter(|n| fixture::is_private_xattr(n))
+        .filter(|n| is_private_xattr(OsStr::new(n)))
         .collect();
     assert!(
         leaked.is_empty(),
@@ -656,7 +657,7 @@ fn private_xattrs_are_hidden_from_listxattr_and_getxattr() {
             meta = meta.xattr(n, "x");
         }
     }
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file_with("f", "data", meta)
         .opaque_dir("d")
         .dir_with(
@@ -720,7 +721,7 @@ fn copy_up_keeps_sparse_files_sparse() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = LayerSpec::new().sparse(
+    let lower = LayerBuilder::new().sparse(
         "sparse",
         100 * MIB,
         &[(50 * MIB, &[0xAB; 4096][..])],
@@ -774,7 +775,7 @@ fn copy_up_keeps_mode_owner_mtime_and_xattrs() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .dir_with(
             "dir",
             Meta::new()
@@ -919,7 +920,7 @@ fn copy_up_leaves_the_file_in_upper_and_nothing_in_workdir() {
         return;
     }
     let big = pattern((8 * MIB) as usize, 8);
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("a/b/c/small", "small")
         .file("a/big", &big)
         .symlink("a/link", "big")
@@ -1013,7 +1014,7 @@ fn statfs_reports_the_upper_filesystem() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("f", "lower")]);
+    let l = Layers::new(&[LayerBuilder::new().file("f", "lower")]);
     // The upper on its own 64 MiB tmpfs, the lower on the disk: the two are told apart.
     let tmpfs = Tmpfs::new(&l.root.join("upperfs"), "64m");
     let (upper, work) = (tmpfs.path.join("upper"), tmpfs.path.join("work"));
@@ -1080,7 +1081,7 @@ fn seek_data_and_seek_hole_on_sparse_files() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = LayerSpec::new().sparse(
+    let lower = LayerBuilder::new().sparse(
         "s",
         4 * MIB,
         &[(0, &[1u8; 4096][..]), (MIB, &[2u8; 4096][..])],
@@ -1153,7 +1154,7 @@ fn fallocate_allocates_keeps_size_punches_holes_and_copies_up() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("lower", "lower data")]);
+    let l = Layers::new(&[LayerBuilder::new().file("lower", "lower data")]);
     let m = StrataMount::new(&l);
 
     let f = OpenOptions::new()
@@ -1252,7 +1253,7 @@ fn copy_file_range_between_files_on_the_mount() {
         return;
     }
     let low = pattern(300_000, 11);
-    let l = Layers::new(&[LayerSpec::new().file("lowsrc", &low)]);
+    let l = Layers::new(&[LayerBuilder::new().file("lowsrc", &low)]);
     let m = StrataMount::new(&l);
     let data = pattern((3 * MIB) as usize, 12);
     fs::write(m.join("src"), &data).unwrap();
@@ -1298,7 +1299,7 @@ fn o_append_writes_always_land_at_the_end() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("log", "abc")]);
+    let l = Layers::new(&[LayerBuilder::new().file("log", "abc")]);
     let m = StrataMount::new(&l);
     let mut f = OpenOptions::new().append(true).open(m.join("log")).unwrap();
     f.write_all(b"def").unwrap();
@@ -1345,7 +1346,7 @@ fn a_file_can_be_open_several_times_at_once() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("lower", "lower data")
         .file("lower2", "12345678")]);
     let m = StrataMount::new(&l);
@@ -1409,7 +1410,7 @@ fn daemon_mode_returns_with_the_mount_live_and_exits_after_unmount() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("f", "lower")]);
+    let l = Layers::new(&[LayerBuilder::new().file("f", "lower")]);
     let mut d = StrataDaemon::mount(&l);
     assert!(d.launcher_status.success());
     // Live the moment the command returned: no polling allowed here.
@@ -1439,7 +1440,7 @@ fn signal_unmounts_cleanly(sig: i32) {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("f", "lower")]);
+    let l = Layers::new(&[LayerBuilder::new().file("f", "lower")]);
     let mut m = StrataMount::new(&l);
     fs::write(m.join("written"), "before the signal").unwrap();
     let status = m.signal_and_wait(sig);
@@ -1479,7 +1480,7 @@ fn changes_survive_a_remount() {
     if !fixture::require_fuse() {
         return;
     }
-    let lower = LayerSpec::new()
+    let lower = LayerBuilder::new()
         .file("keep", "k")
         .file("edit", "old")
         .file("del", "d")
@@ -1526,7 +1527,7 @@ fn concurrent_threads_create_write_read_in_different_directories() {
     }
     const THREADS: usize = 6;
     const FILES: usize = 40;
-    let mut lower = LayerSpec::new();
+    let mut lower = LayerBuilder::new();
     for t in 0..4 {
         for i in 0..10 {
             lower = lower.file(&format!("top/t{t}/lower{i}"), format!("lower {t} {i}"));
@@ -1644,7 +1645,7 @@ fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("a", b"a")]);
+    let l = Layers::new(&[LayerBuilder::new().file("a", b"a")]);
     let stats = l.root.join("stats");
     let mut m = StrataMount::with_env(
         &l.rw_options(),

@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 
-use crate::fixture::{self, LayerSpec, Layers, StrataMount, Tmpfs, io_errno};
+use crate::fixture::{self, LayerBuilder, Layers, StrataMount, Tmpfs, io_errno};
 
 fn fstat(f: &File) -> libc::stat {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -24,7 +24,7 @@ fn a_file_unlinked_while_open_keeps_working_and_reports_no_links() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("lower.txt", "from below")]);
+    let l = Layers::new(&[LayerBuilder::new().file("lower.txt", "from below")]);
     let m = StrataMount::new(&l);
     fs::write(m.join("upper.txt"), "made here").unwrap();
 
@@ -56,7 +56,7 @@ fn names_longer_than_255_bytes_answer_enametoolong() {
         return;
     }
     let max = "m".repeat(255);
-    let l = Layers::new(&[LayerSpec::new().file(&max, "longest")]);
+    let l = Layers::new(&[LayerBuilder::new().file(&max, "longest")]);
     let m = StrataMount::new(&l);
     let long = "x".repeat(256);
     let err = |r: std::io::Result<()>| r.map_err(|e| io_errno(&e)).err();
@@ -92,7 +92,7 @@ fn shared_mappings_write_through_a_copied_up_file() {
         return;
     }
     let data = fixture::pattern(3 * 4096, 5);
-    let l = Layers::new(&[LayerSpec::new().file("mapped", &data)]);
+    let l = Layers::new(&[LayerBuilder::new().file("mapped", &data)]);
     let mut m = StrataMount::new(&l);
     {
         let f = OpenOptions::new()
@@ -236,7 +236,7 @@ fn git_status_of_a_repository_in_a_lower_layer_is_clean() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().dir("repo")]);
+    let l = Layers::new(&[LayerBuilder::new().dir("repo")]);
     let repo = l.lowers[0].join("repo");
     for i in 0..30 {
         let d = repo.join(format!("src/m{}", i % 5));

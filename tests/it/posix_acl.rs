@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, StrataMount};
+use crate::fixture::{self, KernelOverlay, LayerBuilder, Layers, StrataMount};
 
 /// A user that is in no group of the files below (no supplementary groups).
 pub(crate) const BOB: (u32, u32) = (1001, 1001);
@@ -96,7 +96,7 @@ pub(crate) fn bob(script: &'static str, kernel: &'static str) -> Step {
 /// Layers both mounts start from: lower files and directories carrying ACLs, and
 /// world-traversable directories so that unprivileged users reach the mount.
 fn acl_layers() -> Layers {
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("denied", "secret\n")
         .file("lowfile", "data\n")
         .dir("inherit")
@@ -307,7 +307,9 @@ fn a_rootless_style_mount_with_override_stat_keeps_working() {
 /// Layers for the set-group-ID scenarios: a world-writable directory, and a lower
 /// set-group-ID file in group root for the copy-up cases.
 fn sgid_layers() -> Layers {
-    let l = Layers::new(&[LayerSpec::new().dir("shared").file("low-sgid", "lower\n")]);
+    let l = Layers::new(&[LayerBuilder::new()
+        .dir("shared")
+        .file("low-sgid", "lower\n")]);
     fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();
     let low = &l.lowers[0];
     fs::set_permissions(low.join("shared"), fs::Permissions::from_mode(0o777)).unwrap();

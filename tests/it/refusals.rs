@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::fixture::{self, LayerSpec, Layers, StrataMount, cpath};
+use crate::fixture::{self, LayerBuilder, Layers, StrataMount, cpath};
 
 /// struct file_handle with room for any handle this kernel makes.
 #[repr(C)]
@@ -51,7 +51,7 @@ fn file_handles_are_refused_at_name_to_handle_at_not_stale_at_open() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("lower", "from below")]);
+    let l = Layers::new(&[LayerBuilder::new().file("lower", "from below")]);
     let m = StrataMount::new(&l);
     fs::write(m.join("f"), "hi").unwrap();
     fs::hard_link(m.join("f"), m.join("f2")).unwrap();
@@ -77,7 +77,7 @@ fn o_tmpfile_and_collapse_insert_range_are_refused_cleanly() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("lower", vec![7u8; 16384])]);
+    let l = Layers::new(&[LayerBuilder::new().file("lower", vec![7u8; 16384])]);
     let m = StrataMount::new(&l);
     let tmp = OpenOptions::new()
         .read(true)

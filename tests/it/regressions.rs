@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::fixture::{self, LayerSpec, Layers, StrataMount, Tmpfs, errno_name, io_errno};
+use crate::fixture::{self, LayerBuilder, Layers, StrataMount, Tmpfs, errno_name, io_errno};
 
 /// An upper and a workdir on a tmpfs of `size` (kept mounted while the value
 /// lives), and the options of a mount of `l`'s lowers over them.
@@ -51,7 +51,7 @@ fn a_file_is_linked_again_after_the_names_it_was_last_reached_by_are_gone() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().dir("d")]);
+    let l = Layers::new(&[LayerBuilder::new().dir("d")]);
     let m = StrataMount::new(&l);
     let f = m.join("d/f");
     fs::write(&f, b"x\n").unwrap();
@@ -96,7 +96,7 @@ fn a_lower_hard_link_is_relinked_after_a_metadata_change_and_an_unlink() {
         }),
     ];
     for (what, change) in changes {
-        let l = Layers::new(&[LayerSpec::new()
+        let l = Layers::new(&[LayerBuilder::new()
             .file("p1", b"shared\n")
             .hardlink("p2", "p1")
             .hardlink("p3", "p1")]);
@@ -132,7 +132,7 @@ fn a_writer_is_accepted_while_a_reader_holds_a_lower_file_and_the_reader_sees_it
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("f", b"lower\n").file("g", b"g\n")]);
+    let l = Layers::new(&[LayerBuilder::new().file("f", b"lower\n").file("g", b"g\n")]);
     let mut m = StrataMount::new(&l);
     let mut reader = File::open(m.join("f")).unwrap();
     let mut first = String::new();
@@ -180,7 +180,7 @@ fn a_running_executable_cannot_be_opened_for_writing_nor_truncated() {
         return;
     }
     let sleep = fs::read("/bin/sleep").expect("/bin/sleep");
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("lower-sleep", &sleep)
         .file("lower-data", b"lower data")]);
     fs::set_permissions(
@@ -259,7 +259,9 @@ fn a_planted_index_entry_is_never_linked_into_the_upper_layer() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("p1", b"lower\n").hardlink("p2", "p1")]);
+    let l = Layers::new(&[LayerBuilder::new()
+        .file("p1", b"lower\n")
+        .hardlink("p2", "p1")]);
     let outside = l.root.join("outside");
     fs::write(&outside, b"outside\n").unwrap();
     let ino = fs::metadata(l.lowers[0].join("p1")).unwrap().ino();
@@ -297,7 +299,7 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
         return;
     }
     let big = |i: u8| vec![i; 8 << 20];
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("t/a/f0", big(1))
         .file("t/a/f1", big(2))
         .file("in-layer", b"grouped\n")
@@ -348,7 +350,7 @@ fn a_failed_copy_up_is_logged_with_its_path_and_layer() {
         return;
     }
     let big = vec![7u8; 3 << 20];
-    let l = Layers::new(&[LayerSpec::new().file("d/big", &big)]);
+    let l = Layers::new(&[LayerBuilder::new().file("d/big", &big)]);
     let (_small, options) = small_upper(&l, "1m");
     let mut m = StrataMount::with_options(&options, &l.merged, &l.root);
     let err = OpenOptions::new()
@@ -386,7 +388,7 @@ fn debug_output_names_the_paths_of_requests_and_union_steps() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("d/f", "hi\n").file("g", "x\n")]);
+    let l = Layers::new(&[LayerBuilder::new().file("d/f", "hi\n").file("g", "x\n")]);
     let mut m = StrataMount::with_args(&l.rw_options(), &["-d"], &l.merged, &l.root);
     OpenOptions::new()
         .append(true)

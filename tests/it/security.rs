@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 
 use libc::{ELOOP, ENXIO};
 
-use crate::fixture::{self, LayerSpec, Layers};
+use crate::fixture::{self, LayerBuilder, Layers};
 use crate::hostile::{Bounded, must, sane};
 
 /// A tree the daemon has no business touching: files with xattrs, a hard-link pair,
 /// a symlink and empty directories (what a sweep of empty directories would take).
 pub(crate) struct Sentinel {
     pub root: PathBuf,
-    before: fixture::Snapshot,
+    before: fixture::TreeSnapshot,
 }
 
 impl Sentinel {
@@ -102,7 +102,7 @@ fn lower_files_replaced_while_mounted_block_nothing_and_leak_nothing() {
         return;
     }
     const FIFOS: usize = 12;
-    let mut spec = LayerSpec::new().file("plain", "plain\n");
+    let mut spec = LayerBuilder::new().file("plain", "plain\n");
     for i in 0..FIFOS {
         spec = spec.file(&format!("fifo{i}"), "was a file\n");
     }
@@ -259,7 +259,7 @@ fn a_swapped_in_symlink_never_leads_the_scaffold_sweep_outside() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("plain", "plain\n")]);
+    let l = Layers::new(&[LayerBuilder::new().file("plain", "plain\n")]);
     // The attacker must reach its TMPDIR: a sticky, world-writable one like /tmp.
     fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();
     let tmp = l.root.join("tmp");
@@ -306,7 +306,7 @@ fn a_mountpoint_inside_the_lower_layer_is_not_crossed() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("plain", "plain\n").dir("mnt")]);
+    let l = Layers::new(&[LayerBuilder::new().file("plain", "plain\n").dir("mnt")]);
     let sentinel = Sentinel::new(&l.root.join("sentinel"));
     let mp = l.lowers[0].join("mnt");
     let m = fixture::StrataMount::with_options(&l.rw_options(), &mp, &l.root);
@@ -354,7 +354,9 @@ fn a_symlink_planted_in_the_index_is_never_used() {
     if !fixture::require_fuse() {
         return;
     }
-    let l = Layers::new(&[LayerSpec::new().file("p1", "lower\n").hardlink("p2", "p1")]);
+    let l = Layers::new(&[LayerBuilder::new()
+        .file("p1", "lower\n")
+        .hardlink("p2", "p1")]);
     let sentinel = Sentinel::new(&l.root.join("sentinel"));
     let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(l.lowers[0].join("p1")).unwrap());
     fs::create_dir_all(l.work.join("index")).unwrap();

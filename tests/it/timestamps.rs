@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use crate::fixture::{self, KernelOverlay, LayerSpec, Layers, StrataMount, lutimes};
+use crate::fixture::{self, KernelOverlay, LayerBuilder, Layers, StrataMount, lutimes};
 
 const OLD: i64 = 1_000_000_000;
 
@@ -118,7 +118,7 @@ fn mapped_writes(root: &Path, upper: &Path) -> Vec<String> {
 
 fn layers() -> Layers {
     let prog = fs::read("/bin/true").expect("read /bin/true");
-    let l = Layers::new(&[LayerSpec::new()
+    let l = Layers::new(&[LayerBuilder::new()
         .file("lower", vec![b'l'; 8192])
         .file("prog", prog)]);
     fs::set_permissions(&l.root, fs::Permissions::from_mode(0o755)).unwrap();

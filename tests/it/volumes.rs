@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use libc::{EBUSY, ENOENT, ENOSPC, EROFS, EXDEV};
 
 use crate::fixture::{
-    self, Errno, LayerSpec, Layers, Meta, StrataMount, errno_name, io_errno, lgetxattr, lstat,
+    self, Errno, LayerBuilder, Layers, Meta, StrataMount, errno_name, io_errno, lgetxattr, lstat,
     mount_at, stratafs_bin,
 };
 
@@ -25,7 +25,7 @@ struct Scene {
 }
 
 impl Scene {
-    fn new(lower: LayerSpec) -> Scene {
+    fn new(lower: LayerBuilder) -> Scene {
         let l = Layers::new(&[lower]);
         let state = l.root.join("state");
         Scene { l, state }
@@ -140,7 +140,7 @@ fn volume_data_outlives_the_container_and_never_touches_upper() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new().file("etc/os", "image"));
+    let s = Scene::new(LayerBuilder::new().file("etc/os", "image"));
     let mut a = s.mount("a", "volume=db:/var/lib/db");
     fs::write(a.join("var/lib/db/table"), "rows").unwrap();
     fs::create_dir(a.join("var/lib/db/sub")).unwrap();
@@ -172,7 +172,7 @@ fn graft_point_exists_where_the_layers_lack_it_and_is_listed() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new().dir("usr"));
+    let s = Scene::new(LayerBuilder::new().dir("usr"));
     let host = s.l.root.join("host");
     fs::create_dir(&host).unwrap();
     fs::write(host.join("h"), "host file").unwrap();
@@ -201,7 +201,7 @@ fn read_only_grafts_answer_erofs_and_stay_readable() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let host = s.l.root.join("host");
     fs::create_dir(&host).unwrap();
     fs::write(host.join("f"), "bound").unwrap();
@@ -246,7 +246,7 @@ fn graft_boundaries_answer_exdev_and_graft_points_ebusy() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new().file("top", "t").dir("a/b"));
+    let s = Scene::new(LayerBuilder::new().file("top", "t").dir("a/b"));
     let m = s.mount("a", "volume=v:/a/b/vol,volume=w:/w");
     let vol = m.join("a/b/vol");
     fs::write(vol.join("in"), "v").unwrap();
@@ -320,7 +320,7 @@ fn empty_volume_is_filled_from_the_image_unless_nocopy() {
         .owner(12, 34)
         .xattr("user.origin", "image");
     let s = Scene::new(
-        LayerSpec::new()
+        LayerBuilder::new()
             .file_with("app/conf", "from image", meta)
             .dir_with("app/sub", Meta::new().mode(0o710).owner(5, 6))
             .symlink("app/link", "conf")
@@ -430,7 +430,7 @@ fn two_mounts_and_the_host_share_a_volume_without_stale_caches() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     // Unlimited: files may use passthrough. Size-limited: every write goes through the
     // daemon (served I/O), which must not leave a stale page cache either.
     let (ok, _, err) = s.cli(&["volume", "create", "limited", "--size", "1Gi"]);
@@ -444,7 +444,7 @@ fn exclusive_volume_has_one_writer_and_the_claim_dies_with_it() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let (ok, _, err) = s.cli(&["volume", "create", "--exclusive", "solo"]);
     assert!(ok, "{err}");
     let mut first = s.mount("a", "volume=solo:/data");
@@ -481,7 +481,7 @@ fn size_limit_gives_enospc_and_usage_survives_remounts_and_host_changes() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let (ok, _, err) = s.cli(&["volume", "create", "small", "--size", "64Ki"]);
     assert!(ok, "{err}");
     let mut m = s.mount("a", "volume=small:/data");
@@ -538,7 +538,7 @@ fn mounts_sharing_a_size_limited_volume_share_its_budget() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let (ok, _, err) = s.cli(&["volume", "create", "budget", "--size", "64Ki"]);
     assert!(ok, "{err}");
     // Both mounted (and their counts taken) before either writes.
@@ -601,7 +601,7 @@ fn a_graft_can_be_bind_mounted_elsewhere_and_written_through() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let m = s.mount("a", "volume=exported:/export");
     let elsewhere = s.l.root.join("elsewhere");
     let bind = BindMount::new(&m.join("export"), &elsewhere);
@@ -620,7 +620,7 @@ fn bad_volume_names_are_refused_before_mounting() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     for bad in ["..", "a/b", "-x", ".hidden", "has space"] {
         let err = s.mount_must_fail("a", &format!("volume={bad}:/data"));
         assert!(err.contains("volume"), "{bad}: {err}");
@@ -669,7 +669,7 @@ fn subcommand_form_grafts_volumes_and_binds_in_daemon_mode() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new().file("etc/os", "image"));
+    let s = Scene::new(LayerBuilder::new().file("etc/os", "image"));
     let (u, w, m) = s.container("sub");
     let host = s.l.root.join("host");
     fs::create_dir(&host).unwrap();
@@ -730,7 +730,7 @@ fn filling_a_volume_from_the_image_respects_its_size_limit() {
         return;
     }
     let s = Scene::new(
-        LayerSpec::new()
+        LayerBuilder::new()
             .file("big/blob", fixture::pattern(3 << 20, 7))
             .sparse("holes/image", 8 << 30, &[(1 << 20, b"data")], Meta::new())
             .file("small/conf", "fits\n"),
@@ -770,7 +770,7 @@ fn filling_a_volume_from_the_image_respects_its_size_limit() {
 /// the upper layer stays empty.
 #[test]
 fn a_refused_graft_creates_nothing() {
-    let s = Scene::new(LayerSpec::new().file("file", "a file\n").dir("dir"));
+    let s = Scene::new(LayerBuilder::new().file("file", "a file\n").dir("dir"));
     let (u, w, _) = s.container("refused");
     for grafts in [
         "volume=newvol:/file".to_string(),
@@ -813,7 +813,7 @@ fn access_modes_rwop_and_rox_are_enforced_by_real_mounts() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     for args in [
         &["volume", "create", "--access", "rwop", "pod"][..],
         &["volume", "create", "--access", "rox", "shelf"],
@@ -870,7 +870,7 @@ fn update_resizes_a_volume_under_a_live_mount() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let (ok, _, err) = s.cli(&["volume", "create", "grow", "--size", "64Ki"]);
     assert!(ok, "{err}");
     let m = s.mount("a", "volume=grow:/data,volume=open:/open");
@@ -927,7 +927,7 @@ fn delete_reclaims_the_volume_a_mount_created_when_it_ends() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let gone = |name: &str| !s.state.join("volumes").join(name).exists();
 
     let mut m = s.mount("a", "volume=tmp1:/data:delete");
@@ -982,7 +982,7 @@ fn umount_returns_once_a_delete_volume_is_removed() {
     if !fixture::require_fuse() {
         return;
     }
-    let s = Scene::new(LayerSpec::new());
+    let s = Scene::new(LayerBuilder::new());
     let mut m = s.mount("a", "volume=scratch:/data:delete");
     // Enough entries that removing them takes the exiting daemon a while.
     for i in 0..2000 {
