@@ -13,18 +13,16 @@ use crate::sys::process;
 /// the file or socket is opened here, before the daemon detaches, so that an unusable
 /// one is reported to the caller.
 fn init_logging(debug: bool, target: Option<&LogTarget>) -> Result<(), String> {
-    // fuser warns when the mount is already gone at shutdown (an external unmount): not
-    // news. A log was asked for to see why a mount ended: it gets info lines too
-    // (the configuration, the signal that ended it, passthrough refused).
-    // `-d` logs each request with its path (fuse/adapter.rs); fuser's own request
-    // lines, by inode number, come with STRATAFS_LOG=debug.
+    // A log was asked for to see why a mount ended: it gets info lines too (the
+    // configuration, the signal that ended it, passthrough refused).
     let level = match (debug, target.is_some()) {
-        (true, _) => "debug,fuser::request=info",
-        (false, true) => "info,fuser=error",
-        (false, false) => "warn,fuser=error",
+        (true, _) => "debug",
+        (false, true) => "info",
+        (false, false) => "warn",
     };
+    let level = format!("{level},{}", crate::fuse::library_log_filter(debug));
     let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().filter_or("STRATAFS_LOG", level));
+        env_logger::Builder::from_env(env_logger::Env::default().filter_or("STRATAFS_LOG", &level));
     builder.format_timestamp_millis();
     match target {
         Some(LogTarget::File(path)) => {

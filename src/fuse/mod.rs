@@ -66,6 +66,18 @@ fn spawn_memory_trimmer(engine: &Arc<Union>) {
 }
 
 /// fuser's session configuration for a mount.
+/// The log filter for the FUSE library's own lines (env_logger syntax), the one
+/// place that knows its log targets. It warns when the mount is already gone at
+/// shutdown (an external unmount): not news. With `-d` each request is logged with
+/// its path by the adapter; the library's own request lines, by inode number,
+/// come only with STRATAFS_LOG=debug.
+pub fn library_log_filter(debug: bool) -> &'static str {
+    match debug {
+        true => "fuser::request=info",
+        false => "fuser=error",
+    }
+}
+
 pub fn session_config(config: &MountConfig) -> fuser::Config {
     let mut opts = vec![
         MountOption::FSName(
