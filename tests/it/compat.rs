@@ -99,26 +99,7 @@ impl PipedMount {
 
 impl Drop for PipedMount {
     fn drop(&mut self) {
-        if mount_at(&self.mountpoint).is_some() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mountpoint)
-                .status();
-            if mount_at(&self.mountpoint).is_some() {
-                let _ = Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.mountpoint)
-                    .status();
-            }
-        }
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while !stratafs_pids_for(&self.mountpoint).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for pid in stratafs_pids_for(&self.mountpoint) {
-            // SAFETY: a stratafs serving this test's own unique mountpoint: ours.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        end_daemon_mount("PipedMount", &self.mountpoint);
     }
 }
 

@@ -17,8 +17,8 @@ use stratafs::testing::is_private_xattr;
 
 use crate::fixture::{
     self, Errno, FIXED_MTIME, FUSE_SUPER_MAGIC, Format, LayerBuilder, Layers, Meta, StrataDaemon,
-    StrataMount, Tmpfs, cpath, errno, errno_name, io_errno, lgetxattr, llistxattr, lsetxattr,
-    lstat, pattern,
+    StrataMount, Tmpfs, assert_errno, cpath, errno, errno_name, io_errno, lgetxattr, llistxattr,
+    lsetxattr, lstat, pattern,
 };
 
 const MIB: u64 = 1 << 20;
@@ -27,18 +27,6 @@ fn open_err(r: std::io::Result<File>) -> Errno {
     match r {
         Ok(_) => 0,
         Err(e) => io_errno(&e),
-    }
-}
-
-fn assert_errno(what: &str, got: Result<(), Errno>, want: Errno) {
-    match got {
-        Err(e) if e == want => {}
-        Err(e) => panic!(
-            "{what}: expected {}, got {}",
-            errno_name(want),
-            errno_name(e)
-        ),
-        Ok(()) => panic!("{what}: expected {}, but it succeeded", errno_name(want)),
     }
 }
 

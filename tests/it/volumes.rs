@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use libc::{EBUSY, ENOENT, ENOSPC, EROFS, EXDEV};
 
 use crate::fixture::{
-    self, Errno, LayerBuilder, Layers, Meta, StrataMount, errno_name, io_errno, lgetxattr, lstat,
+    self, Errno, LayerBuilder, Layers, Meta, StrataMount, assert_errno, io_errno, lgetxattr, lstat,
     mount_at, stratafs_bin,
 };
 
@@ -107,19 +107,6 @@ impl Scene {
 
 fn res<T>(r: std::io::Result<T>) -> Result<T, Errno> {
     r.map_err(|e| io_errno(&e))
-}
-
-#[track_caller]
-fn assert_errno<T: std::fmt::Debug>(what: &str, got: Result<T, Errno>, want: Errno) {
-    match got {
-        Err(e) if e == want => {}
-        Err(e) => panic!(
-            "{what}: expected {}, got {}",
-            errno_name(want),
-            errno_name(e)
-        ),
-        Ok(v) => panic!("{what}: expected {}, got Ok({v:?})", errno_name(want)),
-    }
 }
 
 fn link(a: &Path, b: &Path) -> Result<(), Errno> {
@@ -639,28 +626,7 @@ struct SubcommandMount {
 
 impl Drop for SubcommandMount {
     fn drop(&mut self) {
-        if mount_at(&self.mountpoint).is_some() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mountpoint)
-                .status();
-        }
-        let deadline = std::time::Instant::now() + fixture::EXIT_TIMEOUT;
-        while !fixture::stratafs_pids_for(&self.mountpoint).is_empty()
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        for pid in fixture::stratafs_pids_for(&self.mountpoint) {
-            // SAFETY: the daemon serving our own unique mountpoint, started by this test.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        if mount_at(&self.mountpoint).is_some() {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status();
-        }
+        fixture::end_daemon_mount("SubcommandMount", &self.mountpoint);
     }
 }
 
