@@ -42,9 +42,62 @@ pub struct LayerRef {
     pub fd: Option<Arc<OwnedFd>>,
 }
 
-/// The layers of an inode, top-down: one for every non-directory and for most
-/// directories, so the first is kept inline.
+/// The layers of a directory, top-down: one for most, so the first is kept inline.
 pub type Layers = SmallVec<[LayerRef; 1]>;
+
+/// Where an inode's content is, by kind of inode: each shape holds only what its
+/// kind can have.
+enum Content {
+    /// Every layer merged into the view, top-down (stopping at an opaque one).
+    Dir(Layers),
+    /// A non-directory: the layer holding it, and for a metadata-only copy
+    /// (metacopy.rs) the layer below still holding its data (`top` is then the
+    /// upper copy).
+    File {
+        top: LayerRef,
+        data: Option<LayerIdx>,
+    },
+}
+
+impl Content {
+    /// `layers` top-down, as lookup finds them: a non-directory needs one, and a
+    /// second is its data layer.
+    fn new(dir: bool, layers: impl IntoIterator<Item = LayerRef>) -> Option<Content> {
+        let mut layers = layers.into_iter();
+        if dir {
+            return Some(Content::Dir(layers.collect()));
+        }
+        let top = layers.next()?;
+        let data = layers.next().map(|l| l.layer);
+        Some(Content::File { top, data })
+    }
+
+    fn upper_file(data: Option<LayerIdx>) -> Content {
+        Content::File {
+            top: LayerRef {
+                layer: super::UPPER,
+                fd: None,
+            },
+            data,
+        }
+    }
+
+    /// The layers the entry's own name is in, top-down (a file's data layer is not:
+    /// the data is reached through the metacopy's redirect).
+    fn named_layers(&self) -> &[LayerRef] {
+        match self {
+            Content::Dir(layers) => layers,
+            Content::File { top, .. } => std::slice::from_ref(top),
+        }
+    }
+
+    fn named_layers_mut(&mut self) -> &mut [LayerRef] {
+        match self {
+            Content::Dir(layers) => layers,
+            Content::File { top, .. } => std::slice::from_mut(top),
+        }
+    }
+}
 /// Identity keys (dev, ino) of an inode: usually one, kept inline.
 pub type IdentityKeys = SmallVec<[(u64, u64); 1]>;
 
@@ -57,10 +110,8 @@ pub struct InodeState {
     /// syscalls use it. Root: (ROOT_INO, "").
     parent: Ino,
     name: Box<OsStr>,
-    /// Layers holding the entry, top-down. Directories: every layer merged into the
-    /// view (stopping at an opaque one). Non-directories: one, or two for a
-    /// metadata-only copy (the upper copy, then the layer holding the data).
-    layers: Layers,
+    /// The layers holding the entry; its shape is the inode's kind.
+    content: Content,
     /// Identity keys registered for this inode in `InodeTable::identity`.
     keys: IdentityKeys,
     /// Set once the entry's last known name was removed through the mount: the
@@ -83,9 +134,6 @@ pub struct InodeState {
     /// Upper copies of lower hard-linked files: the links the file has outside
     /// every layer (see origin.rs), counted in the st_nlink it shows.
     outside_links: u32,
-    /// Whether the inode is a directory: what `layers` means depends on it. Set
-    /// once, by [`InodeTable::insert`] (an inode never changes type).
-    dir: bool,
 }
 
 /// Bound on the names remembered per hard-linked file: a layer or a client may make
@@ -134,39 +182,65 @@ impl OtherNames {
 }
 
 impl InodeState {
+    /// The state of an entry of type `kind` (S_IFMT bits) found in `layers`,
+    /// top-down. `None` for a non-directory with no layer: nothing to stand for.
     pub fn new(
+        parent: Ino,
+        name: OsString,
+        kind: u32,
+        layers: Vec<LayerRef>,
+        keys: Vec<(u64, u64)>,
+        redirect: Option<OsString>,
+    ) -> Option<InodeState> {
+        let content = Content::new(kind == libc::S_IFDIR, layers)?;
+        Some(InodeState::with_content(
+            parent, name, content, keys, redirect,
+        ))
+    }
+
+    /// The state of a directory merging `layers`, top-down.
+    pub fn new_dir(
         parent: Ino,
         name: OsString,
         layers: Vec<LayerRef>,
         keys: Vec<(u64, u64)>,
         redirect: Option<OsString>,
     ) -> InodeState {
+        let content = Content::Dir(layers.into_iter().collect());
+        InodeState::with_content(parent, name, content, keys, redirect)
+    }
+
+    fn with_content(
+        parent: Ino,
+        name: OsString,
+        content: Content,
+        keys: Vec<(u64, u64)>,
+        redirect: Option<OsString>,
+    ) -> InodeState {
         InodeState {
             parent,
             name: name.into_boxed_os_str(),
-            layers: layers.into_iter().collect(),
+            content,
             keys: keys.into_iter().collect(),
             detached: false,
             pinned: None,
             redirect: redirect.map(OsString::into_boxed_os_str),
             other_names: OtherNames::default(),
             outside_links: 0,
-            dir: false,
         }
     }
 
     /// A directory merging the content of more than one layer (a copied-up or
     /// redirected one with lower content below, or a lower one over others).
     pub fn merges_layers(&self) -> bool {
-        self.dir && self.layers.len() > 1
+        matches!(&self.content, Content::Dir(layers) if layers.len() > 1)
     }
 
     /// A metadata-only copy (see metacopy.rs): the layer below that holds its data.
-    /// Non-directories hold one layer, or exactly this second one.
     pub fn metacopy_data_layer(&self) -> Option<LayerIdx> {
-        match self.dir {
-            true => None,
-            false => self.layers.get(1).map(|l| l.layer),
+        match self.content {
+            Content::Dir(_) => None,
+            Content::File { data, .. } => data,
         }
     }
 
@@ -176,30 +250,34 @@ impl InodeState {
 
     /// After a copy-up or link-up: the entry now lives in the upper layer alone.
     pub fn set_upper_only(&mut self) {
-        self.layers = smallvec::smallvec![LayerRef {
-            layer: super::UPPER,
-            fd: None,
-        }];
+        self.content = match self.content {
+            Content::Dir(_) => Content::Dir(smallvec::smallvec![LayerRef {
+                layer: super::UPPER,
+                fd: None,
+            }]),
+            Content::File { .. } => Content::upper_file(None),
+        };
     }
 
     /// A directory was copied up: the upper copy (opened as `fd`) is merged above
     /// the layers it had.
     pub fn dir_copied_up(&mut self, fd: Arc<OwnedFd>) {
-        self.layers.insert(
-            0,
-            LayerRef {
-                layer: super::UPPER,
-                fd: Some(fd),
-            },
-        );
+        if let Content::Dir(layers) = &mut self.content {
+            layers.insert(
+                0,
+                LayerRef {
+                    layer: super::UPPER,
+                    fd: Some(fd),
+                },
+            );
+        }
     }
 
     /// A non-directory was copied up; `data_left_in` is the layer still holding its
     /// data after a metadata-only copy-up.
     pub fn file_copied_up(&mut self, data_left_in: Option<LayerIdx>) {
-        self.set_upper_only();
-        if let Some(layer) = data_left_in {
-            self.layers.push(LayerRef { layer, fd: None });
+        if let Content::File { .. } = self.content {
+            self.content = Content::upper_file(data_left_in);
         }
     }
 
@@ -213,8 +291,10 @@ impl InodeState {
     /// A lookup found a non-directory at `layers` again (a copy-up or a change in a
     /// layer may have moved it).
     pub fn refound_file(&mut self, layers: impl IntoIterator<Item = LayerRef>) {
-        if !self.dir {
-            self.layers = layers.into_iter().collect();
+        if let Content::File { .. } = self.content {
+            if let Some(found) = Content::new(false, layers) {
+                self.content = found;
+            }
         }
     }
 
@@ -238,24 +318,31 @@ impl InodeState {
         &self.name
     }
 
+    /// The layers the entry's name is in, top-down: a directory's merged layers, a
+    /// file's one (its metacopy data layer is [`Self::metacopy_data_layer`]).
     pub fn layers(&self) -> &[LayerRef] {
-        &self.layers
+        self.content.named_layers()
     }
 
-    /// The indexes of `layers`, top-down.
+    /// The indexes of `layers()`, top-down.
     pub fn layer_indexes(&self) -> Vec<LayerIdx> {
-        self.layers.iter().map(|l| l.layer).collect()
+        self.layers().iter().map(|l| l.layer).collect()
     }
 
     pub fn in_layer(&self, idx: LayerIdx) -> bool {
-        self.layers.iter().any(|l| l.layer == idx)
+        self.layers().iter().any(|l| l.layer == idx)
     }
 
     /// Keeps `fd` as the handle of this directory in layer `idx`, unless one is
     /// kept already; true when kept (the caller then tells the fd budget,
     /// `InodeTable::note_cached_fd`).
     pub fn cache_fd(&mut self, idx: LayerIdx, fd: &Arc<OwnedFd>) -> bool {
-        match self.layers.iter_mut().find(|l| l.layer == idx) {
+        match self
+            .content
+            .named_layers_mut()
+            .iter_mut()
+            .find(|l| l.layer == idx)
+        {
             Some(r) if r.fd.is_none() => {
                 r.fd = Some(fd.clone());
                 true
@@ -266,7 +353,12 @@ impl InodeState {
 
     /// The fd budget took back the handle in layer `idx`; it is reopened on use.
     fn drop_cached_fd(&mut self, idx: LayerIdx) {
-        if let Some(r) = self.layers.iter_mut().find(|l| l.layer == idx) {
+        if let Some(r) = self
+            .content
+            .named_layers_mut()
+            .iter_mut()
+            .find(|l| l.layer == idx)
+        {
             r.fd = None;
         }
     }
@@ -339,7 +431,7 @@ impl InodeState {
     }
 
     pub fn top_layer(&self) -> Option<LayerIdx> {
-        self.layers.first().map(|l| l.layer)
+        self.layers().first().map(|l| l.layer)
     }
 }
 
@@ -476,8 +568,7 @@ impl InodeTable {
     /// and free; otherwise the next reserved number is. Reserved numbers are handed
     /// out once each and no derived number reaches their range, so the loop ends at
     /// the latest on its second turn.
-    pub fn insert(&self, preferred: Ino, kind: u32, mut state: InodeState) -> Arc<Inode> {
-        state.dir = kind == libc::S_IFDIR;
+    pub fn insert(&self, preferred: Ino, kind: u32, state: InodeState) -> Arc<Inode> {
         let keys = state.keys.clone();
         let root_free = !self.inodes.contains_key(&ROOT_INO);
         let usable = |ino: Ino| {
@@ -566,8 +657,10 @@ impl InodeTable {
 mod tests {
     use super::*;
 
-    fn state() -> InodeState {
-        InodeState::new(ROOT_INO, "x".into(), Vec::new(), Vec::new(), None)
+    fn state(kind: u32) -> InodeState {
+        let top = LayerRef { layer: 0, fd: None };
+        InodeState::new(ROOT_INO, "x".into(), kind, vec![top], Vec::new(), None)
+            .expect("an entry with a layer")
     }
 
     /// Numbers a layer can hand us (origin markers, real inode numbers) that cannot
@@ -575,7 +668,7 @@ mod tests {
     #[test]
     fn unusable_or_taken_preferred_numbers_get_distinct_reserved_ones() {
         let table = InodeTable::new(16);
-        let root = table.insert(ROOT_INO, libc::S_IFDIR, state());
+        let root = table.insert(ROOT_INO, libc::S_IFDIR, state(libc::S_IFDIR));
         assert_eq!(root.ino, ROOT_INO);
         let mut seen = std::collections::BTreeSet::from([ROOT_INO]);
         for preferred in [
@@ -588,7 +681,7 @@ mod tests {
             7,
             7,
         ] {
-            let inode = table.insert(preferred, libc::S_IFREG, state());
+            let inode = table.insert(preferred, libc::S_IFREG, state(libc::S_IFREG));
             assert!(seen.insert(inode.ino), "{preferred} gave a taken number");
             if preferred == 7 && inode.ino != 7 {
                 assert!(inode.ino >= RESERVED_BASE);

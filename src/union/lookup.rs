@@ -465,10 +465,12 @@ impl Union {
         let state = InodeState::new(
             parent,
             name.to_os_string(),
+            found.kind,
             found.layers,
             vec![key],
             found.redirect,
         )
+        .ok_or(Errno::IO)?
         .with_outside_links(outside_links);
         let inode = self.inodes.insert(preferred, found.kind, state);
         if !found.chained {

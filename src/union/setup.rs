@@ -214,7 +214,7 @@ impl Union {
         }
         let top = &self.layers[0];
         let st = sys::fs::fstat(top.root_fd())?;
-        let state = InodeState::new(
+        let state = InodeState::new_dir(
             ROOT_INO,
             Default::default(),
             refs,

@@ -351,7 +351,7 @@ impl Union {
                 // The root keeps its fd whatever the budget (it is not noted in the
                 // fd cache): it cannot be re-opened from its parent, which is not in
                 // the graft's layer.
-                let state = InodeState::new(
+                let state = InodeState::new_dir(
                     parent,
                     name.to_os_string(),
                     vec![LayerRef {
