@@ -203,6 +203,15 @@ fn kernel_mount(config: &MountConfig, cfg: &fuser::Config) -> io::Result<Option<
     }
 }
 
+/// Opens the union a mount serves: the process set up as a daemon's
+/// (`Setup::for_mount`), then the volumes created and claimed before the engine
+/// exists, which only receives their opened directories.
+pub fn open_engine(config: &MountConfig) -> Result<Union, String> {
+    let setup = Setup::for_mount();
+    let grafts = volume::attach::open(config, &setup)?;
+    Union::new(config, &setup, grafts).map_err(|e| e.to_string())
+}
+
 /// Mounts `config` and serves it until unmounted. Without `foreground`, returns in
 /// the caller's process only once the mount is live (exit code 0) or has failed
 /// (non-zero, reason on stderr), while the daemon goes on detached.
@@ -239,16 +248,9 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     };
     process::clear_umask();
     process::tune_allocator();
-    // Volumes are created and claimed here, before the engine exists; it only
-    // receives their opened directories.
-    let setup = Setup::for_mount();
-    let grafts = match volume::attach::open(config, &setup) {
-        Ok(g) => g,
-        Err(msg) => return fail(report, msg),
-    };
-    let engine = match Union::new(config, &setup, grafts) {
+    let engine = match open_engine(config) {
         Ok(e) => Arc::new(e),
-        Err(e) => return fail(report, e.to_string()),
+        Err(msg) => return fail(report, msg),
     };
     // Signals are taken by one thread (below); every thread started from here on
     // inherits the block.

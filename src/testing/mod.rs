@@ -32,18 +32,13 @@ pub use runner::{Checks, EngineSubject, Subject, check_sequence, run_engine};
 /// it directly (tests/it/engine.rs, graft_engine.rs). Not the library's public API
 /// ([`crate::Engine`] is), which is why it is only here.
 pub mod engine {
+    /// What a mount does to open its union: grafts attached (volumes created and
+    /// claimed), then the engine built on them.
+    pub use crate::fuse::open_engine as open_as_mount;
     pub use crate::union::{
         Caller, DEFAULT_TTL, Errno, GRAFT_TTL, Ino, ROOT_INO, RenameMode, SetAttr, Setup, Union,
     };
-    pub use crate::volume::attach::{GraftSources, open as open_graft_sources};
-
-    /// What a mount does to open its union: grafts attached (volumes created and
-    /// claimed), then the engine built on them.
-    pub fn open_as_mount(config: &crate::MountConfig) -> Result<Union, String> {
-        let setup = Setup::for_mount();
-        let grafts = open_graft_sources(config, &setup)?;
-        Union::new(config, &setup, grafts).map_err(|e| e.to_string())
-    }
+    pub use crate::volume::attach::GraftSources;
 }
 
 /// The on-disk codecs, for the fuzz target that feeds them hostile bytes.

@@ -10,7 +10,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use rustix::fs::OFlags;
@@ -305,18 +305,7 @@ impl Union {
                     return Err(Errno::STALE.into());
                 }
                 let size = st.st_size as u64;
-                let Made::File(dst) = self.make_copy(
-                    work,
-                    temp,
-                    Content::File {
-                        from: data_from.unwrap_or(&src),
-                        size,
-                        data,
-                    },
-                )?
-                else {
-                    return Err(Errno::IO.into());
-                };
+                let dst = self.make_file_copy(work, temp, data_from.unwrap_or(&src), size, data)?;
                 // Only data needs the fsync below: the metadata of the staged file
                 // reaches the journal with the rename that publishes it (the kernel
                 // overlay syncs only when it copied data, too).
@@ -334,9 +323,7 @@ impl Union {
                 }
             }
             libc::S_IFDIR => {
-                let Made::Dir(dst) = self.make_copy(work, temp, Content::Dir)? else {
-                    return Err(Errno::IO.into());
-                };
+                let dst = make_dir_copy(work, temp)?;
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -353,7 +340,7 @@ impl Union {
             }
             libc::S_IFLNK => {
                 let target = sys::fs::readlink_at(src_dir, name)?;
-                self.make_copy(work, temp, Content::Symlink(&target))?;
+                sys::fs::symlink_at(&target, work, temp)?;
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -364,11 +351,7 @@ impl Union {
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
             kind => {
-                let special = Content::Special {
-                    mode: kind | mode,
-                    rdev: st.st_rdev,
-                };
-                self.make_copy(work, temp, special)?;
+                sys::fs::mknod_at(work, temp, kind | mode, st.st_rdev)?;
                 self.copy_metadata(
                     inode,
                     Target::Entry(src_dir, name),
@@ -383,73 +366,40 @@ impl Union {
     }
 }
 
-/// What one copied entry is made from. Every copy of an entry (a copy-up staged in
-/// the work directory, a volume filled from the merged view) makes it the same way
-/// ([`Union::make_copy`]) and then gives it its metadata, each its own way: a
-/// copy-up the layer's stored owner, mode and private xattrs; a fill the view's.
-pub(crate) enum Content<'a> {
-    /// A regular file with the data of `from` (`size` bytes) as `data` says.
-    File {
-        from: &'a File,
-        size: u64,
-        data: CopyData,
-    },
-    Dir,
-    Symlink(&'a OsStr),
-    /// A device, fifo or socket: `mode` with its type bits.
-    Special {
-        mode: u32,
-        rdev: u64,
-    },
-}
-
-/// A copy just made, with what its metadata is set through.
-pub(crate) enum Made {
-    /// Opened for writing.
-    File(File),
-    /// Opened as a directory, for the entries copied into it.
-    Dir(std::os::fd::OwnedFd),
-    Other,
-}
-
 impl Union {
-    /// Makes `dir/name` (which must not exist) from `content`, private to its owner
-    /// (mode 0600/0700) until the caller gives it its metadata.
-    pub(crate) fn make_copy(
+    /// Makes the regular file `dir/name` (which must not exist), private to its
+    /// owner (0600) until the caller gives it its metadata, with the data of `from`
+    /// (`size` bytes) as `data` says. Every copy of a file makes it so: a copy-up
+    /// staged in the work directory, a volume filled from the merged view.
+    pub(crate) fn make_file_copy(
         &self,
         dir: BorrowedFd<'_>,
         name: &OsStr,
-        content: Content<'_>,
-    ) -> Result<Made> {
-        Ok(match content {
-            Content::File { from, size, data } => {
-                let dst = sys::fs::open_at(
-                    dir,
-                    name,
-                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                    0o600,
-                )?;
-                match data {
-                    CopyData::Yes => self.copy_data(from, &dst, size)?,
-                    CopyData::No => {}
-                    CopyData::Meta => self.stage_metacopy(&dst, size)?,
-                }
-                Made::File(dst)
-            }
-            Content::Dir => {
-                sys::fs::mkdir_at(dir, name, 0o700)?;
-                Made::Dir(sys::fs::open_dir(dir, name)?)
-            }
-            Content::Symlink(target) => {
-                sys::fs::symlink_at(target, dir, name)?;
-                Made::Other
-            }
-            Content::Special { mode, rdev } => {
-                sys::fs::mknod_at(dir, name, mode, rdev)?;
-                Made::Other
-            }
-        })
+        from: &File,
+        size: u64,
+        data: CopyData,
+    ) -> Result<File> {
+        let dst = sys::fs::open_at(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            0o600,
+        )?;
+        match data {
+            CopyData::Yes => self.copy_data(from, &dst, size)?,
+            CopyData::No => {}
+            CopyData::Meta => self.stage_metacopy(&dst, size)?,
+        }
+        Ok(dst)
     }
+}
+
+/// Makes the directory `dir/name` (which must not exist), private to its owner
+/// (0700) until the caller gives it its metadata, and opens it for what is copied
+/// into it (as [`Union::make_file_copy`] for files).
+pub(crate) fn make_dir_copy(dir: BorrowedFd<'_>, name: &OsStr) -> sys::SysResult<OwnedFd> {
+    sys::fs::mkdir_at(dir, name, 0o700)?;
+    sys::fs::open_dir(dir, name)
 }
 
 /// Files up to this size are copied in one range: looking for holes in them costs

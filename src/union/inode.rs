@@ -248,17 +248,6 @@ impl InodeState {
         self.metacopy_data_layer().is_some()
     }
 
-    /// After a copy-up or link-up: the entry now lives in the upper layer alone.
-    pub fn set_upper_only(&mut self) {
-        self.content = match self.content {
-            Content::Dir(_) => Content::Dir(smallvec::smallvec![LayerRef {
-                layer: super::UPPER,
-                fd: None,
-            }]),
-            Content::File { .. } => Content::upper_file(None),
-        };
-    }
-
     /// A directory was copied up: the upper copy (opened as `fd`) is merged above
     /// the layers it had.
     pub fn dir_copied_up(&mut self, fd: Arc<OwnedFd>) {
@@ -273,8 +262,9 @@ impl InodeState {
         }
     }
 
-    /// A non-directory was copied up; `data_left_in` is the layer still holding its
-    /// data after a metadata-only copy-up.
+    /// A non-directory was copied up (or a metadata-only copy got its data): it
+    /// lives in the upper layer; `data_left_in` is the layer still holding its data
+    /// after a metadata-only copy-up.
     pub fn file_copied_up(&mut self, data_left_in: Option<LayerIdx>) {
         if let Content::File { .. } = self.content {
             self.content = Content::upper_file(data_left_in);
@@ -284,7 +274,7 @@ impl InodeState {
     /// A lower hard-link group was linked up: the upper copy also has `outside`
     /// links outside every layer (counted in its st_nlink).
     pub fn linked_up(&mut self, outside: u32) {
-        self.set_upper_only();
+        self.file_copied_up(None);
         self.outside_links = outside;
     }
 

@@ -109,7 +109,7 @@ impl Union {
         // The new identity is recorded before the layers point at it: an open racing
         // with this one checks what it opened against the identities (see open_data).
         self.inodes.add_identity(inode, (full.st_dev, full.st_ino));
-        inode.state.write().set_upper_only();
+        inode.state.write().file_copied_up(None);
         self.inodes
             .remove_identity(inode, (stand_in.st_dev, stand_in.st_ino));
         Ok(())

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use rustix::fs::OFlags;
 
 use crate::sys::{self, fs::TimeSpec, xattr::Target};
-use crate::union::copy_up::{Content, CopyData, Made};
+use crate::union::copy_up::{CopyData, make_dir_copy};
 use crate::union::{Attr, Ino, Result, Time, Union};
 
 impl Union {
@@ -68,32 +68,19 @@ impl Union {
         let perm = attr.mode & 0o7777;
         match attr.kind() {
             libc::S_IFDIR => {
-                let Made::Dir(sub) = self.make_copy(dst, name, Content::Dir)? else {
-                    return Err(crate::sys::Errno::IO.into());
-                };
+                let sub = make_dir_copy(dst, name)?;
                 self.populate_dir(attr.ino, sub.as_fd())?;
             }
             libc::S_IFREG => {
                 let inode = self.inode(attr.ino)?;
                 let from = self.open_data(&inode, OFlags::RDONLY)?;
-                let content = Content::File {
-                    from: &from,
-                    size: attr.size,
-                    data: CopyData::Yes,
-                };
-                self.make_copy(dst, name, content)?;
+                self.make_file_copy(dst, name, &from, attr.size, CopyData::Yes)?;
             }
             libc::S_IFLNK => {
                 let target = self.readlink(attr.ino)?;
-                self.make_copy(dst, name, Content::Symlink(&target))?;
+                sys::fs::symlink_at(&target, dst, name)?;
             }
-            kind => {
-                let special = Content::Special {
-                    mode: kind | perm,
-                    rdev: attr.rdev,
-                };
-                self.make_copy(dst, name, special)?;
-            }
+            kind => sys::fs::mknod_at(dst, name, kind | perm, attr.rdev)?,
         }
         sys::fs::chown_at(dst, name, Some(attr.uid), Some(attr.gid))?;
         if attr.kind() != libc::S_IFLNK {
