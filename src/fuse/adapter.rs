@@ -1,23 +1,24 @@
-//! The fuser `Filesystem` implementation: one small match per callback, converting
-//! between fuser types and the engine's. No union logic lives here.
+//! The request handlers: one small match per FUSE operation, converting between
+//! the protocol's types and the engine's, for either transport (`channel.rs`:
+//! fuser over /dev/fuse; `ring.rs`: FUSE over io_uring). No union logic lives here.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use fuser::{
-    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, RenameFlags, TimeOrNow, WriteFlags,
 };
 
 use super::passthrough::{IoChoice, IoModes, OpenIo};
+use super::reply::{
+    AttrReply, Backing, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply,
+    IoctlReply, LseekReply, OpenReply, StatfsReply, WriteReply, XattrReply,
+};
 use super::stats::RequestStats;
 use super::watchdog::{Guard, Watchdog};
 use crate::sys::fs::{FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR, FSXATTR_SIZE};
@@ -27,7 +28,7 @@ pub struct StrataFs {
     engine: Arc<Union>,
     writeback: bool,
     /// How each open inode and handle does I/O (passthrough or served).
-    io: IoModes<BackingId>,
+    io: IoModes<Backing>,
     /// Requests in flight, reported when one runs too long.
     watch: Watchdog,
     /// Running texts: inode -> opens made by exec (and the handles they hold), for
@@ -193,12 +194,14 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
+/// What a SETATTR asks to change; `None` leaves an attribute as it is.
+pub(super) struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
 }
 
 impl StrataFs {
@@ -217,8 +220,8 @@ impl StrataFs {
         &self,
         fh: u64,
         handle: &union::OpenFile,
-        open_backing: impl FnOnce(&std::fs::File) -> io::Result<BackingId>,
-    ) -> IoChoice<BackingId> {
+        open_backing: impl FnOnce(&std::fs::File) -> io::Result<Backing>,
+    ) -> IoChoice<Backing> {
         // A file of a size-limited volume counts as not passthrough-able: every write
         // to it must be seen (and charged) by the daemon.
         //
@@ -286,13 +289,13 @@ impl StrataFs {
             && self.exec_opens.get(&ino).is_some_and(|n| *n > 0)
     }
 
-    /// After `change` by `req` to `ino`: clears the set-user-ID and set-group-ID bits
+    /// After `change` by `who` to `ino`: clears the set-user-ID and set-group-ID bits
     /// the VFS would clear (`Union::kill_privs_after_change`). Returns the attributes
     /// when they changed. A failure is logged, not answered: the change itself was
     /// made.
-    fn kill_privs(&self, req: &Request, ino: u64, change: union::PrivChange) -> Option<Attr> {
+    fn kill_privs(&self, who: Caller, ino: u64, change: union::PrivChange) -> Option<Attr> {
         self.engine
-            .kill_privs_after_change(caller(req), ino, change)
+            .kill_privs_after_change(who, ino, change)
             .unwrap_or_else(|e| {
                 log::warn!("clearing set-user/group-ID of inode {ino} after {change:?}: {e}");
                 None
@@ -315,8 +318,13 @@ impl StrataFs {
     }
 }
 
-impl Filesystem for StrataFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+/// The request handlers, one per FUSE operation, shared by both transports: each
+/// gets the request's decoded arguments and answers through its reply (see
+/// `reply.rs`) before returning.
+impl StrataFs {
+    /// Asks the kernel for what the handlers rely on. `config` is fuser's view of
+    /// the INIT negotiation, on whichever transport requests then come.
+    pub(super) fn negotiate(&self, config: &mut KernelConfig) {
         for cap in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_DO_READDIRPLUS,
@@ -364,171 +372,156 @@ impl Filesystem for StrataFs {
             log::info!("POSIX ACLs not offered by the kernel");
         }
         let _ = config.set_max_write(1 << 20);
-        Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let w = self.start("lookup", parent.0, Some(name));
-        match self.engine.lookup(parent.0, name) {
+    pub(super) fn lookup(&self, parent: u64, name: &OsStr, reply: impl EntryReply) {
+        let w = self.start("lookup", parent, Some(name));
+        match self.engine.lookup(parent, name) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _w = self.start("forget", ino.0, None);
-        self.engine.forget(ino.0, nlookup);
+    pub(super) fn forget(&self, ino: u64, nlookup: u64) {
+        let _w = self.start("forget", ino, None);
+        self.engine.forget(ino, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let w = self.start("getattr", ino.0, None);
-        match self.engine.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.attr_ttl(ino.0), &file_attr(&a)),
+    pub(super) fn getattr(&self, ino: u64, reply: impl AttrReply) {
+        let w = self.start("getattr", ino, None);
+        match self.engine.getattr(ino) {
+            Ok(a) => reply.attr(&self.attr_ttl(ino), &file_attr(&a)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn setattr(
+    pub(super) fn setattr(
         &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
+        who: Caller,
+        ino: u64,
+        change: &AttrChange,
+        fh: Option<u64>,
+        reply: impl AttrReply,
     ) {
-        let w = self.start("setattr", ino.0, None);
+        let w = self.start("setattr", ino, None);
         let set = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: atime.map(engine_time),
-            mtime: mtime.map(engine_time),
+            mode: change.mode,
+            uid: change.uid,
+            gid: change.gid,
+            size: change.size,
+            atime: change.atime.map(engine_time),
+            mtime: change.mtime.map(engine_time),
         };
-        let owner_change = uid.is_some() || gid.is_some();
+        let owner_change = change.uid.is_some() || change.gid.is_some();
         let group_before = if owner_change {
-            self.engine.getattr(ino.0).ok().map(|a| a.gid)
+            self.engine.getattr(ino).ok().map(|a| a.gid)
         } else {
             None
         };
-        match self.engine.setattr(ino.0, &set, fh.map(|f| f.0)) {
+        match self.engine.setattr(ino, &set, fh) {
             Ok(a) => {
-                let change = if owner_change {
+                let privs = if owner_change {
                     Some(union::PrivChange::Owner { group_before })
                 } else {
-                    size.map(|_| union::PrivChange::Data { may_fsetid: None })
+                    change
+                        .size
+                        .map(|_| union::PrivChange::Data { may_fsetid: None })
                 };
-                let a = match change {
-                    Some(c) => self.kill_privs(req, ino.0, c).unwrap_or(a),
+                let a = match privs {
+                    Some(c) => self.kill_privs(who, ino, c).unwrap_or(a),
                     None => a,
                 };
-                reply.attr(&self.attr_ttl(ino.0), &file_attr(&a))
+                reply.attr(&self.attr_ttl(ino), &file_attr(&a))
             }
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let w = self.start("readlink", ino.0, None);
-        match self.engine.readlink(ino.0) {
+    pub(super) fn readlink(&self, ino: u64, reply: impl DataReply) {
+        let w = self.start("readlink", ino, None);
+        match self.engine.readlink(ino) {
             Ok(t) => reply.data(t.as_encoded_bytes()),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn mknod(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mknod(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        who: Caller,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
         rdev: u32,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
-        let w = self.start("mknod", parent.0, Some(name));
-        let mode = self.engine.creation_mode(parent.0, mode, umask);
-        match self
-            .engine
-            .mknod(caller(req), parent.0, name, mode, rdev.into())
-        {
+        let w = self.start("mknod", parent, Some(name));
+        let mode = self.engine.creation_mode(parent, mode, umask);
+        match self.engine.mknod(who, parent, name, mode, rdev.into()) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn mkdir(
+    pub(super) fn mkdir(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        who: Caller,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        reply: ReplyEntry,
+        reply: impl EntryReply,
     ) {
-        let w = self.start("mkdir", parent.0, Some(name));
-        let mode = self.engine.creation_mode(parent.0, mode, umask);
-        match self.engine.mkdir(caller(req), parent.0, name, mode) {
+        let w = self.start("mkdir", parent, Some(name));
+        let mode = self.engine.creation_mode(parent, mode, umask);
+        match self.engine.mkdir(who, parent, name, mode) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.start("unlink", parent.0, Some(name));
-        match self.engine.unlink(parent.0, name) {
+    pub(super) fn unlink(&self, parent: u64, name: &OsStr, reply: impl EmptyReply) {
+        let w = self.start("unlink", parent, Some(name));
+        match self.engine.unlink(parent, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.start("rmdir", parent.0, Some(name));
-        match self.engine.rmdir(parent.0, name) {
+    pub(super) fn rmdir(&self, parent: u64, name: &OsStr, reply: impl EmptyReply) {
+        let w = self.start("rmdir", parent, Some(name));
+        match self.engine.rmdir(parent, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn symlink(
+    pub(super) fn symlink(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        who: Caller,
+        parent: u64,
         link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
+        target: &OsStr,
+        reply: impl EntryReply,
     ) {
-        let w = self.start("symlink", parent.0, Some(link_name));
-        match self
-            .engine
-            .symlink(caller(req), parent.0, link_name, target.as_os_str())
-        {
+        let w = self.start("symlink", parent, Some(link_name));
+        match self.engine.symlink(who, parent, link_name, target) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn rename(
+    pub(super) fn rename(
         &self,
-        _req: &Request,
-        parent: INodeNo,
+        parent: u64,
         name: &OsStr,
-        newparent: INodeNo,
+        newparent: u64,
         newname: &OsStr,
         flags: RenameFlags,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
-        let w = self.start_to("rename", parent.0, Some(name), newparent.0, newname);
+        let w = self.start_to("rename", parent, Some(name), newparent, newname);
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -538,81 +531,71 @@ impl Filesystem for StrataFs {
         } else {
             return reply.error(Errno::EINVAL);
         };
-        match self
-            .engine
-            .rename(parent.0, name, newparent.0, newname, mode)
-        {
+        match self.engine.rename(parent, name, newparent, newname, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        let w = self.start_to("link", ino.0, None, newparent.0, newname);
-        match self.engine.link(ino.0, newparent.0, newname) {
+    pub(super) fn link(&self, ino: u64, newparent: u64, newname: &OsStr, reply: impl EntryReply) {
+        let w = self.start_to("link", ino, None, newparent, newname);
+        match self.engine.link(ino, newparent, newname) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let w = self.start("open", ino.0, None);
-        if self.refuses_truncating_open(ino.0, flags.0) {
+    pub(super) fn open(&self, who: Caller, ino: u64, flags: i32, reply: impl OpenReply) {
+        let w = self.start("open", ino, None);
+        if self.refuses_truncating_open(ino, flags) {
             return reply.error(self.fail(&w, union::Errno::TXTBSY.into()));
         }
-        let (fh, handle) = match self.engine.open(ino.0, flags.0) {
+        let (fh, handle) = match self.engine.open(ino, flags) {
             Ok(h) => h,
             Err(e) => return reply.error(self.fail(&w, e)),
         };
-        if flags.0 & OPEN_FOR_EXEC != 0 {
-            *self.exec_opens.entry(ino.0).or_insert(0) += 1;
-            self.exec_handles.insert(fh, ino.0);
+        if flags & OPEN_FOR_EXEC != 0 {
+            *self.exec_opens.entry(ino).or_insert(0) += 1;
+            self.exec_handles.insert(fh, ino);
         }
         // Truncated by the open itself (FUSE_ATOMIC_O_TRUNC).
-        if flags.0 & libc::O_TRUNC != 0 {
-            self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
+        if flags & libc::O_TRUNC != 0 {
+            self.kill_privs(who, ino, union::PrivChange::Data { may_fsetid: None });
         }
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
-            IoChoice::Passthrough(id) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            IoChoice::Passthrough(b) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b)
             }
-            IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags(ino.0)),
+            IoChoice::Served => reply.opened(FileHandle(fh), self.open_flags(ino)),
         }
     }
 
-    fn create(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
         &self,
-        req: &Request,
-        parent: INodeNo,
+        who: Caller,
+        parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
         flags: i32,
-        reply: ReplyCreate,
+        reply: impl CreateReply,
     ) {
-        let w = self.start("create", parent.0, Some(name));
-        let mode = self.engine.creation_mode(parent.0, mode, umask);
-        let (entry, fh, handle) = match self.engine.create(caller(req), parent.0, name, mode, flags)
-        {
+        let w = self.start("create", parent, Some(name));
+        let mode = self.engine.creation_mode(parent, mode, umask);
+        let (entry, fh, handle) = match self.engine.create(who, parent, name, mode, flags) {
             Ok(c) => c,
             Err(e) => return reply.error(self.fail(&w, e)),
         };
         let attr = file_attr(&entry.attr);
         match self.choose_io(fh, &handle, |f| reply.open_backing(f)) {
-            IoChoice::Passthrough(id) => reply.created_passthrough(
+            IoChoice::Passthrough(b) => reply.created_passthrough(
                 &entry.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
-                &id,
+                &b,
             ),
             IoChoice::Served => reply.created(
                 &entry.ttl,
@@ -624,38 +607,27 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let w = self.start("read", _ino.0, None);
-        match self.engine.read(fh.0, offset, size) {
+    pub(super) fn read(&self, ino: u64, fh: u64, offset: u64, size: u32, reply: impl DataReply) {
+        let w = self.start("read", ino, None);
+        match self.engine.read(fh, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn write(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write(
         &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
+        who: Caller,
+        ino: u64,
+        fh: u64,
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
+        reply: impl WriteReply,
     ) {
-        let w = self.start("write", ino.0, None);
-        match self.engine.write(fh.0, offset, data) {
+        let w = self.start("write", ino, None);
+        match self.engine.write(fh, offset, data) {
             Ok(n) => {
                 // The kernel sets the flag exactly when the writer lacks CAP_FSETID;
                 // without it there is nothing to clear, and no stat to pay per write.
@@ -663,7 +635,7 @@ impl Filesystem for StrataFs {
                     let change = union::PrivChange::Data {
                         may_fsetid: Some(false),
                     };
-                    self.kill_privs(req, ino.0, change);
+                    self.kill_privs(who, ino, change);
                 }
                 reply.written(n as u32)
             }
@@ -671,63 +643,40 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        let _w = self.start("flush", _ino.0, None);
+    pub(super) fn flush(&self, ino: u64, reply: impl EmptyReply) {
+        let _w = self.start("flush", ino, None);
         reply.ok();
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        let _w = self.start("release", _ino.0, None);
-        if let Some((_, ino)) = self.exec_handles.remove(&fh.0) {
+    pub(super) fn release(&self, ino: u64, fh: u64, reply: impl EmptyReply) {
+        let _w = self.start("release", ino, None);
+        if let Some((_, ino)) = self.exec_handles.remove(&fh) {
             self.exec_opens.remove_if_mut(&ino, |_, n| {
                 *n -= 1;
                 *n == 0
             });
         }
-        self.end_io(fh.0);
-        self.engine.release(fh.0);
+        self.end_io(fh);
+        self.engine.release(fh);
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let w = self.start("fsync", _ino.0, None);
-        match self.engine.fsync(fh.0, datasync) {
+    pub(super) fn fsync(&self, ino: u64, fh: u64, datasync: bool, reply: impl EmptyReply) {
+        let w = self.start("fsync", ino, None);
+        match self.engine.fsync(fh, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let w = self.start("opendir", ino.0, None);
-        match self.engine.opendir(ino.0) {
+    pub(super) fn opendir(&self, ino: u64, reply: impl OpenReply) {
+        let w = self.start("opendir", ino, None);
+        match self.engine.opendir(ino) {
             // Every change to a layered directory's listing arrives as a request on
             // it, which makes the kernel drop its cached copy: the listing may be
             // cached and kept across opens. Grafted directories change behind the
             // kernel's back (the host, other mounts) and are listed afresh.
-            Ok(fh) if self.engine.is_grafted(ino.0) => {
+            Ok(fh) if self.engine.is_grafted(ino) => {
                 reply.opened(FileHandle(fh), FopenFlags::empty())
             }
             Ok(fh) => reply.opened(
@@ -738,16 +687,9 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let w = self.start("readdir", _ino.0, None);
-        let done = self.engine.readdir_into(fh.0, offset, |e| {
+    pub(super) fn readdir(&self, ino: u64, fh: u64, offset: u64, mut reply: impl DirReply) {
+        let w = self.start("readdir", ino, None);
+        let done = self.engine.readdir_into(fh, offset, |e| {
             reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), &e.name)
         });
         match done {
@@ -756,25 +698,16 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let w = self.start("readdirplus", ino.0, None);
+    pub(super) fn readdirplus(&self, ino: u64, fh: u64, offset: u64, mut reply: impl DirPlusReply) {
+        let w = self.start("readdirplus", ino, None);
         let done = self
             .engine
-            .readdirplus_into(ino.0, fh.0, offset, |e, attr, ttl| {
-                let attr = file_attr(attr);
+            .readdirplus_into(ino, fh, offset, |e, attr, ttl| {
                 reply.add(
-                    INodeNo(attr.ino.0),
                     e.next_offset,
                     &e.name,
                     &ttl,
-                    &attr,
+                    &file_attr(attr),
                     Generation(0),
                 )
             });
@@ -784,34 +717,20 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        let _w = self.start("releasedir", _ino.0, None);
-        self.engine.releasedir(fh.0);
+    pub(super) fn releasedir(&self, ino: u64, fh: u64, reply: impl EmptyReply) {
+        let _w = self.start("releasedir", ino, None);
+        self.engine.releasedir(fh);
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let _w = self.start("fsyncdir", _ino.0, None);
+    pub(super) fn fsyncdir(&self, ino: u64, reply: impl EmptyReply) {
+        let _w = self.start("fsyncdir", ino, None);
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let w = self.start("statfs", ino.0, None);
-        match self.engine.statfs_at(ino.0) {
+    pub(super) fn statfs(&self, ino: u64, reply: impl StatfsReply) {
+        let w = self.start("statfs", ino, None);
+        match self.engine.statfs_at(ino) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
@@ -819,23 +738,22 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn setxattr(
+    pub(super) fn setxattr(
         &self,
-        req: &Request,
-        ino: INodeNo,
+        who: Caller,
+        ino: u64,
         name: &OsStr,
         value: &[u8],
         flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
-        let w = self.start("setxattr", ino.0, Some(name));
-        match self.engine.setxattr(ino.0, name, value, flags) {
+        let w = self.start("setxattr", ino, Some(name));
+        match self.engine.setxattr(ino, name, value, flags) {
             Ok(()) => {
                 // The kernel's FUSE_SETXATTR_ACL_KILL_SGID needs FUSE_SETXATTR_EXT,
                 // whose request layout fuser 0.18 does not parse.
                 if self.engine.is_access_acl(name) {
-                    self.kill_privs(req, ino.0, union::PrivChange::AccessAcl);
+                    self.kill_privs(who, ino, union::PrivChange::AccessAcl);
                 }
                 reply.ok()
             }
@@ -843,19 +761,19 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let w = self.start("getxattr", ino.0, Some(name));
-        match self.engine.getxattr(ino.0, name) {
+    pub(super) fn getxattr(&self, ino: u64, name: &OsStr, size: u32, reply: impl XattrReply) {
+        let w = self.start("getxattr", ino, Some(name));
+        match self.engine.getxattr(ino, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() <= size as usize => reply.data(&v),
+            Ok(v) if v.len() <= size as usize => reply.value(&v),
             Ok(_) => reply.error(Errno::ERANGE),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let w = self.start("listxattr", ino.0, None);
-        match self.engine.listxattr(ino.0) {
+    pub(super) fn listxattr(&self, ino: u64, size: u32, reply: impl XattrReply) {
+        let w = self.start("listxattr", ino, None);
+        match self.engine.listxattr(ino) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 for n in names {
@@ -865,7 +783,7 @@ impl Filesystem for StrataFs {
                 if size == 0 {
                     reply.size(buf.len() as u32)
                 } else if buf.len() <= size as usize {
-                    reply.data(&buf)
+                    reply.value(&buf)
                 } else {
                     reply.error(Errno::ERANGE)
                 }
@@ -874,38 +792,39 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let w = self.start("removexattr", ino.0, Some(name));
-        match self.engine.removexattr(ino.0, name) {
+    pub(super) fn removexattr(&self, ino: u64, name: &OsStr, reply: impl EmptyReply) {
+        let w = self.start("removexattr", ino, Some(name));
+        match self.engine.removexattr(ino, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        let w = self.start("access", ino.0, None);
+    pub(super) fn access(&self, ino: u64, reply: impl EmptyReply) {
+        let w = self.start("access", ino, None);
         // The mount always uses default_permissions, so the kernel checks access
         // itself; this only answers whether the inode still exists.
-        match self.engine.getattr(ino.0) {
+        match self.engine.getattr(ino) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn fallocate(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn fallocate(
         &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
+        who: Caller,
+        ino: u64,
+        fh: u64,
         offset: u64,
         length: u64,
         mode: i32,
-        reply: ReplyEmpty,
+        reply: impl EmptyReply,
     ) {
-        let w = self.start("fallocate", ino.0, None);
-        match self.engine.fallocate(fh.0, offset, length, mode) {
+        let w = self.start("fallocate", ino, None);
+        match self.engine.fallocate(fh, offset, length, mode) {
             Ok(()) => {
-                self.kill_privs(req, ino.0, union::PrivChange::Data { may_fsetid: None });
+                self.kill_privs(who, ino, union::PrivChange::Data { may_fsetid: None });
                 reply.ok()
             }
             Err(e) => reply.error(self.fail(&w, e)),
@@ -915,35 +834,25 @@ impl Filesystem for StrataFs {
     /// The kernel's FUSE client sends its fileattr_get/fileattr_set (chattr, lsattr,
     /// xfs_io) as these four ioctls on a file or directory it opened itself, after
     /// checking the caller (owner, CAP_LINUX_IMMUTABLE); any other ioctl is refused.
-    fn ioctl(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _flags: IoctlFlags,
-        cmd: u32,
-        in_data: &[u8],
-        _out_size: u32,
-        reply: ReplyIoctl,
-    ) {
-        let w = self.start("ioctl", ino.0, None);
+    pub(super) fn ioctl(&self, ino: u64, cmd: u32, in_data: &[u8], reply: impl IoctlReply) {
+        let w = self.start("ioctl", ino, None);
         let fsx = |d: &[u8]| {
             <[u8; FSXATTR_SIZE]>::try_from(d).map_err(|_| union::Error::from(union::Errno::INVAL))
         };
         let done = match cmd {
             c if c == libc::FS_IOC_GETFLAGS as u32 => self
                 .engine
-                .inode_flags(ino.0)
+                .inode_flags(ino)
                 .map(|f| f.to_ne_bytes().to_vec()),
             c if c == libc::FS_IOC_SETFLAGS as u32 => in_data
                 .get(..4)
                 .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                 .ok_or(union::Errno::INVAL.into())
-                .and_then(|f| self.engine.set_inode_flags(ino.0, f))
+                .and_then(|f| self.engine.set_inode_flags(ino, f))
                 .map(|()| Vec::new()),
-            FS_IOC_FSGETXATTR => self.engine.fs_xattr(ino.0).map(|x| x.to_vec()),
+            FS_IOC_FSGETXATTR => self.engine.fs_xattr(ino).map(|x| x.to_vec()),
             FS_IOC_FSSETXATTR => fsx(in_data)
-                .and_then(|x| self.engine.set_fs_xattr(ino.0, &x))
+                .and_then(|x| self.engine.set_fs_xattr(ino, &x))
                 .map(|()| Vec::new()),
             _ => Err(union::Errno::NOTTY.into()),
         };
@@ -953,42 +862,41 @@ impl Filesystem for StrataFs {
         }
     }
 
-    fn lseek(
+    pub(super) fn lseek(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: u64,
+        fh: u64,
         offset: i64,
         whence: i32,
-        reply: ReplyLseek,
+        reply: impl LseekReply,
     ) {
-        let w = self.start("lseek", _ino.0, None);
-        match self.engine.lseek(fh.0, offset, whence) {
+        let w = self.start("lseek", ino, None);
+        match self.engine.lseek(fh, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }
 
-    fn copy_file_range(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn copy_file_range(
         &self,
-        req: &Request,
-        _ino_in: INodeNo,
-        fh_in: FileHandle,
+        who: Caller,
+        ino_in: u64,
+        fh_in: u64,
         offset_in: u64,
-        ino_out: INodeNo,
-        fh_out: FileHandle,
+        ino_out: u64,
+        fh_out: u64,
         offset_out: u64,
         len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
+        reply: impl WriteReply,
     ) {
-        let w = self.start("copy_file_range", _ino_in.0, None);
+        let w = self.start("copy_file_range", ino_in, None);
         match self
             .engine
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+            .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
         {
             Ok(n) => {
-                self.kill_privs(req, ino_out.0, union::PrivChange::Data { may_fsetid: None });
+                self.kill_privs(who, ino_out, union::PrivChange::Data { may_fsetid: None });
                 reply.written(n as u32)
             }
             Err(e) => reply.error(self.fail(&w, e)),

@@ -1,8 +1,11 @@
 //! The FUSE side: the only module that imports `fuser`. `adapter` turns requests
-//! into engine calls; this file mounts, detaches the daemon and unmounts.
+//! into engine calls, `channel` carries them over /dev/fuse (fuser); this file
+//! mounts, detaches the daemon and unmounts.
 
 mod adapter;
+mod channel;
 mod passthrough;
+mod reply;
 mod stats;
 mod watchdog;
 
@@ -20,7 +23,8 @@ use crate::sys::mount;
 use crate::sys::process::{self, Forked};
 use crate::union::{Setup, Union};
 use crate::volume;
-pub use adapter::StrataFs;
+use adapter::StrataFs;
+use channel::FuserFs;
 use stats::RequestStats;
 
 /// Worker threads when the configuration does not say: enough to keep independent
@@ -256,12 +260,12 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     // inherits the block.
     process::block_daemon_signals();
     let stats = RequestStats::from_env().map(Arc::new);
-    let fs = StrataFs::new(
+    let fs = FuserFs::new(Arc::new(StrataFs::new(
         engine.clone(),
         config.passthrough,
         config.writeback,
         stats.clone(),
-    );
+    )));
     let session_cfg = session_config(config);
     // Mounted here (as root) or by fuser (through fusermount3 otherwise).
     let mut mounted_here = false;
