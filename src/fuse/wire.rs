@@ -24,8 +24,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, INodeNo, IoctlFlags, LockOwner, OpenFlags,
-    RenameFlags, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, INodeNo, IoctlFlags,
+    LockOwner, OpenFlags, RenameFlags, TimeOrNow, WriteFlags,
 };
 
 /// The opcodes decoded here (include/uapi/linux/fuse.h, enum fuse_opcode).
@@ -690,6 +690,382 @@ fn setattr(a: &[u8]) -> Result<Op<'static>, Errno> {
         },
         fh: set(FH).then_some(FileHandle(field(u64_at(a, 8))?)),
     })
+}
+
+/// A reply time as fuser writes it (time.rs, time_from_system_time): before the
+/// epoch, whole seconds down and the nanoseconds up from there; out of `i64`
+/// range, saturated.
+fn reply_time(t: &SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => match i64::try_from(d.as_secs()) {
+            Ok(sec) => (sec, d.subsec_nanos()),
+            Err(_) => (i64::MAX, 999_999_999),
+        },
+        Err(before) => {
+            let d = before.duration();
+            let (sec, nsec) = (d.as_secs(), d.subsec_nanos());
+            if (sec, nsec) >= (i64::MAX as u64 + 1, 0) {
+                (i64::MIN, 0)
+            } else if nsec == 0 {
+                (-(sec as i64), 0)
+            } else {
+                (-(sec as i64) - 1, 1_000_000_000 - nsec)
+            }
+        }
+    }
+}
+
+/// `st_mode` from a kind and permission bits, as fuser makes it
+/// (ll/reply.rs, mode_from_kind_and_perm): the bits are or-ed in unmasked.
+fn mode(kind: FileType, perm: u16) -> u32 {
+    let format = match kind {
+        FileType::NamedPipe => libc::S_IFIFO,
+        FileType::CharDevice => libc::S_IFCHR,
+        FileType::BlockDevice => libc::S_IFBLK,
+        FileType::Directory => libc::S_IFDIR,
+        FileType::RegularFile => libc::S_IFREG,
+        FileType::Symlink => libc::S_IFLNK,
+        FileType::Socket => libc::S_IFSOCK,
+    };
+    format | u32::from(perm)
+}
+
+/// Reply struct sizes at minor 40 (include/uapi/linux/fuse.h).
+mod out_size {
+    pub const OUT_HEADER: usize = 16;
+    pub const ATTR: usize = 88;
+    pub const ENTRY_OUT: usize = 40 + ATTR;
+    pub const ATTR_OUT: usize = 16 + ATTR;
+    pub const OPEN_OUT: usize = 16;
+    pub const WRITE_OUT: usize = 8;
+    pub const STATFS_OUT: usize = 80;
+    pub const GETXATTR_OUT: usize = 8;
+    pub const IOCTL_OUT: usize = 16;
+    pub const LSEEK_OUT: usize = 8;
+    pub const DIRENT: usize = 24;
+}
+
+/// Writes fields one after the other into a zeroed slice claimed to fit them all,
+/// so padding and reserved fields are 0.
+struct Put<'b> {
+    b: &'b mut [u8],
+    at: usize,
+}
+
+impl Put<'_> {
+    fn put(&mut self, v: &[u8]) {
+        let end = self.at + v.len();
+        if let Some(dst) = self.b.get_mut(self.at..end) {
+            dst.copy_from_slice(v);
+        }
+        self.at = end;
+    }
+    fn u32(&mut self, v: u32) {
+        self.put(&v.to_ne_bytes());
+    }
+    fn i32(&mut self, v: i32) {
+        self.put(&v.to_ne_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.put(&v.to_ne_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.put(&v.to_ne_bytes());
+    }
+    fn skip(&mut self, n: usize) {
+        self.at += n;
+    }
+
+    /// `fuse_attr`, as fuser's fuse_attr_from_attr fills it on Linux: the last
+    /// field (`flags` in the uapi header, FUSE_ATTR_SUBMOUNT...) left 0 whatever
+    /// `attr.flags` says; crtime not sent.
+    fn attr(&mut self, attr: &FileAttr) {
+        let (atime, atimensec) = reply_time(&attr.atime);
+        let (mtime, mtimensec) = reply_time(&attr.mtime);
+        let (ctime, ctimensec) = reply_time(&attr.ctime);
+        self.u64(attr.ino.0);
+        self.u64(attr.size);
+        self.u64(attr.blocks);
+        self.i64(atime);
+        self.i64(mtime);
+        self.i64(ctime);
+        self.u32(atimensec);
+        self.u32(mtimensec);
+        self.u32(ctimensec);
+        self.u32(mode(attr.kind, attr.perm));
+        self.u32(attr.nlink);
+        self.u32(attr.uid);
+        self.u32(attr.gid);
+        self.u32(attr.rdev);
+        self.u32(attr.blksize);
+        self.skip(4);
+    }
+
+    /// `fuse_entry_out`: the node id is the attributes' inode, one ttl for the
+    /// entry and its attributes (fuser's ReplyEntry::entry, ReplyCreate::created,
+    /// ReplyDirectoryPlus::add).
+    fn entry_out(&mut self, attr: &FileAttr, ttl: Duration, generation: u64) {
+        self.u64(attr.ino.0);
+        self.u64(generation);
+        self.u64(ttl.as_secs());
+        self.u64(ttl.as_secs());
+        self.u32(ttl.subsec_nanos());
+        self.u32(ttl.subsec_nanos());
+        self.attr(attr);
+    }
+
+    fn open_out(&mut self, fh: u64, open_flags: u32, backing_id: i32) {
+        self.u64(fh);
+        self.u32(open_flags);
+        self.i32(backing_id);
+    }
+
+    /// `fuse_dirent` and its name; the claimed slice holds the padding to 8 bytes.
+    fn dirent(&mut self, ino: u64, offset: u64, namelen: u32, typ: u32, name: &[u8]) {
+        self.u64(ino);
+        self.u64(offset);
+        self.u32(namelen);
+        self.u32(typ);
+        self.put(name);
+    }
+}
+
+/// Writes the `fuse_out_header` of a reply into the entry's header area: `error`
+/// is 0 or a negative errno, `payload_len` what the payload holds (fuser's
+/// `len` counts the header too, though the ring goes by the entry's `payload_sz`).
+/// False, and nothing written, when `buf` is shorter than the header or the length
+/// does not fit the field.
+#[must_use]
+pub(crate) fn out_header(buf: &mut [u8], unique: u64, error: i32, payload_len: usize) -> bool {
+    let Some(len) = payload_len
+        .checked_add(out_size::OUT_HEADER)
+        .and_then(|n| u32::try_from(n).ok())
+    else {
+        return false;
+    };
+    let Some(b) = buf.get_mut(..out_size::OUT_HEADER) else {
+        return false;
+    };
+    let mut f = Put { b, at: 0 };
+    f.u32(len);
+    f.i32(error);
+    f.u64(unique);
+    true
+}
+
+/// Writes one reply's arguments into `payload`, the ring entry's payload buffer,
+/// as fuser 0.18 encodes them for `/dev/fuse`. Every method writes all or nothing:
+/// false when the buffer (or, for directory entries, the request's size) has no
+/// room left.
+pub(crate) struct ReplyWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> ReplyWriter<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        ReplyWriter { buf, len: 0 }
+    }
+
+    /// The bytes written: the reply's payload length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The next `n` bytes, zeroed, if they end within `limit` and the buffer.
+    fn claim(&mut self, n: usize, limit: usize) -> Option<Put<'_>> {
+        let end = self.len.checked_add(n)?;
+        if end > limit {
+            return None;
+        }
+        let b = self.buf.get_mut(self.len..end)?;
+        b.fill(0);
+        self.len = end;
+        Some(Put { b, at: 0 })
+    }
+
+    fn with(&mut self, n: usize, write: impl FnOnce(&mut Put<'_>)) -> bool {
+        match self.claim(n, usize::MAX) {
+            Some(mut f) => {
+                write(&mut f);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `fuse_entry_out` (LOOKUP, MKNOD, MKDIR, SYMLINK, LINK).
+    #[must_use]
+    pub fn entry(&mut self, attr: &FileAttr, ttl: Duration, generation: u64) -> bool {
+        self.with(out_size::ENTRY_OUT, |f| f.entry_out(attr, ttl, generation))
+    }
+
+    /// `fuse_attr_out` (GETATTR, SETATTR).
+    #[must_use]
+    pub fn attr(&mut self, attr: &FileAttr, ttl: Duration) -> bool {
+        self.with(out_size::ATTR_OUT, |f| {
+            f.u64(ttl.as_secs());
+            f.u32(ttl.subsec_nanos());
+            f.skip(4);
+            f.attr(attr);
+        })
+    }
+
+    /// `fuse_open_out` (OPEN, OPENDIR). fuser's `opened_passthrough` adds
+    /// FOPEN_PASSTHROUGH to the flags itself; here `open_flags` is sent as given,
+    /// and `backing_id` is 0 for an open without passthrough.
+    #[must_use]
+    pub fn open(&mut self, fh: u64, open_flags: u32, backing_id: i32) -> bool {
+        self.with(out_size::OPEN_OUT, |f| {
+            f.open_out(fh, open_flags, backing_id)
+        })
+    }
+
+    /// `fuse_entry_out` then `fuse_open_out` (CREATE).
+    #[must_use]
+    pub fn create(
+        &mut self,
+        attr: &FileAttr,
+        ttl: Duration,
+        generation: u64,
+        fh: u64,
+        open_flags: u32,
+        backing_id: i32,
+    ) -> bool {
+        self.with(out_size::ENTRY_OUT + out_size::OPEN_OUT, |f| {
+            f.entry_out(attr, ttl, generation);
+            f.open_out(fh, open_flags, backing_id);
+        })
+    }
+
+    /// `fuse_write_out` (WRITE, COPY_FILE_RANGE).
+    #[must_use]
+    pub fn write(&mut self, size: u32) -> bool {
+        self.with(out_size::WRITE_OUT, |f| f.u32(size))
+    }
+
+    /// `fuse_statfs_out`.
+    #[allow(clippy::too_many_arguments)]
+    #[must_use]
+    pub fn statfs(
+        &mut self,
+        blocks: u64,
+        bfree: u64,
+        bavail: u64,
+        files: u64,
+        ffree: u64,
+        bsize: u32,
+        namelen: u32,
+        frsize: u32,
+    ) -> bool {
+        self.with(out_size::STATFS_OUT, |f| {
+            f.u64(blocks);
+            f.u64(bfree);
+            f.u64(bavail);
+            f.u64(files);
+            f.u64(ffree);
+            f.u32(bsize);
+            f.u32(namelen);
+            f.u32(frsize);
+        })
+    }
+
+    /// `fuse_getxattr_out` (GETXATTR, LISTXATTR asked with size 0).
+    #[must_use]
+    pub fn xattr_size(&mut self, size: u32) -> bool {
+        self.with(out_size::GETXATTR_OUT, |f| f.u32(size))
+    }
+
+    /// Raw bytes (READ, READLINK, GETXATTR and LISTXATTR data).
+    #[must_use]
+    pub fn data(&mut self, bytes: &[u8]) -> bool {
+        self.with(bytes.len(), |f| f.put(bytes))
+    }
+
+    /// `fuse_ioctl_out` then the output data. fuser sends one input and one output
+    /// iovec count whatever the data, which the kernel reads only on a retry.
+    #[must_use]
+    pub fn ioctl(&mut self, result: i32, data: &[u8]) -> bool {
+        let Some(n) = out_size::IOCTL_OUT.checked_add(data.len()) else {
+            return false;
+        };
+        self.with(n, |f| {
+            f.i32(result);
+            f.u32(0);
+            f.u32(1);
+            f.u32(1);
+            f.put(data);
+        })
+    }
+
+    /// `fuse_lseek_out`.
+    #[must_use]
+    pub fn lseek(&mut self, offset: i64) -> bool {
+        self.with(out_size::LSEEK_OUT, |f| f.i64(offset))
+    }
+
+    /// Appends one READDIR `fuse_dirent`, padded to 8 bytes; false, and nothing
+    /// written, when it would take the reply past `max` (the request's size) or
+    /// the buffer. Note the sense: fuser's `ReplyDirectory::add` returns true when
+    /// full.
+    #[must_use]
+    pub fn dirent(
+        &mut self,
+        max: usize,
+        ino: u64,
+        offset: u64,
+        kind: FileType,
+        name: &OsStr,
+    ) -> bool {
+        let name = name.as_bytes();
+        let Some((namelen, n)) = record(out_size::DIRENT, name) else {
+            return false;
+        };
+        let Some(mut f) = self.claim(n, max) else {
+            return false;
+        };
+        f.dirent(ino, offset, namelen, mode(kind, 0) >> 12, name);
+        true
+    }
+
+    /// Appends one READDIRPLUS `fuse_direntplus` (entry, then dirent and name),
+    /// padded to 8 bytes, as fuser's `ReplyDirectoryPlus::add`: both inode numbers
+    /// are the attributes', the type is their mode's. False, and nothing written,
+    /// when it does not fit in `max` (the request's size) or the buffer.
+    #[must_use]
+    pub fn direntplus(
+        &mut self,
+        max: usize,
+        attr: &FileAttr,
+        ttl: Duration,
+        generation: u64,
+        offset: u64,
+        name: &OsStr,
+    ) -> bool {
+        let name = name.as_bytes();
+        let Some((namelen, n)) = record(out_size::ENTRY_OUT + out_size::DIRENT, name) else {
+            return false;
+        };
+        let Some(mut f) = self.claim(n, max) else {
+            return false;
+        };
+        f.entry_out(attr, ttl, generation);
+        let typ = mode(attr.kind, attr.perm) >> 12;
+        f.dirent(attr.ino.0, offset, namelen, typ, name);
+        true
+    }
+}
+
+/// A directory record's name length and whole size (`head` plus the name, rounded
+/// up to 8 bytes: FUSE_DIRENT_ALIGN), if they fit their fields.
+fn record(head: usize, name: &[u8]) -> Option<(u32, usize)> {
+    let namelen = u32::try_from(name.len()).ok()?;
+    let n = head.checked_add(name.len())?.checked_next_multiple_of(8)?;
+    Some((namelen, n))
 }
 
 #[cfg(test)]
@@ -1573,6 +1949,319 @@ mod tests {
                 }
             }
             let _ = decode(&h, &op_in, &payload);
+        }
+    }
+
+    fn written(write: impl FnOnce(&mut ReplyWriter<'_>) -> bool) -> Vec<u8> {
+        let mut buf = vec![0xee; 4096];
+        let mut w = ReplyWriter::new(&mut buf);
+        assert!(write(&mut w), "fits");
+        let n = w.len();
+        buf.truncate(n);
+        buf
+    }
+
+    fn field32(b: &[u8], at: usize) -> u32 {
+        u32_at(b, at).unwrap()
+    }
+
+    fn field64(b: &[u8], at: usize) -> u64 {
+        u64_at(b, at).unwrap()
+    }
+
+    fn sample_attr() -> FileAttr {
+        FileAttr {
+            ino: INodeNo(0x1234),
+            size: 5000,
+            blocks: 16,
+            atime: UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            mtime: UNIX_EPOCH - Duration::new(1, 200_000_000),
+            ctime: UNIX_EPOCH - Duration::from_secs(3),
+            crtime: UNIX_EPOCH + Duration::from_secs(99),
+            kind: FileType::Symlink,
+            perm: 0o777,
+            nlink: 2,
+            uid: 1000,
+            gid: 100,
+            rdev: 0x0801,
+            blksize: 4096,
+            flags: 7,
+        }
+    }
+
+    /// The `fuse_attr` at `at` is sample_attr's, field by field at the uapi offsets.
+    fn assert_sample_attr(b: &[u8], at: usize) {
+        assert_eq!(field64(b, at), 0x1234, "ino");
+        assert_eq!(field64(b, at + 8), 5000, "size");
+        assert_eq!(field64(b, at + 16), 16, "blocks");
+        assert_eq!(field64(b, at + 24) as i64, 1_700_000_000, "atime");
+        // 1.2 s before the epoch: -2 s + 0.8 s.
+        assert_eq!(field64(b, at + 32) as i64, -2, "mtime");
+        assert_eq!(field64(b, at + 40) as i64, -3, "ctime");
+        assert_eq!(field32(b, at + 48), 5, "atimensec");
+        assert_eq!(field32(b, at + 52), 800_000_000, "mtimensec");
+        assert_eq!(field32(b, at + 56), 0, "ctimensec");
+        assert_eq!(field32(b, at + 60), 0o120777, "mode");
+        assert_eq!(field32(b, at + 64), 2, "nlink");
+        assert_eq!(field32(b, at + 68), 1000, "uid");
+        assert_eq!(field32(b, at + 72), 100, "gid");
+        assert_eq!(field32(b, at + 76), 0x0801, "rdev");
+        assert_eq!(field32(b, at + 80), 4096, "blksize");
+        assert_eq!(field32(b, at + 84), 0, "flags: none from fuser on Linux");
+    }
+
+    const TTL: Duration = Duration::new(1, 500_000_000);
+
+    #[test]
+    fn entry_out() {
+        let b = written(|w| w.entry(&sample_attr(), TTL, 77));
+        assert_eq!(b.len(), 128);
+        assert_eq!(field64(&b, 0), 0x1234, "nodeid: the attributes' inode");
+        assert_eq!(field64(&b, 8), 77, "generation");
+        assert_eq!(field64(&b, 16), 1, "entry_valid");
+        assert_eq!(field64(&b, 24), 1, "attr_valid");
+        assert_eq!(field32(&b, 32), 500_000_000, "entry_valid_nsec");
+        assert_eq!(field32(&b, 36), 500_000_000, "attr_valid_nsec");
+        assert_sample_attr(&b, 40);
+    }
+
+    #[test]
+    fn attr_out() {
+        let b = written(|w| w.attr(&sample_attr(), Duration::new(3, 7)));
+        assert_eq!(b.len(), 104);
+        assert_eq!(field64(&b, 0), 3, "attr_valid");
+        assert_eq!(field32(&b, 8), 7, "attr_valid_nsec");
+        assert_eq!(field32(&b, 12), 0, "dummy");
+        assert_sample_attr(&b, 16);
+    }
+
+    #[test]
+    fn open_out() {
+        let b = written(|w| w.open(0xfeed, 1 << 7 | 1 << 1, 5));
+        assert_eq!(b.len(), 16);
+        assert_eq!(field64(&b, 0), 0xfeed, "fh");
+        assert_eq!(field32(&b, 8), 1 << 7 | 1 << 1, "open_flags");
+        assert_eq!(field32(&b, 12), 5, "backing_id");
+        let b = written(|w| w.open(1, 0, -1));
+        assert_eq!(field32(&b, 12), u32::MAX, "backing_id is an int32");
+    }
+
+    #[test]
+    fn create_out() {
+        let b = written(|w| w.create(&sample_attr(), TTL, 3, 0xf00, 2, 0));
+        assert_eq!(b.len(), 144);
+        assert_eq!(field64(&b, 0), 0x1234, "nodeid");
+        assert_eq!(field64(&b, 8), 3, "generation");
+        assert_eq!(field64(&b, 16), 1, "entry_valid");
+        assert_eq!(field64(&b, 24), 1, "attr_valid");
+        assert_eq!(field32(&b, 32), 500_000_000, "entry_valid_nsec");
+        assert_eq!(field32(&b, 36), 500_000_000, "attr_valid_nsec");
+        assert_sample_attr(&b, 40);
+        assert_eq!(field64(&b, 128), 0xf00, "fh");
+        assert_eq!(field32(&b, 136), 2, "open_flags");
+        assert_eq!(field32(&b, 140), 0, "backing_id");
+    }
+
+    #[test]
+    fn small_outs() {
+        let b = written(|w| w.write(4096));
+        assert_eq!(b, Fields::default().u32(4096).u32(0).0, "fuse_write_out");
+        let b = written(|w| w.xattr_size(321));
+        assert_eq!(b, Fields::default().u32(321).u32(0).0, "fuse_getxattr_out");
+        let b = written(|w| w.lseek(-9));
+        assert_eq!(b, Fields::default().u64(-9i64 as u64).0, "fuse_lseek_out");
+        let b = written(|w| w.data(b"target"));
+        assert_eq!(b, b"target");
+        let b = written(|w| w.data(b""));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn statfs_out() {
+        let b = written(|w| w.statfs(1, 2, 3, 4, 5, 6, 7, 8));
+        assert_eq!(b.len(), 80);
+        for (i, v) in [1, 2, 3, 4, 5].into_iter().enumerate() {
+            assert_eq!(field64(&b, i * 8), v, "u64 field {i}");
+        }
+        assert_eq!(field32(&b, 40), 6, "bsize");
+        assert_eq!(field32(&b, 44), 7, "namelen");
+        assert_eq!(field32(&b, 48), 8, "frsize");
+        assert_eq!(&b[52..], &[0; 28], "padding and spare");
+    }
+
+    #[test]
+    fn ioctl_out() {
+        let b = written(|w| w.ioctl(0, &[9, 8, 7, 6]));
+        assert_eq!(b.len(), 20);
+        assert_eq!(field32(&b, 0) as i32, 0, "result");
+        assert_eq!(field32(&b, 4), 0, "flags");
+        assert_eq!(field32(&b, 8), 1, "in_iovs, as fuser sends");
+        assert_eq!(field32(&b, 12), 1, "out_iovs, as fuser sends");
+        assert_eq!(&b[16..], &[9, 8, 7, 6]);
+        let b = written(|w| w.ioctl(-1, &[]));
+        assert_eq!(b, Fields::default().u32(u32::MAX).u32(0).u32(1).u32(1).0);
+    }
+
+    #[test]
+    fn out_header_fields() {
+        let mut area = [0xee; 128];
+        assert!(out_header(
+            &mut area,
+            0x0102_0304_0506_0708,
+            -libc::ENOENT,
+            0
+        ));
+        assert_eq!(field32(&area, 0), 16, "len: the header alone");
+        assert_eq!(field32(&area, 4) as i32, -libc::ENOENT, "error");
+        assert_eq!(field64(&area, 8), 0x0102_0304_0506_0708, "unique");
+        assert_eq!(&area[16..], &[0xee; 112], "nothing past the header");
+        assert!(out_header(&mut area, 1, 0, 144));
+        assert_eq!(field32(&area, 0), 160, "len: header and payload");
+        let mut short = [0xee; 15];
+        assert!(!out_header(&mut short, 1, 0, 0));
+        assert_eq!(short, [0xee; 15]);
+        let mut area = [0xee; 16];
+        assert!(!out_header(&mut area, 1, 0, u32::MAX as usize));
+        assert_eq!(area, [0xee; 16]);
+    }
+
+    #[test]
+    fn reply_times_as_fuser_writes_them() {
+        let before = |s: u64, n: u32| reply_time(&(UNIX_EPOCH - Duration::new(s, n)));
+        assert_eq!(before(1, 0), (-1, 0));
+        assert_eq!(before(0, 1), (-1, 999_999_999));
+        assert_eq!(before(1, 200_000_000), (-2, 800_000_000));
+        assert_eq!(reply_time(&UNIX_EPOCH), (0, 0));
+        assert_eq!(reply_time(&(UNIX_EPOCH + Duration::new(5, 6))), (5, 6));
+    }
+
+    #[test]
+    fn dirent_layout_and_type_bits() {
+        let b = written(|w| w.dirent(4096, 0x55, 3, FileType::Directory, os("abc")));
+        // 24 bytes of header, 3 of name, padded to 32.
+        assert_eq!(b.len(), 32);
+        assert_eq!(field64(&b, 0), 0x55, "ino");
+        assert_eq!(field64(&b, 8), 3, "off");
+        assert_eq!(field32(&b, 16), 3, "namelen");
+        assert_eq!(field32(&b, 20), u32::from(libc::DT_DIR), "type");
+        assert_eq!(&b[24..27], b"abc");
+        assert_eq!(&b[27..], &[0; 5], "padding");
+        for (kind, dt) in [
+            (FileType::NamedPipe, libc::DT_FIFO),
+            (FileType::CharDevice, libc::DT_CHR),
+            (FileType::Directory, libc::DT_DIR),
+            (FileType::BlockDevice, libc::DT_BLK),
+            (FileType::RegularFile, libc::DT_REG),
+            (FileType::Symlink, libc::DT_LNK),
+            (FileType::Socket, libc::DT_SOCK),
+        ] {
+            let b = written(|w| w.dirent(4096, 1, 1, kind, os("12345678")));
+            assert_eq!(b.len(), 32, "an 8-byte name needs no padding");
+            assert_eq!(field32(&b, 20), u32::from(dt), "{kind:?}");
+        }
+        let b = written(|w| w.dirent(4096, 1, 1, FileType::RegularFile, os("")));
+        assert_eq!(b.len(), 24);
+    }
+
+    #[test]
+    fn dirents_stop_at_the_request_size() {
+        let mut buf = vec![0xee; 4096];
+        let mut w = ReplyWriter::new(&mut buf);
+        assert!(!w.dirent(31, 1, 1, FileType::RegularFile, os("abc")));
+        assert_eq!(w.len(), 0);
+        assert!(w.dirent(40, 1, 1, FileType::RegularFile, os("abc")));
+        assert!(!w.dirent(40, 2, 2, FileType::RegularFile, os("d")));
+        assert!(w.dirent(64, 2, 2, FileType::RegularFile, os("d")));
+        assert!(!w.direntplus(64 + 159, &sample_attr(), TTL, 0, 3, os("x")));
+        assert!(w.direntplus(64 + 160, &sample_attr(), TTL, 0, 3, os("x")));
+        assert_eq!(w.len(), 224);
+        assert_eq!(&buf[224..], &[0xee; 4096 - 224][..], "nothing written past");
+        // The buffer bounds the reply as the request's size does.
+        let mut buf = vec![0xee; 31];
+        let mut w = ReplyWriter::new(&mut buf);
+        assert!(!w.dirent(4096, 1, 1, FileType::RegularFile, os("abc")));
+        assert!(w.is_empty());
+        assert_eq!(buf, [0xee; 31]);
+    }
+
+    #[test]
+    fn direntplus_layout() {
+        let b = written(|w| w.direntplus(4096, &sample_attr(), TTL, 9, 4, os("xyz")));
+        // fuse_entry_out (128), fuse_dirent (24), 3 bytes of name, padded to 160.
+        assert_eq!(b.len(), 160);
+        assert_eq!(field64(&b, 0), 0x1234, "nodeid");
+        assert_eq!(field64(&b, 8), 9, "generation");
+        assert_eq!(field64(&b, 16), 1, "entry_valid");
+        assert_eq!(field64(&b, 24), 1, "attr_valid");
+        assert_eq!(field32(&b, 32), 500_000_000, "entry_valid_nsec");
+        assert_eq!(field32(&b, 36), 500_000_000, "attr_valid_nsec");
+        assert_sample_attr(&b, 40);
+        assert_eq!(
+            field64(&b, 128),
+            0x1234,
+            "dirent ino: the attributes' inode"
+        );
+        assert_eq!(field64(&b, 136), 4, "off");
+        assert_eq!(field32(&b, 144), 3, "namelen");
+        assert_eq!(field32(&b, 148), u32::from(libc::DT_LNK), "type");
+        assert_eq!(&b[152..155], b"xyz");
+        assert_eq!(&b[155..], &[0; 5], "padding");
+        // The type is the mode's, permission bits above 0o7777 and all, as fuser
+        // computes it.
+        let mut odd = sample_attr();
+        odd.kind = FileType::RegularFile;
+        odd.perm = 0o10644;
+        let b = written(|w| w.direntplus(4096, &odd, TTL, 0, 1, os("f")));
+        assert_eq!(field32(&b, 148), (libc::S_IFREG | 0o10644) >> 12);
+    }
+
+    #[test]
+    fn replies_that_do_not_fit_write_nothing() {
+        let attr = sample_attr();
+        let name = os("name");
+        type Write<'t> = Box<dyn Fn(&mut ReplyWriter<'_>) -> bool + 't>;
+        let replies: Vec<(usize, Write<'_>)> = vec![
+            (128, Box::new(|w| w.entry(&attr, TTL, 0))),
+            (104, Box::new(|w| w.attr(&attr, TTL))),
+            (16, Box::new(|w| w.open(1, 0, 0))),
+            (144, Box::new(|w| w.create(&attr, TTL, 0, 1, 0, 0))),
+            (8, Box::new(|w| w.write(1))),
+            (80, Box::new(|w| w.statfs(1, 1, 1, 1, 1, 1, 1, 1))),
+            (8, Box::new(|w| w.xattr_size(1))),
+            (5, Box::new(|w| w.data(b"12345"))),
+            (19, Box::new(|w| w.ioctl(0, b"abc"))),
+            (8, Box::new(|w| w.lseek(1))),
+            (
+                32,
+                Box::new(|w| w.dirent(4096, 1, 1, FileType::Socket, name)),
+            ),
+            (
+                160,
+                Box::new(|w| w.direntplus(4096, &attr, TTL, 0, 1, name)),
+            ),
+        ];
+        for (i, (need, write)) in replies.iter().enumerate() {
+            for room in 0..*need {
+                let mut buf = vec![0xee; room];
+                let mut w = ReplyWriter::new(&mut buf);
+                assert!(!write(&mut w), "reply {i} in {room} bytes");
+                assert_eq!(w.len(), 0);
+                assert!(
+                    buf.iter().all(|&b| b == 0xee),
+                    "reply {i}: buffer untouched"
+                );
+            }
+            let mut buf = vec![0xee; *need];
+            let mut w = ReplyWriter::new(&mut buf);
+            assert!(write(&mut w), "reply {i} in {need} bytes");
+            assert_eq!(w.len(), *need);
+            // Appended after what is there, within the same limits.
+            let mut buf = vec![0xee; *need + 3];
+            let mut w = ReplyWriter::new(&mut buf);
+            assert!(w.data(b"abc"));
+            assert!(write(&mut w), "reply {i} after 3 bytes");
+            assert!(!write(&mut w), "reply {i} a second time");
+            assert_eq!(w.len(), *need + 3);
         }
     }
 }
