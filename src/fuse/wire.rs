@@ -136,7 +136,8 @@ fn cstr(b: &[u8]) -> Result<(&OsStr, &[u8]), Errno> {
     ))
 }
 
-/// `Some` reading of a field whose presence was checked by the length of `b`.
+/// A field of an argument already cut to its struct's size: never `None`, but
+/// answered MALFORMED rather than unwrapped, so no layout slip can panic.
 fn field<T>(v: Option<T>) -> Result<T, Errno> {
     v.ok_or(MALFORMED)
 }
@@ -156,6 +157,8 @@ fn off_t(value: u64) -> Result<u64, Errno> {
 /// hold is EINVAL where fuser would panic.
 fn request_time(sec: u64, nsec: u32) -> Result<SystemTime, Errno> {
     let sec = sec as i64;
+    // Duration::new carries the nanoseconds into at most 2^63 + 4 seconds: no
+    // overflow there; SystemTime's own range is what is checked.
     let t = if sec >= 0 {
         UNIX_EPOCH.checked_add(Duration::new(sec as u64, nsec))
     } else {
