@@ -13,6 +13,7 @@ pub mod fs;
 pub mod lock;
 pub mod mount;
 pub mod process;
+mod uring;
 pub mod xattr;
 
 pub use rustix::io::Errno;
