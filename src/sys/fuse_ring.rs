@@ -240,7 +240,7 @@ impl FuseQueue {
         self.payload_size
     }
 
-    /// The duplicated /dev/fuse fd (for ioctls on the connection).
+    /// The duplicated /dev/fuse fd, e.g. for [`super::fuse_dev::RingBacking`].
     pub fn device(&self) -> &Arc<OwnedFd> {
         &self.dev
     }
@@ -839,6 +839,7 @@ pub(super) mod tests {
     const FUSE_INIT: u32 = 26;
     const FUSE_MAX_PAGES: u64 = 1 << 22;
     const FUSE_INIT_EXT: u64 = 1 << 30;
+    const FUSE_PASSTHROUGH: u64 = 1 << 37;
     const FUSE_OVER_IO_URING: u64 = 1 << 41;
     const MAX_WRITE: usize = 128 << 10;
     const ROOT_MODE: u32 = libc::S_IFDIR | 0o755;
@@ -892,7 +893,7 @@ pub(super) mod tests {
     }
 
     /// Reads the INIT request from /dev/fuse and answers it: io_uring, max_write 128
-    /// KiB. Returns the flags granted.
+    /// KiB, passthrough when offered. Returns the flags granted.
     fn answer_init(dev: &OwnedFd) -> u64 {
         use rustix::event::{PollFd, PollFlags, poll};
         let mut fds = [PollFd::new(dev, PollFlags::IN)];
@@ -922,7 +923,8 @@ pub(super) mod tests {
             0,
             "the kernel does not offer FUSE_OVER_IO_URING although enable_uring is Y"
         );
-        let granted = (FUSE_INIT_EXT | FUSE_MAX_PAGES | FUSE_OVER_IO_URING) & offered;
+        let granted =
+            (FUSE_INIT_EXT | FUSE_MAX_PAGES | FUSE_OVER_IO_URING | FUSE_PASSTHROUGH) & offered;
         let mut reply = [0u8; 16 + 64];
         let len = reply.len() as u32;
         put(&mut reply, 0, &len.to_ne_bytes());
@@ -938,6 +940,9 @@ pub(super) mod tests {
         put(out, 24, &1u32.to_ne_bytes()); // time_gran
         put(out, 28, &((MAX_WRITE / 4096) as u16).to_ne_bytes()); // max_pages
         put(out, 32, &((granted >> 32) as u32).to_ne_bytes()); // flags2
+        if granted & FUSE_PASSTHROUGH != 0 {
+            put(out, 36, &2u32.to_ne_bytes()); // max_stack_depth
+        }
         assert_eq!(rustix::io::write(dev, &reply).unwrap(), reply.len());
         granted
     }
@@ -1041,7 +1046,7 @@ pub(super) mod tests {
             Event::Registered(qid, r) => panic!("queue {qid}: {r:?} before INIT"),
             Event::Ended(qid, r) => panic!("queue {qid} ended: {r:?}"),
         }
-        answer_init(&dev);
+        let granted = answer_init(&dev);
         let mut registered = vec![false; queues];
         while registered.contains(&false) {
             match rx.recv_timeout(wait).expect("a queue did not register") {
@@ -1050,6 +1055,17 @@ pub(super) mod tests {
                 Event::EarlyRegister(_) => unreachable!(),
                 Event::Ended(qid, r) => panic!("queue {qid} ended early: {r:?}"),
             }
+        }
+
+        if granted & FUSE_PASSTHROUGH != 0 {
+            let (a, b) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+            let first = crate::sys::fuse_dev::RingBacking::open(&dev, a.as_fd()).unwrap();
+            let second = crate::sys::fuse_dev::RingBacking::open(&dev, b.as_fd()).unwrap();
+            assert!(first.id() > 0 && second.id() > 0 && first.id() != second.id());
+            first.close().expect("FUSE_DEV_IOC_BACKING_CLOSE");
+            drop(second);
+        } else {
+            eprintln!("FUSE_PASSTHROUGH not offered: RingBacking not exercised");
         }
 
         let (stat_tx, stat_rx) = mpsc::channel();

@@ -10,6 +10,7 @@
 //! - File descriptors are close-on-exec.
 
 pub mod fs;
+pub mod fuse_dev;
 pub mod fuse_ring;
 pub mod lock;
 pub mod mount;
