@@ -835,6 +835,7 @@ pub(super) mod tests {
 
     // ---- end to end: a hand-made FUSE connection served over the ring ----
 
+    const FUSE_LOOKUP: u32 = 1;
     const FUSE_GETATTR: u32 = 3;
     const FUSE_INIT: u32 = 26;
     const FUSE_MAX_PAGES: u64 = 1 << 22;
@@ -947,13 +948,27 @@ pub(super) mod tests {
         granted
     }
 
-    /// Answers GETATTR of the root with a directory; anything else with ENOSYS.
-    fn serve(queue: &mut FuseQueue, getattrs: &AtomicUsize) -> io::Result<()> {
+    /// What the queues served.
+    #[derive(Default)]
+    struct Served {
+        root_getattrs: AtomicUsize,
+        lookups_of_missing: AtomicUsize,
+    }
+
+    /// Answers GETATTR of the root with a directory, leaves LOOKUP of "missing"
+    /// unanswered (the dropped request answers EIO), anything else ENOSYS.
+    fn serve(queue: &mut FuseQueue, served: &Served) -> io::Result<()> {
         while let Some(mut req) = queue.next_request()? {
             let header = req.in_header();
             let (opcode, nodeid) = (u32_at(header, 4), u64_at(header, 16));
             let unique = u64_at(header, 8);
             assert_eq!(unique, req.unique());
+            // LOOKUP's first argument is empty: its name is all the payload.
+            if opcode == FUSE_LOOKUP && req.payload() == b"missing\0" {
+                served.lookups_of_missing.fetch_add(1, Ordering::SeqCst);
+                drop(req);
+                continue;
+            }
             let root_getattr = opcode == FUSE_GETATTR && nodeid == 1;
             if root_getattr {
                 // Its one argument, fuse_getattr_in, is in op_in; no payload.
@@ -975,7 +990,7 @@ pub(super) mod tests {
                 put(out, 0, &(16u32 + 104).to_ne_bytes());
                 put(out, 4, &0i32.to_ne_bytes());
                 // Counted before the commit, which lets the stat return.
-                getattrs.fetch_add(1, Ordering::SeqCst);
+                served.root_getattrs.fetch_add(1, Ordering::SeqCst);
                 req.commit(104)?;
             } else {
                 put(out, 0, &16u32.to_ne_bytes());
@@ -1015,11 +1030,11 @@ pub(super) mod tests {
         let mut mounted = Mounted(Some(dir.path().to_path_buf()));
 
         let queues = possible_cpus().unwrap();
-        let getattrs = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(Served::default());
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::new();
         for qid in 0..queues as u16 {
-            let (dev, tx, getattrs) = (dev.clone(), tx.clone(), getattrs.clone());
+            let (dev, tx, served) = (dev.clone(), tx.clone(), served.clone());
             threads.push(std::thread::spawn(move || {
                 let mut queue = match FuseQueue::new(dev.as_fd(), qid, 2, MAX_WRITE) {
                     Ok(q) => q,
@@ -1034,7 +1049,7 @@ pub(super) mod tests {
                 let ok = registered.is_ok();
                 tx.send(Event::Registered(qid, registered)).unwrap();
                 if ok {
-                    let _ = tx.send(Event::Ended(qid, serve(&mut queue, &getattrs)));
+                    let _ = tx.send(Event::Ended(qid, serve(&mut queue, &served)));
                 }
             }));
         }
@@ -1068,21 +1083,26 @@ pub(super) mod tests {
             eprintln!("FUSE_PASSTHROUGH not offered: RingBacking not exercised");
         }
 
-        let (stat_tx, stat_rx) = mpsc::channel();
-        let root = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            let st = rustix::fs::stat(&root).map(|st| (st.st_mode, st.st_nlink, st.st_mtime));
-            stat_tx.send(st)
-        });
-        let st = stat_rx
-            .recv_timeout(wait)
-            .expect("stat of the mount root hangs: its GETATTR was not served over the ring")
-            .expect("stat of the mount root");
-        let (mode, nlink, mtime) = st;
+        // stat from another thread, so that a request never served fails the test
+        // instead of hanging it.
+        let stat = |path: PathBuf| {
+            let (stat_tx, stat_rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let st = rustix::fs::stat(&path).map(|st| (st.st_mode, st.st_nlink, st.st_mtime));
+                stat_tx.send(st)
+            });
+            stat_rx
+                .recv_timeout(wait)
+                .expect("stat hangs: its request was not served over the ring")
+        };
+        let (mode, nlink, mtime) = stat(dir.path().to_path_buf()).expect("stat of the root");
         assert_eq!(mode, ROOT_MODE);
         assert_eq!(nlink as u32, ROOT_NLINK);
         assert_eq!(mtime as u64, ROOT_MTIME);
-        assert!(getattrs.load(Ordering::SeqCst) >= 1);
+        assert!(served.root_getattrs.load(Ordering::SeqCst) >= 1);
+        let missing = stat(dir.path().join("missing"));
+        assert_eq!(missing, Err(rustix::io::Errno::IO));
+        assert_eq!(served.lookups_of_missing.load(Ordering::SeqCst), 1);
 
         mounted.unmount();
         let mut ended = vec![false; queues];
