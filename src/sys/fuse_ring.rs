@@ -858,14 +858,20 @@ pub(super) mod tests {
         b[at..at + v.len()].copy_from_slice(v);
     }
 
-    /// Sets fuse.enable_uring to Y, and back to what it was on drop.
-    struct UringEnabled(String);
+    /// Sets fuse.enable_uring to Y, and back to what it was on drop. The tests that
+    /// set it take turns, so that none restores it under another.
+    struct UringEnabled(
+        String,
+        #[allow(dead_code)] std::sync::MutexGuard<'static, ()>,
+    );
     impl UringEnabled {
         fn set() -> UringEnabled {
+            static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
             let previous = std::fs::read_to_string(ENABLE_URING)
                 .unwrap_or_else(|e| panic!("{ENABLE_URING}: {e} (kernel without FUSE io_uring?)"));
             std::fs::write(ENABLE_URING, "Y").unwrap();
-            UringEnabled(previous.trim().to_string())
+            UringEnabled(previous.trim().to_string(), turn)
         }
     }
     impl Drop for UringEnabled {
@@ -1007,27 +1013,63 @@ pub(super) mod tests {
         Ended(u16, io::Result<()>),
     }
 
+    /// A FUSE connection mounted on a temporary directory with enable_uring set, INIT
+    /// not yet answered. Fields drop in order: unmount, device, directory, parameter.
+    struct Connection {
+        mounted: Mounted,
+        dev: Option<Arc<OwnedFd>>,
+        dir: tempfile::TempDir,
+        _uring: UringEnabled,
+    }
+
+    impl Connection {
+        fn mount() -> Connection {
+            let uring = UringEnabled::set();
+            let dir = tempfile::tempdir().unwrap();
+            let dev = Arc::new(crate::sys::mount::open_fuse_device().unwrap());
+            let data = format!(
+                "fd={},rootmode=40000,user_id=0,group_id=0",
+                std::os::fd::AsRawFd::as_raw_fd(&*dev)
+            );
+            let flags = crate::sys::mount::FuseMountFlags {
+                nosuid: true,
+                nodev: true,
+                ..Default::default()
+            };
+            crate::sys::mount::mount_fuse("stratafs-ring-test", dir.path(), "fuse", flags, &data)
+                .unwrap();
+            Connection {
+                mounted: Mounted(Some(dir.path().to_path_buf())),
+                dev: Some(dev),
+                dir,
+                _uring: uring,
+            }
+        }
+
+        fn dev(&self) -> &Arc<OwnedFd> {
+            self.dev.as_ref().expect("device open")
+        }
+    }
+
+    /// Runs stat on another thread, so that a request never answered fails the test
+    /// instead of hanging it: None when it has not returned within `wait`.
+    fn stat_within(path: PathBuf, wait: Duration) -> Option<rustix::io::Result<(u32, u64, i64)>> {
+        let (stat_tx, stat_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let st = rustix::fs::stat(&path).map(|st| (st.st_mode, st.st_nlink, st.st_mtime));
+            stat_tx.send(st)
+        });
+        stat_rx.recv_timeout(wait).ok()
+    }
+
     #[test]
     fn a_getattr_is_served_over_the_ring_and_unmount_ends_every_queue() {
         if !fuse_available() {
             return;
         }
         let wait = Duration::from_secs(15);
-        let _uring = UringEnabled::set();
-        let dir = tempfile::tempdir().unwrap();
-        let dev = Arc::new(crate::sys::mount::open_fuse_device().unwrap());
-        let data = format!(
-            "fd={},rootmode=40000,user_id=0,group_id=0",
-            std::os::fd::AsRawFd::as_raw_fd(&*dev)
-        );
-        let flags = crate::sys::mount::FuseMountFlags {
-            nosuid: true,
-            nodev: true,
-            ..Default::default()
-        };
-        crate::sys::mount::mount_fuse("stratafs-ring-test", dir.path(), "fuse", flags, &data)
-            .unwrap();
-        let mut mounted = Mounted(Some(dir.path().to_path_buf()));
+        let mut conn = Connection::mount();
+        let (dir, dev) = (conn.dir.path().to_path_buf(), conn.dev().clone());
 
         let queues = possible_cpus().unwrap();
         let served = Arc::new(Served::default());
@@ -1083,28 +1125,19 @@ pub(super) mod tests {
             eprintln!("FUSE_PASSTHROUGH not offered: RingBacking not exercised");
         }
 
-        // stat from another thread, so that a request never served fails the test
-        // instead of hanging it.
         let stat = |path: PathBuf| {
-            let (stat_tx, stat_rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                let st = rustix::fs::stat(&path).map(|st| (st.st_mode, st.st_nlink, st.st_mtime));
-                stat_tx.send(st)
-            });
-            stat_rx
-                .recv_timeout(wait)
-                .expect("stat hangs: its request was not served over the ring")
+            stat_within(path, wait).expect("stat hangs: its request was not served over the ring")
         };
-        let (mode, nlink, mtime) = stat(dir.path().to_path_buf()).expect("stat of the root");
+        let (mode, nlink, mtime) = stat(dir.clone()).expect("stat of the root");
         assert_eq!(mode, ROOT_MODE);
         assert_eq!(nlink as u32, ROOT_NLINK);
         assert_eq!(mtime as u64, ROOT_MTIME);
         assert!(served.root_getattrs.load(Ordering::SeqCst) >= 1);
-        let missing = stat(dir.path().join("missing"));
+        let missing = stat(dir.join("missing"));
         assert_eq!(missing, Err(rustix::io::Errno::IO));
         assert_eq!(served.lookups_of_missing.load(Ordering::SeqCst), 1);
 
-        mounted.unmount();
+        conn.mounted.unmount();
         let mut ended = vec![false; queues];
         while ended.contains(&false) {
             match rx
@@ -1116,6 +1149,61 @@ pub(super) mod tests {
                 _ => unreachable!(),
             }
         }
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn queues_dropped_while_registered_leave_the_connection_to_its_device() {
+        if !fuse_available() {
+            return;
+        }
+        let wait = Duration::from_secs(15);
+        let mut conn = Connection::mount();
+        let queues = possible_cpus().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let done_rx = Arc::new(std::sync::Mutex::new(done_rx));
+        let mut threads = Vec::new();
+        for qid in 0..queues as u16 {
+            let (dev, tx, done_rx) = (conn.dev().clone(), tx.clone(), done_rx.clone());
+            threads.push(std::thread::spawn(move || {
+                let queue = FuseQueue::new(dev.as_fd(), qid, 2, MAX_WRITE);
+                // The queue has its own dup; this thread must not keep the device open.
+                drop(dev);
+                let registered = queue.and_then(|mut q| {
+                    q.register()?;
+                    // Dropped with both entries in the kernel's hands, by a thread that
+                    // lives on: only the ring's close can cancel them.
+                    drop(q);
+                    Ok(())
+                });
+                tx.send((qid, registered)).unwrap();
+                let _ = done_rx.lock().unwrap().recv();
+            }));
+        }
+        answer_init(conn.dev());
+        for _ in 0..queues {
+            let (qid, registered) = rx.recv_timeout(wait).expect("a queue did not report");
+            registered.unwrap_or_else(|e| panic!("queue {qid}: {e}"));
+        }
+        // The ring is live but has no entry left: the kernel neither serves the stat
+        // over it nor falls back to /dev/fuse. Whether it hangs is the kernel's
+        // business; what it must not do is write into the freed buffers.
+        let hung = stat_within(conn.dir.path().to_path_buf(), Duration::from_millis(300));
+        eprintln!("stat with every queue dropped: {hung:?}");
+        // Closing our last device fd aborts the connection, once io_uring's teardown
+        // of the closed rings (asynchronous) has dropped the device references their
+        // commands held: a request then fails instead of waiting. Its errno depends on
+        // how far that teardown got (ENOTCONN, ECANCELED seen).
+        conn.dev = None;
+        let after = stat_within(conn.dir.path().to_path_buf(), wait);
+        assert!(
+            matches!(after, Some(Err(_))),
+            "stat after closing the device: {after:?}"
+        );
+        drop(done_tx);
         for t in threads {
             t.join().unwrap();
         }
