@@ -299,7 +299,8 @@ impl FuseQueue {
 
     /// Registers every entry. Waits (up to 10 s, in 1 ms steps) while the kernel
     /// answers EAGAIN, i.e. until the INIT reply has been processed; any other refusal
-    /// is an error (after which the kernel serves the connection over /dev/fuse).
+    /// is an error. A REGISTER the kernel refuses also makes it serve the connection
+    /// over /dev/fuse reads from then on.
     pub fn register(&mut self) -> io::Result<()> {
         self.register_within(REGISTER_WAIT)
     }
@@ -566,6 +567,15 @@ impl Drop for FuseQueue {
         }
     }
 }
+
+// FuseQueue must stay !Send (see its doc). This fails to compile if it became Send:
+// the item below would then be ambiguous between the two impls.
+trait AmbiguousIfSend<A> {
+    fn check() {}
+}
+impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+const _: fn() = || <FuseQueue as AmbiguousIfSend<_>>::check();
 
 /// A request in one entry: the entry belongs to userspace until `commit` (or Drop,
 /// which answers EIO so that the kernel is never left waiting).
