@@ -10,9 +10,12 @@
 //! - File descriptors are close-on-exec.
 
 pub mod fs;
+pub mod fuse_dev;
+pub mod fuse_ring;
 pub mod lock;
 pub mod mount;
 pub mod process;
+mod uring;
 pub mod xattr;
 
 pub use rustix::io::Errno;
