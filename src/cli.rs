@@ -1133,6 +1133,10 @@ pub(crate) fn build_config(
     config.xino = opts.xino.clone();
     config.context = opts.context.clone();
     config.passthrough = opts.passthrough != Some(false) && !writeback;
+    // Opt-in: measured against /dev/fuse on this project's benchmark machine it won
+    // some metadata rows and lost others within the noise (see scripts/bench,
+    // peer stratafs-dev-fuse), so it is not the default yet.
+    config.io_uring = opts.io_uring == Some(true);
     config.fuse = opts.fuse.clone();
     config.grafts = grafts;
     Ok(config)

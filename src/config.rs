@@ -95,6 +95,8 @@ pub struct MountConfig {
     pub context: Option<String>,
     /// Try FUSE passthrough for regular files (off when `writeback` or `passthrough=0`).
     pub passthrough: bool,
+    /// Ask for FUSE-over-io_uring (falls back to /dev/fuse where not offered).
+    pub io_uring: bool,
     pub fuse: FuseFlags,
     pub grafts: Vec<GraftSpec>,
     /// Overrides the volume state directory (`--state-dir`, STRATAFS_STATE_DIR).
@@ -133,6 +135,7 @@ impl MountConfig {
             xino: None,
             context: None,
             passthrough: true,
+            io_uring: false,
             fuse: FuseFlags::default(),
             grafts: Vec::new(),
             state_dir: None,
@@ -194,6 +197,14 @@ impl MountConfig {
                     "off (writeback=1 needs I/O served by the daemon)"
                 } else {
                     "off (passthrough=0)"
+                }
+            ),
+            format!(
+                "config: transport {}",
+                if self.io_uring {
+                    "FUSE over io_uring where the kernel offers it (fuse.enable_uring), else /dev/fuse"
+                } else {
+                    "/dev/fuse"
                 }
             ),
             format!(

@@ -59,6 +59,8 @@ pub struct ParsedOptions {
     pub xino: Option<String>,
     pub context: Option<String>,
     pub passthrough: Option<bool>,
+    /// `io_uring=0|1`: carry requests over FUSE-over-io_uring where the kernel offers it.
+    pub io_uring: Option<bool>,
     /// libfuse's `-o debug` (same as `-d`).
     pub debug: bool,
     /// fuse-overlayfs `auto_unmount`: fusermount3 unmounts when the daemon dies.
@@ -257,6 +259,9 @@ pub const OPTIONS: &[OptionSpec] = &[
         "kernel writeback cache (disables passthrough)"),
     opt("passthrough", Value("0|1"), Behaviour, "0",
         "FUSE passthrough for regular files (default 1)"),
+    opt("io_uring", Value("0|1"), Behaviour, "1",
+        "carry requests over FUSE-over-io_uring where the kernel offers it (module parameter \
+         fuse.enable_uring), else over /dev/fuse (default 0)"),
     opt("timeout", Value("S"), Behaviour, "1.5",
         "entry/attribute cache timeout in seconds (may be fractional)"),
     opt("threaded", Value("0|1"), Behaviour, "0", "0: serve requests on a single thread"),
@@ -554,6 +559,7 @@ fn apply_value(
         "threaded" => p.threaded = Some(parse_bool(key, value)?),
         "noxattrs" => p.noxattrs = Some(parse_bool(key, value)?),
         "passthrough" => p.passthrough = Some(parse_bool(key, value)?),
+        "io_uring" => p.io_uring = Some(parse_bool(key, value)?),
         "timeout" => p.timeout = Some(parse_seconds(key, value)?),
         "redirect_dir" => match value {
             "on" | "off" | "follow" => p.redirect_dir = Some(value.to_string()),
@@ -999,6 +1005,7 @@ pub fn to_option_string(p: &ParsedOptions) -> String {
         ("threaded", p.threaded),
         ("noxattrs", p.noxattrs),
         ("passthrough", p.passthrough),
+        ("io_uring", p.io_uring),
     ] {
         if let Some(b) = v {
             kv(key, bit(b));

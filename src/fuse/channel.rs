@@ -14,18 +14,27 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use parking_lot::Mutex;
+
 use super::adapter::{AttrChange, StrataFs};
+use super::ring::{self, RingPlan};
 use crate::union::Caller;
 
 /// The filesystem as fuser serves it. The handlers are shared (`Arc`) with the
 /// ring transport's queue threads, when there are any.
 pub struct FuserFs {
     fs: Arc<StrataFs>,
+    /// Filled once the /dev/fuse connection exists (after the session is made,
+    /// before it runs) when `io_uring=1`; taken at INIT.
+    ring: RingSlot,
 }
 
+/// Where the mount code leaves the ring transport's plan for INIT.
+pub type RingSlot = Arc<Mutex<Option<RingPlan>>>;
+
 impl FuserFs {
-    pub fn new(fs: Arc<StrataFs>) -> Self {
-        FuserFs { fs }
+    pub fn new(fs: Arc<StrataFs>, ring: RingSlot) -> Self {
+        FuserFs { fs, ring }
     }
 }
 
@@ -40,6 +49,9 @@ fn caller(req: &Request) -> Caller {
 impl Filesystem for FuserFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         self.fs.negotiate(config);
+        if let Some(plan) = self.ring.lock().take() {
+            ring::offer(plan, &self.fs, config);
+        }
         Ok(())
     }
 

@@ -1,15 +1,15 @@
 //! The FUSE side: the only module that imports `fuser`. `adapter` turns requests
-//! into engine calls, `channel` carries them over /dev/fuse (fuser); this file
-//! mounts, detaches the daemon and unmounts.
+//! into engine calls, `channel` carries them over /dev/fuse (fuser) and `ring`
+//! over io_uring (`wire` its codec); this file mounts, detaches the daemon and
+//! unmounts.
 
 mod adapter;
 mod channel;
 mod passthrough;
 mod reply;
+mod ring;
 mod stats;
 mod watchdog;
-// The codec of the io_uring transport; unused until the ring glue calls it.
-#[allow(dead_code)]
 mod wire;
 
 use std::io;
@@ -27,8 +27,17 @@ use crate::sys::process::{self, Forked};
 use crate::union::{Setup, Union};
 use crate::volume;
 use adapter::StrataFs;
-use channel::FuserFs;
+use channel::{FuserFs, RingSlot};
 use stats::RequestStats;
+
+/// Threads serving requests, on either transport.
+fn worker_threads(config: &MountConfig) -> usize {
+    if config.threads == 0 {
+        default_threads()
+    } else {
+        config.threads
+    }
+}
 
 /// Worker threads when the configuration does not say: enough to keep independent
 /// requests (and a slow copy-up) from queueing behind each other.
@@ -137,11 +146,7 @@ pub fn session_config(config: &MountConfig) -> fuser::Config {
     } else {
         SessionACL::Owner
     };
-    let threads = if config.threads == 0 {
-        default_threads()
-    } else {
-        config.threads
-    };
+    let threads = worker_threads(config);
     let mut cfg = fuser::Config::default();
     cfg.mount_options = opts;
     cfg.acl = acl;
@@ -263,17 +268,38 @@ pub fn run(config: &MountConfig, foreground: bool) -> i32 {
     // inherits the block.
     process::block_daemon_signals();
     let stats = RequestStats::from_env().map(Arc::new);
-    let fs = FuserFs::new(Arc::new(StrataFs::new(
-        engine.clone(),
-        config.passthrough,
-        config.writeback,
-        stats.clone(),
-    )));
+    let ring = RingSlot::default();
+    let fs = FuserFs::new(
+        Arc::new(StrataFs::new(
+            engine.clone(),
+            config.passthrough,
+            config.writeback,
+            stats.clone(),
+        )),
+        ring.clone(),
+    );
     let session_cfg = session_config(config);
+    let acl = session_cfg.acl;
     // Mounted here (as root) or by fuser (through fusermount3 otherwise).
     let mut mounted_here = false;
     let started = kernel_mount(config, &session_cfg).and_then(|own_mount| {
         mounted_here = own_mount.is_some();
+        // fuser answers INIT inside `Session::from_fd`/`new`, so the ring's plan must
+        // be in place before: it can be only where this process opened /dev/fuse.
+        if config.io_uring {
+            let plan = match &own_mount {
+                Some(fd) => ring::RingPlan::new(fd, worker_threads(config), acl),
+                None => Err(io::Error::other(
+                    "the mount was made by fusermount3, whose /dev/fuse connection is \
+                     handed over only after INIT",
+                )),
+            };
+            // Not a warning: /dev/fuse is the transport everywhere the ring is not.
+            match plan {
+                Ok(plan) => *ring.lock() = Some(plan),
+                Err(e) => log::info!("io_uring: {e}; requests come over /dev/fuse"),
+            }
+        }
         match own_mount {
             Some(fd) => Session::from_fd(fs, fd, session_cfg.acl, session_cfg),
             None => Session::new(fs, &config.mountpoint, &session_cfg),

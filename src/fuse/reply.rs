@@ -15,12 +15,15 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
 };
 
+use crate::sys::fuse_dev::RingBacking;
+
 /// A passthrough backing file, made by the transport that will name it in its
 /// reply: the kernel's backing ids belong to the /dev/fuse connection, and fuser's
 /// `BackingId` can be named only in fuser's replies.
 #[derive(Debug)]
 pub(crate) enum Backing {
     Channel(BackingId),
+    Ring(RingBacking),
 }
 
 /// Every reply can be an error.
@@ -157,6 +160,7 @@ fails_by_fuser!(
 fn channel_backing(backing: &Backing) -> Option<&BackingId> {
     match backing {
         Backing::Channel(id) => Some(id),
+        Backing::Ring(_) => None,
     }
 }
 

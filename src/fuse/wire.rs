@@ -875,10 +875,6 @@ impl<'a> ReplyWriter<'a> {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The next `n` bytes, zeroed, if they end within `limit` and the buffer.
     fn claim(&mut self, n: usize, limit: usize) -> Option<Put<'_>> {
         let end = self.len.checked_add(n)?;
@@ -2183,7 +2179,7 @@ mod tests {
         let mut buf = vec![0xee; 31];
         let mut w = ReplyWriter::new(&mut buf);
         assert!(!w.dirent(4096, 1, 1, FileType::RegularFile, os("abc")));
-        assert!(w.is_empty());
+        assert_eq!(w.len(), 0);
         assert_eq!(buf, [0xee; 31]);
     }
 

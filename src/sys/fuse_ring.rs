@@ -63,7 +63,7 @@ const CMD_COMMIT_AND_FETCH: u32 = 2;
 
 /// How long [`FuseQueue::register`] waits for the INIT reply, and its step.
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
-const REGISTER_STEP: Duration = Duration::from_millis(1);
+const REGISTER_STEP: Duration = Duration::from_micros(100);
 /// How long the end of a queue waits for the kernel to give back entries still in
 /// its hands (it completes them all at unmount; this only bounds a kernel that does
 /// not).
@@ -540,15 +540,26 @@ impl FuseQueue {
         }
         let sqe = self.command(CMD_COMMIT_AND_FETCH, idx as u64, commit_id);
         self.ring().push(&sqe)?;
-        // From the push on, the entry is the kernel's: it reads the reply during the
-        // enter below and may write the next request at once.
+        // From the push on, the entry is the kernel's: it reads the reply when the
+        // command is submitted and may write the next request at once.
         self.entries[idx] = Entry::Kernel { register: false };
-        self.ring().enter(false, None)
+        // With one entry nothing else of this queue can complete before the commit
+        // is submitted, so it goes with the next wait (`next_request` submits before
+        // it sleeps): one syscall per round trip. With more, another entry's request
+        // may be served first, and this reply must not wait for it.
+        if self.entries.len() > 1 {
+            self.ring().enter(false, None)?;
+        }
+        Ok(())
     }
 }
 
 impl Drop for FuseQueue {
     fn drop(&mut self) {
+        // A commit still unsubmitted (see `commit`) is a reply the kernel waits for.
+        if let Some(ring) = self.ring.as_mut() {
+            let _ = ring.enter(false, None);
+        }
         let held = self
             .entries
             .iter()
