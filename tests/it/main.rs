@@ -19,5 +19,6 @@ mod refusals;
 mod regressions;
 mod security;
 mod timestamps;
+mod transport;
 mod volume_cli;
 mod volumes;
