@@ -328,12 +328,3 @@ pub fn overflow_ids() -> (u32, u32) {
     };
     (read("overflowuid"), read("overflowgid"))
 }
-
-/// Keeps the calling thread on `cpu`: a FUSE ring queue's thread serves the
-/// requests made on that CPU (see fuse/ring.rs).
-pub fn pin_current_thread(cpu: usize) -> SysResult<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(None, &set)?;
-    Ok(())
-}
