@@ -37,6 +37,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -133,11 +134,12 @@ enum Entry {
 /// `Send`: the kernel copies requests into entries from the task work of the thread
 /// that submitted them).
 pub struct FuseQueue {
-    /// `Some` until Drop, which closes the ring before deciding about `buffers`.
-    ring: Option<Ring>,
+    /// Dropped by Drop only, which closes the ring before deciding about `buffers`.
+    ring: ManuallyDrop<Ring>,
     /// Headers (`depth` × HEADER_STRIDE), then the REGISTER iovecs (`depth` × 2),
-    /// then the payloads (`depth` × `payload_stride`). `Some` until Drop.
-    buffers: Option<Mapping>,
+    /// then the payloads (`depth` × `payload_stride`). Freed by Drop only, after the
+    /// ring, and never while the kernel holds an entry.
+    buffers: ManuallyDrop<Mapping>,
     dev: Arc<OwnedFd>,
     qid: u16,
     payload_size: usize,
@@ -196,8 +198,8 @@ impl FuseQueue {
         let ring = Ring::new(depth as u32 + 1)?;
         let dev = Arc::new(rustix::io::fcntl_dupfd_cloexec(dev, 0)?);
         let queue = FuseQueue {
-            ring: Some(ring),
-            buffers: Some(buffers),
+            ring: ManuallyDrop::new(ring),
+            buffers: ManuallyDrop::new(buffers),
             dev,
             qid,
             payload_size,
@@ -246,10 +248,7 @@ impl FuseQueue {
     }
 
     fn base(&self) -> *mut u8 {
-        self.buffers
-            .as_ref()
-            .expect("buffers live until Drop")
-            .base()
+        self.buffers.base()
     }
 
     fn header(&self, idx: usize) -> *mut ReqHeader {
@@ -279,7 +278,7 @@ impl FuseQueue {
     }
 
     fn ring(&mut self) -> &mut Ring {
-        self.ring.as_mut().expect("the ring lives until Drop")
+        &mut self.ring
     }
 
     fn command(&self, cmd_op: u32, user_data: u64, commit_id: u64) -> Sqe128 {
@@ -465,9 +464,14 @@ impl FuseQueue {
                 return Ok(None);
             }
             if let Some(idx) = self.ready.pop_front() {
+                // Only entries that received a request are made ready.
+                let Entry::User { commit_id } = self.entries[idx] else {
+                    continue;
+                };
                 return Ok(Some(RingRequest {
                     queue: self,
                     idx,
+                    commit_id,
                     committed: false,
                 }));
             }
@@ -527,10 +531,7 @@ impl FuseQueue {
     }
 
     /// Sends entry idx's reply and asks for its next request.
-    fn commit(&mut self, idx: usize, payload_len: usize) -> io::Result<()> {
-        let Entry::User { commit_id } = self.entries[idx] else {
-            unreachable!("only a RingRequest commits, and it holds a User entry");
-        };
+    fn commit(&mut self, idx: usize, commit_id: u64, payload_len: usize) -> io::Result<()> {
         debug_assert!(payload_len <= self.payload_size);
         // SAFETY: the entry is in userspace's hands until the submission below.
         unsafe {
@@ -557,9 +558,7 @@ impl FuseQueue {
 impl Drop for FuseQueue {
     fn drop(&mut self) {
         // A commit still unsubmitted (see `commit`) is a reply the kernel waits for.
-        if let Some(ring) = self.ring.as_mut() {
-            let _ = ring.enter(false, None);
-        }
+        let _ = self.ring.enter(false, None);
         let held = self
             .entries
             .iter()
@@ -568,13 +567,16 @@ impl Drop for FuseQueue {
         // asynchronously, and not at all while a forked child still has the ring fd:
         // a request could still be copied into an entry afterwards. Freed memory must
         // never be written by the kernel, so buffers of held entries are leaked.
-        drop(self.ring.take());
+        // SAFETY: neither field is used after this, and each is dropped once.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
         if held {
             log::debug!(
                 "FUSE ring queue {}: entries still registered, their buffers are leaked",
                 self.qid
             );
-            std::mem::forget(self.buffers.take());
+        } else {
+            // SAFETY: as above; no entry is the kernel's and its ring is closed.
+            unsafe { ManuallyDrop::drop(&mut self.buffers) };
         }
     }
 }
@@ -593,6 +595,7 @@ const _: fn() = || <FuseQueue as AmbiguousIfSend<_>>::check();
 pub struct RingRequest<'q> {
     queue: &'q mut FuseQueue,
     idx: usize,
+    commit_id: u64,
     committed: bool,
 }
 
@@ -625,10 +628,7 @@ impl RingRequest<'_> {
 
     /// The `unique` of the request (its commit id).
     pub fn unique(&self) -> u64 {
-        match self.queue.entries[self.idx] {
-            Entry::User { commit_id } => commit_id,
-            _ => unreachable!("a RingRequest holds a User entry"),
-        }
+        self.commit_id
     }
 
     /// The reply buffers: the 16-byte fuse_out_header area (it overlays the in
@@ -652,7 +652,7 @@ impl RingRequest<'_> {
         self.committed = true;
         if payload_len > self.queue.payload_size {
             self.reply_error_in_place(libc::EIO);
-            self.queue.commit(self.idx, 0)?;
+            self.queue.commit(self.idx, self.commit_id, 0)?;
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -661,7 +661,7 @@ impl RingRequest<'_> {
                 ),
             ));
         }
-        self.queue.commit(self.idx, payload_len)
+        self.queue.commit(self.idx, self.commit_id, payload_len)
     }
 
     fn reply_error_in_place(&mut self, errno: i32) {
@@ -679,7 +679,7 @@ impl Drop for RingRequest<'_> {
             return;
         }
         self.reply_error_in_place(libc::EIO);
-        if let Err(e) = self.queue.commit(self.idx, 0) {
+        if let Err(e) = self.queue.commit(self.idx, self.commit_id, 0) {
             log::debug!("FUSE ring: EIO reply to a dropped request: {e}");
         }
     }
