@@ -37,6 +37,11 @@ pub struct StrataFs {
     exec_handles: DashMap<u64, u64>,
 }
 
+/// The largest write (and read) the kernel is asked to send in one request; also
+/// the payload buffer each ring entry needs (fs/fuse/dev_uring.c, fuse_uring_create:
+/// the larger of max_write and max_pages pages, which fuser sets to match).
+pub(super) const MAX_WRITE: usize = 1 << 20;
+
 /// The kernel's `__FMODE_EXEC`, which it leaves in the flags of the open an exec makes.
 const OPEN_FOR_EXEC: i32 = 0o40;
 
@@ -371,7 +376,7 @@ impl StrataFs {
         {
             log::info!("POSIX ACLs not offered by the kernel");
         }
-        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_write(MAX_WRITE as u32);
     }
 
     pub(super) fn lookup(&self, parent: u64, name: &OsStr, reply: impl EntryReply) {

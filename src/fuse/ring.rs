@@ -29,7 +29,7 @@ use fuser::{
     KernelConfig, SessionACL,
 };
 
-use super::adapter::{AttrChange, StrataFs};
+use super::adapter::{AttrChange, MAX_WRITE, StrataFs};
 use super::reply::{
     AttrReply, Backing, CreateReply, DataReply, DirPlusReply, DirReply, EmptyReply, EntryReply,
     Fails, IoctlReply, LseekReply, MakesBacking, OpenReply, StatfsReply, WriteReply, XattrReply,
@@ -136,7 +136,7 @@ pub(super) fn offer(plan: RingPlan, fs: &Arc<StrataFs>, config: &mut KernelConfi
                 // Not pinned to its queue's CPU (libfuse pins): on two CPUs a pinned
                 // thread competes with the requester it serves, and untar took 1.2x
                 // the /dev/fuse time pinned, 1.05x unpinned (scripts/bench --quick).
-                let queue = match FuseQueue::new(dev.as_fd(), qid, ENTRIES_PER_THREAD, PAYLOAD) {
+                let queue = match FuseQueue::new(dev.as_fd(), qid, ENTRIES_PER_THREAD, MAX_WRITE) {
                     Ok(q) => q,
                     Err(e) => return drop(queue_made.send(Err(e))),
                 };
@@ -175,12 +175,6 @@ pub(super) fn offer(plan: RingPlan, fs: &Arc<StrataFs>, config: &mut KernelConfi
         None => {}
     }
 }
-
-/// The payload buffer the kernel requires of every entry: room for the largest
-/// request or reply (fs/fuse/dev_uring.c, fuse_uring_create: the larger of
-/// max_write and max_pages pages). `negotiate` sets max_write to 1 MiB, and fuser
-/// max_pages to match it.
-const PAYLOAD: usize = 1 << 20;
 
 /// The queue of each thread: one queue per possible CPU (the kernel's queue index
 /// is the requester's CPU), and as many threads on each as the thread budget

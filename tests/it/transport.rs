@@ -12,9 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::fixture::{self, LayerBuilder, Layers, StrataMount};
-
-const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+use crate::fixture::{self, FUSE_ENABLE_URING, LayerBuilder, Layers, StrataMount};
 
 /// One test at a time changes the parameter.
 static PARAMETER: Mutex<()> = Mutex::new(());
@@ -26,25 +24,20 @@ struct UringParameter {
 }
 
 impl UringParameter {
-    /// None (the test then passes vacuously, saying why) on a kernel without FUSE
-    /// over io_uring (before 6.14, or built without CONFIG_FUSE_IO_URING).
-    fn set(on: bool) -> Option<Self> {
+    fn set(on: bool) -> Self {
         let serial = PARAMETER.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(before) = fs::read_to_string(ENABLE_URING) else {
-            eprintln!("skipped: {ENABLE_URING} missing (no FUSE over io_uring in this kernel)");
-            return None;
-        };
-        fs::write(ENABLE_URING, if on { "Y" } else { "N" }).expect("set fuse.enable_uring");
-        Some(UringParameter {
+        let before = fs::read_to_string(FUSE_ENABLE_URING).expect("read fuse.enable_uring");
+        fs::write(FUSE_ENABLE_URING, if on { "Y" } else { "N" }).expect("set fuse.enable_uring");
+        UringParameter {
             before: before.trim().to_string(),
             _serial: serial,
-        })
+        }
     }
 }
 
 impl Drop for UringParameter {
     fn drop(&mut self) {
-        let _ = fs::write(ENABLE_URING, &self.before);
+        let _ = fs::write(FUSE_ENABLE_URING, &self.before);
     }
 }
 
@@ -53,18 +46,6 @@ fn layers() -> Layers {
         .file("etc/motd", b"lower motd\n")
         .file("etc/hosts", b"127.0.0.1 localhost\n")
         .dir("var/lib")])
-}
-
-/// The daemon with `extra` options and info-level logging, which names the
-/// transport it got.
-fn mount(l: &Layers, extra: &str) -> StrataMount {
-    StrataMount::with_env(
-        &format!("{}{extra}", l.rw_options()),
-        &[],
-        &[("STRATAFS_LOG", "info")],
-        &l.merged,
-        &l.root,
-    )
 }
 
 /// A little of everything a container does, checked through the mount and in the
@@ -115,13 +96,27 @@ fn exercise(m: &StrataMount, upper: &Path) {
     );
 }
 
-/// Names of the daemon's threads.
-fn thread_names(pid: u32) -> Vec<String> {
-    fs::read_dir(format!("/proc/{pid}/task"))
+/// With fuse.enable_uring `offered`, mounts with `extra` options (and info-level
+/// logging, which names the transport), runs [`exercise`] and unmounts. Answers
+/// the daemon's log and how many `ring-*` threads it had.
+fn serve_workload(offered: bool, extra: &str) -> (String, usize) {
+    let _param = UringParameter::set(offered);
+    let l = layers();
+    let mut m = StrataMount::with_env(
+        &format!("{}{extra}", l.rw_options()),
+        &[],
+        &[("STRATAFS_LOG", "info")],
+        &l.merged,
+        &l.root,
+    );
+    exercise(&m, &l.upper);
+    let rings = fs::read_dir(format!("/proc/{}/task", m.pid()))
         .unwrap()
         .filter_map(|t| fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .collect()
+        .filter(|c| c.starts_with("ring-"))
+        .count();
+    assert!(m.unmount().success(), "{}", m.log_text());
+    (m.log_text(), rings)
 }
 
 /// `io_uring=1` on a kernel that offers the ring: the ring carries the requests.
@@ -130,42 +125,25 @@ fn thread_names(pid: u32) -> Vec<String> {
 /// interrupts: the workload completing shows that the ring threads served it.
 #[test]
 fn with_io_uring_1_requests_come_over_the_ring_where_the_kernel_offers_it() {
-    if !fixture::require_fuse() {
+    if !fixture::require_fuse_uring() {
         return;
     }
-    let Some(_param) = UringParameter::set(true) else {
-        return;
-    };
-    let l = layers();
-    let mut m = mount(&l, ",io_uring=1");
-    exercise(&m, &l.upper);
-    let log = m.log_text();
+    let (log, rings) = serve_workload(true, ",io_uring=1");
     assert!(
         log.contains("requests over io_uring:"),
         "the daemon did not say it serves over io_uring; log:\n{log}"
     );
-    let rings = thread_names(m.pid())
-        .into_iter()
-        .filter(|n| n.starts_with("ring-"))
-        .count();
-    assert!(rings >= 1, "no ring-* threads in the daemon");
-    assert!(m.unmount().success(), "{}", m.log_text());
+    assert!(rings >= 1, "no ring-* threads in the daemon; log:\n{log}");
 }
 
 /// Without the kernel's offer, `io_uring=1` serves over /dev/fuse, says so at
 /// info level only, and behaves the same.
 #[test]
 fn with_io_uring_1_but_no_offer_requests_come_over_dev_fuse() {
-    if !fixture::require_fuse() {
+    if !fixture::require_fuse_uring() {
         return;
     }
-    let Some(_param) = UringParameter::set(false) else {
-        return;
-    };
-    let l = layers();
-    let mut m = mount(&l, ",io_uring=1");
-    exercise(&m, &l.upper);
-    let log = m.log_text();
+    let (log, rings) = serve_workload(false, ",io_uring=1");
     assert!(
         log.contains("INFO") && log.contains("does not offer FUSE over io_uring"),
         "the daemon did not say why it serves over /dev/fuse; log:\n{log}"
@@ -174,30 +152,19 @@ fn with_io_uring_1_but_no_offer_requests_come_over_dev_fuse() {
         !log.contains("WARN"),
         "a fallback is not a warning; log:\n{log}"
     );
-    assert!(!thread_names(m.pid()).iter().any(|n| n.starts_with("ring-")));
-    assert!(m.unmount().success(), "{}", m.log_text());
+    assert_eq!(rings, 0, "log:\n{log}");
 }
 
 /// The default keeps requests on /dev/fuse even where the ring is offered, and
 /// `io_uring=0` says the same explicitly.
 #[test]
 fn by_default_requests_stay_on_dev_fuse_even_where_the_ring_is_offered() {
-    if !fixture::require_fuse() {
+    if !fixture::require_fuse_uring() {
         return;
     }
-    let Some(_param) = UringParameter::set(true) else {
-        return;
-    };
     for extra in ["", ",io_uring=0"] {
-        let l = layers();
-        let mut m = mount(&l, extra);
-        exercise(&m, &l.upper);
-        assert!(
-            m.log_text().contains("config: transport /dev/fuse"),
-            "{}",
-            m.log_text()
-        );
-        assert!(!thread_names(m.pid()).iter().any(|n| n.starts_with("ring-")));
-        assert!(m.unmount().success(), "{}", m.log_text());
+        let (log, rings) = serve_workload(true, extra);
+        assert!(log.contains("config: transport /dev/fuse"), "{log}");
+        assert_eq!(rings, 0, "log:\n{log}");
     }
 }
