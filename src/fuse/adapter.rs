@@ -648,9 +648,16 @@ impl StrataFs {
         }
     }
 
+    /// Answered ENOSYS, after which the kernel sends no FLUSH on this connection
+    /// again (`fc->no_flush`) and a close costs no round trip: a close has nothing
+    /// to hand the daemon. Writes served by the daemon reach the layer file at each
+    /// WRITE, passthrough writes never come here, and POSIX locks are the kernel's
+    /// own (there are no lock handlers), so no lock owner needs releasing. The
+    /// kernel still writes back dirty pages at close and reports their errors
+    /// before the point where it would have sent the request (fuse_flush).
     pub(super) fn flush(&self, ino: u64, reply: impl EmptyReply) {
         let _w = self.start("flush", ino, None);
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     pub(super) fn release(&self, ino: u64, fh: u64, reply: impl EmptyReply) {

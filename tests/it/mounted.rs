@@ -1645,15 +1645,6 @@ fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
     for i in 0..5 {
         fs::create_dir(m.join(&format!("d{i}"))).unwrap();
     }
-    let count = |table: &str, op: &str| -> u64 {
-        table
-            .lines()
-            .find_map(|l| {
-                let mut cols = l.split_whitespace();
-                (cols.next() == Some(op)).then(|| cols.next().unwrap().parse().unwrap())
-            })
-            .unwrap_or(0)
-    };
     // A request is counted when its handler returns, just after its reply: the
     // last mkdir may still be finishing when the first dump is written, so signal
     // until the dump shows it (each SIGUSR1 writes the counters of that moment).
@@ -1663,7 +1654,7 @@ fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
         assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGUSR1) }, 0);
         std::thread::sleep(std::time::Duration::from_millis(20));
         if let Ok(t) = fs::read_to_string(&stats) {
-            if count(&t, "mkdir") == 5 {
+            if request_count(&t, "mkdir") == 5 {
                 break t;
             }
         }
@@ -1678,6 +1669,70 @@ fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
     fs::remove_dir(m.join("d0")).unwrap();
     m.unmount();
     let table = fs::read_to_string(&stats).unwrap();
-    assert_eq!(count(&table, "mkdir"), 5, "{table}");
-    assert_eq!(count(&table, "rmdir"), 1, "{table}");
+    assert_eq!(request_count(&table, "mkdir"), 5, "{table}");
+    assert_eq!(request_count(&table, "rmdir"), 1, "{table}");
+}
+
+/// A close costs no request: the daemon has nothing to do at FLUSH, so it answers
+/// the first one ENOSYS and the kernel sends no more (untar, `npm ci` and copy-ups
+/// close every file they write). What was written before each close is there
+/// after it, through the mount and in the upper layer.
+#[test]
+fn closing_files_sends_no_flush_after_the_first() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerBuilder::new().file("lower", b"lower")]);
+    let stats = l.root.join("stats");
+    let mut m = StrataMount::with_env(
+        &l.rw_options(),
+        &[],
+        &[("STRATAFS_STATS", stats.to_str().unwrap())],
+        &l.merged,
+        &l.root,
+    );
+    for i in 0..20 {
+        fs::write(m.join(&format!("f{i}")), format!("data {i}")).unwrap();
+    }
+    // A lower file opened for writing is copied up; its close is a close too.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("lower"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    for i in 0..20 {
+        assert_eq!(
+            fs::read(m.join(&format!("f{i}"))).unwrap(),
+            format!("data {i}").as_bytes()
+        );
+    }
+    m.unmount();
+    for i in 0..20 {
+        assert_eq!(
+            fs::read(l.upper.join(format!("f{i}"))).unwrap(),
+            format!("data {i}").as_bytes()
+        );
+    }
+    assert_eq!(fs::read(l.upper.join("lower")).unwrap(), b"lower+");
+    let table = fs::read_to_string(&stats).unwrap();
+    assert!(
+        request_count(&table, "release") >= 41,
+        "every close is released:\n{table}"
+    );
+    assert!(
+        request_count(&table, "flush") <= 1,
+        "closes after the first sent FLUSH:\n{table}"
+    );
+}
+
+/// The count of requests of opcode `op` in a `STRATAFS_STATS` table.
+fn request_count(table: &str, op: &str) -> u64 {
+    table
+        .lines()
+        .find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(op)).then(|| cols.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or(0)
 }
