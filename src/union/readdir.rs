@@ -4,10 +4,14 @@
 //! - Each name appears once, from the highest layer that has it; whiteouts (both
 //!   formats), the opaque marker and every `.wh.*` name are never listed; a whiteout
 //!   hides the name only in the layers below its own.
-//! - A listing is a snapshot taken at opendir (and again on a rewind to offset 0);
-//!   the offset of an entry is its position in the snapshot, so offsets are stable
-//!   for the life of the handle and a directory changed while being read can neither
-//!   loop nor skip entries of the snapshot.
+//! - A listing is a snapshot taken at the handle's first read (and again on a
+//!   rewind to offset 0); the offset of an entry is its position in the snapshot, so
+//!   offsets are stable for the life of the handle and a directory changed while
+//!   being read can neither loop nor skip entries of the snapshot.
+//! - opendir lists nothing: the kernel serves most reads of a directory it has
+//!   listed once from its own cache (FOPEN_CACHE_DIR) and then opens and releases
+//!   the directory without reading it, so a snapshot taken at open would be work
+//!   for nothing (warm walks and `git status` open every directory).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -37,7 +41,8 @@ pub struct DirEntry {
 
 pub struct DirHandle {
     pub ino: Ino,
-    entries: Mutex<Arc<Vec<DirEntry>>>,
+    /// None until the first read.
+    entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
 /// A name found in one layer while merging.
@@ -168,32 +173,34 @@ impl Union {
         if !inode.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        let entries = self.snapshot(&inode)?;
         let fh = self.new_handle();
         self.dirs.insert(
             fh,
             Arc::new(DirHandle {
                 ino,
-                entries: Mutex::new(Arc::new(entries)),
+                entries: Mutex::new(None),
             }),
         );
         Ok(fh)
     }
 
-    /// The entries from `offset` on. Offset 0 (a rewind) takes a fresh snapshot.
+    /// The handle's snapshot. The first read and a rewind (offset 0) take a fresh
+    /// one. The lock is not held while listing, which takes inode locks.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Arc<Vec<DirEntry>>> {
         let handle = self
             .dirs
             .get(&fh)
             .map(|h| h.value().clone())
             .ok_or(Errno::BADF)?;
-        if offset == 0 {
-            let inode = self.inode(handle.ino)?;
-            let fresh = Arc::new(self.snapshot(&inode)?);
-            *handle.entries.lock() = fresh.clone();
-            return Ok(fresh);
+        if offset != 0 {
+            if let Some(entries) = handle.entries.lock().clone() {
+                return Ok(entries);
+            }
         }
-        Ok(handle.entries.lock().clone())
+        let inode = self.inode(handle.ino)?;
+        let fresh = Arc::new(self.snapshot(&inode)?);
+        *handle.entries.lock() = Some(fresh.clone());
+        Ok(fresh)
     }
 
     /// Hands the entries of directory handle `fh` from `offset` on to `add`, until
