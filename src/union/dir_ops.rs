@@ -38,8 +38,12 @@ enum Slot {
     Occupied,
 }
 
+/// An AUFS whiteout counts even in a directory with no layers below, where it hides
+/// nothing: a new entry replaces it, so that the upper layer never holds a name and
+/// its whiteout side by side (which tools applying the layer as an image diff read
+/// in either order).
 fn upper_slot(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Slot> {
-    Ok(match whiteout::probe(dir, name)? {
+    Ok(match whiteout::probe(dir, name, true)? {
         whiteout::Probe::Entry(_) => Slot::Occupied,
         whiteout::Probe::CharWhiteout => Slot::CharWhiteout,
         whiteout::Probe::AufsWhiteout => Slot::AufsWhiteout,

@@ -46,9 +46,10 @@ enum Probe {
     WhitedOut,
 }
 
-/// Looks for `name` in one layer's copy of a directory.
-fn probe(dir: &OwnedFd, name: &OsStr) -> Result<Probe> {
-    Ok(match whiteout::probe(dir.as_fd(), name)? {
+/// Looks for `name` in one layer's copy of a directory; `layers_below` as for
+/// [`whiteout::probe`].
+fn probe(dir: &OwnedFd, name: &OsStr, layers_below: bool) -> Result<Probe> {
+    Ok(match whiteout::probe(dir.as_fd(), name, layers_below)? {
         whiteout::Probe::Entry(st) => Probe::Entry(st),
         whiteout::Probe::CharWhiteout | whiteout::Probe::AufsWhiteout => Probe::WhitedOut,
         whiteout::Probe::Missing => Probe::Missing,
@@ -182,7 +183,9 @@ impl Union {
         let mut found: Option<Found> = None;
         for (pos, &idx) in refs.iter().enumerate() {
             let pfd = self.dir_fd(parent, idx)?;
-            let st = match probe(&pfd, name).in_layer_of(self, idx)? {
+            // A whiteout in the last layer of the merge stops nothing.
+            let layers_below = pos + 1 < refs.len();
+            let st = match probe(&pfd, name, layers_below).in_layer_of(self, idx)? {
                 Probe::WhitedOut => break,
                 Probe::Missing => continue,
                 Probe::Entry(st) => st,
@@ -271,7 +274,7 @@ impl Union {
     ) -> Result<Option<LayerIdx>> {
         for &idx in below {
             let dir = self.dir_fd(parent, idx)?;
-            match probe(&dir, name)? {
+            match probe(&dir, name, true)? {
                 Probe::Missing => continue,
                 Probe::Entry(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
                     return Ok(Some(idx));
@@ -329,7 +332,7 @@ impl Union {
             .filter(|i| *i != super::UPPER || !self.upper)
         {
             let pfd = self.dir_fd(parent, idx)?;
-            match probe(&pfd, name)? {
+            match probe(&pfd, name, true)? {
                 Probe::WhitedOut => return Ok(false),
                 Probe::Missing => continue,
                 Probe::Entry(_) => return Ok(true),
@@ -379,7 +382,7 @@ impl Union {
         }
         if has_upper && self.upper {
             let ufd = self.dir_fd(&p, super::UPPER)?;
-            if !matches!(probe(&ufd, name)?, Probe::Missing) {
+            if !matches!(probe(&ufd, name, true)?, Probe::Missing) {
                 return self.lookup(parent, name);
             }
         }

@@ -104,7 +104,7 @@ pub(crate) fn walk(root: BorrowedFd<'_>, path: &OsStr) -> Result<Walk> {
     {
         let name = OsStr::from_bytes(comp);
         let dir = cur.as_ref().map_or(root, |f| f.as_fd());
-        match whiteout::probe(dir, name)? {
+        match whiteout::probe(dir, name, true)? {
             whiteout::Probe::Entry(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
             whiteout::Probe::Missing if !opaque => return Ok(Walk::Missing),
             _ => return Ok(Walk::Stop),

@@ -82,10 +82,16 @@ pub(crate) enum Probe {
 /// Looks `name` up in `dir` as the overlay format reads it. Only a failure to stat
 /// the name itself is an error: a name too long to carry the AUFS prefix (or any
 /// other failure to stat `.wh.NAME`) means it has no AUFS whiteout.
-pub(crate) fn probe(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Probe> {
+///
+/// `layers_below`: whether layers below this directory's count for the caller. A
+/// `.wh.NAME` hides the name only below its own layer, so without such layers it is
+/// not looked for (one stat fewer for every miss at the bottom of a merge, and in
+/// every directory that lives in the upper layer alone) and the answer is `Missing`.
+pub(crate) fn probe(dir: BorrowedFd<'_>, name: &OsStr, layers_below: bool) -> SysResult<Probe> {
     match sys::fs::stat_at(dir, name) {
         Ok(st) if is_whiteout_stat(st.st_mode, st.st_rdev) => Ok(Probe::CharWhiteout),
         Ok(st) => Ok(Probe::Entry(st)),
+        Err(Errno::NOENT) if !layers_below => Ok(Probe::Missing),
         Err(Errno::NOENT) => match sys::fs::stat_at(dir, &whiteout_name(name)) {
             Ok(_) => Ok(Probe::AufsWhiteout),
             Err(_) => Ok(Probe::Missing),
