@@ -473,6 +473,33 @@ pub fn inode_flags(fd: BorrowedFd<'_>) -> SysResult<u32> {
     rustix::fs::ioctl_getflags(fd).map(|f| f.bits())
 }
 
+/// The append-only and immutable flags of the entry `dir/name` (not followed), as
+/// FS_IOC_GETFLAGS bits, from statx: no open and no read access needed. None where
+/// the filesystem does not report both in statx's attributes.
+pub fn protection_flags_at(dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<Option<u32>> {
+    let stx = rustix::fs::statx(
+        dir,
+        name,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        rustix::fs::StatxFlags::TYPE,
+    )?;
+    use rustix::fs::{IFlags, StatxAttributes};
+    let pairs = [
+        (StatxAttributes::IMMUTABLE, IFlags::IMMUTABLE),
+        (StatxAttributes::APPEND, IFlags::APPEND),
+    ];
+    let mut flags = 0;
+    for (attr, flag) in pairs {
+        if !stx.stx_attributes_mask.contains(attr) {
+            return Ok(None);
+        }
+        if stx.stx_attributes.contains(attr) {
+            flags |= flag.bits();
+        }
+    }
+    Ok(Some(flags))
+}
+
 /// Sets the inode flags of an open file or directory (FS_IOC_SETFLAGS, as chattr
 /// does). The layer filesystem checks the daemon's own privileges (append-only and
 /// immutable need CAP_LINUX_IMMUTABLE) and answers EPERM without them.

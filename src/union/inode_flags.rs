@@ -131,7 +131,12 @@ impl Union {
         name: &OsStr,
         change: Change,
     ) -> Result<()> {
-        let flags = self.lower_flags_at(dir, name)?;
+        // statx where the layer reports the two flags there: one call instead of an
+        // open, an ioctl and a close for every removal of a lower file.
+        let flags = match sys::fs::protection_flags_at(dir, name)? {
+            Some(flags) => flags,
+            None => self.lower_flags_at(dir, name)?,
+        };
         if refuses(flags, change) {
             log::debug!(
                 "{:?}: the lower file is {}, refusing the change",
