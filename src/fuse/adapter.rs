@@ -199,6 +199,27 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// A negative entry: of its attributes the kernel reads only the node id, 0.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 /// What a SETATTR asks to change; `None` leaves an attribute as it is.
 pub(super) struct AttrChange {
     pub mode: Option<u32>,
@@ -379,10 +400,28 @@ impl StrataFs {
         let _ = config.set_max_write(MAX_WRITE as u32);
     }
 
+    /// A name that is not there is answered as a negative entry (node id 0) that
+    /// the kernel may keep as long as the parent's attributes, so that repeated
+    /// probes of absent names (`git status` reading .gitignore in every directory,
+    /// compilers searching include paths, `$PATH` lookups) cost no round trip: every
+    /// change that can make a name appear in a layered directory arrives through
+    /// this mount on that very dentry. Under a graft, which the host and other
+    /// mounts change behind the kernel's back, the lifetime is zero and the answer
+    /// is ENOENT, as before.
     pub(super) fn lookup(&self, parent: u64, name: &OsStr, reply: impl EntryReply) {
         let w = self.start("lookup", parent, Some(name));
         match self.engine.lookup(parent, name) {
             Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+            Err(e) if e.errno() == union::Errno::NOENT => {
+                let ttl = self.engine.attr_ttl(parent);
+                // Logged as any miss, whichever way it is answered.
+                let errno = self.fail(&w, e);
+                if ttl.is_zero() {
+                    reply.error(errno)
+                } else {
+                    reply.entry(&ttl, &negative_entry(), Generation(0))
+                }
+            }
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }

@@ -379,6 +379,15 @@ fn share_without_stale_caches(s: &Scene, volume: &str) {
 
     fs::write(&host, "host").unwrap();
     assert_eq!(fs::read_to_string(&fa).unwrap(), "host");
+    // A miss is not cached under a graft: a name the host or the other mount makes
+    // after it is found at once.
+    for (maker, name) in [(s.data(volume), "by-host"), (b.join("srv/data"), "by-b")] {
+        let seen = a.join("data").join(name);
+        assert_errno("stat before it was made", res(fs::metadata(&seen)), ENOENT);
+        fs::write(maker.join(name), name).unwrap();
+        assert_eq!(fs::read_to_string(&seen).unwrap(), name);
+        fs::remove_file(&seen).unwrap();
+    }
     assert_eq!(fs::metadata(&fb).unwrap().len(), 4);
     // Listings are not cached either: each is taken after one was already read.
     assert_eq!(files_in(&a.join("data")), ["f"]);
