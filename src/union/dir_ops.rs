@@ -411,14 +411,16 @@ impl Union {
     /// upper copy exists. A directory must already be known to be empty there.
     fn remove_entry(&self, parent: &Inode, name: &OsStr, found: &Found) -> Result<()> {
         let ufd = self.dir_fd(parent, UPPER)?;
-        let needs_whiteout = self.lower_has(parent, name)?;
         let in_upper = found.top_layer() == UPPER;
+        // An entry found below the upper layer is there: no need to look again.
+        let needs_whiteout = !in_upper || self.lower_has(parent, name)?;
         let is_dir = found.kind == libc::S_IFDIR;
         if needs_whiteout {
             log::debug!("whiteout {}", self.describe(parent.ino, Some(name)));
         }
         if !in_upper {
-            return whiteout::write_whiteout(ufd.as_fd(), name, self.whiteout_style)
+            return self
+                .make_whiteout(ufd.as_fd(), name)
                 .doing("writing a whiteout");
         }
         if needs_whiteout && self.whiteout_style == WhiteoutStyle::CharDevice {
@@ -431,7 +433,7 @@ impl Union {
             };
             return self
                 .publish_from_work(
-                    |work, temp| Ok(sys::fs::mknod_at(work, temp, libc::S_IFCHR, 0)?),
+                    |work, temp| Ok(self.make_whiteout(work, temp)?),
                     ufd.as_fd(),
                     name,
                     kind,

@@ -224,6 +224,9 @@ pub struct Union {
     work: Option<Arc<OwnedFd>>,
     /// `workdir/index` (see [`Workdir::index`]).
     index: Option<Arc<OwnedFd>>,
+    /// `workdir` itself, where the shared whiteout lives (not in `work`, which is
+    /// empty whenever no step is under way).
+    workdir_root: Option<OwnedFd>,
     whiteout_style: WhiteoutStyle,
     /// Where this mount writes redirect, origin and other private markers.
     xattr_ns: XattrNs,
@@ -237,6 +240,9 @@ pub struct Union {
     /// Whether reflinks (FICLONE) may work on the upper filesystem: cleared on the
     /// first refusal so that later copy-ups do not ask again.
     reflink: std::sync::atomic::AtomicBool,
+    /// Whether char-device whiteouts may be links of the shared one (see
+    /// `whiteout::SHARED_WHITEOUT`): cleared on the first refusal of the link.
+    shared_whiteout: std::sync::atomic::AtomicBool,
     /// This daemon's pid, part of staged names (the process may fork before use).
     pid: u32,
     opts: Options,

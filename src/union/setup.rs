@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use dashmap::DashMap;
 
 use super::inode::{InodeState, InodeTable, LayerRef, ROOT_INO};
-use super::whiteout::{self, WhiteoutStyle, XattrNs};
+use super::whiteout::{self, SHARED_WHITEOUT, WhiteoutStyle, XattrNs};
 use super::{DEFAULT_TTL, Error, Options, Result, Union, graft, hardlink, owner, remove_tree};
 use crate::config::MountConfig;
 use crate::layer::{Layer, assign_ino_bits};
@@ -150,9 +150,13 @@ impl Union {
             .as_ref()
             .map_or(WhiteoutStyle::CharDevice, |w| w.whiteout_style);
         let xattr_ns = workdir.as_ref().map_or(XattrNs::User, |w| w.xattr_ns);
-        let (work, index) = match workdir {
-            Some(w) => (Some(Arc::new(w.work)), Some(Arc::new(w.index))),
-            None => (None, None),
+        let (work, index, workdir_root) = match workdir {
+            Some(w) => (
+                Some(Arc::new(w.work)),
+                Some(Arc::new(w.index)),
+                Some(w.root),
+            ),
+            None => (None, None, None),
         };
         let hardlinks = hardlink::AliasMaps::new(layers.len());
         let opts = Options {
@@ -171,6 +175,7 @@ impl Union {
             upper,
             work,
             index,
+            workdir_root,
             whiteout_style,
             xattr_ns,
             hardlinks,
@@ -180,6 +185,7 @@ impl Union {
             next_handle: AtomicU64::new(1),
             next_temp: AtomicU64::new(1),
             reflink: std::sync::atomic::AtomicBool::new(true),
+            shared_whiteout: std::sync::atomic::AtomicBool::new(true),
             pid: std::process::id(),
             opts,
             owner,
@@ -231,6 +237,9 @@ struct Workdir {
     /// `workdir/work`: staging for copy-ups and new entries; emptied at mount (a crash
     /// during a copy-up leaves only staged copies there, never user data).
     work: OwnedFd,
+    /// The work directory itself, which holds the shared whiteout
+    /// ([`SHARED_WHITEOUT`]) beside `work` and `index`.
+    root: OwnedFd,
     /// `workdir/index`: copies of lower hard-link groups while their names are being
     /// linked up; kept across mounts so an interrupted link-up is finished later.
     index: OwnedFd,
@@ -289,8 +298,15 @@ fn prepare_workdir(
         }
         Err(_) => XattrNs::User,
     };
+    // Made anew by the first whiteout: one left by an earlier mount may be near the
+    // link limit, and a mount must not depend on what it finds there.
+    match sys::fs::unlink_at(root.as_fd(), OsStr::new(SHARED_WHITEOUT)) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(e) => return Err(fail(e)),
+    }
     Ok(Workdir {
         work,
+        root,
         index,
         whiteout_style,
         xattr_ns,

@@ -958,8 +958,7 @@ fn copy_up_leaves_the_file_in_upper_and_nothing_in_workdir() {
     assert_eq!(fs::read(l.upper.join("mv/dst")).unwrap(), b"src");
     assert_eq!(lstat(&l.upper.join("chm")).unwrap().mode() & 0o7777, 0o711);
 
-    let mut left = Vec::new();
-    files_under(&l.work, &mut left);
+    let left = leftovers_beside_the_shared_whiteout(&l.work, &l.upper.join("gone"));
     assert!(
         left.is_empty(),
         "leftovers in the workdir after copy-ups: {left:?}"
@@ -972,12 +971,32 @@ fn copy_up_leaves_the_file_in_upper_and_nothing_in_workdir() {
         );
     }
     drop(m);
-    let mut left = Vec::new();
-    files_under(&l.work, &mut left);
+    let left = leftovers_beside_the_shared_whiteout(&l.work, &l.upper.join("gone"));
     assert!(
         left.is_empty(),
         "leftovers in the workdir after unmount: {left:?}"
     );
+}
+
+/// The files under `workdir` but the whiteout that whiteouts are links of, which
+/// stays there as kernel overlayfs's does: it must be a char device 0/0 (no data)
+/// and the same inode as the upper whiteout `whiteout`.
+fn leftovers_beside_the_shared_whiteout(workdir: &Path, whiteout: &Path) -> Vec<PathBuf> {
+    let shared = workdir.join("#stratafs-whiteout");
+    let mut left = Vec::new();
+    files_under(workdir, &mut left);
+    left.retain(|p| *p != shared);
+    let (s, w) = (lstat(&shared).unwrap(), lstat(whiteout).unwrap());
+    assert!(
+        s.file_type().is_char_device() && s.rdev() == 0,
+        "{shared:?}"
+    );
+    assert_eq!(
+        (s.dev(), s.ino()),
+        (w.dev(), w.ino()),
+        "{whiteout:?} is not a link of it"
+    );
+    left
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1802,4 +1821,59 @@ fn absent_names_are_cached_and_appear_once_made() {
         lookups < misses * 3,
         "{lookups} lookups for {misses} absent names probed 5 times each:\n{table}"
     );
+}
+
+/// Whiteouts are links of one shared whiteout, as kernel overlayfs makes them (no
+/// inode allocated per removed lower entry): the removed names stay hidden after a
+/// remount, whose whiteouts link a shared whiteout of its own, and kernel
+/// overlayfs reads the upper layer as stratafs does.
+#[test]
+fn whiteouts_share_one_inode_and_hide_across_mounts() {
+    if !fixture::require_fuse_and_kernel_overlay() {
+        return;
+    }
+    let l = Layers::new(&[LayerBuilder::new()
+        .file("a", b"a")
+        .file("b", b"b")
+        .file("d/x", b"x")
+        .file("later", b"l")]);
+    let mut m = StrataMount::new(&l);
+    fs::remove_file(m.join("a")).unwrap();
+    fs::remove_file(m.join("b")).unwrap();
+    fs::remove_file(m.join("d/x")).unwrap();
+    fs::remove_dir(m.join("d")).unwrap();
+    let ids = |names: &[&str]| -> BTreeSet<(u64, u64)> {
+        names
+            .iter()
+            .map(|n| {
+                let st = lstat(&l.upper.join(n)).unwrap();
+                assert!(st.file_type().is_char_device() && st.rdev() == 0, "{n}");
+                (st.dev(), st.ino())
+            })
+            .collect()
+    };
+    assert_eq!(
+        ids(&["a", "b", "d"]).len(),
+        1,
+        "whiteouts of one mount share an inode"
+    );
+    m.remount();
+    for gone in ["a", "b", "d", "d/x"] {
+        assert_errno("stat after remount", lstat(&m.join(gone)), ENOENT);
+    }
+    fs::remove_file(m.join("later")).unwrap();
+    let after = ids(&["a", "later"]);
+    assert_eq!(
+        after.len(),
+        2,
+        "the remount links a shared whiteout of its own"
+    );
+    m.unmount();
+    let k = fixture::KernelOverlay::new(&l);
+    assert_eq!(
+        fixture::names(&l.merged),
+        Vec::<String>::new(),
+        "kernel overlayfs view"
+    );
+    drop(k);
 }
