@@ -1653,14 +1653,7 @@ fn request_stats_are_dumped_on_sigusr1_and_at_unmount() {
         return;
     }
     let l = Layers::new(&[LayerBuilder::new().file("a", b"a")]);
-    let stats = l.root.join("stats");
-    let mut m = StrataMount::with_env(
-        &l.rw_options(),
-        &[],
-        &[("STRATAFS_STATS", stats.to_str().unwrap())],
-        &l.merged,
-        &l.root,
-    );
+    let (mut m, stats) = mount_counting_requests(&l);
     for i in 0..5 {
         fs::create_dir(m.join(&format!("d{i}"))).unwrap();
     }
@@ -1702,14 +1695,7 @@ fn closing_files_sends_no_flush_after_the_first() {
         return;
     }
     let l = Layers::new(&[LayerBuilder::new().file("lower", b"lower")]);
-    let stats = l.root.join("stats");
-    let mut m = StrataMount::with_env(
-        &l.rw_options(),
-        &[],
-        &[("STRATAFS_STATS", stats.to_str().unwrap())],
-        &l.merged,
-        &l.root,
-    );
+    let (mut m, stats) = mount_counting_requests(&l);
     for i in 0..20 {
         fs::write(m.join(&format!("f{i}")), format!("data {i}")).unwrap();
     }
@@ -1745,6 +1731,20 @@ fn closing_files_sends_no_flush_after_the_first() {
     );
 }
 
+/// A read-write mount of `l` whose daemon counts its requests (`STRATAFS_STATS`)
+/// into the returned file.
+fn mount_counting_requests(l: &Layers) -> (StrataMount, PathBuf) {
+    let stats = l.root.join("stats");
+    let m = StrataMount::with_env(
+        &l.rw_options(),
+        &[],
+        &[("STRATAFS_STATS", stats.to_str().unwrap())],
+        &l.merged,
+        &l.root,
+    );
+    (m, stats)
+}
+
 /// The count of requests of opcode `op` in a `STRATAFS_STATS` table.
 fn request_count(table: &str, op: &str) -> u64 {
     table
@@ -1768,14 +1768,7 @@ fn absent_names_are_cached_and_appear_once_made() {
     let l = Layers::new(&[LayerBuilder::new()
         .file("lower/f", b"f")
         .file("src", b"moved")]);
-    let stats = l.root.join("stats");
-    let mut m = StrataMount::with_env(
-        &l.rw_options(),
-        &[],
-        &[("STRATAFS_STATS", stats.to_str().unwrap())],
-        &l.merged,
-        &l.root,
-    );
+    let (mut m, stats) = mount_counting_requests(&l);
     fs::create_dir(m.join("upper")).unwrap();
     let names = ["file", "dir", "fifo", "symlink", "link", "renamed"];
     let mut misses = 0;
