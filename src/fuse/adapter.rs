@@ -782,9 +782,7 @@ impl StrataFs {
     pub(super) fn statfs(&self, ino: u64, reply: impl StatfsReply) {
         let w = self.start("statfs", ino, None);
         match self.engine.statfs_at(ino) {
-            Ok(s) => reply.statfs(
-                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            ),
+            Ok(s) => reply.statfs(&s),
             Err(e) => reply.error(self.fail(&w, e)),
         }
     }

@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::sys::fuse_dev::RingBacking;
+use crate::union::StatFs;
 
 /// A passthrough backing file, made by the transport that will name it in its
 /// reply: the kernel's backing ids belong to the /dev/fuse connection, and fuser's
@@ -82,18 +83,7 @@ pub(crate) trait WriteReply: Fails {
 }
 
 pub(crate) trait StatfsReply: Fails {
-    #[allow(clippy::too_many_arguments)]
-    fn statfs(
-        self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    );
+    fn statfs(self, s: &StatFs);
 }
 
 pub(crate) trait XattrReply: Fails {
@@ -250,19 +240,9 @@ impl WriteReply for ReplyWrite {
 }
 
 impl StatfsReply for ReplyStatfs {
-    fn statfs(
-        self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
+    fn statfs(self, s: &StatFs) {
         ReplyStatfs::statfs(
-            self, blocks, bfree, bavail, files, ffree, bsize, namelen, frsize,
+            self, s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
         )
     }
 }

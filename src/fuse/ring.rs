@@ -38,7 +38,7 @@ use super::wire::{self, InHeader, Op, ReplyWriter};
 use crate::sys::fuse_dev::RingBacking;
 use crate::sys::fuse_ring::{self, FuseQueue};
 use crate::sys::process;
-use crate::union::Caller;
+use crate::union::{Caller, StatFs};
 
 /// Entries each queue thread registers. One: a thread serves one request at a
 /// time, and the kernel keeps the rest queued until the commit that fetches the
@@ -392,20 +392,8 @@ impl WriteReply for RingReply<'_> {
 }
 
 impl StatfsReply for RingReply<'_> {
-    fn statfs(
-        mut self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) {
-        let fitted = self
-            .out
-            .statfs(blocks, bfree, bavail, files, ffree, bsize, namelen, frsize);
+    fn statfs(mut self, s: &StatFs) {
+        let fitted = self.out.statfs(s);
         self.done_if(fitted)
     }
 }

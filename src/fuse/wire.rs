@@ -28,6 +28,8 @@ use fuser::{
     LockOwner, OpenFlags, RenameFlags, TimeOrNow, WriteFlags,
 };
 
+use crate::union::StatFs;
+
 /// The opcodes decoded here (include/uapi/linux/fuse.h, enum fuse_opcode).
 mod opcode {
     pub const LOOKUP: u32 = 1;
@@ -948,28 +950,17 @@ impl<'a> ReplyWriter<'a> {
     }
 
     /// `fuse_statfs_out`.
-    #[allow(clippy::too_many_arguments)]
     #[must_use]
-    pub fn statfs(
-        &mut self,
-        blocks: u64,
-        bfree: u64,
-        bavail: u64,
-        files: u64,
-        ffree: u64,
-        bsize: u32,
-        namelen: u32,
-        frsize: u32,
-    ) -> bool {
+    pub fn statfs(&mut self, s: &StatFs) -> bool {
         self.with(out_size::STATFS_OUT, |f| {
-            f.u64(blocks);
-            f.u64(bfree);
-            f.u64(bavail);
-            f.u64(files);
-            f.u64(ffree);
-            f.u32(bsize);
-            f.u32(namelen);
-            f.u32(frsize);
+            f.u64(s.blocks);
+            f.u64(s.bfree);
+            f.u64(s.bavail);
+            f.u64(s.files);
+            f.u64(s.ffree);
+            f.u32(s.bsize);
+            f.u32(s.namelen);
+            f.u32(s.frsize);
         })
     }
 
@@ -1070,6 +1061,18 @@ fn record(head: usize, name: &[u8]) -> Option<(u32, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A statfs answer whose fields all differ, in wire order.
+    const STATFS: StatFs = StatFs {
+        blocks: 1,
+        bfree: 2,
+        bavail: 3,
+        files: 4,
+        ffree: 5,
+        bsize: 6,
+        namelen: 7,
+        frsize: 8,
+    };
 
     /// A first argument or reply struct assembled field by field, native-endian.
     #[derive(Default)]
@@ -2077,7 +2080,7 @@ mod tests {
 
     #[test]
     fn statfs_out() {
-        let b = written(|w| w.statfs(1, 2, 3, 4, 5, 6, 7, 8));
+        let b = written(|w| w.statfs(&STATFS));
         assert_eq!(b.len(), 80);
         for (i, v) in [1, 2, 3, 4, 5].into_iter().enumerate() {
             assert_eq!(field64(&b, i * 8), v, "u64 field {i}");
@@ -2225,7 +2228,7 @@ mod tests {
             (16, Box::new(|w| w.open(1, 0, 0))),
             (144, Box::new(|w| w.create(&attr, TTL, 0, 1, 0, 0))),
             (8, Box::new(|w| w.write(1))),
-            (80, Box::new(|w| w.statfs(1, 1, 1, 1, 1, 1, 1, 1))),
+            (80, Box::new(|w| w.statfs(&STATFS))),
             (8, Box::new(|w| w.xattr_size(1))),
             (5, Box::new(|w| w.data(b"12345"))),
             (19, Box::new(|w| w.ioctl(0, b"abc"))),
@@ -2888,12 +2891,7 @@ mod tests {
                     b"abc",
                     ours(|w| w.write(3)),
                 ),
-                case(
-                    opcode::STATFS,
-                    none(),
-                    b"",
-                    ours(|w| w.statfs(1, 2, 3, 4, 5, 6, 7, 8)),
-                ),
+                case(opcode::STATFS, none(), b"", ours(|w| w.statfs(&STATFS))),
                 case(opcode::RELEASE, rel(3), b"", empty()),
                 case(opcode::RELEASE, rel(0), b"", empty()),
                 case(opcode::FSYNC, fsync(1), b"", empty()),

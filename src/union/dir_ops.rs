@@ -433,7 +433,7 @@ impl Union {
             };
             return self
                 .publish_from_work(
-                    |work, temp| Ok(self.make_whiteout(work, temp)?),
+                    |work, temp| self.make_whiteout(work, temp),
                     ufd.as_fd(),
                     name,
                     kind,

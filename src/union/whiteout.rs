@@ -209,11 +209,10 @@ impl Union {
     /// whiteouts a link of [`SHARED_WHITEOUT`] where the work directory's
     /// filesystem takes it, else a device node of its own. EEXIST if `name` exists
     /// (AUFS whiteouts: an existing one counts as success, as in [`write_whiteout`]).
-    pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> SysResult<()> {
-        let (Some(work), Some(root), WhiteoutStyle::CharDevice) =
-            (&self.work, &self.workdir_root, self.whiteout_style)
+    pub(crate) fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &OsStr) -> super::Result<()> {
+        let (Some(root), WhiteoutStyle::CharDevice) = (&self.workdir_root, self.whiteout_style)
         else {
-            return write_whiteout(dir, name, self.whiteout_style);
+            return Ok(write_whiteout(dir, name, self.whiteout_style)?);
         };
         let shared = OsStr::new(SHARED_WHITEOUT);
         for _ in 0..SHARED_WHITEOUT_TRIES {
@@ -222,38 +221,29 @@ impl Union {
             }
             let remade = match sys::fs::link_at(root.as_fd(), shared, dir, name) {
                 Ok(()) => return Ok(()),
-                Err(Errno::EXIST) => return Err(Errno::EXIST),
+                Err(Errno::EXIST) => return Err(Errno::EXIST.into()),
                 // Another thread making it at the same time is as good.
                 Err(Errno::NOENT) => {
                     match sys::fs::mknod_at(root.as_fd(), shared, libc::S_IFCHR, 0) {
                         Ok(()) | Err(Errno::EXIST) => Ok(()),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.into()),
                     }
                 }
                 // A fresh one takes its place; links made so far stay whiteouts.
-                Err(Errno::MLINK) => {
-                    let temp = self.temp_name();
-                    sys::fs::mknod_at(work.as_fd(), &temp, libc::S_IFCHR, 0).and_then(|()| {
-                        sys::fs::rename_at(
-                            work.as_fd(),
-                            &temp,
-                            root.as_fd(),
-                            shared,
-                            RenameKind::Replace,
-                        )
-                        .inspect_err(|_| {
-                            let _ = sys::fs::unlink_at(work.as_fd(), &temp);
-                        })
-                    })
-                }
-                Err(e) => Err(e),
+                Err(Errno::MLINK) => self.publish_from_work(
+                    |work, temp| Ok(sys::fs::mknod_at(work, temp, libc::S_IFCHR, 0)?),
+                    root.as_fd(),
+                    shared,
+                    RenameKind::Replace,
+                ),
+                Err(e) => Err(e.into()),
             };
             if let Err(e) = remade {
                 log::info!("whiteouts are device nodes of their own: the shared one failed ({e})");
                 self.shared_whiteout.store(false, Ordering::Relaxed);
             }
         }
-        write_whiteout(dir, name, WhiteoutStyle::CharDevice)
+        Ok(write_whiteout(dir, name, WhiteoutStyle::CharDevice)?)
     }
 }
 
