@@ -395,16 +395,15 @@ impl Model {
         self.objs.len() - 1
     }
 
-    /// Drops one name of a node that was just unlinked or replaced. A lower object
-    /// is copied up by that (its other names must count one less).
+    /// Drops one name of a node that was just unlinked or replaced. Its other names
+    /// count one less; a lower object stays lower (nothing is copied up by it), so a
+    /// name hidden from the start still counts until a change copies the group up.
     fn unlinked(&mut self, node: &Node) {
         if let Node::Obj(id) = node {
-            if self.objs[*id].lower {
-                self.link_up(*id);
-            } else {
-                let o = &mut self.objs[*id];
-                o.nlink = o.nlink.saturating_sub(1);
-            }
+            let o = &mut self.objs[*id];
+            // A lower count is never shown below one while a name shows it.
+            let least = u32::from(o.lower);
+            o.nlink = o.nlink.saturating_sub(1).max(least);
         }
     }
 

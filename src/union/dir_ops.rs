@@ -345,33 +345,12 @@ impl Union {
         if !p.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        let mut found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         let is_dir = found.kind == libc::S_IFDIR;
         match (dir, is_dir) {
             (true, false) => return Err(Errno::NOTDIR.into()),
             (false, true) => return Err(Errno::ISDIR.into()),
             _ => {}
-        }
-        if !is_dir
-            && found.top_layer() != UPPER
-            && found.stat.st_nlink > 1
-            && self.index.is_some()
-            && self.removal_needs_link_up(
-                &p,
-                name,
-                found.top_layer(),
-                (found.stat.st_ino, found.stat.st_nlink),
-            )?
-        {
-            // One name of a lower hard-link group goes: the others must show the
-            // lower count minus one, which only a copied-up group can.
-            let (inode, temp) = self.inode_for(parent, name, &found)?;
-            let copied = self.copy_up(&inode, CopyData::Yes);
-            if temp {
-                self.inodes.forget(inode.ino, 1);
-            }
-            copied?;
-            found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
         }
         let child = self
             .inodes
@@ -400,7 +379,11 @@ impl Union {
             (Some(_), false) => pin_entry(self.dir_fd(&p, found.top_layer())?.as_fd(), name),
             _ => None,
         };
+        // A name of a lower hard-link group: its other names then show one link
+        // less (see removed_links.rs).
+        let removal = self.removing_link(&p, name, found.top_layer(), &found.stat)?;
         self.remove_entry(&p, name, &found)?;
+        self.removed_link(removal);
         if let Some(c) = child {
             c.detach_if_named(parent, name, pinned);
         }
@@ -603,6 +586,11 @@ impl Union {
             return Ok(());
         }
 
+        // A replaced name of a lower hard-link group counts as a removed one.
+        let replaced = match dst {
+            Some(d) => self.removing_link(q, newname, d.top_layer(), &d.stat)?,
+            None => None,
+        };
         let src_whiteout = self.lower_has(p, name)?;
         if src_whiteout {
             log::debug!(
@@ -646,6 +634,7 @@ impl Union {
         }
         src_inode.moved((p.ino, name), (q.ino, newname), src_origin);
         self.note_moved_in(q, qfd.as_fd(), newname, src_inode);
+        self.removed_link(replaced);
         if let Some(di) = dst_inode {
             di.detach_if_named(q.ino, newname, pinned);
         }

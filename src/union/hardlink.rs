@@ -4,8 +4,10 @@
 //!
 //! Invariants:
 //! - A lower hard-link group is either wholly below (every visible name shows the
-//!   lower file, with its st_nlink) or wholly copied up: one upper file with one
-//!   upper link per visible name, so st_nlink is the upper count at all times.
+//!   lower file, with its st_nlink less the names removed through the mount, see
+//!   removed_links.rs) or wholly copied up: one upper file with one upper link per
+//!   visible name, so st_nlink is the upper count at all times. Removing a name
+//!   copies nothing up.
 //! - The copy is published as `workdir/index/<key>` before any name links to it, and
 //!   the index entry is removed only once every visible name is linked. After a
 //!   crash in between, the next copy-up of any name of the group finds the index
@@ -239,7 +241,10 @@ impl Union {
                 log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
             }
         }
-        Ok(sys::fs::unlink_at(index.as_fd(), &key)?)
+        sys::fs::unlink_at(index.as_fd(), &key)?;
+        // The copy counts the group's links from now on.
+        self.forget_removed_links(lower_dev, src_ino);
+        Ok(())
     }
 
     /// The names of lower object `src_ino` of `src_layer` (link count `src_nlink`) in
@@ -275,26 +280,6 @@ impl Union {
             }
         }
         Ok(names)
-    }
-
-    /// Whether removing `name` under `parent`, a name of a lower hard-link group, must
-    /// copy the group up first so that its other names show the count minus one.
-    /// Only names in a lower layer can show; when the group has no name there but
-    /// this one (its other links lie outside the layers: hard-link dedup stores,
-    /// ostree and composefs checkouts), the removal is a whiteout, as for a file with
-    /// one link, instead of a copy of its data.
-    pub(crate) fn removal_needs_link_up(
-        &self,
-        parent: &Inode,
-        name: &OsStr,
-        src_layer: LayerIdx,
-        (src_ino, src_nlink): (u64, u64),
-    ) -> Result<bool> {
-        let path = super::redirect::join(&self.lower_path(parent)?, name);
-        let names = self.group_names(src_layer, src_ino, src_nlink)?;
-        Ok(names
-            .iter()
-            .any(|(idx, p)| *idx != src_layer || p.as_os_str() != path.as_os_str()))
     }
 
     /// Links the index copy at `path` when that path of the merged view still shows
@@ -344,7 +329,7 @@ impl Union {
 
     /// Calls `f(parent, name, found)` when `path` of the merged view shows the lower
     /// object `lower` of layer `src_layer`; does nothing otherwise.
-    fn at_lower_alias(
+    pub(crate) fn at_lower_alias(
         &self,
         path: &OsStr,
         lower: (u64, u64),

@@ -539,6 +539,8 @@ impl Union {
         }
         if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {
             attr.nlink = attr.nlink.saturating_add(state.outside_links());
+        } else if !inode.is_dir() && attr.nlink > 1 {
+            attr.nlink = u32::try_from(self.shown_lower_nlink(st)).unwrap_or(attr.nlink);
         }
         // A removed lower entry lives on below its whiteout; to its open handles it
         // is gone (an upper one's own count already says so).

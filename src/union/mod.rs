@@ -71,6 +71,7 @@ pub mod override_stat;
 mod owner;
 mod readdir;
 mod redirect;
+mod removed_links;
 mod setup;
 pub mod whiteout;
 mod xattr;
@@ -232,6 +233,8 @@ pub struct Union {
     xattr_ns: XattrNs,
     /// Per lower layer: the names of each multiply-linked file, found on first need.
     hardlinks: hardlink::AliasMaps,
+    /// Names of lower hard-link groups removed through the mount, by group.
+    removed_links: removed_links::RemovedLinks,
     inodes: InodeTable,
     files: DashMap<u64, Arc<OpenFile>>,
     dirs: DashMap<u64, Arc<readdir::DirHandle>>,

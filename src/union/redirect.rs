@@ -123,13 +123,23 @@ impl Union {
     /// The absolute path, in the lower layers, of the content merged under directory
     /// `inode`: its redirect, or its parent's path plus its name.
     pub(crate) fn lower_path(&self, inode: &Inode) -> Result<OsString> {
+        self.path_from_root(inode, true)
+    }
+
+    /// The absolute path of `inode` in the merged view (and so in the upper layer,
+    /// once copied up), from the names it was last reached by.
+    pub(crate) fn view_path(&self, inode: &Inode) -> Result<OsString> {
+        self.path_from_root(inode, false)
+    }
+
+    fn path_from_root(&self, inode: &Inode, follow_redirects: bool) -> Result<OsString> {
         let mut names = Vec::new();
         let base = self.walk_up(inode, |i| {
             if i.ino == ROOT_INO {
                 return Ok(Some(OsString::new()));
             }
             let st = i.state.read();
-            if let Some(r) = st.redirect() {
+            if let Some(r) = st.redirect().filter(|_| follow_redirects) {
                 return Ok(Some(r.to_os_string()));
             }
             names.push(Box::<OsStr>::from(st.name()));

@@ -179,6 +179,7 @@ impl Union {
             whiteout_style,
             xattr_ns,
             hardlinks,
+            removed_links: Default::default(),
             inodes: InodeTable::new(setup.fd_budget),
             files: DashMap::new(),
             dirs: DashMap::new(),
@@ -197,6 +198,9 @@ impl Union {
             .install_grafts(config, scaffold_dir, grafts)
             .map_err(SetupError::Graft)?;
         if !union.opts.read_only {
+            if let Err(e) = union.load_removed_links() {
+                log::warn!("link counts of earlier removals not restored: {e}");
+            }
             if let Err(e) = union.finish_interrupted_link_ups() {
                 log::warn!("finishing interrupted hard-link copy-ups: {e}");
             }

@@ -286,15 +286,16 @@ fn a_planted_index_entry_is_never_linked_into_the_upper_layer() {
     assert_eq!(nlink(&m.join("p1")), 2);
 }
 
-/// Lower files whose other names lie outside the layers (hard-link dedup stores,
-/// ostree and composefs checkouts): removing them is a whiteout, as for a file with
-/// one link, not a copy of their data that is deleted again (rm -rf of such a tree
-/// was 10x slower than of plain files, and failed with ENOSPC on an upper layer
-/// without room for the copy: users free space by removing files). A group with
-/// another name inside the layer still copies up, so that name shows the count
-/// minus one.
+/// Removing names of lower hard-linked files is a whiteout, as for a file with one
+/// link, never a copy of their data that is deleted again: rm -rf of such a tree was
+/// 10x slower than of plain files, and failed with ENOSPC on an upper layer without
+/// room for the copy (users free space by removing files). That holds whether the
+/// other names lie outside the layers (hard-link dedup stores, ostree and composefs
+/// checkouts) or inside them; the names still shown count one link less for each
+/// name removed or replaced, also after a remount, and a later write through one of
+/// them copies the group up with that count.
 #[test]
-fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
+fn removing_lower_hard_links_copies_nothing_and_counts_down() {
     if !fixture::require_fuse() {
         return;
     }
@@ -302,8 +303,13 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
     let l = Layers::new(&[LayerBuilder::new()
         .file("t/a/f0", big(1))
         .file("t/a/f1", big(2))
-        .file("in-layer", b"grouped\n")
-        .hardlink("t/in-layer-too", "in-layer")]);
+        .file("in-layer", big(3))
+        .hardlink("t/in-layer-too", "in-layer")
+        .hardlink("u/in-layer-3", "in-layer")
+        .file("small", b"grouped\n")
+        .hardlink("u/small-2", "small")
+        .hardlink("u/small-3", "small")
+        .file("u/other", b"other\n")]);
     let store = l.root.join("store");
     fs::create_dir(&store).unwrap();
     for i in 0..2 {
@@ -313,7 +319,7 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
         )
         .unwrap();
     }
-    // Upper and work on a 4 MiB filesystem: no room for a copy of either file.
+    // Upper and work on a 4 MiB filesystem: no room for a copy of any big file.
     let (_small, options) = small_upper(&l, "4m");
     let mut m = StrataMount::with_options(&options, &l.merged, &l.root);
     assert_eq!(nlink(&m.join("t/a/f0")), 2);
@@ -330,14 +336,53 @@ fn removing_a_lower_file_linked_only_outside_the_layers_copies_nothing() {
             s.display()
         );
     }
-    // The in-layer group: its other name shows one link less.
+    // A group with its other names in the layer: they show one link less each time.
+    assert_eq!(nlink(&m.join("in-layer")), 3);
+    if let Err(e) = fs::remove_file(m.join("t/in-layer-too")) {
+        panic!("rm t/in-layer-too: {}", errno_name(io_errno(&e)));
+    }
     assert_eq!(nlink(&m.join("in-layer")), 2);
-    fs::remove_file(m.join("t/in-layer-too")).unwrap();
+    assert_eq!(nlink(&m.join("u/in-layer-3")), 2);
+    // Replaced by a rename, as removed.
+    fs::rename(m.join("u/other"), m.join("u/in-layer-3")).unwrap();
     assert_eq!(nlink(&m.join("in-layer")), 1);
-    assert_eq!(fs::read(m.join("in-layer")).unwrap(), b"grouped\n");
+    assert!(fs::read(m.join("in-layer")).unwrap() == big(3));
+    assert_eq!(fs::read(m.join("u/in-layer-3")).unwrap(), b"other\n");
+    fs::remove_file(m.join("u/small-3")).unwrap();
+    assert_eq!(nlink(&m.join("small")), 2);
     m.remount();
     assert!(!m.join("t/a").exists());
-    assert_eq!(nlink(&m.join("in-layer")), 1);
+    assert!(!m.join("t/in-layer-too").exists());
+    assert_eq!(nlink(&m.join("in-layer")), 1, "after a remount");
+    assert_eq!(nlink(&m.join("small")), 2, "after a remount");
+    for name in ["small", "u/small-2"] {
+        assert!(
+            !l.upper.join(name).exists(),
+            "{name} copied up by a removal"
+        );
+    }
+    // A write copies the group up; its names keep the count and share the data.
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("u/small-2"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    for name in ["small", "u/small-2"] {
+        assert_eq!(nlink(&m.join(name)), 2, "{name} after the copy-up");
+        assert_eq!(
+            fs::read(m.join(name)).unwrap(),
+            b"grouped\nmore\n",
+            "{name}"
+        );
+    }
+    assert_eq!(
+        fs::metadata(m.join("small")).unwrap().ino(),
+        fs::metadata(m.join("u/small-2")).unwrap().ino()
+    );
+    m.remount();
+    assert_eq!(nlink(&m.join("small")), 2, "copied up, after a remount");
+    assert_eq!(nlink(&m.join("in-layer")), 1, "after a second remount");
     m.unmount();
 }
 
