@@ -119,8 +119,10 @@ pub fn open_regular_at(
         return Err(Errno::STALE);
     }
     if !flags.contains(OFlags::NONBLOCK) {
-        let now = rustix::fs::fcntl_getfl(&fd)?;
-        rustix::fs::fcntl_setfl(&fd, now - OFlags::NONBLOCK)?;
+        // F_SETFL takes only the status flags from its argument (O_APPEND, O_NONBLOCK,
+        // O_NOATIME, O_DIRECT, O_ASYNC) and ignores the rest, so the caller's flags
+        // are exactly what the descriptor keeps: no F_GETFL needed.
+        rustix::fs::fcntl_setfl(&fd, flags)?;
     }
     Ok((File::from(fd), st))
 }

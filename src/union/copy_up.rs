@@ -16,7 +16,7 @@ use std::sync::Arc;
 use rustix::fs::OFlags;
 
 use super::inode::{Inode, ROOT_INO};
-use super::inode_flags::Change;
+use super::inode_flags::{self, Change};
 use super::override_stat;
 use super::whiteout::is_private_xattr;
 use super::{Errno, Error, Ino, Result, UPPER, Union, WithContext};
@@ -157,11 +157,6 @@ impl Union {
         }
         let src_dir = self.dir_fd(&parent, src_layer)?;
         let mut data = data;
-        let flags = if inode.kind == libc::S_IFREG {
-            self.lower_flags_at(src_dir.as_fd(), name)?
-        } else {
-            0
-        };
         if !inode.is_dir() {
             let src = sys::fs::stat_at(src_dir.as_fd(), name)?;
             if src.st_nlink > 1 && self.index.is_some() {
@@ -170,7 +165,7 @@ impl Union {
                 } else {
                     CopyData::Yes
                 };
-                self.copy_up_linked(
+                let flags = self.copy_up_linked(
                     inode,
                     &parent,
                     name,
@@ -188,8 +183,12 @@ impl Union {
             data = CopyData::Yes;
         }
         let dst_dir = self.dir_fd(&parent, UPPER)?;
+        let mut flags = 0;
         self.publish_from_work(
-            |work, temp| self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None),
+            |work, temp| {
+                flags = self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)?;
+                Ok(())
+            },
             dst_dir.as_fd(),
             name,
             RenameKind::NoReplace,
@@ -269,7 +268,9 @@ impl Union {
     /// Builds the copy of `src_dir/name` as `work/temp`, metadata included, marked
     /// with the number it is shown with (see origin.rs). A regular file's data comes
     /// from `data_from` when given (completing a metadata-only copy), else from the
-    /// source itself.
+    /// source itself. Returns the source's inode flags (read from the descriptor the
+    /// copy is made from, none for other kinds), which `carry_flags` gives the copy
+    /// once it is in place.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn stage_copy(
         &self,
@@ -280,7 +281,7 @@ impl Union {
         temp: &OsStr,
         data: CopyData,
         data_from: Option<&File>,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let st = sys::fs::stat_at(src_dir, name)?;
         if st.st_mode & libc::S_IFMT != inode.kind {
             return Err(Errno::STALE.into());
@@ -304,6 +305,7 @@ impl Union {
                 if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
                     return Err(Errno::STALE.into());
                 }
+                let flags = inode_flags::flags_of(src.as_fd())?;
                 let size = st.st_size as u64;
                 let dst = self.make_file_copy(work, temp, data_from.unwrap_or(&src), size, data)?;
                 // Only data needs the fsync below: the metadata of the staged file
@@ -321,6 +323,7 @@ impl Union {
                 if self.opts.syncs && copied_data {
                     sys::fs::fsync(&dst, false)?;
                 }
+                return Ok(flags);
             }
             libc::S_IFDIR => {
                 let dst = make_dir_copy(work, temp)?;
@@ -362,7 +365,7 @@ impl Union {
                 sys::fs::utimens_at(work, temp, times.0, times.1)?;
             }
         }
-        Ok(())
+        Ok(0)
     }
 }
 

@@ -180,7 +180,7 @@ impl Union {
 
     /// Copies up a lower non-directory that has other names in its layer, and links
     /// every visible name to the copy. Called with `inode.copy_up` held and the
-    /// parent already copied up.
+    /// parent already copied up. Returns the source's inode flags (see `stage_copy`).
     pub(crate) fn copy_up_linked(
         &self,
         inode: &Inode,
@@ -189,7 +189,7 @@ impl Union {
         src_layer: LayerIdx,
         (src_ino, src_nlink): (u64, u64),
         data: CopyData,
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
         let key = index_key(self.bottom_layer() - src_layer, src_ino);
         let reuse = match sys::fs::stat_at(index.as_fd(), &key) {
@@ -201,25 +201,31 @@ impl Union {
             Err(Errno::NOENT) => false,
             Err(e) => return Err(e.into()),
         };
+        let src_dir = self.dir_fd(parent, src_layer)?;
+        let mut flags = None;
         if !reuse {
-            {
-                let src_dir = self.dir_fd(parent, src_layer)?;
-                let published = self.publish_from_work(
-                    |work, temp| {
-                        self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)
-                    },
-                    index.as_fd(),
-                    &key,
-                    RenameKind::NoReplace,
-                );
-                // EXIST: another name of the group published it first.
-                match published {
-                    Ok(()) => {}
-                    Err(e) if e == Errno::EXIST => {}
-                    Err(e) => return Err(e),
-                }
+            let published = self.publish_from_work(
+                |work, temp| {
+                    let f =
+                        self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)?;
+                    flags = Some(f);
+                    Ok(())
+                },
+                index.as_fd(),
+                &key,
+                RenameKind::NoReplace,
+            );
+            // EXIST: another name of the group published it first.
+            match published {
+                Ok(()) => {}
+                Err(e) if e == Errno::EXIST => {}
+                Err(e) => return Err(e),
             }
         }
+        let flags = match flags {
+            Some(f) => f,
+            None => self.lower_flags_at(src_dir.as_fd(), name)?,
+        };
         // Links found in no layer are recorded with the copy, which keeps counting them.
         let lower_dev = self.layer(src_layer)?.dev;
         let names = self.group_names(src_layer, src_ino, src_nlink)?;
@@ -244,7 +250,7 @@ impl Union {
         sys::fs::unlink_at(index.as_fd(), &key)?;
         // The copy counts the group's links from now on.
         self.forget_removed_links(lower_dev, src_ino);
-        Ok(())
+        Ok(flags)
     }
 
     /// The names of lower object `src_ino` of `src_layer` (link count `src_nlink`) in

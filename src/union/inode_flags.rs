@@ -45,6 +45,12 @@ pub(crate) enum Change {
 }
 
 /// Flags of a layer filesystem without inode flags read as none.
+/// The inode flags of an open regular file or directory; none where the filesystem
+/// keeps no such flags.
+pub(crate) fn flags_of(fd: BorrowedFd<'_>) -> sys::SysResult<u32> {
+    flags_or_none(sys::fs::inode_flags(fd))
+}
+
 fn flags_or_none(r: sys::SysResult<u32>) -> sys::SysResult<u32> {
     match r {
         Err(Errno::NOTTY | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => Ok(0),
@@ -163,7 +169,7 @@ impl Union {
             Err(Errno::ACCESS) => return Ok(0),
             Err(e) => return Err(e.into()),
         };
-        Ok(flags_or_none(sys::fs::inode_flags(file.as_fd()))?)
+        Ok(flags_of(file.as_fd())?)
     }
 
     /// After the copy-up of a regular file whose source had `flags`: gives the upper

@@ -99,7 +99,9 @@ impl Union {
         };
         self.publish_from_work(
             |work, temp| {
-                self.stage_copy(inode, upper.as_fd(), &name, work, temp, data, Some(&source))
+                // The stand-in's flags were given it at the metadata copy-up.
+                self.stage_copy(inode, upper.as_fd(), &name, work, temp, data, Some(&source))?;
+                Ok(())
             },
             upper.as_fd(),
             &name,
