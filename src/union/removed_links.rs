@@ -32,6 +32,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use rustix::fs::OFlags;
@@ -61,6 +62,9 @@ struct Record {
 #[derive(Default)]
 pub(crate) struct RemovedLinks {
     records: Mutex<HashMap<Key, Record>>,
+    /// Whether any record was ever made or loaded, read without the lock: every stat
+    /// of a multiply-linked lower file asks, and nearly all mounts have none.
+    any: AtomicBool,
     /// The log, opened for appending at the first line this mount writes (a mount
     /// that removes no such name leaves the work directory as it found it).
     log: Mutex<Option<File>>,
@@ -289,7 +293,11 @@ impl Union {
             )
             .doing("compacting the removed hard links")?;
         }
-        *self.removed_links.records.lock() = records;
+        let mut held = self.removed_links.records.lock();
+        *held = records;
+        self.removed_links
+            .any
+            .store(!held.is_empty(), Ordering::Release);
         Ok(())
     }
 
@@ -352,6 +360,7 @@ impl Union {
         let links = &self.removed_links;
         let mut records = links.records.lock();
         add(&mut records, r.key, r.ctime, 1);
+        links.any.store(true, Ordering::Release);
         links.append(root.as_fd(), &Line::Removed(r.key, r.ctime, r.path));
     }
 
@@ -384,6 +393,9 @@ impl Union {
     pub(crate) fn shown_lower_nlink(&self, st: &sys::fs::Stat) -> u64 {
         let nlink = st.st_nlink;
         if nlink <= 1 {
+            return nlink;
+        }
+        if !self.removed_links.any.load(Ordering::Acquire) {
             return nlink;
         }
         let records = self.removed_links.records.lock();
