@@ -32,9 +32,14 @@ pub struct OpenFile {
 
 /// Access flags the daemon passes on to the real open. O_APPEND is dropped: the
 /// kernel sends explicit offsets for every write, and an O_APPEND fd would ignore
-/// them. O_CREAT/O_EXCL/O_TRUNC are handled by the engine itself.
+/// them. O_DIRECT is dropped too: the kernel's FUSE client already keeps such I/O
+/// out of its page cache, and the daemon reads and writes through buffers of its
+/// own, which O_DIRECT on the layer's filesystem would refuse (EINVAL) for want of
+/// the caller's alignment. Passthrough backing files are opened by the kernel with
+/// the caller's own flags, O_DIRECT included. O_CREAT/O_EXCL/O_TRUNC are handled
+/// by the engine itself.
 fn real_open_flags(flags: i32) -> OFlags {
-    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME | libc::O_DIRECT;
+    let keep = libc::O_ACCMODE | libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME;
     OFlags::from_bits_retain((flags & keep) as u32)
 }
 
@@ -200,9 +205,17 @@ impl Union {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        let done = self.read_into(fh, offset, &mut buf)?;
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Reads into `buf` from `offset`, as many bytes as it holds unless the file ends
+    /// first; returns how many were read.
+    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let handle = self.file(fh)?;
         let file = self.readable(&handle)?;
-        let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
             match sys::fs::pread(file, &mut buf[done..], offset + done as u64) {
@@ -212,8 +225,7 @@ impl Union {
                 Err(e) => return Err(e.into()),
             }
         }
-        buf.truncate(done);
-        Ok(buf)
+        Ok(done)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {

@@ -7,7 +7,7 @@ use std::ffi::{CStr, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -1869,4 +1869,84 @@ fn whiteouts_share_one_inode_and_hide_across_mounts() {
         "kernel overlayfs view"
     );
     drop(k);
+}
+
+/// Reads of lower files (served by the daemon on a writable mount) return exactly the
+/// file's bytes, also when the worker serving them just served a larger read (each
+/// worker keeps its read buffer between requests): small files and file tails read
+/// after a 1 MiB file, a mapping of a small file shows zeros past its end, and an
+/// O_DIRECT read (databases, `dd iflag=direct`, qemu's cache=none), larger than the
+/// kept buffer, comes whole. O_DIRECT reads of lower files failed with EINVAL: the
+/// daemon opened the layer file with O_DIRECT too and read into its own buffer.
+#[test]
+fn served_reads_return_exactly_the_files_bytes_o_direct_included() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let big = pattern((1 << 20) + 123, 7);
+    let mid = pattern(600 << 10, 9);
+    let mut layer = LayerBuilder::new().file("big", &big).file("mid", &mid);
+    let smalls: Vec<Vec<u8>> = (1..=40u8).map(|n| vec![n; usize::from(n) * 3]).collect();
+    for (i, s) in smalls.iter().enumerate() {
+        layer = layer.file(&format!("small{i}"), s);
+    }
+    let l = Layers::new(&[layer]);
+    let m = StrataMount::new(&l);
+    assert!(fs::read(m.join("big")).unwrap() == big, "big");
+    for (i, s) in smalls.iter().enumerate() {
+        assert_eq!(
+            &fs::read(m.join(&format!("small{i}"))).unwrap(),
+            s,
+            "small{i}"
+        );
+    }
+    // The tail of big, from a fresh open: its last partial page.
+    let f = File::open(m.join("big")).unwrap();
+    let mut tail = vec![0u8; 4096];
+    let n = f.read_at(&mut tail, 1 << 20).unwrap();
+    assert_eq!(&tail[..n], &big[1 << 20..], "tail of big");
+    // A mapping shows the file and zeros to the end of its page.
+    let f = File::open(m.join("small39")).unwrap();
+    // SAFETY: a private read-only mapping of one page of a file we hold open,
+    // unmapped before the file is closed.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let page = std::slice::from_raw_parts(p as *const u8, 4096);
+        let len = smalls[39].len();
+        assert_eq!(&page[..len], &smalls[39][..]);
+        assert!(
+            page[len..].iter().all(|b| *b == 0),
+            "bytes past the end are zeros"
+        );
+        assert_eq!(libc::munmap(p, 4096), 0);
+    }
+    // O_DIRECT: one read request of the caller's size, larger than the kept buffer.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.join("mid"))
+        .unwrap();
+    let mut got = vec![0u8; mid.len() + 4096];
+    let mut done = 0;
+    while done < got.len() {
+        match f.read_at(&mut got[done..], done as u64).unwrap() {
+            0 => break,
+            n => done += n,
+        }
+    }
+    assert_eq!(done, mid.len());
+    assert!(got[..done] == mid[..], "O_DIRECT read of mid");
 }
