@@ -1871,6 +1871,73 @@ fn whiteouts_share_one_inode_and_hide_across_mounts() {
     drop(k);
 }
 
+/// The shared whiteout at its filesystem's link limit (ext4: 65,000, reached after as
+/// many removals of lower entries in one mount): the next removal still works, with a
+/// fresh shared whiteout taking the place of the full one, and the whiteouts linked
+/// so far keep hiding their names.
+#[test]
+fn a_shared_whiteout_at_the_link_limit_is_replaced() {
+    if !fixture::require_fuse() {
+        return;
+    }
+    let l = Layers::new(&[LayerBuilder::new()
+        .file("first", b"1")
+        .file("next", b"2")
+        .file("kept", b"3")]);
+    let mut m = StrataMount::new(&l);
+    fs::remove_file(m.join("first")).unwrap();
+    let shared = l.work.join("#stratafs-whiteout");
+    let full = lstat(&shared).unwrap();
+    // Links made beside it stand for the removals of a long-running mount.
+    let filler = l.root.join("links");
+    fs::create_dir(&filler).unwrap();
+    let mut made = 0u32;
+    let at_limit = loop {
+        match fs::hard_link(&shared, filler.join(made.to_string())) {
+            Ok(()) => made += 1,
+            Err(e) if io_errno(&e) == libc::EMLINK => break true,
+            Err(e) => panic!("ln {}: {}", shared.display(), errno_name(io_errno(&e))),
+        }
+        if made > 200_000 {
+            break false;
+        }
+    };
+    assert!(
+        at_limit,
+        "{}: no link limit reached after {made} links; this test needs a filesystem \
+         with one (ext4)",
+        l.work.display()
+    );
+    fs::remove_file(m.join("next")).unwrap();
+    let next = lstat(&l.upper.join("next")).unwrap();
+    assert!(
+        next.file_type().is_char_device() && next.rdev() == 0,
+        "next is a whiteout"
+    );
+    assert_ne!(
+        next.ino(),
+        full.ino(),
+        "the full shared whiteout is not linked again"
+    );
+    assert_eq!(
+        lstat(&shared).unwrap().ino(),
+        next.ino(),
+        "a fresh shared whiteout"
+    );
+    let first = lstat(&l.upper.join("first")).unwrap();
+    assert_eq!(
+        first.ino(),
+        full.ino(),
+        "earlier whiteouts stay as they were"
+    );
+    for gone in ["first", "next"] {
+        assert_errno("stat of a removed name", lstat(&m.join(gone)), ENOENT);
+    }
+    assert_eq!(fs::read(m.join("kept")).unwrap(), b"3");
+    let _ = fs::remove_dir_all(&filler);
+    m.unmount();
+}
+
 /// Reads of lower files (served by the daemon on a writable mount) return exactly the
 /// file's bytes, also when the worker serving them just served a larger read (each
 /// worker keeps its read buffer between requests): small files and file tails read
