@@ -77,12 +77,12 @@ fn scan_layer(root: BorrowedFd<'_>) -> Result<Aliases> {
 
 /// The index name of a lower object: its layer counted from the bottom (stable while
 /// the layer list is) and its inode number.
-fn index_key(layer_from_bottom: usize, ino: u64) -> OsString {
+pub(super) fn index_key(layer_from_bottom: usize, ino: u64) -> OsString {
     format!("L{layer_from_bottom}-{ino:x}").into()
 }
 
 /// The layer (from the bottom) and inode number an index name stands for.
-fn parse_index_key(key: &OsStr) -> Option<(usize, u64)> {
+pub(super) fn parse_index_key(key: &OsStr) -> Option<(usize, u64)> {
     let (layer, ino) = std::str::from_utf8(key.as_bytes())
         .ok()?
         .strip_prefix('L')?
@@ -118,10 +118,7 @@ impl Union {
             // Names in every lower layer on the file's filesystem, as `copy_up_linked`
             // may have linked (only names showing this very lower file are linked).
             let dev = self.layer(src_layer)?.dev;
-            let layers: Vec<LayerIdx> = (0..=self.bottom_layer())
-                .filter(|i| *i != UPPER || !self.upper)
-                .filter(|i| self.layers[*i].dev == dev)
-                .collect();
+            let layers: Vec<LayerIdx> = self.lower_layers_on(dev).collect();
             let mut all_linked = true;
             for idx in layers {
                 let paths = self.aliases(idx)?.get(&ino).cloned();
@@ -176,6 +173,14 @@ impl Union {
         }
         let map = scan_layer(self.layer(idx)?.root_fd())?;
         Ok(slot.get_or_init(|| map))
+    }
+
+    /// The lower layers on device `dev`: one file hard-linked into several of them is
+    /// one group.
+    pub(super) fn lower_layers_on(&self, dev: u64) -> impl Iterator<Item = LayerIdx> + '_ {
+        (0..=self.bottom_layer())
+            .filter(|i| *i != UPPER || !self.upper)
+            .filter(move |i| self.layers[*i].dev == dev)
     }
 
     /// Copies up a lower non-directory that has other names in its layer, and links
@@ -267,10 +272,7 @@ impl Union {
         let lower_dev = self.layer(src_layer)?.dev;
         let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
         let layers: Vec<LayerIdx> = if own < src_nlink {
-            (0..=self.bottom_layer())
-                .filter(|i| *i != UPPER || !self.upper)
-                .filter(|i| self.layers[*i].dev == lower_dev)
-                .collect()
+            self.lower_layers_on(lower_dev).collect()
         } else {
             vec![src_layer]
         };

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 use rustix::fs::OFlags;
 
+use super::hardlink::{index_key, parse_index_key};
 use super::inode::Inode;
 use super::{Errno, Result, UPPER, Union, WithContext};
 use crate::layer::LayerIdx;
@@ -86,13 +87,14 @@ enum Line {
 
 type Ctime = (i64, u64);
 
+/// A key as the log writes it: the name of the index entry its group's copy would
+/// have (see hardlink.rs).
 fn key_text((layer, ino): Key) -> String {
-    format!("L{layer}-{ino:x}")
+    index_key(layer, ino).to_string_lossy().into_owned()
 }
 
-fn parse_key(text: &str) -> Option<Key> {
-    let (layer, ino) = text.strip_prefix('L')?.split_once('-')?;
-    Some((layer.parse().ok()?, u64::from_str_radix(ino, 16).ok()?))
+fn ctime_of(st: &sys::fs::Stat) -> Ctime {
+    (st.st_ctime, st.st_ctime_nsec)
 }
 
 /// A path as one field: bytes other than printable ASCII, and `%`, as `%XX`.
@@ -132,7 +134,7 @@ fn parse_ctime(text: &str) -> Option<Ctime> {
 impl Line {
     fn parse(line: &str) -> Option<Line> {
         let mut fields = line.split(' ');
-        let key = parse_key(fields.next()?)?;
+        let key = parse_index_key(OsStr::new(fields.next()?))?;
         let line = match fields.next()? {
             "copied" => Line::Copied(key),
             ctime => {
@@ -153,11 +155,14 @@ impl Line {
     fn render(&self) -> String {
         let ctime = |(s, ns): Ctime| format!("{s}.{ns:09}");
         match self {
-            Line::Removing(key, c, path) => {
-                format!("{} {} ? {}\n", key_text(*key), ctime(*c), encode_path(path))
-            }
-            Line::Removed(key, c, path) => {
-                format!("{} {} + {}\n", key_text(*key), ctime(*c), encode_path(path))
+            Line::Removing(key, c, path) | Line::Removed(key, c, path) => {
+                let mark = if matches!(self, Line::Removing(..)) {
+                    '?'
+                } else {
+                    '+'
+                };
+                let (key, path) = (key_text(*key), encode_path(path));
+                format!("{key} {} {mark} {path}\n", ctime(*c))
             }
             Line::Counted(key, r) => {
                 format!("{} {} +{}\n", key_text(*key), ctime(r.ctime), r.count)
@@ -343,7 +348,7 @@ impl Union {
         };
         let removal = LinkRemoval {
             key: self.removed_link_key(layer, st.st_ino),
-            ctime: (st.st_ctime, st.st_ctime_nsec),
+            ctime: ctime_of(st),
             path: super::redirect::join(&self.view_path(parent)?, name),
         };
         let line = Line::Removing(removal.key, removal.ctime, removal.path.clone());
@@ -362,14 +367,6 @@ impl Union {
         add(&mut records, r.key, r.ctime, 1);
         links.any.store(true, Ordering::Release);
         links.append(root.as_fd(), &Line::Removed(r.key, r.ctime, r.path));
-    }
-
-    /// The lower layers on device `dev`: one file hard-linked into several of them is
-    /// one group (see hardlink.rs).
-    fn lower_layers_on(&self, dev: u64) -> impl Iterator<Item = LayerIdx> + '_ {
-        (0..=self.bottom_layer())
-            .filter(|i| *i != UPPER || !self.upper)
-            .filter(move |i| self.layers[*i].dev == dev)
     }
 
     /// Drops the records of lower object (`dev`, `ino`): its group was copied up.
@@ -402,7 +399,7 @@ impl Union {
         if records.is_empty() {
             return nlink;
         }
-        let ctime = (st.st_ctime, st.st_ctime_nsec);
+        let ctime = ctime_of(st);
         let removed: u64 = self
             .lower_layers_on(st.st_dev)
             .filter_map(|layer| records.get(&self.removed_link_key(layer, st.st_ino)))
