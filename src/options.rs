@@ -275,7 +275,7 @@ pub const OPTIONS: &[OptionSpec] = &[
          tools reading the upper dir directly, e.g. fuse-overlayfs or an image diff, would \
          see an empty file)"),
     opt("index", Value("on|off"), Behaviour, "on",
-        "accepted (index=off is warned about: hard-link copy-ups always use workdir/index)"),
+        "accepted (index=off is warned about: hard-link copy-ups always use the index (workdir/#stratafs-index))"),
     flag("userxattr", Behaviour,
         "accepted with a warning (xattrs follow privilege); refused with metacopy=on, as \
          by the kernel"),
@@ -650,7 +650,7 @@ fn warn_not_applied(p: &mut ParsedOptions) {
         (
             p.index == Some(false),
             "index=off",
-            "hard-link copy-ups always use workdir/index",
+            "hard-link copy-ups always use the index (workdir/#stratafs-index)",
         ),
         (
             p.userxattr,

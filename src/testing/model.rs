@@ -358,24 +358,11 @@ impl Model {
     }
 
     /// A lower object becomes the upper one: the same object under all its names,
-    /// counting the names the merged view shows. Descriptors opened before keep
-    /// reading it (as with kernel overlayfs since 4.19).
+    /// wherever they are now, with the link count it showed (kernel overlayfs'
+    /// index keeps it the same way). Descriptors opened before keep reading it (as
+    /// with kernel overlayfs since 4.19).
     fn link_up(&mut self, id: ObjId) {
-        if !self.objs[id].lower {
-            return;
-        }
-        let names = count_names(&self.root, id);
-        let o = &mut self.objs[id];
-        o.lower = false;
-        o.nlink = names;
-    }
-
-    /// Lower objects with several names, one of them under `dir`.
-    fn lower_groups_under(&self, dir: &Node) -> Vec<ObjId> {
-        let mut ids = Vec::new();
-        collect_objs(dir, &mut ids);
-        ids.retain(|id| self.objs[*id].lower && self.objs[*id].nlink > 1);
-        ids
+        self.objs[id].lower = false;
     }
 
     fn insert(&mut self, path: &RelPath, node: Node) {
@@ -731,20 +718,6 @@ impl Model {
                 return Err(Errno::NOTEMPTY);
             }
         }
-        // Names inside a moved directory leave their layer paths: their lower hard-link
-        // groups are copied up first.
-        let mut moved_dirs = vec![&src];
-        if flag == RenameFlag::Exchange {
-            moved_dirs.extend(dst.as_ref());
-        }
-        let groups: Vec<ObjId> = moved_dirs
-            .into_iter()
-            .filter(|n| blocked(n))
-            .flat_map(|n| self.lower_groups_under(n))
-            .collect();
-        for id in groups {
-            self.link_up(id);
-        }
         self.copy_up(from);
         if flag == RenameFlag::Exchange {
             self.copy_up(to);
@@ -821,25 +794,6 @@ impl Model {
                 }
             }
         }
-    }
-}
-
-/// How many names of the merged tree lead to `id`.
-fn count_names(dir: &Dir, id: ObjId) -> u32 {
-    dir.children
-        .values()
-        .map(|n| match n {
-            Node::Obj(o) => u32::from(*o == id),
-            Node::Dir(d) => count_names(d, id),
-        })
-        .sum()
-}
-
-/// Every object with a name under `node`.
-fn collect_objs(node: &Node, out: &mut Vec<ObjId>) {
-    match node {
-        Node::Obj(id) => out.push(*id),
-        Node::Dir(d) => d.children.values().for_each(|n| collect_objs(n, out)),
     }
 }
 

@@ -170,7 +170,7 @@ impl Union {
                     &parent,
                     name,
                     src_layer,
-                    (src.st_ino, src.st_nlink),
+                    (src.st_ino, self.shown_lower_nlink(&src)),
                     data,
                 )?;
                 self.carry_flags(inode, flags);

@@ -345,7 +345,7 @@ impl Union {
         if !p.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve_linking(&p, name)?.ok_or(Errno::NOENT)?;
         let is_dir = found.kind == libc::S_IFDIR;
         match (dir, is_dir) {
             (true, false) => return Err(Errno::NOTDIR.into()),
@@ -468,8 +468,8 @@ impl Union {
         if !p.is_dir() || !q.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        let src = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
-        let dst = self.resolve(&q, newname)?;
+        let src = self.resolve_linking(&p, name)?.ok_or(Errno::NOENT)?;
+        let dst = self.resolve_linking(&q, newname)?;
         match (mode, &dst) {
             (RenameMode::NoReplace, Some(_)) => return Err(Errno::EXIST.into()),
             (RenameMode::Exchange, None) => return Err(Errno::NOENT.into()),
@@ -547,10 +547,12 @@ impl Union {
             self.refuse_protected(di, Change::Modify)?;
         }
         self.copy_up(src_inode, CopyData::Yes)?;
+        self.link_group_name(p, name, src)?;
         self.copy_up(q, CopyData::Yes)?;
         if mode == RenameMode::Exchange {
-            if let Some(di) = dst_inode {
+            if let (Some(di), Some(d)) = (dst_inode, dst) {
                 self.copy_up(di, CopyData::Yes)?;
+                self.link_group_name(q, newname, d)?;
             }
         }
         let pfd = self.dir_fd(p, UPPER)?;
@@ -651,7 +653,6 @@ impl Union {
     /// Writes the redirect a directory with lower content needs before its upper copy
     /// is renamed; returns it.
     fn redirect_before_move(&self, dir: &Inode) -> Result<std::ffi::OsString> {
-        self.link_up_groups_under(dir)?;
         let origin = self.lower_path(dir)?;
         log::debug!(
             "redirect {}: lower content at {origin:?}",

@@ -1,78 +1,84 @@
 //! Hard links of lower layers (kernel overlayfs `index=on` behaviour): a file with
-//! several names in a lower layer stays one file after the first write through any
-//! of them.
+//! several names in the lower layers stays one file after the first write through
+//! any of them, and no step needs to know where its other names are.
 //!
 //! Invariants:
-//! - A lower hard-link group is either wholly below (every visible name shows the
-//!   lower file, with its st_nlink less the names removed through the mount, see
-//!   removed_links.rs) or wholly copied up: one upper file with one upper link per
-//!   visible name, so st_nlink is the upper count at all times. Removing a name
-//!   copies nothing up.
-//! - The copy is published as `workdir/index/<key>` before any name links to it, and
-//!   the index entry is removed only once every visible name is linked. After a
-//!   crash in between, the next copy-up of any name of the group finds the index
-//!   entry and links the remaining names to it instead of copying again.
-//! - Names are found by one walk of the lower layer, done on the first copy-up of a
-//!   multiply-linked file of that layer (or the first move of a directory with lower
-//!   content); when the layer's own names do not account for the file's link count,
-//!   the other lower layers on its filesystem are walked too (one file hard-linked
-//!   into several image layers is one file, as with kernel overlayfs' index). A name whose path in the merged view leads elsewhere (removed or
-//!   hidden) is not linked; a directory with lower content links up the groups with
-//!   names inside it before it moves, so that none of their names is left behind.
+//! - A lower hard-link group is copied up once, into the index
+//!   (`workdir/#stratafs-index/<key>`, [`index_key`] of the name copied: its layer
+//!   from the bottom and its lower st_ino), and stays there: the index entry is one
+//!   link of the copy. The copy is staged with its origin marker (origin.rs), which
+//!   holds the st_nlink shown less the copy's own, so publishing it is one rename
+//!   and the group's count is right at every step after it.
+//! - A name of the group is linked to the copy when it is next reached: by the
+//!   copy-up that made the copy, and by any lookup, removal or rename that finds a
+//!   lower non-directory whose (st_dev, st_ino) has an index entry
+//!   ([`Union::resolve_linking`]). Names are thus found where they are now, also
+//!   inside moved directories, and no layer is ever walked for them. Each link takes
+//!   one from the marker (the copy got a link, the names shown did not change).
+//! - The shown st_nlink never changes at copy-up: before it, the lower count less
+//!   the names removed through the mount (removed_links.rs); after it, the copy's
+//!   count plus its marker, which started from that same number.
+//! - `IndexedGroups::link_up` is held over each link of a name and the marker update
+//!   that counts it, so concurrent link-ups of a group count once each. A crash
+//!   between the two leaves the group's count one too high (the link is there, its
+//!   marker update is not); kernel overlayfs has the same window. Data and names are
+//!   never lost by it.
+//! - Index entries are read at mount and trusted only once checked to be a regular
+//!   file carrying the marker of the lower object they are named for; anything else
+//!   there (planted, or left by another tool) is removed, never linked into the
+//!   upper layer.
+//! - On a read-only mount nothing is linked: a name not linked yet still shows the
+//!   lower file (kernel overlayfs shows the copy there; see the issue note).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::{Mutex, RwLock};
 
 use super::copy_up::CopyData;
 use super::inode::{Inode, ROOT_INO};
-use super::whiteout::whiteout_target;
+use super::lookup::Found;
 use super::{Errno, Result, UPPER, Union, WithContext};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::RenameKind, xattr::Target};
 
-/// Lower-layer paths of every multiply-linked non-directory, by st_ino.
-type Aliases = HashMap<u64, Vec<OsString>>;
+/// The work directory's subdirectory holding the copies of lower hard-link groups.
+/// Not kernel overlayfs' `index`: the kernel refuses to mount (index=on) over index
+/// entries it cannot read as its own.
+pub(crate) const INDEX_DIR: &str = "#stratafs-index";
 
-pub(crate) struct AliasMaps {
-    per_layer: Vec<OnceLock<Aliases>>,
+/// The copied-up lower hard-link groups of this mount's index.
+#[derive(Default)]
+pub(crate) struct IndexedGroups {
+    /// By the lower object's (st_dev, st_ino): one file hard-linked into several
+    /// lower layers of one filesystem is one group.
+    groups: RwLock<HashMap<(u64, u64), IndexEntry>>,
+    /// Whether `groups` may hold anything: the lookups of multiply-linked lower
+    /// files take no lock while the index is empty.
+    any: AtomicBool,
+    /// Held over one name's link to a copy and the marker update counting it. Taken
+    /// with no lock of the engine held but directory copy-up locks released and
+    /// before any inode's state (see the LOCKING list in mod.rs).
+    link_up: Mutex<()>,
 }
 
-impl AliasMaps {
-    pub fn new(layers: usize) -> AliasMaps {
-        AliasMaps {
-            per_layer: (0..layers).map(|_| OnceLock::new()).collect(),
-        }
-    }
+#[derive(Clone)]
+pub(crate) struct IndexEntry {
+    key: OsString,
+    src_layer: LayerIdx,
+    /// Checked to be a copy this workdir made (see `is_own_index_copy`).
+    checked: bool,
 }
 
-/// Collects the multiply-linked non-directories under `root`.
-fn scan_layer(root: BorrowedFd<'_>) -> Result<Aliases> {
-    let mut out = Aliases::new();
-    let mut stack: Vec<(Option<OwnedFd>, OsString)> = vec![(None, OsString::new())];
-    while let Some((fd, path)) = stack.pop() {
-        let dir = fd.as_ref().map_or(root, |f| f.as_fd());
-        for entry in sys::fs::read_dir(dir)? {
-            if whiteout_target(&entry.name).is_some() {
-                continue;
-            }
-            let st = match sys::fs::stat_at(dir, &entry.name) {
-                Ok(st) => st,
-                Err(_) => continue,
-            };
-            let child = super::redirect::join(&path, &entry.name);
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                if let Ok(sub) = sys::fs::open_dir(dir, &entry.name) {
-                    stack.push((Some(sub), child));
-                }
-            } else if st.st_nlink > 1 {
-                out.entry(st.st_ino).or_default().push(child);
-            }
-        }
+impl IndexedGroups {
+    fn insert(&self, lower: (u64, u64), entry: IndexEntry) {
+        self.groups.write().insert(lower, entry);
+        self.any.store(true, Ordering::Release);
     }
-    Ok(out)
 }
 
 /// The index name of a lower object: its layer counted from the bottom (stable while
@@ -91,13 +97,9 @@ pub(super) fn parse_index_key(key: &OsStr) -> Option<(usize, u64)> {
 }
 
 impl Union {
-    /// Finishes the link-ups a crash interrupted (run at mount, before anything is
-    /// served): an entry left in the index is a whole copy of a lower group, linked to
-    /// some of its names while the others still show the lower file. Each visible name
-    /// still showing the lower file is linked to the copy and the entry removed, so
-    /// the group is one file with one upper link per name again. An entry whose names
-    /// cannot all be handled stays for the next copy-up of the group to finish.
-    pub(crate) fn finish_interrupted_link_ups(&self) -> Result<()> {
+    /// Reads the index at mount: every entry stands for a copied-up group whose names
+    /// are linked to it as they are reached. Entries are checked at first use.
+    pub(crate) fn load_index(&self) -> Result<()> {
         let Some(index) = self.index.clone() else {
             return Ok(());
         };
@@ -111,28 +113,127 @@ impl Union {
             if src_layer == UPPER && self.upper {
                 continue;
             }
-            if !self.is_own_index_copy(&index, &entry.name, src_layer, ino) {
-                self.discard_index_entry(&index, &entry.name)?;
-                continue;
-            }
-            // Names in every lower layer on the file's filesystem, as `copy_up_linked`
-            // may have linked (only names showing this very lower file are linked).
             let dev = self.layer(src_layer)?.dev;
-            let layers: Vec<LayerIdx> = self.lower_layers_on(dev).collect();
-            let mut all_linked = true;
-            for idx in layers {
-                let paths = self.aliases(idx)?.get(&ino).cloned();
-                for path in paths.unwrap_or_default() {
-                    if let Err(e) = self.link_up_alias(&path, (dev, ino), idx, &index, &entry.name)
-                    {
-                        log::warn!("index {:?}: name {path:?} not linked: {e}", entry.name);
-                        all_linked = false;
-                    }
-                }
+            self.indexed.insert(
+                (dev, ino),
+                IndexEntry {
+                    key: entry.name,
+                    src_layer,
+                    checked: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The index entry of the group of lower object `lower` (st_dev, st_ino), if it
+    /// was copied up and the entry is one of ours (an entry that is not is removed
+    /// here).
+    fn indexed_copy(&self, lower: (u64, u64)) -> Option<IndexEntry> {
+        if !self.indexed.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let entry = self.indexed.groups.read().get(&lower).cloned()?;
+        if entry.checked {
+            return Some(entry);
+        }
+        let index = self.index.as_ref()?;
+        let own = self.is_own_index_copy(index, &entry.key, entry.src_layer, lower.1);
+        let mut groups = self.indexed.groups.write();
+        if own {
+            if let Some(e) = groups.get_mut(&lower) {
+                e.checked = true;
             }
-            if all_linked {
-                sys::fs::unlink_at(index.as_fd(), &entry.name)?;
+            return Some(IndexEntry {
+                checked: true,
+                ..entry
+            });
+        }
+        groups.remove(&lower);
+        drop(groups);
+        if let Err(e) = self.discard_index_entry(index, &entry.key) {
+            log::warn!("removing {INDEX_DIR}/{:?}: {e}", entry.key);
+        }
+        None
+    }
+
+    /// [`Union::resolve`] for a step that acts on the name found: a name of a
+    /// copied-up lower hard-link group is linked to the group's copy first, so that
+    /// it shows (and the step changes) the one file the group is.
+    pub(crate) fn resolve_linking(&self, parent: &Inode, name: &OsStr) -> Result<Option<Found>> {
+        let found = self.resolve(parent, name)?;
+        let Some(f) = &found else {
+            return Ok(found);
+        };
+        if !self.is_indexed(f) {
+            return Ok(found);
+        }
+        let Some(entry) = self.indexed_copy((f.stat.st_dev, f.stat.st_ino)) else {
+            return Ok(found);
+        };
+        if self.check_writable().is_err() {
+            return Ok(found);
+        }
+        self.link_indexed_name(parent, name, &entry)
+            .doing("linking a name of a hard-linked file to its copy")?;
+        self.resolve(parent, name)
+    }
+
+    /// After a copy-up of the inode `parent/name` resolved to (`found`), which went
+    /// through whichever name the inode was last reached by: links `parent/name` to
+    /// the copy too when it is a name of a lower hard-link group, so that a step on
+    /// that very name (a rename) finds it in the upper layer.
+    pub(crate) fn link_group_name(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        found: &Found,
+    ) -> Result<()> {
+        let lower_group = found.kind != libc::S_IFDIR
+            && !(self.upper && found.top_layer() == UPPER)
+            && found.stat.st_nlink > 1;
+        if lower_group {
+            self.resolve_linking(parent, name)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `found` is a lower non-directory of a group already copied up: its
+    /// name must be reached through [`Union::resolve_linking`].
+    pub(crate) fn is_indexed(&self, found: &Found) -> bool {
+        found.kind != libc::S_IFDIR
+            && !(self.upper && found.top_layer() == UPPER)
+            && found.stat.st_nlink > 1
+            && self
+                .indexed_copy((found.stat.st_dev, found.stat.st_ino))
+                .is_some()
+    }
+
+    /// Links `parent/name` (copying `parent` up) to the group's copy in the index and
+    /// takes the link off the copy's marker; a name already linked counts as done.
+    /// The group's inode, when there is one, shows the new marker at once.
+    fn link_indexed_name(&self, parent: &Inode, name: &OsStr, entry: &IndexEntry) -> Result<()> {
+        self.copy_up(parent, CopyData::Yes)?;
+        let upper = self.dir_fd(parent, UPPER)?;
+        let index = self.index.as_ref().ok_or(Errno::ROFS)?;
+        let key = entry.key.as_os_str();
+        let _serial = self.indexed.link_up.lock();
+        let copy = sys::fs::stat_at(index.as_fd(), key)?;
+        let linked = link_or_same(index.as_fd(), key, upper.as_fd(), name, copy.st_ino)?;
+        let marker = Target::Entry(index.as_fd(), key);
+        let origin = self.origin(marker).ok_or(Errno::IO)?;
+        let mut adjust = origin.nlink_adjust;
+        if linked {
+            adjust -= 1;
+            if let Err(e) = self.set_nlink_adjust(marker, origin.ino, adjust) {
+                log::warn!(
+                    "{}: link count of a hard-linked file not recorded: {e}",
+                    self.describe(parent.ino, Some(name))
+                );
             }
+        }
+        if let Some(group) = self.inodes.by_identity((copy.st_dev, copy.st_ino)) {
+            group.state.write().set_nlink_adjust(adjust);
         }
         Ok(())
     }
@@ -159,20 +260,13 @@ impl Union {
     /// Removes an index entry that is not a copy of ours (only that name goes; a
     /// hard link elsewhere is untouched).
     fn discard_index_entry(&self, index: &OwnedFd, key: &OsStr) -> Result<()> {
-        log::warn!("workdir/index/{key:?} is not a copy this workdir made; removed, not used");
+        log::warn!(
+            "workdir/{INDEX_DIR}/{key:?} is not a copy this workdir made; removed, not used"
+        );
         match sys::fs::unlink_at(index.as_fd(), key) {
             Ok(()) | Err(Errno::NOENT) => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-
-    fn aliases(&self, idx: LayerIdx) -> Result<&Aliases> {
-        let slot = self.hardlinks.per_layer.get(idx).ok_or(Errno::IO)?;
-        if let Some(map) = slot.get() {
-            return Ok(map);
-        }
-        let map = scan_layer(self.layer(idx)?.root_fd())?;
-        Ok(slot.get_or_init(|| map))
     }
 
     /// The lower layers on device `dev`: one file hard-linked into several of them is
@@ -183,156 +277,68 @@ impl Union {
             .filter(move |i| self.layers[*i].dev == dev)
     }
 
-    /// Copies up a lower non-directory that has other names in its layer, and links
-    /// every visible name to the copy. Called with `inode.copy_up` held and the
-    /// parent already copied up. Returns the source's inode flags (see `stage_copy`).
+    /// Copies up a lower non-directory with several links (`shown_nlink` shown) into
+    /// the index, unless its group is there already, and links `name` to the copy.
+    /// Called with `inode.copy_up` held and the parent already copied up. Returns
+    /// the source's inode flags (see `stage_copy`).
     pub(crate) fn copy_up_linked(
         &self,
         inode: &Inode,
         parent: &Inode,
         name: &OsStr,
         src_layer: LayerIdx,
-        (src_ino, src_nlink): (u64, u64),
+        (src_ino, shown_nlink): (u64, u64),
         data: CopyData,
     ) -> Result<u32> {
         let index = self.index.as_ref().ok_or(Errno::ROFS)?.clone();
-        let key = index_key(self.bottom_layer() - src_layer, src_ino);
-        let reuse = match sys::fs::stat_at(index.as_fd(), &key) {
-            Ok(_) if self.is_own_index_copy(&index, &key, src_layer, src_ino) => true,
-            Ok(_) => {
-                self.discard_index_entry(&index, &key)?;
-                false
-            }
-            Err(Errno::NOENT) => false,
-            Err(e) => return Err(e.into()),
-        };
+        let lower_dev = self.layer(src_layer)?.dev;
         let src_dir = self.dir_fd(parent, src_layer)?;
         let mut flags = None;
-        if !reuse {
-            let published = self.publish_from_work(
-                |work, temp| {
-                    let f =
-                        self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)?;
-                    flags = Some(f);
-                    Ok(())
-                },
-                index.as_fd(),
-                &key,
-                RenameKind::NoReplace,
-            );
-            // EXIST: another name of the group published it first.
-            match published {
-                Ok(()) => {}
-                Err(e) if e == Errno::EXIST => {}
-                Err(e) => return Err(e),
+        let entry = match self.indexed_copy((lower_dev, src_ino)) {
+            Some(entry) => entry,
+            None => {
+                let key = index_key(self.bottom_layer() - src_layer, src_ino);
+                match sys::fs::stat_at(index.as_fd(), &key) {
+                    Ok(_) => self.discard_index_entry(&index, &key)?,
+                    Err(Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // Shown count = the copy's one link (the index entry) + the marker.
+                let adjust = i64::try_from(shown_nlink).unwrap_or(i64::MAX) - 1;
+                self.publish_from_work(
+                    |work, temp| {
+                        let f =
+                            self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)?;
+                        flags = Some(f);
+                        self.set_nlink_adjust(Target::Entry(work, temp), inode.ino, adjust)
+                            .doing("recording the link count of a hard-linked file's copy")?;
+                        Ok(())
+                    },
+                    index.as_fd(),
+                    &key,
+                    RenameKind::NoReplace,
+                )?;
+                let entry = IndexEntry {
+                    key,
+                    src_layer,
+                    checked: true,
+                };
+                self.indexed.insert((lower_dev, src_ino), entry.clone());
+                // The copy's marker counts the group's links from now on.
+                self.forget_removed_links(lower_dev, src_ino);
+                entry
             }
-        }
+        };
         let flags = match flags {
             Some(f) => f,
             None => self.lower_flags_at(src_dir.as_fd(), name)?,
         };
-        // Links found in no layer are recorded with the copy, which keeps counting them.
-        let lower_dev = self.layer(src_layer)?.dev;
-        let names = self.group_names(src_layer, src_ino, src_nlink)?;
-        let outside = u32::try_from(src_nlink.saturating_sub(names.len() as u64)).unwrap_or(0);
-        if outside > 0 {
-            self.set_outside_links(Target::Entry(index.as_fd(), &key), inode.ino, outside);
-        }
-        let copy = sys::fs::stat_at(index.as_fd(), &key)?;
-        let upper = self.dir_fd(parent, UPPER)?;
-        link_or_same(index.as_fd(), &key, upper.as_fd(), name, copy.st_ino)?;
+        let copy = sys::fs::stat_at(index.as_fd(), &entry.key)?;
         // Recorded before the layers point at the copy (see copy_up_entry).
         self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
-        {
-            inode.state.write().linked_up(outside);
-        }
-
-        for (idx, path) in names {
-            if let Err(e) = self.link_up_alias(&path, (lower_dev, src_ino), idx, &index, &key) {
-                log::warn!("copy-up: name {path:?} of a hard-linked file not linked: {e}");
-            }
-        }
-        sys::fs::unlink_at(index.as_fd(), &key)?;
-        // The copy counts the group's links from now on.
-        self.forget_removed_links(lower_dev, src_ino);
+        self.link_indexed_name(parent, name, &entry)?;
+        inode.state.write().linked_up();
         Ok(flags)
-    }
-
-    /// The names of lower object `src_ino` of `src_layer` (link count `src_nlink`) in
-    /// the lower layers: those in its own layer and, when they do not account for its
-    /// link count, those in the other lower layers on its filesystem (hard-link dedup
-    /// of image layers puts one file into several), so that every name of the file
-    /// stays one file, as with kernel overlayfs' index.
-    fn group_names(
-        &self,
-        src_layer: LayerIdx,
-        src_ino: u64,
-        src_nlink: u64,
-    ) -> Result<Vec<(LayerIdx, OsString)>> {
-        let lower_dev = self.layer(src_layer)?.dev;
-        let own = self.aliases(src_layer)?.get(&src_ino).map_or(0, Vec::len) as u64;
-        let layers: Vec<LayerIdx> = if own < src_nlink {
-            self.lower_layers_on(lower_dev).collect()
-        } else {
-            vec![src_layer]
-        };
-        let mut names = Vec::new();
-        for idx in layers {
-            for path in self
-                .aliases(idx)?
-                .get(&src_ino)
-                .cloned()
-                .unwrap_or_default()
-            {
-                names.push((idx, path));
-            }
-        }
-        Ok(names)
-    }
-
-    /// Links the index copy at `path` when that path of the merged view still shows
-    /// the lower object `lower`.
-    fn link_up_alias(
-        &self,
-        path: &OsStr,
-        lower: (u64, u64),
-        src_layer: LayerIdx,
-        index: &Arc<OwnedFd>,
-        key: &OsStr,
-    ) -> Result<()> {
-        self.at_lower_alias(path, lower, src_layer, |dir, last, _| {
-            self.copy_up(dir, CopyData::Yes)?;
-            let upper = self.dir_fd(dir, UPPER)?;
-            let copy = sys::fs::stat_at(index.as_fd(), key)?;
-            link_or_same(index.as_fd(), key, upper.as_fd(), last, copy.st_ino)
-                .doing("linking a name of a hard-linked file to its copy")
-        })
-    }
-
-    /// Before a directory with lower content moves, the names inside it stop being
-    /// at their layer paths, where a later group link-up looks for them: so every
-    /// not yet copied-up hard-link group with a name inside it is linked up first.
-    pub(crate) fn link_up_groups_under(&self, dir: &Inode) -> Result<()> {
-        let prefix = super::redirect::join(&self.lower_path(dir)?, OsStr::new(""));
-        let layers = dir.state.read().layer_indexes();
-        for idx in layers.into_iter().filter(|i| *i != UPPER || !self.upper) {
-            let dev = self.layer(idx)?.dev;
-            let inside: Vec<(u64, OsString)> = self
-                .aliases(idx)?
-                .iter()
-                .flat_map(|(ino, paths)| paths.iter().map(move |p| (*ino, p.clone())))
-                .filter(|(_, p)| p.as_bytes().starts_with(prefix.as_bytes()))
-                .collect();
-            for (ino, path) in inside {
-                self.at_lower_alias(&path, (dev, ino), idx, |parent, last, found| {
-                    let inode = self.adopt(parent.ino, last, found)?;
-                    let copied = self.copy_up(&inode, CopyData::Yes);
-                    self.inodes.forget(inode.ino, 1);
-                    copied
-                })?;
-            }
-        }
-        Ok(())
     }
 
     /// Calls `f(parent, name, found)` when `path` of the merged view shows the lower
@@ -342,7 +348,7 @@ impl Union {
         path: &OsStr,
         lower: (u64, u64),
         src_layer: LayerIdx,
-        f: impl FnOnce(&Arc<Inode>, &OsStr, super::lookup::Found) -> Result<()>,
+        f: impl FnOnce(&Arc<Inode>, &OsStr, Found) -> Result<()>,
     ) -> Result<()> {
         let comps: Vec<&OsStr> = path
             .as_bytes()
@@ -385,18 +391,19 @@ impl Union {
     }
 }
 
-/// Links `from_dir/from` as `to_dir/to`; a link already there to the same object
-/// (a link-up interrupted after this step) counts as done.
+/// Links `from_dir/from` as `to_dir/to`: `true` when linked now, `false` when a
+/// link to the same object was there already (another step linked that name).
 fn link_or_same(
     from_dir: BorrowedFd<'_>,
     from: &OsStr,
     to_dir: BorrowedFd<'_>,
     to: &OsStr,
     ino: u64,
-) -> sys::SysResult<()> {
+) -> sys::SysResult<bool> {
     match sys::fs::link_at(from_dir, from, to_dir, to) {
-        Err(Errno::EXIST) if sys::fs::stat_at(to_dir, to).map(|s| s.st_ino) == Ok(ino) => Ok(()),
-        other => other,
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) if sys::fs::stat_at(to_dir, to).map(|s| s.st_ino) == Ok(ino) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

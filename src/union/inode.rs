@@ -102,7 +102,7 @@ impl Content {
 pub type IdentityKeys = SmallVec<[(u64, u64); 1]>;
 
 /// What an inode stands for. The fields that say where its content is (`layers`,
-/// `redirect`, `keys`, `outside_links`, `detached`/`pinned`) change only through
+/// `redirect`, `keys`, `nlink_adjust`, `detached`/`pinned`) change only through
 /// the methods below, each named for the event it records, so that the invariants
 /// stated per field hold wherever the state is written (this file).
 pub struct InodeState {
@@ -131,9 +131,9 @@ pub struct InodeState {
     /// At most [`MAX_OTHER_NAMES`]; beyond that the oldest is forgotten (the pinned
     /// handle still reaches the object).
     other_names: OtherNames,
-    /// Upper copies of lower hard-linked files: the links the file has outside
-    /// every layer (see origin.rs), counted in the st_nlink it shows.
-    outside_links: u32,
+    /// Upper copies of lower hard-link groups: what the st_nlink shown adds to the
+    /// copy's own (see origin.rs); written under `IndexedGroups::link_up`.
+    nlink_adjust: i64,
 }
 
 /// Bound on the names remembered per hard-linked file: a layer or a client may make
@@ -226,7 +226,7 @@ impl InodeState {
             pinned: None,
             redirect: redirect.map(OsString::into_boxed_os_str),
             other_names: OtherNames::default(),
-            outside_links: 0,
+            nlink_adjust: 0,
         }
     }
 
@@ -271,11 +271,15 @@ impl InodeState {
         }
     }
 
-    /// A lower hard-link group was linked up: the upper copy also has `outside`
-    /// links outside every layer (counted in its st_nlink).
-    pub fn linked_up(&mut self, outside: u32) {
+    /// A lower hard-link group's copy was linked to this name (see hardlink.rs).
+    pub fn linked_up(&mut self) {
         self.file_copied_up(None);
-        self.outside_links = outside;
+    }
+
+    /// The group's copy got or lost a link not matched by a name shown (see
+    /// origin.rs).
+    pub fn set_nlink_adjust(&mut self, adjust: i64) {
+        self.nlink_adjust = adjust;
     }
 
     /// A lookup found a non-directory at `layers` again (a copy-up or a change in a
@@ -293,8 +297,8 @@ impl InodeState {
         self.redirect = Some(path.into_boxed_os_str());
     }
 
-    pub fn with_outside_links(mut self, outside: u32) -> InodeState {
-        self.outside_links = outside;
+    pub fn with_nlink_adjust(mut self, adjust: i64) -> InodeState {
+        self.nlink_adjust = adjust;
         self
     }
 
@@ -357,8 +361,8 @@ impl InodeState {
         self.redirect.as_deref()
     }
 
-    pub fn outside_links(&self) -> u32 {
-        self.outside_links
+    pub fn nlink_adjust(&self) -> i64 {
+        self.nlink_adjust
     }
 
     pub fn has_key(&self, key: (u64, u64)) -> bool {

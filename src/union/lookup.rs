@@ -350,7 +350,7 @@ impl Union {
         if !p.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        let found = self.resolve(&p, name)?.ok_or(Errno::NOENT)?;
+        let found = self.resolve_linking(&p, name)?.ok_or(Errno::NOENT)?;
         let (top, st) = (found.top_layer(), found.stat);
         let inode = self.adopt(parent, name, found)?;
         let attr = self.attr_from_stat_of(&inode, top, &st)?;
@@ -400,6 +400,10 @@ impl Union {
             redirect: None,
             chained: false,
         };
+        // A name of a copied-up hard-link group is linked to the copy first.
+        if self.is_indexed(&found) {
+            return self.lookup(parent, name);
+        }
         let inode = self.adopt(parent, name, found)?;
         let attr = self.attr_from_stat_of(&inode, idx, &st)?;
         Ok(Entry {
@@ -431,11 +435,22 @@ impl Union {
         if let Some(inode) = self.inodes.reference_by_identity(key) {
             let split =
                 !inode.is_dir() && found.top_layer() != super::UPPER && self.is_in_upper(&inode);
+            if split && self.is_indexed(&found) && self.check_writable().is_ok() {
+                // Copied up through another name while this one was being resolved:
+                // it is linked to the copy and taken from there.
+                self.inodes.forget(inode.ino, 1);
+                let p = self.inode(parent)?;
+                let again = self.resolve_linking(&p, name)?.ok_or(Errno::NOENT)?;
+                if again.top_layer() != super::UPPER {
+                    return Err(Errno::STALE.into());
+                }
+                return self.adopt_entry(parent, name, again, made_here);
+            }
             if split {
-                // The lower file was copied up through another name, and this name was
-                // not linked to the copy (it was hidden then, or lies where no link-up
-                // looked): from now on it is another file, with an inode of its own,
-                // so that one node id never stands for two files.
+                // The lower file was copied up through another name and this name
+                // cannot be linked to the copy (no index, or a read-only mount): from
+                // now on it is another file, with an inode of its own, so that one
+                // node id never stands for two files.
                 self.inodes.remove_identity(&inode, key);
             } else if inode.kind == found.kind {
                 // The name just used certainly leads to the entry: name-relative
@@ -454,7 +469,7 @@ impl Union {
             // gives back the reference just taken; the object gets a new inode.
             self.inodes.forget(inode.ino, 1);
         }
-        let (preferred, outside_links) = if made_here {
+        let (preferred, nlink_adjust) = if made_here {
             (self.derived_ino(found.top_layer(), found.stat.st_ino), 0)
         } else {
             self.preferred_ino(parent, name, &found)?
@@ -474,7 +489,7 @@ impl Union {
             found.redirect,
         )
         .ok_or(Errno::IO)?
-        .with_outside_links(outside_links);
+        .with_nlink_adjust(nlink_adjust);
         let inode = self.inodes.insert(preferred, found.kind, state);
         if !found.chained {
             for idx in cached {
@@ -486,8 +501,8 @@ impl Union {
 
     /// The number a newly adopted entry asks for: an upper entry's recorded origin,
     /// else the one derived from its real inode.
-    /// Also the links its file has outside every layer, from the same marker.
-    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Ino, u32)> {
+    /// Also how its shown st_nlink differs from its own, from the same marker.
+    fn preferred_ino(&self, parent: Ino, name: &OsStr, found: &Found) -> Result<(Ino, i64)> {
         let derived = self.derived_ino(found.top_layer(), found.stat.st_ino);
         if !self.upper || found.top_layer() != super::UPPER {
             return Ok((derived, 0));
@@ -501,7 +516,7 @@ impl Union {
             }
         };
         Ok(match origin {
-            Some(o) if found.kind != libc::S_IFDIR => (o.ino, o.outside_links),
+            Some(o) if found.kind != libc::S_IFDIR => (o.ino, o.nlink_adjust),
             Some(o) => (o.ino, 0),
             None => (derived, 0),
         })
@@ -538,7 +553,8 @@ impl Union {
             attr.nlink = 1;
         }
         if !inode.is_dir() && attr.nlink > 0 && state.top_layer() == Some(super::UPPER) {
-            attr.nlink = attr.nlink.saturating_add(state.outside_links());
+            let shown = i64::from(attr.nlink).saturating_add(state.nlink_adjust());
+            attr.nlink = u32::try_from(shown.max(0)).unwrap_or(u32::MAX);
         } else if !inode.is_dir() && attr.nlink > 1 {
             attr.nlink = u32::try_from(self.shown_lower_nlink(st)).unwrap_or(attr.nlink);
         }

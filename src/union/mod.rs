@@ -21,13 +21,10 @@
 //!    Volume files are never copied up, so no copy-up lock is taken under it.
 //! 3. `Inode::copy_up` of a non-directory: one copy-up of that file at a time.
 //!    Held over the copy of its data, and for a lower hard-link group
-//!    (`copy_up_linked`) over the scan of the layer's hard links
-//!    (`AliasMaps`, a `OnceLock` per layer, filled outside its lock) and the
-//!    link-up of the group's other names, which copies up their parent
-//!    directories and so takes directory copy-up locks (4). At most one
-//!    non-directory copy-up lock is held by a thread: the link-up copies up
-//!    directories only, and `link_up_groups_under` (before a rename) copies up
-//!    files with no copy-up lock held.
+//!    (`copy_up_linked`) over the link of its name to the group's copy, which may
+//!    copy up the parent directory (4) and takes `IndexedGroups::link_up` (4a). At
+//!    most one non-directory copy-up lock is held by a thread: linking a name
+//!    copies up directories only.
 //! 4. `Inode::copy_up` of a directory: one copy-up of that directory at a time.
 //!    `copy_up` takes them one at a time, from the top-most missing ancestor down
 //!    ("towards the entry"), each released before the next; nothing under it
@@ -35,6 +32,11 @@
 //!    file's or another directory's, and 3 -> 4 cannot close a cycle, whether the
 //!    other thread is a rename (which holds no copy-up lock), a plain copy-up or
 //!    another group's link-up.
+//!    Between 4 and 5 comes `IndexedGroups::link_up` (hardlink.rs): one link of a
+//!    name to a hard-link group's copy, with the update of the copy's link-count
+//!    marker, at a time. Taken once the parent's copy-up is done (no directory lock
+//!    held); under it only system calls on the index and upper layer and the group
+//!    inode's state (6).
 //! 5. `InodeTable::fd_cache`: the queue of cached directory handles; never held
 //!    while taking another lock (the evicted inode's state is written after it is
 //!    released).
@@ -45,7 +47,7 @@
 //! 7. Leaves, held for a map or field access only: the dashmaps of the inode
 //!    table (`inodes`, `identity`) and of the open handles (`files`, `dirs`, the
 //!    adapter's handle and exec maps), `DirHandle::entries`, `OpenFile::upper_copy`
-//!    (`OnceLock`).
+//!    (`OnceLock`), `IndexedGroups::groups` and the removals' records.
 //!
 //! The kernel's own locks (the VFS locks of parent directories during a request)
 //! are not in this order: the daemon works on the layers through its own fds and
@@ -223,7 +225,7 @@ pub struct Union {
     /// `workdir/work`: where copy-ups and new entries are staged. Same filesystem as
     /// the upper layer, so a rename publishes a staged entry atomically.
     work: Option<Arc<OwnedFd>>,
-    /// `workdir/index` (see [`Workdir::index`]).
+    /// `workdir/#stratafs-index` (see [`Workdir::index`]).
     index: Option<Arc<OwnedFd>>,
     /// `workdir` itself, where the shared whiteout lives (not in `work`, which is
     /// empty whenever no step is under way).
@@ -231,8 +233,8 @@ pub struct Union {
     whiteout_style: WhiteoutStyle,
     /// Where this mount writes redirect, origin and other private markers.
     xattr_ns: XattrNs,
-    /// Per lower layer: the names of each multiply-linked file, found on first need.
-    hardlinks: hardlink::AliasMaps,
+    /// The lower hard-link groups copied up into the index.
+    indexed: hardlink::IndexedGroups,
     /// Names of lower hard-link groups removed through the mount, by group.
     removed_links: removed_links::RemovedLinks,
     inodes: InodeTable,

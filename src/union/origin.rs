@@ -3,10 +3,12 @@
 //! Invariants:
 //! - A copied-up entry carries `<ns>.stratafs.origin` = the st_ino it was shown with
 //!   before the copy, so it keeps that number after the copy and after a remount.
-//! - A copy of a lower hard-linked file whose link count its names in the layers do
-//!   not account for (its other names lie outside every layer, as in hard-link
-//!   dedup stores) records those outside links too, as `<ino>:<links>`, so that it
-//!   keeps showing the link count it had, as kernel overlayfs does through its index.
+//! - The copy of a lower hard-link group (see hardlink.rs) records how its shown
+//!   st_nlink differs from its own count, as `<ino>:<adjust>` (kernel overlayfs keeps
+//!   the same in `trusted.overlay.nlink`): names of the group not yet linked to the
+//!   copy and names outside every layer add to it, the copy's index entry takes one
+//!   off. Copies made by earlier versions carry the outside links alone there, which
+//!   is the same sum for a copy with no index entry.
 //! - d_ino equals st_ino: a listing reads the marker of upper entries wherever one
 //!   can be (a directory merged with lower layers, or an upper-only directory marked
 //!   `<ns>.stratafs.impure` because a copied-up entry was moved into it).
@@ -19,8 +21,8 @@ use super::{Ino, Union};
 use crate::sys::{self, xattr::Target};
 
 impl Union {
-    /// The number recorded on an upper entry at copy-up, if any, and the links its
-    /// file has outside every layer.
+    /// The number recorded on an upper entry at copy-up, if any, and how its shown
+    /// st_nlink differs from its own.
     pub(crate) fn origin(&self, target: Target<'_>) -> Option<Origin> {
         let value = sys::xattr::get_small(target, &self.xattr_ns.own("origin")).ok()??;
         Origin::parse(&value)
@@ -31,17 +33,16 @@ impl Union {
         self.origin(target).map(|o| o.ino)
     }
 
-    /// Adds to the origin marker of `target` (numbered `ino`) the links its file has
-    /// outside every layer. Best effort, like [`Union::set_origin`].
-    pub(crate) fn set_outside_links(&self, target: Target<'_>, ino: Ino, links: u32) {
-        let value = Origin {
-            ino,
-            outside_links: links,
-        }
-        .to_string();
-        if let Err(e) = sys::xattr::set(target, &self.xattr_ns.own("origin"), value.as_bytes(), 0) {
-            log::debug!("copy-up: outside links of {ino} not recorded: {e}");
-        }
+    /// Writes the origin marker of `target` (numbered `ino`) with the difference
+    /// between its shown st_nlink and its own.
+    pub(crate) fn set_nlink_adjust(
+        &self,
+        target: Target<'_>,
+        ino: Ino,
+        nlink_adjust: i64,
+    ) -> sys::SysResult<()> {
+        let value = Origin { ino, nlink_adjust }.to_string();
+        sys::xattr::set(target, &self.xattr_ns.own("origin"), value.as_bytes(), 0)
     }
 
     /// Records the number a copy must keep. Best effort: without it the copy shows
@@ -79,30 +80,30 @@ impl Union {
     }
 }
 
-/// What an origin marker says: `<ino>` or `<ino>:<outside links>`.
+/// What an origin marker says: `<ino>` or `<ino>:<st_nlink adjustment>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Origin {
     pub ino: Ino,
-    pub outside_links: u32,
+    pub nlink_adjust: i64,
 }
 
 impl Origin {
     fn parse(value: &[u8]) -> Option<Origin> {
         let text = std::str::from_utf8(value).ok()?;
-        let (ino, links) = match text.split_once(':') {
-            Some((ino, links)) => (ino, links.parse().ok()?),
+        let (ino, adjust) = match text.split_once(':') {
+            Some((ino, adjust)) => (ino, adjust.parse().ok()?),
             None => (text, 0),
         };
         Some(Origin {
             ino: ino.parse().ok()?,
-            outside_links: links,
+            nlink_adjust: adjust,
         })
     }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.outside_links {
+        match self.nlink_adjust {
             0 => write!(f, "{}", self.ino),
             n => write!(f, "{}:{n}", self.ino),
         }
@@ -118,11 +119,15 @@ mod tests {
         for o in [
             Origin {
                 ino: 42,
-                outside_links: 0,
+                nlink_adjust: 0,
             },
             Origin {
                 ino: 7,
-                outside_links: 3,
+                nlink_adjust: 3,
+            },
+            Origin {
+                ino: 7,
+                nlink_adjust: -1,
             },
         ] {
             assert_eq!(Origin::parse(o.to_string().as_bytes()), Some(o));
@@ -131,7 +136,7 @@ mod tests {
             Origin::parse(b"42"),
             Some(Origin {
                 ino: 42,
-                outside_links: 0
+                nlink_adjust: 0
             })
         );
         for bad in [

@@ -158,7 +158,6 @@ impl Union {
             ),
             None => (None, None, None),
         };
-        let hardlinks = hardlink::AliasMaps::new(layers.len());
         let opts = Options {
             read_only: config.read_only(),
             syncs: config.syncs(),
@@ -178,7 +177,7 @@ impl Union {
             workdir_root,
             whiteout_style,
             xattr_ns,
-            hardlinks,
+            indexed: Default::default(),
             removed_links: Default::default(),
             inodes: InodeTable::new(setup.fd_budget),
             files: DashMap::new(),
@@ -201,8 +200,11 @@ impl Union {
             if let Err(e) = union.load_removed_links() {
                 log::warn!("link counts of earlier removals not restored: {e}");
             }
-            if let Err(e) = union.finish_interrupted_link_ups() {
-                log::warn!("finishing interrupted hard-link copy-ups: {e}");
+            if let Err(e) = union.load_index() {
+                log::warn!(
+                    "reading {}: copied-up hard links not linked: {e}",
+                    hardlink::INDEX_DIR
+                );
             }
         }
         Ok(union)
@@ -242,16 +244,16 @@ struct Workdir {
     /// during a copy-up leaves only staged copies there, never user data).
     work: OwnedFd,
     /// The work directory itself, which holds the shared whiteout
-    /// ([`SHARED_WHITEOUT`]) beside `work` and `index`.
+    /// ([`SHARED_WHITEOUT`]) beside `work` and the index.
     root: OwnedFd,
-    /// `workdir/index`: copies of lower hard-link groups while their names are being
-    /// linked up; kept across mounts so an interrupted link-up is finished later.
+    /// `workdir/#stratafs-index` ([`hardlink::INDEX_DIR`]): the copies of lower
+    /// hard-link groups, to which their names are linked as they are reached.
     index: OwnedFd,
     whiteout_style: WhiteoutStyle,
     xattr_ns: XattrNs,
 }
 
-/// Prepares `workdir/work` and `workdir/index`, and probes what this process may
+/// Prepares `workdir/work` and the index, and probes what this process may
 /// write: char-device whiteouts (unless `aufs` asks for `.wh.` files anyway),
 /// trusted.* xattrs.
 fn prepare_workdir(
@@ -281,7 +283,7 @@ fn prepare_workdir(
         }
         StaleWork::Refuse => {}
     }
-    let index = open_sub(OsStr::new("index")).map_err(fail)?;
+    let index = open_sub(OsStr::new(hardlink::INDEX_DIR)).map_err(fail)?;
     let probe = OsStr::new("#stratafs-whiteout-probe");
     let whiteout_style = if aufs {
         WhiteoutStyle::AufsFile

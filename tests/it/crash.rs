@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -33,6 +33,7 @@ use crate::fixture::{
     self, ContentDigest, LayerBuilder, Layers, Meta, StrataMount, TreeKind, content_of, hash_bytes,
     kind_of, pattern,
 };
+use crate::fixture::{lgetxattr, lsetxattr};
 
 const MIB: usize = 1 << 20;
 const DEFAULT_SEED: u64 = 0x5eed_c4a5_0f57_a7a5;
@@ -355,7 +356,6 @@ struct TrialResult {
     /// Until the workload exited by itself, when it did before the kill.
     took: Option<Duration>,
     interrupted: bool,
-    in_link_up: bool,
     in_staging: bool,
 }
 
@@ -385,7 +385,7 @@ impl Crash {
 
         // Steps reported before the kill -> number of trials.
         let mut reached: BTreeMap<usize, usize> = BTreeMap::new();
-        let (mut interrupted, mut in_link_up, mut in_staging) = (0, 0, 0);
+        let (mut interrupted, mut in_staging) = (0, 0);
         for t in 1..=n {
             let delay = max.mul_f64(rng.unit());
             let r = self.trial(t, Some(delay), seed);
@@ -394,14 +394,12 @@ impl Crash {
             }
             *reached.entry(r.lines.len()).or_default() += 1;
             interrupted += r.interrupted as usize;
-            in_link_up += r.in_link_up as usize;
             in_staging += r.in_staging as usize;
         }
         let summary = format!(
             "crash::{}: STRATAFS_CRASH_SEED={seed:#x}: {n} killed trials + 1 complete run \
              ({:.0?}; kills at 0..{max:.0?} by the end): {interrupted} interrupted the \
-             workload, {in_staging} with a copy staged in workdir/work, {in_link_up} inside a \
-             hard-link link-up; trials by steps reported (of {}) before the kill: \
+             workload, {in_staging} with a copy staged in workdir/work; trials by steps reported (of {}) before the kill: \
              {reached:?}; all invariants held; {:.1} s\n",
             self.name,
             calib_took,
@@ -481,10 +479,6 @@ impl Crash {
         }
 
         detach(&l.merged);
-        // An entry left in workdir/index means the kill landed while a lower hard-link
-        // group was being linked up (counted, to show the trials reach that window).
-        let index = l.work.join("index");
-        let in_link_up = index.exists() && !fixture::names(&index).is_empty();
         // Likewise an entry in workdir/work: the kill landed while something was staged.
         let staging = l.work.join("work");
         let in_staging = staging.exists() && !fixture::names(&staging).is_empty();
@@ -541,7 +535,6 @@ impl Crash {
             lines,
             took,
             interrupted: !wst.success(),
-            in_link_up,
             in_staging,
         }
     }
@@ -1158,13 +1151,13 @@ done
     .run();
 }
 
-/// The state a kill between the first and the last link of a lower hard-link group's
-/// link-up leaves (the rm -rf trials reach it): the group's copy in `workdir/index`
-/// (named as hardlink.rs names it: `L<layer from the bottom>-<lower ino in hex>`),
-/// one name linked to it, the other names still showing the lower file. Made here
-/// from a finished link-up, so that it does not depend on where a kill lands. The
-/// next mount must show one file again, under every name, with st_nlink the number
-/// of names.
+/// The state a kill right after a lower hard-link group's copy is published leaves:
+/// the copy in `workdir/#stratafs-index` (named as hardlink.rs names it:
+/// `L<layer from the bottom>-<lower ino in hex>`), its marker counting every name as
+/// not linked yet, and no name linked to it. Made here from a finished copy-up, so
+/// that it does not depend on where a kill lands. The next mount must show one file,
+/// the copy, under every name, with st_nlink the number of names, and keep it one
+/// file through writes and removals.
 #[test]
 fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
     if !fixture::require_fuse() {
@@ -1177,35 +1170,56 @@ fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
         .hardlink("c/d/g", "a/g");
     let l = Layers::new(&[lower]);
     let mut m = StrataMount::new(&l);
-    // Opening for writing copies the whole group up and links every name.
-    drop(
-        fs::OpenOptions::new()
-            .write(true)
-            .open(m.join("b/g"))
-            .unwrap(),
-    );
+    // Opening for writing copies the group up and links this one name.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("b/g"))
+        .unwrap()
+        .write_all(b"copied ")
+        .unwrap();
     m.unmount();
     let ino = fs::symlink_metadata(l.lowers[0].join("a/g")).unwrap().ino();
-    let index = l.work.join("index");
-    fs::hard_link(l.upper.join("a/g"), index.join(format!("L0-{ino:x}"))).unwrap();
+    let entry = l.work.join(format!("#stratafs-index/L0-{ino:x}"));
+    assert_eq!(
+        fs::symlink_metadata(&entry).map(|md| md.nlink()).ok(),
+        Some(2),
+        "the group's copy in the index, linked to the one name written to"
+    );
+    assert!(
+        !l.upper.join("a/g").exists() && !l.upper.join("c/d").exists(),
+        "names not reached are not linked (nor their directories made)"
+    );
+    // Back to the moment before the first link: the marker counts that name again.
     fs::remove_file(l.upper.join("b/g")).unwrap();
-    fs::remove_file(l.upper.join("c/d/g")).unwrap();
+    let marker = "trusted.stratafs.origin";
+    let value = String::from_utf8(lgetxattr(&entry, marker).unwrap()).unwrap();
+    let (number, adjust) = value.split_once(':').expect("an <ino>:<adjust> marker");
+    let adjust: i64 = adjust.parse().unwrap();
+    lsetxattr(
+        &entry,
+        marker,
+        format!("{number}:{}", adjust + 1).as_bytes(),
+        0,
+    )
+    .unwrap();
 
     m.remount();
     let root = l.merged.clone();
+    let mut expected = data.clone();
+    expected[..7].copy_from_slice(b"copied ");
     let seen = bounded(CHECK_LIMIT, move || {
         ["a/g", "b/g", "c/d/g"].map(|p| {
             let md = fs::symlink_metadata(root.join(p)).unwrap();
             (
                 md.ino(),
                 md.nlink(),
-                fs::read(root.join(p)).unwrap() == data,
+                fs::read(root.join(p)).unwrap() == expected,
             )
         })
     })
     .unwrap_or_else(|e| panic!("stat of the group's names after the remount: {e}"));
     for (p, (ino, nlink, same_data)) in ["a/g", "b/g", "c/d/g"].iter().zip(seen) {
-        assert!(same_data, "{p}: other data than the group's");
+        assert!(same_data, "{p}: other data than the group's copy");
         assert_eq!(
             (ino, nlink),
             (seen[0].0, 3),
@@ -1213,13 +1227,14 @@ fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
              file with three links (all names: {seen:?})"
         );
     }
-    assert!(
-        fixture::names(&index).is_empty(),
-        "workdir/index still holds {:?} after the link-up was finished",
-        fixture::names(&index)
-    );
-    // One file: a write through one name shows through the others.
+    // One file: a write through one name shows through the others, and a removal
+    // counts once.
     fs::write(m.join("c/d/g"), "one file").unwrap();
     assert_eq!(fs::read(m.join("a/g")).unwrap(), b"one file");
     assert_eq!(fs::read(m.join("b/g")).unwrap(), b"one file");
+    fs::remove_file(m.join("a/g")).unwrap();
+    assert_eq!(fs::symlink_metadata(m.join("b/g")).unwrap().nlink(), 2);
+    m.remount();
+    assert_eq!(fs::symlink_metadata(m.join("c/d/g")).unwrap().nlink(), 2);
+    assert!(!m.join("a/g").exists(), "a/g came back");
 }

@@ -287,9 +287,11 @@ fn setup_with(lowers: &[LayerBuilder], strata_fmt: Format, metacopy: bool) -> Op
 }
 
 impl Differential {
-    /// For scenarios where both are right but store it differently: lower hard links
-    /// are linked up lazily name by name by the kernel (its index counts the rest),
-    /// eagerly all at once by stratafs. The merged views must still agree.
+    /// For scenarios where both are right but store it differently: both link the
+    /// names of a copied-up lower hard-link group to the copy one by one, the kernel
+    /// when each is copied up (until then its lookup serves the index copy), stratafs
+    /// when each is reached, at its lookup (so the upper layer holds every name a
+    /// step touched). The merged views must still agree.
     fn upper_differs_by_design(&mut self) {
         self.compare_upper = false;
     }

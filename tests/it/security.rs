@@ -359,8 +359,12 @@ fn a_symlink_planted_in_the_index_is_never_used() {
         .hardlink("p2", "p1")]);
     let sentinel = Sentinel::new(&l.root.join("sentinel"));
     let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(l.lowers[0].join("p1")).unwrap());
-    fs::create_dir_all(l.work.join("index")).unwrap();
-    std::os::unix::fs::symlink(sentinel.file(), l.work.join(format!("index/L0-{ino:x}"))).unwrap();
+    fs::create_dir_all(l.work.join("#stratafs-index")).unwrap();
+    std::os::unix::fs::symlink(
+        sentinel.file(),
+        l.work.join(format!("#stratafs-index/L0-{ino:x}")),
+    )
+    .unwrap();
     let mut m = Bounded::mount(case, &l.rw_options(), &l);
     must(case, "append to p1", m.append("p1", b"more\n"));
     assert_eq!(must(case, "read of p2", m.read("p2")), b"lower\nmore\n");
