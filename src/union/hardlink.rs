@@ -98,7 +98,9 @@ pub(super) fn parse_index_key(key: &OsStr) -> Option<(usize, u64)> {
 
 impl Union {
     /// Reads the index at mount: every entry stands for a copied-up group whose names
-    /// are linked to it as they are reached. Entries are checked at first use.
+    /// are linked to it as they are reached. Entries are checked at first use; an
+    /// entry no name shows any more (its only link is the index's and its marker
+    /// counts no other name) is removed, as kernel overlayfs cleans its index.
     pub(crate) fn load_index(&self) -> Result<()> {
         let Some(index) = self.index.clone() else {
             return Ok(());
@@ -113,6 +115,11 @@ impl Union {
             if src_layer == UPPER && self.upper {
                 continue;
             }
+            if self.is_orphan_copy(&index, &entry.name) {
+                log::debug!("{INDEX_DIR}/{:?}: no name left; removed", entry.name);
+                sys::fs::unlink_at(index.as_fd(), &entry.name)?;
+                continue;
+            }
             let dev = self.layer(src_layer)?.dev;
             self.indexed.insert(
                 (dev, ino),
@@ -124,6 +131,18 @@ impl Union {
             );
         }
         Ok(())
+    }
+
+    /// Whether index entry `key` is a copy of ours that no name shows: the index
+    /// holds its only link and its marker counts no name beyond it.
+    fn is_orphan_copy(&self, index: &OwnedFd, key: &OsStr) -> bool {
+        let alone = sys::fs::stat_at(index.as_fd(), key)
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1);
+        alone
+            && self
+                .origin(Target::Entry(index.as_fd(), key))
+                // Shown: the index's link plus the marker.
+                .is_some_and(|o| o.nlink_adjust < 0)
     }
 
     /// The index entry of the group of lower object `lower` (st_dev, st_ino), if it
@@ -162,13 +181,7 @@ impl Union {
     /// it shows (and the step changes) the one file the group is.
     pub(crate) fn resolve_linking(&self, parent: &Inode, name: &OsStr) -> Result<Option<Found>> {
         let found = self.resolve(parent, name)?;
-        let Some(f) = &found else {
-            return Ok(found);
-        };
-        if !self.is_indexed(f) {
-            return Ok(found);
-        }
-        let Some(entry) = self.indexed_copy((f.stat.st_dev, f.stat.st_ino)) else {
+        let Some(entry) = found.as_ref().and_then(|f| self.group_copy_of(f)) else {
             return Ok(found);
         };
         if self.check_writable().is_err() {
@@ -189,10 +202,7 @@ impl Union {
         name: &OsStr,
         found: &Found,
     ) -> Result<()> {
-        let lower_group = found.kind != libc::S_IFDIR
-            && !(self.upper && found.top_layer() == UPPER)
-            && found.stat.st_nlink > 1;
-        if lower_group {
+        if self.is_lower_group_name(found) {
             self.resolve_linking(parent, name)?;
         }
         Ok(())
@@ -201,12 +211,21 @@ impl Union {
     /// Whether `found` is a lower non-directory of a group already copied up: its
     /// name must be reached through [`Union::resolve_linking`].
     pub(crate) fn is_indexed(&self, found: &Found) -> bool {
+        self.group_copy_of(found).is_some()
+    }
+
+    fn is_lower_group_name(&self, found: &Found) -> bool {
         found.kind != libc::S_IFDIR
             && !(self.upper && found.top_layer() == UPPER)
             && found.stat.st_nlink > 1
-            && self
-                .indexed_copy((found.stat.st_dev, found.stat.st_ino))
-                .is_some()
+    }
+
+    /// The index entry of the group `found` is a lower name of, if it was copied up.
+    fn group_copy_of(&self, found: &Found) -> Option<IndexEntry> {
+        if !self.is_lower_group_name(found) {
+            return None;
+        }
+        self.indexed_copy((found.stat.st_dev, found.stat.st_ino))
     }
 
     /// Links `parent/name` (copying `parent` up) to the group's copy in the index and

@@ -1237,4 +1237,14 @@ fn a_hard_link_copy_up_cut_short_by_a_crash_is_finished_by_the_next_mount() {
     m.remount();
     assert_eq!(fs::symlink_metadata(m.join("c/d/g")).unwrap().nlink(), 2);
     assert!(!m.join("a/g").exists(), "a/g came back");
+    // Once no name shows the copy, the next mount drops it from the index.
+    fs::remove_file(m.join("b/g")).unwrap();
+    fs::remove_file(m.join("c/d/g")).unwrap();
+    m.remount();
+    let index = l.work.join("#stratafs-index");
+    assert!(
+        fixture::names(&index).is_empty(),
+        "#stratafs-index: {:?} left with no name showing it",
+        fixture::names(&index)
+    );
 }
