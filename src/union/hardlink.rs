@@ -317,26 +317,49 @@ impl Union {
             Some(entry) => entry,
             None => {
                 let key = index_key(self.bottom_layer() - src_layer, src_ino);
-                match sys::fs::stat_at(index.as_fd(), &key) {
-                    Ok(_) => self.discard_index_entry(&index, &key)?,
-                    Err(Errno::NOENT) => {}
+                // Made meanwhile through a name with an inode of its own (split off),
+                // or planted: only our own copy is used.
+                let made = match sys::fs::stat_at(index.as_fd(), &key) {
+                    Ok(_) if self.is_own_index_copy(&index, &key, src_layer, src_ino) => true,
+                    Ok(_) => {
+                        self.discard_index_entry(&index, &key)?;
+                        false
+                    }
+                    Err(Errno::NOENT) => false,
                     Err(e) => return Err(e.into()),
-                }
+                };
                 // Shown count = the copy's one link (the index entry) + the marker.
                 let adjust = i64::try_from(shown_nlink).unwrap_or(i64::MAX) - 1;
-                self.publish_from_work(
-                    |work, temp| {
-                        let f =
-                            self.stage_copy(inode, src_dir.as_fd(), name, work, temp, data, None)?;
-                        flags = Some(f);
-                        self.set_nlink_adjust(Target::Entry(work, temp), inode.ino, adjust)
-                            .doing("recording the link count of a hard-linked file's copy")?;
-                        Ok(())
-                    },
-                    index.as_fd(),
-                    &key,
-                    RenameKind::NoReplace,
-                )?;
+                let published = match made {
+                    true => Ok(()),
+                    false => self.publish_from_work(
+                        |work, temp| {
+                            let f = self.stage_copy(
+                                inode,
+                                src_dir.as_fd(),
+                                name,
+                                work,
+                                temp,
+                                data,
+                                None,
+                            )?;
+                            flags = Some(f);
+                            self.set_nlink_adjust(Target::Entry(work, temp), inode.ino, adjust)
+                                .doing("recording the link count of a hard-linked file's copy")?;
+                            Ok(())
+                        },
+                        index.as_fd(),
+                        &key,
+                        RenameKind::NoReplace,
+                    ),
+                };
+                match published {
+                    Ok(()) => {}
+                    Err(e)
+                        if e == Errno::EXIST
+                            && self.is_own_index_copy(&index, &key, src_layer, src_ino) => {}
+                    Err(e) => return Err(e),
+                }
                 let entry = IndexEntry {
                     key,
                     src_layer,
@@ -356,7 +379,7 @@ impl Union {
         // Recorded before the layers point at the copy (see copy_up_entry).
         self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
         self.link_indexed_name(parent, name, &entry)?;
-        inode.state.write().linked_up();
+        inode.state.write().file_copied_up(None);
         Ok(flags)
     }
 

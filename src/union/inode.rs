@@ -271,11 +271,6 @@ impl InodeState {
         }
     }
 
-    /// A lower hard-link group's copy was linked to this name (see hardlink.rs).
-    pub fn linked_up(&mut self) {
-        self.file_copied_up(None);
-    }
-
     /// The group's copy got or lost a link not matched by a name shown (see
     /// origin.rs).
     pub fn set_nlink_adjust(&mut self, adjust: i64) {
