@@ -28,7 +28,8 @@
 //!   there (planted, or left by another tool) is removed, never linked into the
 //!   upper layer.
 //! - On a read-only mount nothing is linked: a name not linked yet still shows the
-//!   lower file (kernel overlayfs shows the copy there; see the issue note).
+//!   lower file. Known gap: kernel overlayfs shows the copy there, which needs an
+//!   inode served from the index rather than from a name in a layer.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
