@@ -188,7 +188,7 @@ impl Union {
         if self.check_writable().is_err() {
             return Ok(found);
         }
-        self.link_indexed_name(parent, name, &entry)
+        self.link_indexed_name(parent, name, &entry, None)
             .doing("linking a name of a hard-linked file to its copy")?;
         self.resolve(parent, name)
     }
@@ -231,14 +231,25 @@ impl Union {
 
     /// Links `parent/name` (copying `parent` up) to the group's copy in the index and
     /// takes the link off the copy's marker; a name already linked counts as done.
-    /// The group's inode, when there is one, shows the new marker at once.
-    fn link_indexed_name(&self, parent: &Inode, name: &OsStr, entry: &IndexEntry) -> Result<()> {
+    /// `copying`, the inode being copied up through that name, gets the copy's
+    /// identity before the name leads to it (see copy_up_entry). The group's inode,
+    /// when there is one, shows the new marker at once.
+    fn link_indexed_name(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        entry: &IndexEntry,
+        copying: Option<&Inode>,
+    ) -> Result<()> {
         self.copy_up(parent, CopyData::Yes)?;
         let upper = self.dir_fd(parent, UPPER)?;
         let index = self.index.as_ref().ok_or(Errno::ROFS)?;
         let key = entry.key.as_os_str();
         let _serial = self.indexed.link_up.lock();
         let copy = sys::fs::stat_at(index.as_fd(), key)?;
+        if let Some(inode) = copying {
+            self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
+        }
         let linked = link_or_same(index.as_fd(), key, upper.as_fd(), name, copy.st_ino)?;
         let marker = Target::Entry(index.as_fd(), key);
         let origin = self.origin(marker).ok_or(Errno::IO)?;
@@ -376,10 +387,7 @@ impl Union {
             Some(f) => f,
             None => self.lower_flags_at(src_dir.as_fd(), name)?,
         };
-        let copy = sys::fs::stat_at(index.as_fd(), &entry.key)?;
-        // Recorded before the layers point at the copy (see copy_up_entry).
-        self.inodes.add_identity(inode, (copy.st_dev, copy.st_ino));
-        self.link_indexed_name(parent, name, &entry)?;
+        self.link_indexed_name(parent, name, &entry, Some(inode))?;
         inode.state.write().file_copied_up(None);
         Ok(flags)
     }

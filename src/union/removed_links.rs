@@ -4,8 +4,8 @@
 //! A removed lower name becomes a whiteout, and the group's other names keep showing
 //! the lower file, whose own st_nlink still counts the removed name. Copying the
 //! group up so that its count is right (what the first write through any of its
-//! names does) would cost a copy of the data and a walk of the layer for the other
-//! names, on every `rm -rf` of a hard-link dedup checkout. So a removal is recorded
+//! names does, see hardlink.rs) would cost a copy of the data on every `rm -rf` of
+//! a hard-link dedup checkout. So a removal is recorded
 //! instead, and the count shown is the lower one minus the recorded removals: kernel
 //! overlayfs counts the same way through its index (an nlink relative to the lower).
 //!
@@ -43,8 +43,8 @@ use super::{Errno, Result, UPPER, Union, WithContext};
 use crate::layer::LayerIdx;
 use crate::sys::{self, fs::RenameKind};
 
-/// The log's name in the work directory (beside `work`, `index` and the shared
-/// whiteout; kernel overlayfs looks at nothing else there).
+/// The log's name in the work directory (beside `work`, the index and the shared
+/// whiteout; kernel overlayfs looks at none of them).
 pub(crate) const REMOVED_LINKS_LOG: &str = "#stratafs-removed-links";
 
 /// The most of the log read at mount: 16 MiB is some 400,000 removals, far more
