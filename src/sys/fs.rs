@@ -257,11 +257,15 @@ pub fn rename_at(
     rustix::fs::renameat_with(old_dir, old_name, new_dir, new_name, flags)
 }
 
-/// chmod without following a final symlink: Linux has no lchmod, so the entry is
-/// pinned with O_PATH|O_NOFOLLOW, checked not to be a symlink, and changed through
-/// its /proc magic link (which names exactly that inode).
+/// chmod without following a final symlink (a symlink answers EOPNOTSUPP): one
+/// fchmodat2 where the kernel has it; before Linux 6.6 the entry is pinned with
+/// O_PATH|O_NOFOLLOW, checked not to be a symlink, and changed through its /proc
+/// magic link (which names exactly that inode).
 pub fn chmod_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()> {
     check_component(name)?;
+    if super::at_calls::has_fchmodat2() {
+        return super::at_calls::fchmodat2(dirfd, name, mode);
+    }
     let fd = rustix::fs::openat(
         dirfd,
         name,
@@ -277,6 +281,9 @@ pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
     match rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)) {
         Err(Errno::BADF) => {}
         other => return other,
+    }
+    if super::at_calls::has_fchmodat2() {
+        return super::at_calls::fchmodat2(fd, OsStr::new(""), mode);
     }
     let st = rustix::fs::fstat(fd)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {

@@ -9,6 +9,7 @@
 //!   as a link, never traversed by the daemon.
 //! - File descriptors are close-on-exec.
 
+pub mod at_calls;
 pub mod fs;
 pub mod fuse_dev;
 pub mod fuse_ring;

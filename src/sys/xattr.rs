@@ -1,7 +1,8 @@
 //! Extended attributes of layer entries. Entries are named by (directory fd, one
-//! component); Linux has no fd-relative xattr calls before 6.13, so the entry is
-//! reached as `/proc/self/fd/DIR/NAME` with the l* variants: the directory magic
-//! link is exact and the final component is never followed.
+//! component) and reached with the *xattrat calls (Linux 6.13, `at_calls.rs`); on
+//! older kernels, and for an fd's own object, as `/proc/self/fd/DIR/NAME` with the
+//! l* variants: the directory magic link is exact and the final component is never
+//! followed.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
@@ -9,6 +10,7 @@ use std::os::unix::ffi::OsStringExt;
 
 use rustix::fs::XattrFlags;
 
+use super::at_calls;
 use super::fs::proc_fd_path;
 use super::{Errno, SysResult};
 
@@ -38,37 +40,93 @@ fn with_path<T>(
     }
 }
 
-pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
-    with_path(target, |path, follow| {
-        let query = || {
-            if follow {
-                rustix::fs::getxattr_query(path, name)
-            } else {
-                rustix::fs::lgetxattr_query(path, name)
-            }
-        };
-        let read = |buf: &mut [u8]| {
-            if follow {
-                rustix::fs::getxattr(path, name, buf)
-            } else {
-                rustix::fs::lgetxattr(path, name, buf)
-            }
-        };
-        // The value may grow between the size query and the read: retry on ERANGE.
-        for _ in 0..4 {
-            let size = query()?;
-            let mut buf = vec![0u8; size];
-            match read(&mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
-                Err(Errno::RANGE) => continue,
-                Err(e) => return Err(e),
-            }
+/// One xattr call, by the cheapest way to its target: an entry by the *xattrat
+/// calls (`at`) where the kernel has them; an fd open for I/O by the f* call
+/// (`fd`); an O_PATH directory by `at` on its own "."; anything else by its procfs
+/// path (`path`).
+fn call<T>(
+    target: Target<'_>,
+    at: impl Fn(BorrowedFd<'_>, &OsStr) -> SysResult<T>,
+    fd: impl FnOnce(BorrowedFd<'_>) -> SysResult<T>,
+    path: impl FnOnce(&std::ffi::CStr, bool) -> SysResult<T>,
+) -> SysResult<T> {
+    match target {
+        Target::Entry(dir, name) if at_calls::has_xattrat() => {
+            super::fs::check_component(name)?;
+            at(dir, name)
         }
-        Err(Errno::RANGE)
-    })
+        Target::Fd(f) => {
+            // O_PATH answers EBADF to the f* calls.
+            match fd(f) {
+                Err(Errno::BADF) => {}
+                done => return done,
+            }
+            if at_calls::has_xattrat() {
+                match at(f, OsStr::new(".")) {
+                    Err(Errno::NOTDIR) => {}
+                    done => return done,
+                }
+            }
+            with_path(target, path)
+        }
+        Target::Entry(..) => with_path(target, path),
+    }
+}
+
+/// One getxattr; an empty `buf` asks for the size.
+fn raw_get(target: Target<'_>, name: &OsStr, buf: &mut [u8]) -> SysResult<usize> {
+    // The buffer is lent to one of the three ways only, but each needs it.
+    let buf = std::cell::RefCell::new(buf);
+    call(
+        target,
+        |dir, entry| at_calls::getxattrat(dir, entry, name, &mut buf.borrow_mut()[..]),
+        // rustix's reads answer at most the buffer's length: sizes come by `_query`.
+        |fd| match buf.borrow_mut() {
+            b if b.is_empty() => rustix::fs::fgetxattr_query(fd, name),
+            mut b => rustix::fs::fgetxattr(fd, name, &mut b[..]),
+        },
+        |path, follow| match (buf.borrow_mut(), follow) {
+            (b, true) if b.is_empty() => rustix::fs::getxattr_query(path, name),
+            (b, false) if b.is_empty() => rustix::fs::lgetxattr_query(path, name),
+            (mut b, true) => rustix::fs::getxattr(path, name, &mut b[..]),
+            (mut b, false) => rustix::fs::lgetxattr(path, name, &mut b[..]),
+        },
+    )
+}
+
+/// One listxattr into `buf`.
+fn raw_list(target: Target<'_>, buf: &mut [u8]) -> SysResult<usize> {
+    let buf = std::cell::RefCell::new(buf);
+    call(
+        target,
+        |dir, entry| at_calls::listxattrat(dir, entry, &mut buf.borrow_mut()[..]),
+        |fd| rustix::fs::flistxattr(fd, &mut buf.borrow_mut()[..]),
+        |path, follow| {
+            let mut buf = buf.borrow_mut();
+            if follow {
+                rustix::fs::listxattr(path, &mut buf[..])
+            } else {
+                rustix::fs::llistxattr(path, &mut buf[..])
+            }
+        },
+    )
+}
+
+pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
+    // The value may grow between the size query and the read: retry on ERANGE.
+    for _ in 0..4 {
+        let size = raw_get(target, name, &mut [])?;
+        let mut buf = vec![0u8; size];
+        match raw_get(target, name, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Errno::RANGE)
 }
 
 /// Reads a value known to be short (markers, numbers, paths) with one syscall;
@@ -76,14 +134,7 @@ pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
 /// fall back to [`get`].
 pub fn get_small(target: Target<'_>, name: &OsStr) -> SysResult<Option<Vec<u8>>> {
     let mut buf = [0u8; 256];
-    let res = with_path(target, |path, follow| {
-        if follow {
-            rustix::fs::getxattr(path, name, &mut buf[..])
-        } else {
-            rustix::fs::lgetxattr(path, name, &mut buf[..])
-        }
-    });
-    match res {
+    match raw_get(target, name, &mut buf) {
         Ok(n) => Ok(Some(buf[..n].to_vec())),
         Err(Errno::NODATA) | Err(Errno::OPNOTSUPP) => Ok(None),
         Err(Errno::RANGE) => get(target, name).map(Some),
@@ -93,14 +144,7 @@ pub fn get_small(target: Target<'_>, name: &OsStr) -> SysResult<Option<Vec<u8>>>
 
 /// Whether the attribute exists (without reading it).
 pub fn exists(target: Target<'_>, name: &OsStr) -> SysResult<bool> {
-    let res = with_path(target, |path, follow| {
-        if follow {
-            rustix::fs::getxattr_query(path, name)
-        } else {
-            rustix::fs::lgetxattr_query(path, name)
-        }
-    });
-    match res {
+    match raw_get(target, name, &mut []) {
         Ok(_) | Err(Errno::RANGE) => Ok(true),
         Err(Errno::NODATA) | Err(Errno::OPNOTSUPP) => Ok(false),
         Err(e) => Err(e),
@@ -108,50 +152,120 @@ pub fn exists(target: Target<'_>, name: &OsStr) -> SysResult<bool> {
 }
 
 pub fn list(target: Target<'_>) -> SysResult<Vec<OsString>> {
-    with_path(target, |path, follow| {
-        let mut size = 1024;
-        loop {
-            let mut buf = vec![0u8; size];
-            let res = if follow {
-                rustix::fs::listxattr(path, &mut buf[..])
-            } else {
-                rustix::fs::llistxattr(path, &mut buf[..])
-            };
-            match res {
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Ok(buf
-                        .split(|b| *b == 0)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| OsString::from_vec(s.to_vec()))
-                        .collect());
-                }
-                Err(Errno::RANGE) if size < 1 << 22 => size *= 8,
-                Err(Errno::OPNOTSUPP) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0u8; size];
+        match raw_list(target, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf
+                    .split(|b| *b == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| OsString::from_vec(s.to_vec()))
+                    .collect());
             }
+            Err(Errno::RANGE) if size < 1 << 22 => size *= 8,
+            Err(Errno::OPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         }
-    })
+    }
 }
 
 /// `flags` as in setxattr(2): XATTR_CREATE / XATTR_REPLACE.
 pub fn set(target: Target<'_>, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
-    let flags = XattrFlags::from_bits_retain(flags as u32);
-    with_path(target, |path, follow| {
-        if follow {
-            rustix::fs::setxattr(path, name, value, flags)
-        } else {
-            rustix::fs::lsetxattr(path, name, value, flags)
-        }
-    })
+    let xflags = XattrFlags::from_bits_retain(flags as u32);
+    call(
+        target,
+        |dir, entry| at_calls::setxattrat(dir, entry, name, value, flags as u32),
+        |fd| rustix::fs::fsetxattr(fd, name, value, xflags),
+        |path, follow| {
+            if follow {
+                rustix::fs::setxattr(path, name, value, xflags)
+            } else {
+                rustix::fs::lsetxattr(path, name, value, xflags)
+            }
+        },
+    )
 }
 
 pub fn remove(target: Target<'_>, name: &OsStr) -> SysResult<()> {
-    with_path(target, |path, follow| {
-        if follow {
-            rustix::fs::removexattr(path, name)
-        } else {
-            rustix::fs::lremovexattr(path, name)
+    call(
+        target,
+        |dir, entry| at_calls::removexattrat(dir, entry, name),
+        |fd| rustix::fs::fremovexattr(fd, name),
+        |path, follow| {
+            if follow {
+                rustix::fs::removexattr(path, name)
+            } else {
+                rustix::fs::lremovexattr(path, name)
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{Mode, OFlags};
+    use std::os::fd::AsFd;
+
+    /// Every way a target is reached (an entry, an fd open for I/O, an O_PATH file,
+    /// an O_PATH directory) sets, reads, lists and removes the object's own
+    /// attributes.
+    #[test]
+    fn every_kind_of_target_reaches_the_object_itself() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("f"), b"x").unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        let root =
+            rustix::fs::open(t.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let open = std::fs::File::open(t.path().join("f")).unwrap();
+        let pinned = |name: &str| {
+            rustix::fs::openat(
+                root.as_fd(),
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .unwrap()
+        };
+        let (pf, pd) = (pinned("f"), pinned("d"));
+        let probe = OsStr::new("user.probe");
+        if set(Target::Fd(open.as_fd()), probe, b"1", 0) == Err(Errno::OPNOTSUPP) {
+            eprintln!("no user xattrs here: nothing to test");
+            return;
         }
-    })
+        remove(Target::Fd(open.as_fd()), probe).unwrap();
+        let cases: [(&str, Target<'_>, &str); 5] = [
+            ("entry", Target::Entry(root.as_fd(), OsStr::new("f")), "f"),
+            ("open fd", Target::Fd(open.as_fd()), "f"),
+            ("O_PATH file", Target::Fd(pf.as_fd()), "f"),
+            ("O_PATH dir", Target::Fd(pd.as_fd()), "d"),
+            (
+                "dir entry",
+                Target::Entry(root.as_fd(), OsStr::new("d")),
+                "d",
+            ),
+        ];
+        for (what, target, object) in cases {
+            let name = OsStr::new("user.k");
+            set(target, name, what.as_bytes(), 0).unwrap();
+            let path = t.path().join(object);
+            assert_eq!(
+                rustix::fs::getxattr(&path, "user.k", &mut [0u8; 32][..]),
+                Ok(what.len()),
+                "{what}: set on the object"
+            );
+            assert_eq!(get(target, name).unwrap(), what.as_bytes(), "{what}");
+            assert_eq!(get_small(target, name).unwrap().unwrap(), what.as_bytes());
+            assert!(exists(target, name).unwrap(), "{what}");
+            assert!(
+                list(target).unwrap().iter().any(|n| n == "user.k"),
+                "{what}"
+            );
+            remove(target, name).unwrap();
+            assert!(!exists(target, name).unwrap(), "{what}: removed");
+            assert_eq!(get(target, name), Err(Errno::NODATA), "{what}");
+        }
+    }
 }
