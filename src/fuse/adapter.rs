@@ -4,7 +4,6 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -269,11 +268,12 @@ impl StrataFs {
         // without CAP_FSETID must clear the bits, which only the daemon can do (see
         // `Union::kill_privs_after_change`: with FUSE_HANDLE_KILLPRIV_V2 the kernel
         // leaves it to us), and passthrough writes never reach the daemon.
-        let meta = handle.file.metadata().ok();
-        let privileged = meta
-            .as_ref()
-            .is_some_and(|m| m.permissions().mode() & (libc::S_ISUID | libc::S_ISGID) != 0);
-        let fixed_data = meta.as_ref().is_some_and(|m| m.is_file())
+        let mode = handle.mode_at_open.or_else(|| {
+            let meta = handle.file.metadata().ok()?;
+            Some(std::os::unix::fs::MetadataExt::mode(&meta))
+        });
+        let privileged = mode.is_some_and(|m| m & (libc::S_ISUID | libc::S_ISGID) != 0);
+        let fixed_data = mode.is_some_and(|m| m & libc::S_IFMT == libc::S_IFREG)
             && !privileged
             && !self.engine.io_needs_daemon(handle.ino)
             && !self.engine.data_may_move(handle.ino);
@@ -334,8 +334,20 @@ impl StrataFs {
     /// when they changed. A failure is logged, not answered: the change itself was
     /// made.
     fn kill_privs(&self, who: Caller, ino: u64, change: union::PrivChange) -> Option<Attr> {
+        self.kill_privs_known(who, ino, change, None)
+    }
+
+    /// [`StrataFs::kill_privs`] given the attributes after the change, where the
+    /// handler has them.
+    fn kill_privs_known(
+        &self,
+        who: Caller,
+        ino: u64,
+        change: union::PrivChange,
+        after: Option<Attr>,
+    ) -> Option<Attr> {
         self.engine
-            .kill_privs_after_change(who, ino, change)
+            .kill_privs_after_change(who, ino, change, after)
             .unwrap_or_else(|e| {
                 log::warn!("clearing set-user/group-ID of inode {ino} after {change:?}: {e}");
                 None
@@ -486,7 +498,7 @@ impl StrataFs {
                         .map(|_| union::PrivChange::Data { may_fsetid: None })
                 };
                 let a = match privs {
-                    Some(c) => self.kill_privs(who, ino, c).unwrap_or(a),
+                    Some(c) => self.kill_privs_known(who, ino, c, Some(a)).unwrap_or(a),
                     None => a,
                 };
                 reply.attr(&self.attr_ttl(ino), &file_attr(&a))

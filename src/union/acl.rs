@@ -88,14 +88,20 @@ impl Union {
     /// all of it to the filesystem (FUSE_HANDLE_KILLPRIV_V2, negotiated so that a
     /// write does not first ask for security.capability); security.capability
     /// itself is dropped by the layer filesystem when the daemon writes, truncates or
-    /// chowns the real file. Returns the new attributes when the mode changed.
+    /// chowns the real file. `after`: the attributes after the change, where the
+    /// caller has them from the change itself (saving a stat). Returns the new
+    /// attributes when the mode changed.
     pub fn kill_privs_after_change(
         &self,
         caller: Caller,
         ino: Ino,
         change: PrivChange,
+        after: Option<Attr>,
     ) -> Result<Option<Attr>> {
-        let attr = self.getattr(ino)?;
+        let attr = match after {
+            Some(a) => a,
+            None => self.getattr(ino)?,
+        };
         let mode = attr.mode;
         if mode & (libc::S_ISUID | libc::S_ISGID) == 0 || mode & libc::S_IFMT == libc::S_IFDIR {
             return Ok(None);

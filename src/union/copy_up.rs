@@ -282,7 +282,14 @@ impl Union {
         data: CopyData,
         data_from: Option<&File>,
     ) -> Result<u32> {
-        let st = sys::fs::stat_at(src_dir, name)?;
+        // A regular file's metadata comes from the opened file itself, so that data
+        // and metadata are of one object even if the layer changes meanwhile.
+        let (st, opened) = if inode.kind == libc::S_IFREG {
+            let (src, st) = sys::fs::open_regular_at(src_dir, name, OFlags::RDONLY)?;
+            (st, Some(src))
+        } else {
+            (sys::fs::stat_at(src_dir, name)?, None)
+        };
         if st.st_mode & libc::S_IFMT != inode.kind {
             return Err(Errno::STALE.into());
         }
@@ -299,12 +306,7 @@ impl Union {
         );
         match inode.kind {
             libc::S_IFREG => {
-                // The copy's metadata comes from `st` and from the opened file: both
-                // must be the one object (a layer may change between the two calls).
-                let (src, opened) = sys::fs::open_regular_at(src_dir, name, OFlags::RDONLY)?;
-                if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) {
-                    return Err(Errno::STALE.into());
-                }
+                let src = opened.ok_or(Errno::STALE)?;
                 let flags = inode_flags::flags_of(src.as_fd())?;
                 let size = st.st_size as u64;
                 let dst = self.make_file_copy(work, temp, data_from.unwrap_or(&src), size, data)?;

@@ -94,7 +94,11 @@ impl Union {
         if !p.is_dir() {
             return Err(Errno::NOTDIR.into());
         }
-        if self.resolve(&p, name)?.is_some() {
+        // A directory with no layer below its upper one (made through the mount, or
+        // opaque) shows exactly what its upper directory holds, which `install`
+        // checks anyway: only a merged one needs the lookup.
+        let upper_only = p.state.read().layer_indexes() == [UPPER];
+        if !upper_only && self.resolve(&p, name)?.is_some() {
             return Err(Errno::EXIST.into());
         }
         self.copy_up(&p, CopyData::Yes)?;
@@ -174,21 +178,32 @@ impl Union {
         let caller = self.owner.stored_caller(caller);
         let (uid, gid, _) = new_owner(caller, &self.parent_upper_stat(&p)?, false);
         let perm = mode & 0o7777;
-        let mut opened: Option<File> = None;
+        let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
+        let mut opened: Option<(File, Option<sys::fs::Stat>)> = None;
         self.install(&p, name, false, &mut |dir, n| {
             let file =
                 sys::fs::open_at(dir, n, OFlags::RDWR | OFlags::CREATE | OFlags::EXCL, perm)?;
-            let setid = perm & (libc::S_ISUID | libc::S_ISGID) != 0;
-            self.owner
-                .give(Target::Fd(file.as_fd()), uid, gid, perm, setid, None)?;
-            opened = Some(file);
+            // The file was made with the daemon's ids and exactly `perm` (the daemon
+            // runs with umask 0): most often already the owner it must get.
+            let mut st = sys::fs::fstat(file.as_fd())?;
+            if self.owner.writes_overrides() || setid || (st.st_uid, st.st_gid) != (uid, gid) {
+                self.owner
+                    .give(Target::Fd(file.as_fd()), uid, gid, perm, setid, None)?;
+                st = sys::fs::fstat(file.as_fd())?;
+            }
+            // Made in the work directory, it changes (ctime) when moved into place.
+            let in_place = n == name;
+            opened = Some((file, in_place.then_some(st)));
             Ok(())
         })?;
-        let file = opened.ok_or(Errno::IO)?;
+        let (file, st) = opened.ok_or(Errno::IO)?;
         // The file just made is the upper entry at `name` (the kernel holds the
         // parent's lock across a create, so no other request moves it meanwhile): its
         // own fd gives what a lookup would find, and a file made here has no origin.
-        let st = sys::fs::fstat(file.as_fd())?;
+        let st = match st {
+            Some(st) => st,
+            None => sys::fs::fstat(file.as_fd())?,
+        };
         let found = Found {
             kind: libc::S_IFREG,
             stat: st,
@@ -204,7 +219,8 @@ impl Union {
             attr: self.attr_from_stat_of(&inode, UPPER, &st)?,
             ttl: self.opts.ttl,
         };
-        let (fh, handle) = self.register_file(entry.attr.ino, file, true, true, true);
+        let (fh, handle) =
+            self.register_file(entry.attr.ino, file, Some(st.st_mode), true, true, true);
         let _ = flags;
         Ok((entry, fh, handle))
     }

@@ -18,6 +18,8 @@ pub struct OpenFile {
     pub ino: Ino,
     /// The real file; handed to the kernel for passthrough by the adapter.
     pub file: File,
+    /// `file`'s st_mode when it was opened, where the open stat it anyway.
+    pub mode_at_open: Option<u32>,
     pub writable: bool,
     /// The file is the upper layer's copy (the one all writers share).
     pub in_upper: bool,
@@ -79,34 +81,55 @@ impl Union {
         if flags & libc::O_TRUNC != 0 {
             oflags |= OFlags::TRUNC;
         }
-        let file = match self.data_loc(&inode) {
+        let (file, mode) = match self.data_loc(&inode) {
             Ok((pfd, name)) => match inode.kind {
-                libc::S_IFREG => match self.open_data(&inode, oflags) {
-                    // An append-only file opens for writing only with O_APPEND,
-                    // which the real open otherwise leaves out (see
-                    // `real_open_flags`); on it every write appends anyway.
-                    Err(e) if e == Errno::PERM && write && flags & libc::O_APPEND != 0 => {
-                        oflags |= OFlags::APPEND;
-                        self.open_data(&inode, oflags)?
-                    }
-                    r => r?,
-                },
+                // A write-only open of an upper file is made read-write where the
+                // daemon may read it: the handle's own file then serves as the shared
+                // passthrough backing file (`plain_rdwr`), saving a second open. Any
+                // failure takes the open as asked, with its own errors.
+                libc::S_IFREG => {
+                    let read_write = if oflags == OFlags::WRONLY && self.has_upper_data(&inode) {
+                        self.open_data(&inode, OFlags::RDWR).ok()
+                    } else {
+                        None
+                    };
+                    let (f, mode) = match read_write {
+                        Some(opened) => {
+                            oflags = OFlags::RDWR;
+                            opened
+                        }
+                        None => match self.open_data(&inode, oflags) {
+                            // An append-only file opens for writing only with
+                            // O_APPEND, which the real open otherwise leaves out (see
+                            // `real_open_flags`); on it every write appends anyway.
+                            Err(e) if e == Errno::PERM && write && flags & libc::O_APPEND != 0 => {
+                                oflags |= OFlags::APPEND;
+                                self.open_data(&inode, oflags)?
+                            }
+                            r => r?,
+                        },
+                    };
+                    (f, Some(mode))
+                }
                 // Special files are served by the kernel (FUSE never sees their I/O);
                 // an O_PATH handle is enough to answer fstat-style requests.
-                _ => sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?,
+                _ => (sys::fs::open_at(pfd.as_fd(), &name, OFlags::PATH, 0)?, None),
             },
             // The name the inode was last reached by is gone, yet the kernel still
             // reaches the object: by another hard link whose entry it has cached, or
             // by reopening a descriptor of it. The pinned handle is that object.
             Err(e) if e == Errno::NOENT && inode.kind == libc::S_IFREG => {
                 let pinned = inode.state.read().pinned_if_detached();
-                sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?
+                (
+                    sys::fs::reopen(pinned.ok_or(Errno::NOENT)?.as_fd(), oflags)?,
+                    None,
+                )
             }
             Err(e) => return Err(e),
         };
         let in_upper = self.has_upper_data(&inode);
         let plain_rdwr = oflags == OFlags::RDWR;
-        Ok(self.register_file(ino, file, write, in_upper, plain_rdwr))
+        Ok(self.register_file(ino, file, mode, write, in_upper, plain_rdwr))
     }
 
     /// Whether the data of `ino` may still move to another real file while it is
@@ -157,6 +180,7 @@ impl Union {
         &self,
         ino: Ino,
         file: File,
+        mode_at_open: Option<u32>,
         writable: bool,
         in_upper: bool,
         plain_rdwr: bool,
@@ -165,6 +189,7 @@ impl Union {
         let handle = Arc::new(OpenFile {
             ino,
             file,
+            mode_at_open,
             writable,
             in_upper,
             plain_rdwr,

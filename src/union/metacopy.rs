@@ -120,7 +120,8 @@ impl Union {
     /// Opens a regular file's data for I/O (from where `data_loc` says), checked to
     /// be what was looked up: a regular file and, where it is the entry itself, the
     /// very object the inode stands for. A layer changed underneath answers ESTALE.
-    pub(crate) fn open_data(&self, inode: &Inode, flags: OFlags) -> Result<File> {
+    /// Returns the file and its st_mode.
+    pub(crate) fn open_data(&self, inode: &Inode, flags: OFlags) -> Result<(File, u32)> {
         let (meta_only, layer) = {
             let st = inode.state.read();
             (st.is_metacopy(), st.top_layer().ok_or(Errno::NOENT)?)
@@ -132,7 +133,7 @@ impl Union {
         if !meta_only {
             self.check_identity(inode, layer, &st)?;
         }
-        Ok(file)
+        Ok((file, st.st_mode))
     }
 
     /// Where a file's data is read from: the data layer of a metadata-only copy,

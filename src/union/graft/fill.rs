@@ -73,7 +73,7 @@ impl Union {
             }
             libc::S_IFREG => {
                 let inode = self.inode(attr.ino)?;
-                let from = self.open_data(&inode, OFlags::RDONLY)?;
+                let (from, _) = self.open_data(&inode, OFlags::RDONLY)?;
                 self.make_file_copy(dst, name, &from, attr.size, CopyData::Yes)?;
             }
             libc::S_IFLNK => {

@@ -45,7 +45,7 @@ impl Union {
             sys::fs::chmod_fd(file.as_fd(), perm)?;
         }
         let entry = self.graft_child(p, name)?;
-        let (fh, handle) = self.register_file(entry.attr.ino, file, true, true, true);
+        let (fh, handle) = self.register_file(entry.attr.ino, file, None, true, true, true);
         Ok((entry, fh, handle))
     }
 
