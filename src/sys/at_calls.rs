@@ -44,6 +44,35 @@ fn result(ret: libc::c_long) -> SysResult<usize> {
     }
 }
 
+/// getxattrat or setxattrat (`nr`), which share one shape: (dirfd, path, at_flags,
+/// name, args, sizeof args), the final component never followed.
+///
+/// # Safety
+/// `args.value` must point to `args.size` bytes that stay valid for the call,
+/// writable for getxattrat.
+unsafe fn call_with_args(
+    nr: libc::c_long,
+    dirfd: libc::c_long,
+    path: &std::ffi::CStr,
+    xattr: &std::ffi::CStr,
+    args: &mut XattrArgs,
+) -> SysResult<usize> {
+    // SAFETY: NUL-terminated strings, `args` is exactly the struct the size names,
+    // and the caller vouches for the buffer it points to.
+    let ret = unsafe {
+        libc::syscall(
+            nr,
+            dirfd,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW as libc::c_long,
+            xattr.as_ptr(),
+            &raw mut *args,
+            size_of::<XattrArgs>(),
+        )
+    };
+    result(ret)
+}
+
 /// Whether the *xattrat calls exist here.
 pub fn has_xattrat() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -55,20 +84,18 @@ pub fn has_xattrat() -> bool {
         };
         // A size query of an attribute no one sets, on "/": ENODATA, EOPNOTSUPP or a
         // size where the call exists.
-        // SAFETY: the strings are NUL-terminated and `args` outlives the call, whose
-        // size argument is its exact size.
-        let ret = unsafe {
-            libc::syscall(
+        let fdcwd = libc::AT_FDCWD as libc::c_long;
+        // SAFETY: a size query: `args` points to no buffer (size 0).
+        let res = unsafe {
+            call_with_args(
                 SYS_GETXATTRAT,
-                libc::AT_FDCWD as libc::c_long,
-                c"/".as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW as libc::c_long,
-                c"user.stratafs.probe".as_ptr(),
-                &raw mut args,
-                size_of::<XattrArgs>(),
+                fdcwd,
+                c"/",
+                c"user.stratafs.probe",
+                &mut args,
             )
         };
-        !matches!(result(ret), Err(Errno::NOSYS) | Err(Errno::PERM))
+        !matches!(res, Err(Errno::NOSYS) | Err(Errno::PERM))
     })
 }
 
@@ -125,20 +152,9 @@ pub fn getxattrat(
         size: u32::try_from(buf.len()).unwrap_or(u32::MAX),
         flags: 0,
     };
-    // SAFETY: NUL-terminated strings; `args` names `buf` with at most its length,
-    // and both outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            SYS_GETXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW as libc::c_long,
-            xattr.as_ptr(),
-            &raw mut args,
-            size_of::<XattrArgs>(),
-        )
-    };
-    result(ret)
+    let dirfd = dir.as_raw_fd() as libc::c_long;
+    // SAFETY: `args` names `buf`, writable, with at most its length.
+    unsafe { call_with_args(SYS_GETXATTRAT, dirfd, &path, &xattr, &mut args) }
 }
 
 /// listxattr of `dir`/`name` into `buf`; an empty `buf` asks for the size only.
@@ -172,20 +188,9 @@ pub fn setxattrat(
         size: u32::try_from(value.len()).map_err(|_| Errno::TOOBIG)?,
         flags,
     };
-    // SAFETY: NUL-terminated strings; `args` names `value` with its length; the
-    // kernel only reads through it.
-    let ret = unsafe {
-        libc::syscall(
-            SYS_SETXATTRAT,
-            dir.as_raw_fd() as libc::c_long,
-            path.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW as libc::c_long,
-            xattr.as_ptr(),
-            &raw mut args,
-            size_of::<XattrArgs>(),
-        )
-    };
-    result(ret).map(drop)
+    let dirfd = dir.as_raw_fd() as libc::c_long;
+    // SAFETY: `args` names `value` with its length; setxattrat only reads it.
+    unsafe { call_with_args(SYS_SETXATTRAT, dirfd, &path, &xattr, &mut args) }.map(drop)
 }
 
 /// removexattr of `dir`/`name`.
