@@ -277,13 +277,14 @@ pub fn chmod_at(dirfd: BorrowedFd<'_>, name: &OsStr, mode: u32) -> SysResult<()>
 
 /// chmod of the object behind any fd, O_PATH included; refuses symlinks.
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> SysResult<()> {
+    // fchmodat2 on the fd itself takes any fd, O_PATH included.
+    if super::at_calls::has_fchmodat2() {
+        return super::at_calls::fchmodat2(fd, OsStr::new(""), mode);
+    }
     // An fd open for I/O takes fchmod (and is never a symlink); O_PATH answers EBADF.
     match rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)) {
         Err(Errno::BADF) => {}
         other => return other,
-    }
-    if super::at_calls::has_fchmodat2() {
-        return super::at_calls::fchmodat2(fd, OsStr::new(""), mode);
     }
     let st = rustix::fs::fstat(fd)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {

@@ -15,101 +15,84 @@ use super::fs::proc_fd_path;
 use super::{Errno, SysResult};
 
 /// Where an xattr call goes: an entry in a directory, or the object behind an fd
-/// (O_PATH included) itself.
+/// itself.
 #[derive(Clone, Copy)]
 pub enum Target<'a> {
     Entry(BorrowedFd<'a>, &'a OsStr),
+    /// Any fd, O_PATH included (layer directories are held as O_PATH).
     Fd(BorrowedFd<'a>),
+    /// An fd open for I/O (never O_PATH): the f* calls take it as it is.
+    Open(BorrowedFd<'a>),
 }
 
-fn with_path<T>(
-    target: Target<'_>,
-    f: impl FnOnce(&std::ffi::CStr, bool) -> SysResult<T>,
-) -> SysResult<T> {
-    match target {
+/// How one xattr call reaches its object.
+enum Way<'a> {
+    /// The *xattrat calls on (directory, name), the name never followed.
+    At(BorrowedFd<'a>, &'a OsStr),
+    /// The f* calls on an fd open for I/O.
+    Open(BorrowedFd<'a>),
+    /// A procfs path; `true`: the path is an fd's magic link, to be followed.
+    Path(std::ffi::CString, bool),
+}
+
+/// The procfs path of a target (kernels before 6.13, and an O_PATH fd that is no
+/// directory): `/proc/self/fd/DIR/NAME` for an entry, the fd's magic link itself
+/// otherwise.
+fn procfs_way(target: Target<'_>) -> SysResult<Way<'static>> {
+    Ok(match target {
         Target::Entry(dir, name) => {
-            super::fs::check_component(name)?;
             let mut bytes = proc_fd_path(dir).into_bytes();
             bytes.push(b'/');
             bytes.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
-            let path = std::ffi::CString::new(bytes).map_err(|_| Errno::INVAL)?;
-            f(&path, false)
+            Way::Path(
+                std::ffi::CString::new(bytes).map_err(|_| Errno::INVAL)?,
+                false,
+            )
         }
-        // The magic link itself must be followed to reach the object.
-        Target::Fd(fd) => f(&proc_fd_path(fd), true),
-    }
+        Target::Fd(fd) | Target::Open(fd) => Way::Path(proc_fd_path(fd), true),
+    })
 }
 
-/// One xattr call, by the cheapest way to its target: an entry by the *xattrat
-/// calls (`at`) where the kernel has them; an fd open for I/O by the f* call
-/// (`fd`); an O_PATH directory by `at` on its own "."; anything else by its procfs
-/// path (`path`).
-fn call<T>(
-    target: Target<'_>,
-    at: impl Fn(BorrowedFd<'_>, &OsStr) -> SysResult<T>,
-    fd: impl FnOnce(BorrowedFd<'_>) -> SysResult<T>,
-    path: impl FnOnce(&std::ffi::CStr, bool) -> SysResult<T>,
-) -> SysResult<T> {
+/// Runs one xattr call `f` the cheapest way to its target: an entry by the *xattrat
+/// calls where the kernel has them; an fd open for I/O by the f* calls; an O_PATH
+/// directory by the *xattrat calls on its own "."; anything else by its procfs path.
+fn call<T>(target: Target<'_>, mut f: impl FnMut(Way<'_>) -> SysResult<T>) -> SysResult<T> {
+    if let Target::Entry(_, name) = target {
+        super::fs::check_component(name)?;
+    }
     match target {
-        Target::Entry(dir, name) if at_calls::has_xattrat() => {
-            super::fs::check_component(name)?;
-            at(dir, name)
-        }
-        Target::Fd(f) => {
-            // O_PATH answers EBADF to the f* calls.
-            match fd(f) {
-                Err(Errno::BADF) => {}
-                done => return done,
-            }
-            if at_calls::has_xattrat() {
-                match at(f, OsStr::new(".")) {
-                    Err(Errno::NOTDIR) => {}
-                    done => return done,
-                }
-            }
-            with_path(target, path)
-        }
-        Target::Entry(..) => with_path(target, path),
+        Target::Entry(dir, name) if at_calls::has_xattrat() => f(Way::At(dir, name)),
+        Target::Open(fd) => f(Way::Open(fd)),
+        Target::Fd(fd) if at_calls::has_xattrat() => match f(Way::At(fd, OsStr::new("."))) {
+            Err(Errno::NOTDIR) => f(procfs_way(target)?),
+            done => done,
+        },
+        _ => f(procfs_way(target)?),
     }
 }
 
-/// One getxattr; an empty `buf` asks for the size.
+/// One getxattr; an empty `buf` asks for the size (rustix's reads answer at most
+/// the buffer's length, so sizes come by its `_query` calls).
 fn raw_get(target: Target<'_>, name: &OsStr, buf: &mut [u8]) -> SysResult<usize> {
-    // The buffer is lent to one of the three ways only, but each needs it.
-    let buf = std::cell::RefCell::new(buf);
-    call(
-        target,
-        |dir, entry| at_calls::getxattrat(dir, entry, name, &mut buf.borrow_mut()[..]),
-        // rustix's reads answer at most the buffer's length: sizes come by `_query`.
-        |fd| match buf.borrow_mut() {
-            b if b.is_empty() => rustix::fs::fgetxattr_query(fd, name),
-            mut b => rustix::fs::fgetxattr(fd, name, &mut b[..]),
-        },
-        |path, follow| match (buf.borrow_mut(), follow) {
-            (b, true) if b.is_empty() => rustix::fs::getxattr_query(path, name),
-            (b, false) if b.is_empty() => rustix::fs::lgetxattr_query(path, name),
-            (mut b, true) => rustix::fs::getxattr(path, name, &mut b[..]),
-            (mut b, false) => rustix::fs::lgetxattr(path, name, &mut b[..]),
-        },
-    )
+    call(target, |way| match (way, buf.is_empty()) {
+        (Way::At(dir, entry), _) => at_calls::getxattrat(dir, entry, name, buf),
+        (Way::Open(fd), true) => rustix::fs::fgetxattr_query(fd, name),
+        (Way::Open(fd), false) => rustix::fs::fgetxattr(fd, name, &mut *buf),
+        (Way::Path(p, true), true) => rustix::fs::getxattr_query(&p, name),
+        (Way::Path(p, false), true) => rustix::fs::lgetxattr_query(&p, name),
+        (Way::Path(p, true), false) => rustix::fs::getxattr(&p, name, &mut *buf),
+        (Way::Path(p, false), false) => rustix::fs::lgetxattr(&p, name, &mut *buf),
+    })
 }
 
 /// One listxattr into `buf`.
 fn raw_list(target: Target<'_>, buf: &mut [u8]) -> SysResult<usize> {
-    let buf = std::cell::RefCell::new(buf);
-    call(
-        target,
-        |dir, entry| at_calls::listxattrat(dir, entry, &mut buf.borrow_mut()[..]),
-        |fd| rustix::fs::flistxattr(fd, &mut buf.borrow_mut()[..]),
-        |path, follow| {
-            let mut buf = buf.borrow_mut();
-            if follow {
-                rustix::fs::listxattr(path, &mut buf[..])
-            } else {
-                rustix::fs::llistxattr(path, &mut buf[..])
-            }
-        },
-    )
+    call(target, |way| match way {
+        Way::At(dir, entry) => at_calls::listxattrat(dir, entry, buf),
+        Way::Open(fd) => rustix::fs::flistxattr(fd, &mut *buf),
+        Way::Path(p, true) => rustix::fs::listxattr(&p, &mut *buf),
+        Way::Path(p, false) => rustix::fs::llistxattr(&p, &mut *buf),
+    })
 }
 
 pub fn get(target: Target<'_>, name: &OsStr) -> SysResult<Vec<u8>> {
@@ -174,33 +157,21 @@ pub fn list(target: Target<'_>) -> SysResult<Vec<OsString>> {
 /// `flags` as in setxattr(2): XATTR_CREATE / XATTR_REPLACE.
 pub fn set(target: Target<'_>, name: &OsStr, value: &[u8], flags: i32) -> SysResult<()> {
     let xflags = XattrFlags::from_bits_retain(flags as u32);
-    call(
-        target,
-        |dir, entry| at_calls::setxattrat(dir, entry, name, value, flags as u32),
-        |fd| rustix::fs::fsetxattr(fd, name, value, xflags),
-        |path, follow| {
-            if follow {
-                rustix::fs::setxattr(path, name, value, xflags)
-            } else {
-                rustix::fs::lsetxattr(path, name, value, xflags)
-            }
-        },
-    )
+    call(target, |way| match way {
+        Way::At(dir, entry) => at_calls::setxattrat(dir, entry, name, value, flags as u32),
+        Way::Open(fd) => rustix::fs::fsetxattr(fd, name, value, xflags),
+        Way::Path(p, true) => rustix::fs::setxattr(&p, name, value, xflags),
+        Way::Path(p, false) => rustix::fs::lsetxattr(&p, name, value, xflags),
+    })
 }
 
 pub fn remove(target: Target<'_>, name: &OsStr) -> SysResult<()> {
-    call(
-        target,
-        |dir, entry| at_calls::removexattrat(dir, entry, name),
-        |fd| rustix::fs::fremovexattr(fd, name),
-        |path, follow| {
-            if follow {
-                rustix::fs::removexattr(path, name)
-            } else {
-                rustix::fs::lremovexattr(path, name)
-            }
-        },
-    )
+    call(target, |way| match way {
+        Way::At(dir, entry) => at_calls::removexattrat(dir, entry, name),
+        Way::Open(fd) => rustix::fs::fremovexattr(fd, name),
+        Way::Path(p, true) => rustix::fs::removexattr(&p, name),
+        Way::Path(p, false) => rustix::fs::lremovexattr(&p, name),
+    })
 }
 
 #[cfg(test)]
@@ -209,9 +180,9 @@ mod tests {
     use rustix::fs::{Mode, OFlags};
     use std::os::fd::AsFd;
 
-    /// Every way a target is reached (an entry, an fd open for I/O, an O_PATH file,
-    /// an O_PATH directory) sets, reads, lists and removes the object's own
-    /// attributes.
+    /// Every way a target is reached (an entry, an fd open for I/O, any fd, an
+    /// O_PATH file, an O_PATH directory) sets, reads, lists and removes the
+    /// object's own attributes.
     #[test]
     fn every_kind_of_target_reaches_the_object_itself() {
         let t = tempfile::tempdir().unwrap();
@@ -231,14 +202,15 @@ mod tests {
         };
         let (pf, pd) = (pinned("f"), pinned("d"));
         let probe = OsStr::new("user.probe");
-        if set(Target::Fd(open.as_fd()), probe, b"1", 0) == Err(Errno::OPNOTSUPP) {
+        if set(Target::Open(open.as_fd()), probe, b"1", 0) == Err(Errno::OPNOTSUPP) {
             eprintln!("no user xattrs here: nothing to test");
             return;
         }
-        remove(Target::Fd(open.as_fd()), probe).unwrap();
-        let cases: [(&str, Target<'_>, &str); 5] = [
+        remove(Target::Open(open.as_fd()), probe).unwrap();
+        let cases: [(&str, Target<'_>, &str); 6] = [
             ("entry", Target::Entry(root.as_fd(), OsStr::new("f")), "f"),
-            ("open fd", Target::Fd(open.as_fd()), "f"),
+            ("open fd", Target::Open(open.as_fd()), "f"),
+            ("open fd as any fd", Target::Fd(open.as_fd()), "f"),
             ("O_PATH file", Target::Fd(pf.as_fd()), "f"),
             ("O_PATH dir", Target::Fd(pd.as_fd()), "d"),
             (

@@ -107,7 +107,7 @@ impl Union {
             }
             let (atime, mtime) = (time_spec(set.atime), time_spec(set.mtime));
             Ok(match t {
-                Target::Fd(fd) => sys::fs::utimens_fd(fd, atime, mtime),
+                Target::Fd(fd) | Target::Open(fd) => sys::fs::utimens_fd(fd, atime, mtime),
                 Target::Entry(dir, name) => sys::fs::utimens_at(dir, name, atime, mtime),
             }?)
         })?;

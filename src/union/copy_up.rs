@@ -316,8 +316,8 @@ impl Union {
                 let copied_data = data == CopyData::Yes && size > 0;
                 self.copy_metadata(
                     inode,
-                    Target::Fd(src.as_fd()),
-                    Target::Fd(dst.as_fd()),
+                    Target::Open(src.as_fd()),
+                    Target::Open(dst.as_fd()),
                     &st,
                     true,
                 )?;

@@ -188,7 +188,7 @@ impl Union {
             let mut st = sys::fs::fstat(file.as_fd())?;
             if self.owner.writes_overrides() || setid || (st.st_uid, st.st_gid) != (uid, gid) {
                 self.owner
-                    .give(Target::Fd(file.as_fd()), uid, gid, perm, setid, None)?;
+                    .give(Target::Open(file.as_fd()), uid, gid, perm, setid, None)?;
                 st = sys::fs::fstat(file.as_fd())?;
             }
             // Made in the work directory, it changes (ctime) when moved into place.

@@ -50,7 +50,7 @@ impl Union {
     pub(crate) fn stage_metacopy(&self, dst: &File, size: u64) -> sys::SysResult<()> {
         sys::fs::ftruncate(dst, size)?;
         sys::xattr::set(
-            Target::Fd(dst.as_fd()),
+            Target::Open(dst.as_fd()),
             &self.xattr_ns.overlay("metacopy"),
             b"",
             0,

@@ -61,21 +61,21 @@ fn backward(maps: &[IdMapping], id: u32) -> Option<u32> {
 fn target_stat(t: Target<'_>) -> sys::SysResult<Stat> {
     match t {
         Target::Entry(dir, name) => sys::fs::stat_at(dir, name),
-        Target::Fd(fd) => sys::fs::fstat(fd),
+        Target::Fd(fd) | Target::Open(fd) => sys::fs::fstat(fd),
     }
 }
 
 fn real_chown(t: Target<'_>, uid: Option<u32>, gid: Option<u32>) -> sys::SysResult<()> {
     match t {
         Target::Entry(dir, name) => sys::fs::chown_at(dir, name, uid, gid),
-        Target::Fd(fd) => sys::fs::fchown(fd, uid, gid),
+        Target::Fd(fd) | Target::Open(fd) => sys::fs::fchown(fd, uid, gid),
     }
 }
 
 fn real_chmod(t: Target<'_>, mode: u32) -> sys::SysResult<()> {
     match t {
         Target::Entry(dir, name) => sys::fs::chmod_at(dir, name, mode),
-        Target::Fd(fd) => sys::fs::chmod_fd(fd, mode),
+        Target::Fd(fd) | Target::Open(fd) => sys::fs::chmod_fd(fd, mode),
     }
 }
 
